@@ -1,0 +1,232 @@
+"""All configuration, read from `M2FP_*` environment variables in this one place.
+
+`load_settings()` turns the environment into a frozen `Settings`; nothing else in the project
+reads `os.environ` for configuration. It fails fast, naming the variable, when a secret is
+missing or a value is invalid. There are no insecure defaults outside an explicit dev mode
+(`M2FP_DEV_MODE=1`, which only relaxes the "Redis must have a password" rule and says so).
+
+Secrets may be given inline or, better, as files (`*_FILE` variants, e.g. Docker/Kubernetes
+secrets): `M2FP_DATA_KEYS` / `M2FP_DATA_KEYS_FILE` (the keyring) and `M2FP_REDIS_URL` /
+`M2FP_REDIS_URL_FILE`. Every variable is documented in README.md and `.env.example`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+from shared.crypto import Keyring
+from shared.errors import ConfigError
+
+RATE_LIMIT_RE = re.compile(r"^\s*\d+\s*(/|\s+per\s+)\s*(\d+\s+)?(second|minute|hour|day)s?\s*$", re.I)
+VARIANTS = ("cihp", "lip")
+DEFAULT_WEIGHTS_DIR = "weights/cihp"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The service's settings; see README.md 'Configuration' for each variable."""
+
+    redis_url: str
+    keyring: Keyring = field(repr=False)
+    dev_mode: bool = False
+    # gateway
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_upload_bytes: int = 10 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    max_image_side: int = 10_000
+    submit_limit: str = "5/minute"
+    poll_limit: str = "120/minute"
+    ban_after: int = 3
+    ban_seconds: int = 3600
+    max_queue: int = 100
+    trusted_proxies: int = 0
+    api_keys_file: str | None = None
+    cors_origins: tuple[str, ...] = ()
+    # job lifecycle
+    input_ttl: int = 600
+    result_ttl: int = 600
+    max_attempts: int = 2
+    soft_time_limit: int = 300
+    hard_time_limit: int = 360
+    # worker / model
+    weights: str | None = None
+    weights_sha256: str | None = None
+    weights_key_file: str | None = None
+    variant: str = "cihp"
+    device: str = "auto"
+    worker_concurrency: int = 1
+    torch_threads: int | None = None
+    infer_max_side: int = 1920
+    max_memory_per_child_kb: int | None = None
+    # operations
+    log_level: str = "INFO"
+    memory_alert_percent: float = 90.0
+    alert_webhook: str | None = None
+
+    @property
+    def job_ttl(self) -> int:
+        """The job record outlives input and result so that a poll can say 'expired', not 404."""
+        return self.input_ttl + self.result_ttl + self.hard_time_limit + 300
+
+    @property
+    def visibility_timeout(self) -> int:
+        """Redis broker redelivery timeout: longer than the hard time limit (RESEARCH §2.5)."""
+        return self.hard_time_limit + 60
+
+
+def _read_secret(env: Mapping[str, str], name: str) -> str | None:
+    inline, path = env.get(name), env.get(f"{name}_FILE")
+    if inline and path:
+        raise ConfigError(f"set either {name} or {name}_FILE, not both")
+    if path:
+        try:
+            return Path(path).read_text().strip() or None
+        except OSError as exc:
+            raise ConfigError(f"{name}_FILE={path!r} cannot be read: {exc.strerror}") from exc
+    return inline.strip() if inline else None
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from exc
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _bool(env: Mapping[str, str], name: str) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigError(f"{name} must be 0/1/true/false, got {raw!r}")
+
+
+def _rate(env: Mapping[str, str], name: str, default: str) -> str:
+    value = env.get(name, default).strip()
+    if not RATE_LIMIT_RE.match(value):
+        raise ConfigError(f"{name} must look like '5/minute' or '100 per hour', got {value!r}")
+    return value
+
+
+def _check_redis_url(url: str, dev_mode: bool) -> None:
+    parsed = urlparse(url)
+    if parsed.scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError("M2FP_REDIS_URL must be a redis://, rediss:// or unix:// URL")
+    if not parsed.password and not dev_mode:
+        raise ConfigError(
+            "M2FP_REDIS_URL has no password; Redis must require one "
+            "(set M2FP_DEV_MODE=1 to allow this on a development machine only)"
+        )
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Build Settings from the environment, failing fast with the variable's name."""
+    env = os.environ if env is None else env
+    dev_mode = _bool(env, "M2FP_DEV_MODE")
+    redis_url = _read_secret(env, "M2FP_REDIS_URL")
+    if not redis_url:
+        raise ConfigError("M2FP_REDIS_URL (or M2FP_REDIS_URL_FILE) is not set")
+    _check_redis_url(redis_url, dev_mode)
+    keys_text = _read_secret(env, "M2FP_DATA_KEYS")
+    if not keys_text:
+        raise ConfigError(
+            "M2FP_DATA_KEYS (or M2FP_DATA_KEYS_FILE) is not set; generate a key with "
+            "`python -m shared.keys new`"
+        )
+    keyring = Keyring.parse(keys_text)
+
+    variant = env.get("M2FP_VARIANT", "cihp").strip().lower()
+    if variant not in VARIANTS:
+        raise ConfigError(f"M2FP_VARIANT must be one of {VARIANTS}, got {variant!r}")
+    device = env.get("M2FP_DEVICE", "auto").strip().lower()
+    if device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", device):
+        raise ConfigError(f"M2FP_DEVICE must be auto, cpu, cuda or cuda:N, got {device!r}")
+    weights_sha = (env.get("M2FP_WEIGHTS_SHA256") or "").strip().lower() or None
+    if weights_sha and not re.fullmatch(r"[0-9a-f]{64}", weights_sha):
+        raise ConfigError("M2FP_WEIGHTS_SHA256 must be 64 hex digits")
+    soft = _int(env, "M2FP_SOFT_TIME_LIMIT", 300, 1)
+    hard = _int(env, "M2FP_HARD_TIME_LIMIT", soft + 60, 1)
+    if hard <= soft:
+        raise ConfigError(f"M2FP_HARD_TIME_LIMIT ({hard}) must exceed M2FP_SOFT_TIME_LIMIT ({soft})")
+    threads = _int(env, "M2FP_TORCH_THREADS", 0, 0) or None
+    max_mem = _int(env, "M2FP_MAX_MEMORY_PER_CHILD_MB", 0, 0)
+    alert = env.get("M2FP_MEMORY_ALERT_PERCENT", "90").strip()
+    try:
+        alert_percent = float(alert)
+    except ValueError as exc:
+        raise ConfigError(f"M2FP_MEMORY_ALERT_PERCENT must be a number, got {alert!r}") from exc
+    if not 1 <= alert_percent <= 100:
+        raise ConfigError(f"M2FP_MEMORY_ALERT_PERCENT must be within 1..100, got {alert_percent}")
+    log_level = env.get("M2FP_LOG_LEVEL", "INFO").strip().upper()
+    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"M2FP_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
+    origins = tuple(o.strip() for o in env.get("M2FP_CORS_ORIGINS", "").split(",") if o.strip())
+    for origin in origins:
+        if origin == "*" or not re.fullmatch(r"https?://[^/\s]+", origin):
+            raise ConfigError(f"M2FP_CORS_ORIGINS entries must be exact origins like https://a.example, got {origin!r}")
+
+    return Settings(
+        redis_url=redis_url,
+        keyring=keyring,
+        dev_mode=dev_mode,
+        host=env.get("M2FP_HOST", "127.0.0.1").strip(),
+        port=_int(env, "M2FP_PORT", 8000, 1),
+        max_upload_bytes=_int(env, "M2FP_MAX_UPLOAD_BYTES", 10 * 1024 * 1024, 1024),
+        max_pixels=_int(env, "M2FP_MAX_PIXELS", 40_000_000, 1),
+        max_image_side=_int(env, "M2FP_MAX_IMAGE_SIDE", 10_000, 1),
+        submit_limit=_rate(env, "M2FP_SUBMIT_LIMIT", "5/minute"),
+        poll_limit=_rate(env, "M2FP_POLL_LIMIT", "120/minute"),
+        ban_after=_int(env, "M2FP_BAN_AFTER", 3, 0),
+        ban_seconds=_int(env, "M2FP_BAN_SECONDS", 3600, 1),
+        max_queue=_int(env, "M2FP_MAX_QUEUE", 100, 1),
+        trusted_proxies=_int(env, "M2FP_TRUSTED_PROXIES", 0, 0),
+        api_keys_file=env.get("M2FP_API_KEYS_FILE") or None,
+        cors_origins=origins,
+        input_ttl=_int(env, "M2FP_INPUT_TTL", 600, 1),
+        result_ttl=_int(env, "M2FP_RESULT_TTL", 600, 1),
+        max_attempts=_int(env, "M2FP_MAX_ATTEMPTS", 2, 1),
+        soft_time_limit=soft,
+        hard_time_limit=hard,
+        weights=(env.get("M2FP_WEIGHTS") or "").strip() or None,
+        weights_sha256=weights_sha,
+        weights_key_file=env.get("M2FP_WEIGHTS_KEY_FILE") or None,
+        variant=variant,
+        device=device,
+        worker_concurrency=_int(env, "M2FP_WORKER_CONCURRENCY", 1, 1),
+        torch_threads=threads,
+        infer_max_side=_int(env, "M2FP_INFER_MAX_SIDE", 1920, 64),
+        max_memory_per_child_kb=max_mem * 1024 or None,
+        log_level=log_level,
+        memory_alert_percent=alert_percent,
+        alert_webhook=env.get("M2FP_ALERT_WEBHOOK") or None,
+    )
+
+
+def resolve_weights(settings: Settings) -> str:
+    """The checkpoint the worker loads: M2FP_WEIGHTS, else the documented default directory.
+
+    Raises ConfigError when neither exists: a worker never silently falls back to random
+    weights; `random` must be asked for explicitly (make run does so, loudly).
+    """
+    if settings.weights:
+        return settings.weights
+    if Path(DEFAULT_WEIGHTS_DIR, "pytorch_model.pt").is_file():
+        return DEFAULT_WEIGHTS_DIR
+    raise ConfigError(
+        f"M2FP_WEIGHTS is not set and no checkpoint is at {DEFAULT_WEIGHTS_DIR}/pytorch_model.pt; "
+        "point M2FP_WEIGHTS at the official ModelScope checkpoint, or set M2FP_WEIGHTS=random "
+        "for an explicitly untrained model"
+    )

@@ -1,0 +1,55 @@
+"""Names both sides of the queue agree on: task name, queue, Redis key layout, class lists.
+
+The gateway calls the worker's task by name (`TASK_PARSE`) and never imports worker code.
+"""
+
+from __future__ import annotations
+
+TASK_PARSE = "m2fp.parse"
+QUEUE = "m2fp"
+
+KEY_PREFIX = "m2fp"
+LIMITER_PREFIX = "m2fp:limiter"
+
+
+def job_key(job_id: str) -> str:
+    """Redis hash holding a job's record (status, token hash, wrapped data key, attempts...)."""
+    return f"{KEY_PREFIX}:job:{job_id}"
+
+
+def input_key(job_id: str) -> str:
+    """Redis string holding a job's encrypted input image."""
+    return f"{KEY_PREFIX}:in:{job_id}"
+
+
+def output_key(job_id: str) -> str:
+    """Redis string holding a job's encrypted result."""
+    return f"{KEY_PREFIX}:out:{job_id}"
+
+
+def worker_key(name: str) -> str:
+    """Redis hash a live worker process refreshes (heartbeat with a short TTL)."""
+    return f"{KEY_PREFIX}:worker:{name}"
+
+
+WORKER_PATTERN = f"{KEY_PREFIX}:worker:*"
+BAN_PREFIX = f"{KEY_PREFIX}:ban"
+STRIKES_PREFIX = f"{KEY_PREFIX}:strikes"
+
+STATUSES = ("queued", "running", "done", "failed", "expired")
+
+# CIHP classes, index = class id in label maps (SPEC §5). 20 = "Human" is an instance class only.
+CIHP_CLASSES = (
+    "Background", "Hat", "Hair", "Gloves", "Sunglasses", "UpperClothes", "Dress", "Coat",
+    "Socks", "Pants", "Torso-skin", "Scarf", "Skirt", "Face", "Left-arm", "Right-arm",
+    "Left-leg", "Right-leg", "Left-shoe", "Right-shoe",
+)  # fmt: skip
+LIP_CLASSES = CIHP_CLASSES[:3] + ("Glove",) + CIHP_CLASSES[4:10] + ("Jumpsuits",) + CIHP_CLASSES[11:]
+
+# A colour per class for palette PNGs and the web page (RGB), background black.
+PALETTE = (
+    (0, 0, 0), (128, 0, 0), (255, 0, 0), (0, 85, 0), (170, 0, 51), (255, 85, 0), (0, 0, 85),
+    (0, 119, 221), (85, 85, 0), (0, 85, 85), (85, 51, 0), (52, 86, 128), (0, 128, 0),
+    (0, 0, 255), (51, 170, 221), (0, 255, 255), (85, 255, 170), (170, 255, 85),
+    (255, 255, 0), (255, 170, 0),
+)  # fmt: skip

@@ -1,0 +1,205 @@
+"""The job store: every Redis key of a job, its TTLs and its state machine, in one place.
+
+Layout (DESIGN.md §3), every key with a TTL:
+- `m2fp:job:{id}`  hash: status, token_hash, kid + wrapped_dek (the job's data key, wrapped),
+                   attempts, error_code, error_message, created/started/finished, worker.
+- `m2fp:in:{id}`   the encrypted input image (deleted when the result is stored).
+- `m2fp:out:{id}`  the encrypted result (deleted, atomically, by the one fetch).
+
+State machine: queued -> running -> done | failed | expired. Transitions that must not race
+(a worker storing a result while the client withdraws the job, two fetches at once, a poll
+noticing an expired input) run as Lua scripts, so each is atomic in Redis. Job status lives
+here, never in Celery's result backend (which reports unknown ids as PENDING).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import redis
+
+from shared.constants import input_key, job_key, output_key
+
+# KEYS: job, in. ARGV: max_attempts, now, worker, min_input_ttl.
+# Returns {"ok", kid, wrapped_dek, input} | {"gone"} | {"final", status} | {"expired"} | {"worker_lost"}.
+_CLAIM = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {'gone'} end
+if status ~= 'queued' and status ~= 'running' then return {'final', status} end
+local payload = redis.call('GET', KEYS[2])
+if not payload then
+  redis.call('HSET', KEYS[1], 'status', 'expired', 'error_code', 'expired', 'finished', ARGV[2])
+  redis.call('HDEL', KEYS[1], 'wrapped_dek')
+  return {'expired'}
+end
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+if attempts > tonumber(ARGV[1]) then
+  redis.call('HSET', KEYS[1], 'status', 'failed', 'error_code', 'worker_lost', 'finished', ARGV[2])
+  redis.call('HDEL', KEYS[1], 'wrapped_dek')
+  redis.call('DEL', KEYS[2])
+  return {'worker_lost'}
+end
+redis.call('HSET', KEYS[1], 'status', 'running', 'started', ARGV[2], 'worker', ARGV[3])
+if redis.call('TTL', KEYS[2]) < tonumber(ARGV[4]) then redis.call('EXPIRE', KEYS[2], ARGV[4]) end
+return {'ok', redis.call('HGET', KEYS[1], 'kid'), redis.call('HGET', KEYS[1], 'wrapped_dek'), payload}
+"""
+
+# KEYS: job, in, out. ARGV: result blob, result_ttl, now. Returns 1 stored | 0 discarded.
+_STORE = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+redis.call('SET', KEYS[3], ARGV[1], 'EX', ARGV[2])
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[1], 'status', 'done', 'finished', ARGV[3])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]) + 300)
+return 1
+"""
+
+# KEYS: job, in. ARGV: code, now. Returns 1 | 0 (job gone or already final).
+_FAIL = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'queued' and status ~= 'running' then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'failed', 'error_code', ARGV[1], 'finished', ARGV[2])
+redis.call('HDEL', KEYS[1], 'wrapped_dek')
+redis.call('DEL', KEYS[2])
+return 1
+"""
+
+# KEYS: job, in, out. ARGV: now. Marks lost data as expired, then returns the record as a flat list.
+_STATUS = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {} end
+if (status == 'queued' or status == 'running') and redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('HSET', KEYS[1], 'status', 'expired', 'error_code', 'expired', 'finished', ARGV[1])
+  redis.call('HDEL', KEYS[1], 'wrapped_dek')
+elseif status == 'done' and not redis.call('HGET', KEYS[1], 'fetched')
+       and redis.call('EXISTS', KEYS[3]) == 0 then
+  redis.call('HSET', KEYS[1], 'status', 'expired', 'error_code', 'expired')
+  redis.call('HDEL', KEYS[1], 'wrapped_dek')
+end
+return redis.call('HGETALL', KEYS[1])
+"""
+
+# KEYS: job, out. ARGV: now. Returns {"ok", blob, kid, wrapped} | {"gone"} | {"not_ready", status} | {"fetched"}.
+_FETCH = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {'gone'} end
+if status ~= 'done' then return {'not_ready', status} end
+local blob = redis.call('GETDEL', KEYS[2])
+if not blob then return {'fetched'} end
+local kid = redis.call('HGET', KEYS[1], 'kid')
+local wrapped = redis.call('HGET', KEYS[1], 'wrapped_dek')
+redis.call('HDEL', KEYS[1], 'wrapped_dek')
+redis.call('HSET', KEYS[1], 'fetched', ARGV[1])
+return {'ok', blob, kid, wrapped}
+"""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a worker gets when it claims a job: the wrapped data key and the sealed input."""
+
+    outcome: str  # "ok", "gone", "final", "expired", "worker_lost"
+    key_id: str = ""
+    wrapped_key: bytes = b""
+    sealed_input: bytes = b""
+    attempts: int = 0
+
+
+@dataclass(frozen=True)
+class Fetch:
+    """Outcome of the one-time result fetch."""
+
+    outcome: str  # "ok", "gone", "not_ready", "fetched"
+    status: str = ""
+    sealed_result: bytes = b""
+    key_id: str = ""
+    wrapped_key: bytes = b""
+
+
+def _text(value: bytes | str | None) -> str:
+    return value.decode() if isinstance(value, bytes) else (value or "")
+
+
+class JobStore:
+    """Atomic operations on one Redis for the gateway and the workers."""
+
+    def __init__(self, client: redis.Redis, *, input_ttl: int, result_ttl: int, job_ttl: int,
+                 max_attempts: int, claim_input_ttl: int):
+        self.redis = client
+        self.input_ttl, self.result_ttl, self.job_ttl = input_ttl, result_ttl, job_ttl
+        self.max_attempts, self.claim_input_ttl = max_attempts, claim_input_ttl
+        self._claim = client.register_script(_CLAIM)
+        self._store = client.register_script(_STORE)
+        self._fail = client.register_script(_FAIL)
+        self._status = client.register_script(_STATUS)
+        self._fetch = client.register_script(_FETCH)
+
+    @classmethod
+    def from_settings(cls, settings, client: redis.Redis | None = None) -> "JobStore":
+        """Build from `shared.config.Settings` (and a client, or one from the settings' URL)."""
+        client = client or redis.Redis.from_url(settings.redis_url, health_check_interval=30)
+        return cls(client, input_ttl=settings.input_ttl, result_ttl=settings.result_ttl,
+                   job_ttl=settings.job_ttl, max_attempts=settings.max_attempts,
+                   claim_input_ttl=settings.hard_time_limit + 60)
+
+    # --- gateway ---------------------------------------------------------------------------
+    def create(self, job_id: str, *, token_hash: str, key_id: str, wrapped_key: bytes,
+               sealed_input: bytes, meta: dict[str, str | int] | None = None) -> None:
+        """Record a new queued job and store its sealed input, atomically, with TTLs."""
+        record = {"status": "queued", "token_hash": token_hash, "kid": key_id,
+                  "wrapped_dek": wrapped_key, "attempts": 0, "created": f"{time.time():.3f}"}
+        record.update(meta or {})
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(job_key(job_id), mapping=record)
+            pipe.expire(job_key(job_id), self.job_ttl)
+            pipe.set(input_key(job_id), sealed_input, ex=self.input_ttl)
+            pipe.execute()
+
+    def status(self, job_id: str) -> dict[str, str] | None:
+        """The job record (after marking lost inputs/results expired), or None if unknown."""
+        flat = self._status(keys=[job_key(job_id), input_key(job_id), output_key(job_id)],
+                            args=[f"{time.time():.3f}"])
+        if not flat:
+            return None
+        record = {_text(k): v for k, v in zip(flat[::2], flat[1::2])}
+        return {k: (v if k == "wrapped_dek" else _text(v)) for k, v in record.items()}
+
+    def fetch_result(self, job_id: str) -> Fetch:
+        """Take the sealed result out of Redis: atomically get-and-delete, once."""
+        reply = self._fetch(keys=[job_key(job_id), output_key(job_id)], args=[f"{time.time():.3f}"])
+        outcome = _text(reply[0])
+        if outcome == "ok":
+            return Fetch("ok", "done", reply[1], _text(reply[2]), reply[3])
+        if outcome == "not_ready":
+            return Fetch("not_ready", _text(reply[1]))
+        return Fetch(outcome)
+
+    def delete(self, job_id: str) -> bool:
+        """Withdraw a job: delete its record, input and result now (a running worker discards)."""
+        return bool(self.redis.delete(job_key(job_id), input_key(job_id), output_key(job_id)))
+
+    # --- worker ----------------------------------------------------------------------------
+    def claim(self, job_id: str, worker: str) -> Claim:
+        """Start (or restart) a job: count the attempt, give up past max_attempts, return input."""
+        reply = self._claim(keys=[job_key(job_id), input_key(job_id)],
+                            args=[self.max_attempts, f"{time.time():.3f}", worker, self.claim_input_ttl])
+        outcome = _text(reply[0])
+        if outcome != "ok":
+            return Claim(outcome)
+        attempts = int(_text(self.redis.hget(job_key(job_id), "attempts")) or 0)
+        return Claim("ok", _text(reply[1]), reply[2], reply[3], attempts)
+
+    def store_result(self, job_id: str, sealed_result: bytes) -> bool:
+        """Publish the sealed result and delete the input; False if the job was withdrawn."""
+        return bool(self._store(keys=[job_key(job_id), input_key(job_id), output_key(job_id)],
+                                args=[sealed_result, self.result_ttl, f"{time.time():.3f}"]))
+
+    def fail(self, job_id: str, code: str) -> bool:
+        """End a job as failed with a public error code; deletes its input."""
+        return bool(self._fail(keys=[job_key(job_id), input_key(job_id)],
+                               args=[code, f"{time.time():.3f}"]))
+
+    def queue_depth(self, queue: str) -> int:
+        """Messages waiting in the Celery queue (the broker's Redis list)."""
+        return int(self.redis.llen(queue))

@@ -1,0 +1,56 @@
+"""The Celery configuration both sides share, and the one call the gateway makes.
+
+The gateway builds a producer-only app with `make_celery(settings)` and calls
+`enqueue_parse(app, job_id)`: the message carries the job id and nothing else. The worker
+builds its app from the same function, so serializer, queue and broker options cannot drift.
+Settings follow RESEARCH.md §2.4–§2.7: JSON only, late acks with requeue on a lost worker
+(bounded by the job store's attempt counter), prefetch 1, a visibility timeout longer than the
+hard time limit, no result backend (job state lives in the job store).
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from shared.constants import QUEUE, TASK_PARSE
+
+
+def make_celery(settings, name: str = "m2fp") -> Celery:
+    """A Celery app wired to the settings' Redis with the service's safe defaults."""
+    app = Celery(name, broker=settings.redis_url, set_as_current=False)
+    transport = {"visibility_timeout": settings.visibility_timeout, "health_check_interval": 30}
+    app.conf.update(
+        broker_transport_options=transport,
+        broker_connection_retry_on_startup=True,
+        result_backend=None,
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        event_serializer="json",
+        task_default_queue=QUEUE,
+        task_queues=[Queue(QUEUE, routing_key=QUEUE)],
+        task_routes={TASK_PARSE: {"queue": QUEUE}},
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        task_soft_time_limit=settings.soft_time_limit,
+        task_time_limit=settings.hard_time_limit,
+        task_track_started=False,
+        worker_prefetch_multiplier=1,
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        worker_max_memory_per_child=settings.max_memory_per_child_kb,
+        broker_pool_limit=4,
+    )
+    return app
+
+
+def enqueue_parse(app: Celery, job_id: str) -> None:
+    """Send the parse task by name: the message holds only the job id."""
+    app.send_task(TASK_PARSE, args=[job_id], queue=QUEUE, ignore_result=True,
+                  argsrepr=repr([job_id]), kwargsrepr="{}")

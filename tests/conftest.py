@@ -1,0 +1,113 @@
+"""Fixtures shared by every test speed.
+
+- `settings_env` / `settings`: a complete, valid environment (fresh keyring) for unit tests.
+- `redis_server`: a real `redis-server` on a free loopback port, with a password and no
+  persistence, started once per session (integration tests). `redis_url` is its URL; each test
+  that asks for `clean_redis` gets it flushed.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from shared.config import load_settings
+from shared.crypto import generate_key
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A TCP port that was free on loopback a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05, what: str = "condition"):
+    """Poll `predicate` until it returns a truthy value; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture
+def settings_env(tmp_path) -> dict[str, str]:
+    """A minimal valid environment for load_settings()."""
+    return {
+        "M2FP_REDIS_URL": "redis://:secret-password@127.0.0.1:6399/0",
+        "M2FP_DATA_KEYS": f"k1:{generate_key()}",
+    }
+
+
+@pytest.fixture
+def settings(settings_env):
+    return load_settings(settings_env)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A real redis-server for the session: password, loopback, no persistence."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not installed (apt-get install redis-server); .ci/run installs it")
+    port, password = free_port(), secrets.token_hex(16)
+    workdir = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--requirepass", password,
+         "--save", "", "--appendonly", "no", "--maxmemory-policy", "noeviction",
+         "--dir", str(workdir), "--loglevel", "warning"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"redis://:{password}@127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+
+    def ping():
+        try:
+            return client.ping()
+        except redis.ConnectionError:
+            return False
+
+    wait_for(ping, 10, what="redis-server to start")
+    yield {"url": url, "port": port, "password": password, "process": proc}
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture
+def redis_url(redis_server) -> str:
+    return redis_server["url"]
+
+
+@pytest.fixture
+def clean_redis(redis_server):
+    """A Redis client on a flushed database."""
+    client = redis.Redis.from_url(redis_server["url"])
+    client.flushall()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def service_env(redis_url) -> dict[str, str]:
+    """Environment for processes of the stack (gateway, workers) against the test Redis."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("M2FP_")}
+    env.update({
+        "M2FP_REDIS_URL": redis_url,
+        "M2FP_DATA_KEYS": f"k1:{generate_key()}",
+        "M2FP_LOG_LEVEL": "INFO",
+        "PYTHONPATH": str(REPO),
+    })
+    return env
