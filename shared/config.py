@@ -31,7 +31,7 @@ DEFAULT_WEIGHTS_DIR = "weights/cihp"
 class Settings:
     """The service's settings; see README.md 'Configuration' for each variable."""
 
-    redis_url: str
+    redis_url: str = field(repr=False)
     keyring: Keyring = field(repr=False)
     dev_mode: bool = False
     # gateway

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Install what `make run` and `make test` need on a fresh Debian machine, idempotently:
+# Debian's redis-server and libmagic1 (when missing and we are root), a venv with the pinned
+# Python packages (requirements/dev.txt). Re-runs pip only when a requirements file changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${VENV:-.venv}"
+PYTHON="${PYTHON:-python3}"
+
+need_apt=()
+command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+ldconfig -p 2>/dev/null | grep -q 'libmagic\.so\.1' || need_apt+=(libmagic1)
+if [ "${M2FP_BROWSER_TESTS:-0}" != "0" ] && ! command -v chromium >/dev/null 2>&1; then
+  need_apt+=(chromium)
+fi
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" = "0" ]; then
+    echo "bootstrap: installing Debian packages: ${need_apt[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+    # Debian's package may start a system redis on 6379; the stack and the tests start their own.
+  else
+    echo "bootstrap: please install: ${need_apt[*]} (sudo apt-get install ${need_apt[*]})" >&2
+    exit 1
+  fi
+fi
+
+stamp="$VENV/.m2fp-installed"
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PYTHON" -m venv "$VENV"
+fi
+if [ ! -f "$stamp" ] || [ -n "$(find requirements -newer "$stamp" -name '*.txt' 2>/dev/null)" ]; then
+  echo "bootstrap: installing Python packages into $VENV"
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r requirements/dev.txt
+  touch "$stamp"
+fi

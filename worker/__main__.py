@@ -1,0 +1,61 @@
+"""`python -m worker`: start a Celery worker for the parse queue, safely.
+
+Before Celery starts: read the settings (fail fast), resolve the checkpoint, cap the BLAS/OpenMP
+thread pools through the environment (inherited by pool children, read when torch loads there),
+and, unless `--no-preflight`, load the model once in a throw-away subprocess so that a missing,
+corrupt or mismatched checkpoint stops the worker at start with a clear message, instead of
+failing every job. The parent process itself never imports torch.
+
+Extra arguments after `--` go to `celery worker` (e.g. `-- --hostname w2@%h`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+from shared.config import ConfigError, load_settings, resolve_weights
+from shared.constants import QUEUE
+from shared.logging import configure_logging
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, check configuration and the model, then run the Celery worker."""
+    parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__.splitlines()[0])
+    parser.add_argument("--no-preflight", action="store_true", help="skip the model load check")
+    parser.add_argument("celery_args", nargs="*", help="extra arguments for celery worker")
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings()
+        weights = resolve_weights(settings)
+    except ConfigError as exc:
+        print(f"m2fp worker: configuration error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+
+    from worker.celery_app import create_worker_app, torch_threads  # noqa: PLC0415
+
+    threads = str(torch_threads(settings))
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[name] = threads
+    if weights == "random":
+        print("\n" + "!" * 78 + "\n!! M2FP_WEIGHTS=random: this worker runs an UNTRAINED model. Results are\n"
+              "!! shaped correctly but meaningless. Point M2FP_WEIGHTS at the official checkpoint.\n"
+              + "!" * 78 + "\n", file=sys.stderr, flush=True)
+    if not args.no_preflight:
+        check = subprocess.run([sys.executable, "-m", "worker.preflight"], check=False)
+        if check.returncode != 0:
+            print("m2fp worker: the model could not be loaded; not starting", file=sys.stderr)
+            return 3
+    app = create_worker_app(settings)
+    celery_argv = ["worker", "--loglevel", settings.log_level, "--pool", "prefork",
+                   "--concurrency", str(settings.worker_concurrency), "--queues", QUEUE,
+                   "--task-events", "--without-gossip", *args.celery_args]
+    app.worker_main(celery_argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""The worker's Celery app: the `m2fp.parse` task and the per-process model lifecycle.
+
+Fork safety (RESEARCH §2.1–2.3): the parent process never imports torch. Each pool child, after
+fork, caps its threads, opens its own Redis connection and loads the model once, in a background
+thread started from `worker_process_init` (whose handlers must return within 4 s); the task waits
+for it. A heartbeat thread in each child publishes `m2fp:worker:{name}` (variant, device,
+untrained) with a short TTL once the model is loaded: that is what the gateway's /readyz reads.
+
+The task itself stays thin: validate the id, call `worker.pipeline.process_job`, and turn the
+two Celery-level failures (soft time limit, unexpected crash) into a failed job instead of a
+message loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import threading
+import time
+
+import redis
+from celery import Celery, signals
+from celery.exceptions import SoftTimeLimitExceeded
+
+from shared.config import Settings, resolve_weights
+from shared.constants import TASK_PARSE, worker_key
+from shared.jobstore import JobStore
+from shared.logging import bind, clear, configure_logging, event
+from shared.queue import make_celery
+from worker.pipeline import JobContext, fail_job, process_job
+
+log = logging.getLogger(__name__)
+JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+HEARTBEAT_SECONDS, HEARTBEAT_TTL = 10, 30
+MODEL_LOAD_TIMEOUT = 600
+
+
+def torch_threads(settings: Settings) -> int:
+    """Threads per pool process so that processes x threads <= cores (RESEARCH §2.2)."""
+    if settings.torch_threads:
+        return settings.torch_threads
+    return max(1, (os.cpu_count() or 1) // settings.worker_concurrency)
+
+
+class WorkerProcess:
+    """State of one pool child: its store, its model (loaded once) and its heartbeat."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.loaded = threading.Event()
+        self.predictor = None
+        self.load_error: BaseException | None = None
+        self.store: JobStore | None = None
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        """Called in the child right after fork: new connections, model load in background."""
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.store = JobStore.from_settings(self.settings)
+        threading.Thread(target=self._load_model, name="m2fp-model-load", daemon=True).start()
+
+    def _load_model(self) -> None:
+        try:
+            import torch  # noqa: PLC0415  (only ever imported in pool children)
+
+            from worker.m2fp.predictor import Predictor  # noqa: PLC0415
+
+            torch.set_num_threads(torch_threads(self.settings))
+            device = self.settings.device
+            if device == "auto":
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+            tic = time.monotonic()
+            self.predictor = Predictor(resolve_weights(self.settings), variant=self.settings.variant,
+                                       device=device, max_side=self.settings.infer_max_side)
+            event(log, "model_loaded", seconds=round(time.monotonic() - tic, 2), device=device,
+                  variant=self.settings.variant, untrained=self.predictor.untrained,
+                  threads=torch.get_num_threads())
+            if self.predictor.untrained:
+                event(log, "UNTRAINED_MODEL_random_weights_results_are_meaningless", logging.WARNING)
+            threading.Thread(target=self._heartbeat, name="m2fp-heartbeat", daemon=True).start()
+        except BaseException as exc:  # noqa: BLE001  (reported by every task and in the log)
+            self.load_error = exc
+            log.critical("model_load_failed", exc_info=True)
+        finally:
+            self.loaded.set()
+
+    def _heartbeat(self) -> None:
+        key = worker_key(self.name)
+        fields = {"variant": self.settings.variant, "device": str(self.predictor.device),
+                  "untrained": "1" if self.predictor.untrained else "0", "pid": os.getpid(),
+                  "started": f"{time.time():.0f}"}
+        while not self._stop.is_set():
+            try:
+                with self.store.redis.pipeline() as pipe:
+                    pipe.hset(key, mapping=fields).expire(key, HEARTBEAT_TTL).execute()
+            except redis.RedisError:
+                log.warning("heartbeat_failed")
+            self._stop.wait(HEARTBEAT_SECONDS)
+
+    def stop(self) -> None:
+        """Called in the child before it exits: stop the heartbeat, remove its key."""
+        self._stop.set()
+        if self.store is not None:
+            try:
+                self.store.redis.delete(worker_key(self.name))
+            except redis.RedisError:
+                pass
+
+    def get_predictor(self):
+        """The loaded predictor; raises if the model could not be loaded."""
+        if not self.loaded.wait(MODEL_LOAD_TIMEOUT):
+            raise RuntimeError("model did not load in time")
+        if self.predictor is None:
+            raise RuntimeError("model failed to load") from self.load_error
+        return self.predictor
+
+    def context(self) -> JobContext:
+        """Dependencies for `process_job`."""
+        return JobContext(store=self.store, keyring=self.settings.keyring,
+                          predictor=self.get_predictor, worker_name=self.name,
+                          max_pixels=self.settings.max_pixels)
+
+
+def create_worker_app(settings: Settings) -> Celery:
+    """The worker's Celery app with the parse task and process signals registered."""
+    app = make_celery(settings, "m2fp-worker")
+    process = WorkerProcess(settings)
+
+    @signals.worker_process_init.connect(weak=False)
+    def _child_started(**_):
+        configure_logging(settings.log_level)
+        process.start()
+
+    @signals.worker_process_shutdown.connect(weak=False)
+    def _child_stopping(**_):
+        process.stop()
+
+    @app.task(name=TASK_PARSE, bind=True, ignore_result=True, acks_late=True,
+              reject_on_worker_lost=True)
+    def parse(self, job_id: str) -> str:
+        if not isinstance(job_id, str) or not JOB_ID_RE.match(job_id):
+            log.warning("invalid_task_argument")
+            return "invalid"
+        if process.store is None:  # solo pool or eager use: no fork happened
+            process.start()
+        bind(job_id=job_id, task_id=self.request.id)
+        try:
+            return process_job(job_id, process.context())
+        except SoftTimeLimitExceeded:
+            fail_job(process.store, job_id, "timeout")
+            event(log, "job_failed", logging.WARNING, code="timeout")
+            return "failed"
+        except redis.RedisError:
+            # Redis is gone: nothing can be stored; the message is redelivered after the
+            # visibility timeout and the attempt counter bounds the retries.
+            log.error("redis_error_during_job", exc_info=True)
+            raise
+        except Exception:  # noqa: BLE001
+            log.error("job_crashed", exc_info=True)
+            try:
+                fail_job(process.store, job_id, "internal_error")
+            except redis.RedisError:
+                pass
+            return "failed"
+        finally:
+            clear()
+
+    app.m2fp_process = process  # for tests and the preflight
+    return app

@@ -1,0 +1,129 @@
+"""One job, start to finish, as a plain function: claim -> decrypt -> decode -> parse -> seal -> store.
+
+`process_job` is everything the Celery task does, written without Celery so it can be tested
+with a real Redis and no broker. It owns the job's failure semantics: bad input ends the job
+`failed` with a public code and never raises into Celery (so the message is acked, not retried);
+an input that expired ends it `expired`; a withdrawn job's result is discarded. The plaintext
+image and result exist only in this function's locals, and are dropped as soon as sealed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from shared.constants import CIHP_CLASSES, LIP_CLASSES
+from shared.crypto import Keyring, decrypt_payload, encrypt_payload
+from shared.errors import DecryptionError, ServiceError, TooManyPixels, UndecodableImage
+from shared.jobstore import JobStore
+from shared.logging import event
+from worker.imaging import decode_image, png_base64
+
+log = logging.getLogger(__name__)
+
+UNTRAINED_WARNING = (
+    "UNTRAINED MODEL: this worker runs M2FP with random weights (M2FP_WEIGHTS=random); "
+    "the result has the right shape but no meaning."
+)
+
+
+class SupportsPredict(Protocol):
+    """What the pipeline needs of a predictor (worker.m2fp.predictor.Predictor)."""
+
+    untrained: bool
+    variant: str
+
+    def predict(self, image_rgb: np.ndarray): ...
+
+
+@dataclass
+class JobContext:
+    """Per-process dependencies of `process_job`."""
+
+    store: JobStore
+    keyring: Keyring
+    predictor: Callable[[], SupportsPredict]
+    worker_name: str
+    max_pixels: int
+
+
+def build_result(job_id: str, parsing, *, untrained: bool, variant: str, timings: dict) -> bytes:
+    """The result document (DESIGN §2) as JSON bytes; maps as base64 single-channel PNGs."""
+    label_map = parsing.label_map
+    height, width = label_map.shape
+    names = LIP_CLASSES if variant == "lip" else CIHP_CLASSES
+    document = {
+        "job_id": job_id,
+        "width": int(width),
+        "height": int(height),
+        "label_map_png": png_base64(label_map),
+        "instance_map_png": png_base64(parsing.instance_map),
+        "persons": parsing.persons,
+        "parts": parsing.parts,
+        "classes": {str(i): name for i, name in enumerate(names)},
+        "classes_present": sorted(int(c) for c in np.unique(label_map)),
+        "untrained": untrained,
+        "warnings": [UNTRAINED_WARNING] if untrained else [],
+        "timings": {k: round(float(v), 4) for k, v in timings.items()},
+    }
+    return json.dumps(document, separators=(",", ":")).encode()
+
+
+def _fail(ctx: JobContext, job_id: str, code: str, started: float, reason: str) -> str:
+    ctx.store.fail(job_id, code)
+    event(log, "job_failed", logging.WARNING, code=code, reason=reason,
+          seconds=round(time.monotonic() - started, 3))
+    return "failed"
+
+
+def process_job(job_id: str, ctx: JobContext) -> str:
+    """Run one job; returns the outcome ('done', 'failed', 'expired', 'discarded', ...)."""
+    started = time.monotonic()
+    claim = ctx.store.claim(job_id, ctx.worker_name)
+    if claim.outcome != "ok":
+        event(log, "job_not_run", logging.WARNING, outcome=claim.outcome)
+        return claim.outcome
+    event(log, "job_started", attempt=claim.attempts)
+    try:
+        data_key = ctx.keyring.unwrap(job_id, claim.key_id, claim.wrapped_key)
+        image_bytes = decrypt_payload(data_key, job_id, "in", claim.sealed_input)
+    except DecryptionError:
+        return _fail(ctx, job_id, "internal_error", started, "decryption_failed")
+    timings: dict[str, float] = {}
+    try:
+        tic = time.monotonic()
+        image = decode_image(image_bytes, max_pixels=ctx.max_pixels)
+        del image_bytes
+        timings["decode"] = time.monotonic() - tic
+    except (UndecodableImage, TooManyPixels) as exc:
+        return _fail(ctx, job_id, exc.code, started, exc.code)
+
+    predictor = ctx.predictor()
+    tic = time.monotonic()
+    parsing = predictor.predict(image)
+    timings["inference"] = time.monotonic() - tic
+    timings.update({f"model_{k}": v for k, v in getattr(parsing, "timings", {}).items()})
+    del image
+    tic = time.monotonic()
+    document = build_result(job_id, parsing, untrained=predictor.untrained,
+                            variant=predictor.variant, timings=timings)
+    sealed = encrypt_payload(data_key, job_id, "out", document)
+    del document, parsing
+    timings["render_seal"] = time.monotonic() - tic
+    if not ctx.store.store_result(job_id, sealed):
+        event(log, "job_discarded", reason="withdrawn_or_expired")
+        return "discarded"
+    event(log, "job_done", seconds=round(time.monotonic() - started, 3),
+          inference_seconds=round(timings["inference"], 3), attempt=claim.attempts)
+    return "done"
+
+
+def fail_job(store: JobStore, job_id: str, error: ServiceError | str) -> None:
+    """End a job with a public code from outside `process_job` (time limits, crashes)."""
+    store.fail(job_id, error if isinstance(error, str) else error.code)
