@@ -100,9 +100,9 @@ def clean_redis(redis_server):
     client.close()
 
 
-@pytest.fixture
-def service_env(redis_url) -> dict[str, str]:
-    """Environment for processes of the stack (gateway, workers) against the test Redis."""
+def make_service_env(redis_url: str) -> dict[str, str]:
+    """Environment for processes of the stack (gateway, workers): this process's, minus any
+    M2FP_* of the developer's, plus the test Redis and a fresh keyring."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("M2FP_")}
     env.update({
         "M2FP_REDIS_URL": redis_url,
@@ -111,3 +111,8 @@ def service_env(redis_url) -> dict[str, str]:
         "PYTHONPATH": str(REPO),
     })
     return env
+
+
+@pytest.fixture
+def service_env(redis_url) -> dict[str, str]:
+    return make_service_env(redis_url)

@@ -1,0 +1,221 @@
+"""The real stack for integration tests: redis-server, Celery worker processes, gunicorn gateway.
+
+Nothing is faked: workers are `python -m worker` processes running the real M2FP network (random
+weights, asked for explicitly), the gateway is gunicorn serving `api.wsgi:app`, and they talk
+through the session's real redis-server. `live_stack` is shared by a test module; tests that
+need to stop, kill or delay workers build their own with `StackFactory`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import redis
+import requests
+
+from tests.conftest import REPO, free_port, make_service_env, wait_for
+
+STACK_ENV = {
+    "M2FP_WEIGHTS": "random",
+    "M2FP_SUBMIT_LIMIT": "1000/minute",
+    "M2FP_POLL_LIMIT": "100000/minute",
+    "M2FP_BAN_AFTER": "0",
+    "M2FP_TORCH_THREADS": "2",
+    "M2FP_INFER_MAX_SIDE": "1920",
+}
+
+
+@dataclass
+class Stack:
+    """Handles on the processes of one test stack and its logs."""
+
+    env: dict[str, str]
+    logdir: Path
+    base_url: str = ""
+    workers: list[subprocess.Popen] = field(default_factory=list)
+    gateway: subprocess.Popen | None = None
+    _logs: list = field(default_factory=list)
+
+    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
+        log = open(self.logdir / f"{name}.log", "ab")  # noqa: SIM115  (closed in stop())
+        self._logs.append(log)
+        return subprocess.Popen(argv, env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+    def start_gateway(self) -> None:
+        """Start gunicorn on a free port and wait for /healthz."""
+        port = free_port()
+        self.env["M2FP_PORT"] = str(port)
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.gateway = self._spawn("gateway", [sys.executable, "-m", "gunicorn", "-c",
+                                               "api/gunicorn_conf.py", "api.wsgi:app"])
+
+        def healthy():
+            if self.gateway.poll() is not None:
+                pytest.fail(f"gateway exited: {self.log('gateway')[-2000:]}")
+            try:
+                return requests.get(self.base_url + "/healthz", timeout=1).status_code == 200
+            except requests.ConnectionError:
+                return False
+
+        wait_for(healthy, 30, what="the gateway")
+
+    def start_worker(self, preflight: bool = False) -> subprocess.Popen:
+        """Start one `python -m worker` process (its pool child loads the model)."""
+        index = len(self.workers) + 1
+        argv = [sys.executable, "-m", "worker"] + ([] if preflight else ["--no-preflight"])
+        argv += ["--", "--hostname", f"test{index}-{os.getpid()}@%h"]
+        proc = self._spawn(f"worker{index}", argv)
+        self.workers.append(proc)
+        return proc
+
+    def wait_ready(self, workers: int = 1, timeout: float = 180) -> dict:
+        """Wait until /readyz reports at least `workers` live workers."""
+        def ready():
+            for proc in self.workers:
+                if proc.poll() is not None:
+                    pytest.fail(f"worker exited: {self.log('worker1')[-3000:]}")
+            try:
+                reply = requests.get(self.base_url + "/readyz", timeout=2)
+            except requests.ConnectionError:
+                return None
+            body = reply.json()
+            return body if reply.status_code == 200 and body.get("workers", 0) >= workers else None
+
+        return wait_for(ready, timeout, interval=0.5, what="workers to be ready")
+
+    def child_pids(self) -> list[int]:
+        """PIDs of the workers' pool children (where the model runs)."""
+        client = redis.Redis.from_url(self.env["M2FP_REDIS_URL"])
+        pids = []
+        for key in client.scan_iter("m2fp:worker:*"):
+            pid = client.hget(key, "pid")
+            if pid:
+                pids.append(int(pid))
+        return pids
+
+    def stop_workers(self) -> None:
+        """Warm-stop every worker (SIGTERM to its process group)."""
+        for proc in self.workers:
+            _terminate(proc)
+        self.workers.clear()
+
+    def log(self, name: str) -> str:
+        """The captured output of one process."""
+        path = self.logdir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def all_logs(self) -> str:
+        """Every captured log of this stack, concatenated."""
+        return "".join(p.read_text(errors="replace") for p in sorted(self.logdir.glob("*.log")))
+
+    def stop(self) -> None:
+        """Stop everything this stack started."""
+        self.stop_workers()
+        if self.gateway is not None:
+            _terminate(self.gateway)
+        for log in self._logs:
+            log.close()
+
+
+def _terminate(proc: subprocess.Popen, timeout: float = 30) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
+
+
+class StackFactory:
+    """Builds stacks on the session's Redis with per-test environment overrides."""
+
+    def __init__(self, service_env: dict[str, str], tmp_path_factory):
+        self.base_env = {**service_env, **STACK_ENV}
+        self.tmp = tmp_path_factory
+        self.stacks: list[Stack] = []
+
+    def __call__(self, *, workers: int = 1, wait: bool = True, **overrides: str) -> Stack:
+        stack = Stack(env={**self.base_env, **overrides}, logdir=self.tmp.mktemp("stack"))
+        stack.env["PROMETHEUS_MULTIPROC_DIR"] = str(stack.logdir / "prom")
+        os.makedirs(stack.env["PROMETHEUS_MULTIPROC_DIR"])
+        self.stacks.append(stack)
+        stack.start_gateway()
+        for _ in range(workers):
+            stack.start_worker()
+        if wait and workers:
+            stack.wait_ready(workers)
+        return stack
+
+    def stop_all(self) -> None:
+        for stack in self.stacks:
+            stack.stop()
+
+
+@pytest.fixture
+def stack_factory(service_env, tmp_path_factory, redis_server):
+    """Make stacks for one test; flushes Redis first and stops everything afterwards."""
+    redis.Redis.from_url(redis_server["url"]).flushall()
+    factory = StackFactory(service_env, tmp_path_factory)
+    yield factory
+    factory.stop_all()
+
+
+@pytest.fixture(scope="module")
+def live_stack(redis_server, tmp_path_factory):
+    """One running stack (1 worker, random weights) shared by a test module."""
+    redis.Redis.from_url(redis_server["url"]).flushall()
+    factory = StackFactory(make_service_env(redis_server["url"]), tmp_path_factory)
+    stack = factory()
+    yield stack
+    factory.stop_all()
+
+
+def submit(stack: Stack, data: bytes, filename: str = "photo.jpg", **kwargs) -> requests.Response:
+    """POST /v1/jobs with one file."""
+    return requests.post(stack.base_url + "/v1/jobs", files={"image": (filename, data)}, timeout=30, **kwargs)
+
+
+def poll_until(stack: Stack, job: dict, statuses=("done", "failed", "expired"), timeout=240) -> dict:
+    """Poll a job's status URL until it reaches one of `statuses`."""
+    headers = {"Authorization": f"Bearer {job['token']}"}
+
+    def reached():
+        body = requests.get(stack.base_url + job["status_url"], headers=headers, timeout=10).json()
+        return body if body.get("status") in statuses else None
+
+    return wait_for(reached, timeout, interval=0.25, what=f"job to reach {statuses}")
+
+
+def photo_jpeg(width: int = 512, height: int = 512, seed: int = 0) -> bytes:
+    """A photo-like JPEG: smooth background, two person-shaped figures, sensor noise."""
+    import io  # noqa: PLC0415
+
+    import numpy as np  # noqa: PLC0415
+    from PIL import Image, ImageDraw  # noqa: PLC0415
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([120 + 60 * x / width, 140 + 40 * y / height, 170 - 50 * x / width], axis=2)
+    image = Image.fromarray(np.clip(base + rng.normal(0, 6, base.shape), 0, 255).astype("uint8"))
+    draw = ImageDraw.Draw(image)
+    for index, cx in enumerate((width * 0.3, width * 0.68)):
+        scale = height / 512
+        draw.ellipse([cx - 28 * scale, 60 * scale, cx + 28 * scale, 125 * scale], fill=(224, 172, 140))
+        draw.rectangle([cx - 55 * scale, 130 * scale, cx + 55 * scale, 290 * scale],
+                       fill=((200, 30, 40), (30, 60, 190))[index])
+        draw.rectangle([cx - 50 * scale, 290 * scale, cx + 50 * scale, 460 * scale], fill=(40, 40, 60))
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=90)
+    return out.getvalue()
