@@ -29,6 +29,7 @@ from shared.constants import TASK_PARSE, worker_key
 from shared.jobstore import JobStore
 from shared.logging import bind, clear, configure_logging, event
 from shared.queue import make_celery
+from shared.watchdog import MemoryWatchdog
 from worker.pipeline import JobContext, fail_job, process_job
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,8 @@ class WorkerProcess:
         """Called in the child right after fork: new connections, model load in background."""
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.store = JobStore.from_settings(self.settings)
+        MemoryWatchdog(self.settings.memory_alert_percent, self.settings.alert_webhook,
+                       component="worker").start()
         threading.Thread(target=self._load_model, name="m2fp-model-load", daemon=True).start()
 
     def _load_model(self) -> None:
