@@ -31,6 +31,7 @@ from shared.logging import bind, clear, configure_logging, event
 from shared.queue import make_celery
 from shared.watchdog import MemoryWatchdog
 from worker.pipeline import JobContext, fail_job, process_job
+from worker.weights import load_predictor
 
 log = logging.getLogger(__name__)
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
@@ -69,15 +70,15 @@ class WorkerProcess:
         try:
             import torch  # noqa: PLC0415  (only ever imported in pool children)
 
-            from worker.m2fp.predictor import Predictor  # noqa: PLC0415
-
             torch.set_num_threads(torch_threads(self.settings))
             device = self.settings.device
             if device == "auto":
                 device = "cuda" if torch.cuda.is_available() else "cpu"
             tic = time.monotonic()
-            self.predictor = Predictor(resolve_weights(self.settings), variant=self.settings.variant,
-                                       device=device, max_side=self.settings.infer_max_side)
+            self.predictor = load_predictor(
+                resolve_weights(self.settings), variant=self.settings.variant, device=device,
+                max_side=self.settings.infer_max_side, sha256=self.settings.weights_sha256,
+                key_file=self.settings.weights_key_file)
             event(log, "model_loaded", seconds=round(time.monotonic() - tic, 2), device=device,
                   variant=self.settings.variant, untrained=self.predictor.untrained,
                   threads=torch.get_num_threads())

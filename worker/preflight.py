@@ -12,6 +12,7 @@ import sys
 import time
 
 from shared.config import ConfigError, load_settings, resolve_weights
+from worker.weights import load_predictor
 
 
 def main() -> int:
@@ -21,12 +22,11 @@ def main() -> int:
         weights = resolve_weights(settings)
         import torch  # noqa: PLC0415
 
-        from worker.m2fp.predictor import Predictor  # noqa: PLC0415
-
         torch.set_num_threads(1)
         tic = time.monotonic()
-        predictor = Predictor(weights, variant=settings.variant, device="cpu",
-                              max_side=settings.infer_max_side)
+        predictor = load_predictor(weights, variant=settings.variant, device="cpu",
+                                   max_side=settings.infer_max_side, sha256=settings.weights_sha256,
+                                   key_file=settings.weights_key_file)
         loaded = time.monotonic() - tic
         del predictor
     except ConfigError as exc:
