@@ -1,0 +1,183 @@
+"""Masked-attention transformer decoder (Mask2Former) predicting class and mask logits per query."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from worker.m2fp.config import M2FPConfig
+from worker.m2fp.position_encoding import PositionEmbeddingSine
+
+NUM_FEATURE_LEVELS = 3  # the decoder cycles over the pixel decoder's [/32, /16, /8] features
+
+
+class CrossAttentionLayer(nn.Module):
+    """Post-norm cross-attention from the queries to one level of image features."""
+
+    def __init__(self, embed_dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.multihead_attn = nn.MultiheadAttention(embed_dim, num_heads, dropout=0.0)
+        self.norm = nn.LayerNorm(embed_dim)
+
+    def forward(
+        self,
+        queries: torch.Tensor,
+        memory: torch.Tensor,
+        attention_mask: torch.Tensor,
+        memory_position: torch.Tensor,
+        query_position: torch.Tensor,
+    ) -> torch.Tensor:
+        """Update (Q, B, C) queries from (HW, B, C) memory; mask (B*heads, Q, HW) is True where blocked."""
+        attended = self.multihead_attn(
+            query=queries + query_position,
+            key=memory + memory_position,
+            value=memory,
+            attn_mask=attention_mask,
+            need_weights=False,
+        )[0]
+        return self.norm(queries + attended)
+
+
+class SelfAttentionLayer(nn.Module):
+    """Post-norm self-attention among the queries."""
+
+    def __init__(self, embed_dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(embed_dim, num_heads, dropout=0.0)
+        self.norm = nn.LayerNorm(embed_dim)
+
+    def forward(self, queries: torch.Tensor, query_position: torch.Tensor) -> torch.Tensor:
+        """Update the (Q, B, C) queries."""
+        queries_with_position = queries + query_position
+        attended = self.self_attn(queries_with_position, queries_with_position, queries, need_weights=False)[0]
+        return self.norm(queries + attended)
+
+
+class FeedForwardLayer(nn.Module):
+    """Post-norm ReLU feed-forward block."""
+
+    def __init__(self, embed_dim: int, feedforward_dim: int) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(embed_dim, feedforward_dim)
+        self.linear2 = nn.Linear(feedforward_dim, embed_dim)
+        self.norm = nn.LayerNorm(embed_dim)
+
+    def forward(self, queries: torch.Tensor) -> torch.Tensor:
+        """Update the (Q, B, C) queries."""
+        return self.norm(queries + self.linear2(F.relu(self.linear1(queries))))
+
+
+class MLP(nn.Module):
+    """Linear layers with ReLU between them (none after the last)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> None:
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nn.ModuleList(nn.Linear(d_in, d_out) for d_in, d_out in zip(dims[:-1], dims[1:]))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Apply the layers to (..., input_dim) inputs."""
+        for index, layer in enumerate(self.layers):
+            inputs = layer(inputs)
+            if index < len(self.layers) - 1:
+                inputs = F.relu(inputs)
+        return inputs
+
+
+class MultiScaleMaskedTransformerDecoder(nn.Module):
+    """Queries attend, layer by layer, to the /32, /16, /8 features restricted to their own predicted masks."""
+
+    def __init__(self, config: M2FPConfig) -> None:
+        super().__init__()
+        hidden_dim = config.hidden_dim
+        self.num_heads = config.decoder_heads
+        self.num_layers = config.decoder_layers
+        self.position_embedding = PositionEmbeddingSine(hidden_dim // 2)
+        self.transformer_self_attention_layers = nn.ModuleList(
+            SelfAttentionLayer(hidden_dim, config.decoder_heads) for _ in range(config.decoder_layers)
+        )
+        self.transformer_cross_attention_layers = nn.ModuleList(
+            CrossAttentionLayer(hidden_dim, config.decoder_heads) for _ in range(config.decoder_layers)
+        )
+        self.transformer_ffn_layers = nn.ModuleList(
+            FeedForwardLayer(hidden_dim, config.decoder_feedforward_dim) for _ in range(config.decoder_layers)
+        )
+        self.decoder_norm = nn.LayerNorm(hidden_dim)
+        self.query_feat = nn.Embedding(config.num_queries, hidden_dim)  # initial query features
+        self.query_embed = nn.Embedding(config.num_queries, hidden_dim)  # query positional embeddings
+        self.level_embed = nn.Embedding(NUM_FEATURE_LEVELS, hidden_dim)
+        self.class_embed = nn.Linear(hidden_dim, config.num_classes + 1)  # + "no object"
+        self.mask_embed = MLP(hidden_dim, hidden_dim, config.mask_dim, 3)
+
+    def prediction_heads(
+        self, queries: torch.Tensor, mask_features: torch.Tensor, attention_mask_size: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Class logits (B, Q, C+1), mask logits (B, Q, H/4, W/4) and the next attention mask.
+
+        The attention mask is (B*heads, Q, h*w) at `attention_mask_size`, True where the query's own mask
+        probability is below 0.5 (those pixels are not attended).
+        """
+        decoded = self.decoder_norm(queries).transpose(0, 1)  # (Q, B, C) -> (B, Q, C)
+        class_logits = self.class_embed(decoded)  # (B, Q, C+1)
+        mask_embeddings = self.mask_embed(decoded)  # (B, Q, mask_dim)
+        mask_logits = torch.einsum("bqc,bchw->bqhw", mask_embeddings, mask_features)  # (B, Q, H/4, W/4)
+        resized = F.interpolate(mask_logits, size=attention_mask_size, mode="bilinear", align_corners=False)
+        # (B, Q, h, w) -> (B, Q, h*w) -> (B, heads, Q, h*w) -> (B*heads, Q, h*w)
+        attention_mask = (
+            resized.sigmoid().flatten(2).unsqueeze(1).expand(-1, self.num_heads, -1, -1).flatten(0, 1) < 0.5
+        )
+        return class_logits, mask_logits, attention_mask.detach()
+
+    def forward(
+        self, multi_scale_features: list[torch.Tensor], mask_features: torch.Tensor
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Run the decoder.
+
+        Args:
+            multi_scale_features: [(B, C, H/32, W/32), (B, C, H/16, W/16), (B, C, H/8, W/8)].
+            mask_features: (B, mask_dim, H/4, W/4) per-pixel embeddings.
+
+        Returns:
+            The class logits (B, Q, C+1) and mask logits (B, Q, H/4, W/4) of every prediction, in order:
+            one on the initial queries and one after each layer (the last is the final output).
+        """
+        if len(multi_scale_features) != NUM_FEATURE_LEVELS:
+            raise ValueError(
+                f"expected {NUM_FEATURE_LEVELS} feature levels, but got {len(multi_scale_features)}"
+            )
+        batch_size = mask_features.shape[0]
+        memories = []
+        memory_positions = []
+        attention_mask_sizes = []
+        for level, features in enumerate(multi_scale_features):
+            attention_mask_sizes.append((features.shape[2], features.shape[3]))
+            # (B, C, H, W) -> (B, C, HW) -> (HW, B, C)
+            memory_positions.append(self.position_embedding(features).flatten(2).permute(2, 0, 1))
+            memories.append((features.flatten(2) + self.level_embed.weight[level][None, :, None]).permute(2, 0, 1))
+
+        # (Q, C) -> (Q, B, C)
+        query_position = self.query_embed.weight.unsqueeze(1).expand(-1, batch_size, -1)
+        queries = self.query_feat.weight.unsqueeze(1).expand(-1, batch_size, -1)
+
+        class_logits, mask_logits, attention_mask = self.prediction_heads(
+            queries, mask_features, attention_mask_sizes[0]
+        )
+        all_class_logits = [class_logits]
+        all_mask_logits = [mask_logits]
+        for layer_index in range(self.num_layers):
+            level = layer_index % NUM_FEATURE_LEVELS
+            # a query whose mask is empty at this level attends everywhere instead of nowhere
+            fully_masked = attention_mask.all(dim=-1, keepdim=True)  # (B*heads, Q, 1)
+            attention_mask = attention_mask & ~fully_masked
+            queries = self.transformer_cross_attention_layers[layer_index](
+                queries, memories[level], attention_mask, memory_positions[level], query_position
+            )
+            queries = self.transformer_self_attention_layers[layer_index](queries, query_position)
+            queries = self.transformer_ffn_layers[layer_index](queries)
+            class_logits, mask_logits, attention_mask = self.prediction_heads(
+                queries, mask_features, attention_mask_sizes[(layer_index + 1) % NUM_FEATURE_LEVELS]
+            )
+            all_class_logits.append(class_logits)
+            all_mask_logits.append(mask_logits)
+        return all_class_logits, all_mask_logits
