@@ -1,0 +1,64 @@
+"""The HTTP gateway: `create_app()` builds the Flask app from `shared.config.Settings`.
+
+Importing this package opens no socket and reads no key: the Redis client, the job store, the
+Celery producer and the limiter are built by the factory, lazily connecting on first use.
+The gateway never imports torch or worker code; it sends the parse task by name.
+"""
+
+from __future__ import annotations
+
+import flask
+import redis
+from celery import Celery
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+from api import abuse, security
+from api.errors import register_error_handlers
+from api.metrics import Metrics
+from api.routes import Gateway, bp
+from api.validation import InMemoryRequest
+from api.web import bp as web_bp
+from shared.config import Settings, load_settings
+from shared.jobstore import JobStore
+from shared.logging import configure_logging
+from shared.queue import make_celery
+
+# Non-file multipart fields are not used: keep them small. Werkzeug also applies this bound to
+# its decoder's buffer, which takes the body in 64 KiB reads, so it must stay well above that.
+MAX_FORM_MEMORY_SIZE = 256 * 1024
+MAX_FORM_PARTS = 8
+
+
+def make_redis(settings: Settings) -> redis.Redis:
+    """The gateway's Redis client: short timeouts so that an outage is a quick 503."""
+    return redis.Redis.from_url(settings.redis_url, health_check_interval=30,
+                                socket_connect_timeout=2, socket_timeout=5)
+
+
+def create_app(settings: Settings | None = None, *, redis_client: redis.Redis | None = None,
+               celery_app: Celery | None = None) -> flask.Flask:
+    """Build the gateway app (settings default: the environment via load_settings())."""
+    settings = settings or load_settings()
+    configure_logging(settings.log_level)
+    app = flask.Flask(__name__, static_folder=None)
+    app.request_class = InMemoryRequest
+    app.config.update(MAX_CONTENT_LENGTH=settings.max_upload_bytes, MAX_FORM_MEMORY_SIZE=MAX_FORM_MEMORY_SIZE,
+                      MAX_FORM_PARTS=MAX_FORM_PARTS, TRAP_HTTP_EXCEPTIONS=False)
+    if settings.trusted_proxies:
+        # Only the configured number of proxy hops may rewrite the peer address (RESEARCH §2.9).
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies, x_proto=0,
+                                x_host=0, x_port=0, x_prefix=0)
+
+    client = redis_client or make_redis(settings)
+    store = JobStore.from_settings(settings, client)
+    metrics = Metrics(store)
+    metrics.init_app(app)  # first: its timer sees every other hook
+    security.init_app(app, settings)
+    limiter = abuse.make_limiter(app, settings, client)
+    register_error_handlers(app, limiter, metrics.reject)
+    app.extensions["m2fp"] = Gateway(settings=settings, redis=client, store=store,
+                                     celery=celery_app or make_celery(settings), limiter=limiter,
+                                     metrics=metrics)
+    app.register_blueprint(bp)
+    app.register_blueprint(web_bp)
+    return app

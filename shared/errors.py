@@ -42,7 +42,7 @@ class BadRequest(ServiceError):
 
 class Unauthorized(ServiceError):
     status_code, code = 401, "unauthorized"
-    message = "A valid API key is required (header 'X-API-Key' or 'Authorization: ApiKey ...')."
+    message = "A valid API key is required in the 'X-API-Key' header."
 
 
 class Banned(ServiceError):

@@ -1,0 +1,300 @@
+"""The HTTP API (DESIGN §2): submit, status, one-time result, withdraw, health and spec.
+
+Each view is thin: abuse checks and validation live in `api.abuse` / `api.validation`, job
+state in `shared.jobstore`, cryptography in `shared.crypto`. An unknown job id, a malformed
+one and a wrong or missing token all give the same 404 body, after the same work (the token
+is hashed and compared against a dummy digest when the id is unknown), so ids cannot be
+enumerated.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from io import BytesIO
+
+import flask
+import redis
+from celery import Celery
+from flask_limiter import Limiter
+from kombu.exceptions import KombuError
+from PIL import Image, UnidentifiedImageError
+from werkzeug.exceptions import MethodNotAllowed
+
+from api import abuse
+from api.errors import NotReadyWithStatus
+from api.metrics import Metrics
+from api.openapi import openapi_document
+from api.validation import Upload, validate_upload
+from shared.config import Settings
+from shared.constants import PALETTE, WORKER_PATTERN
+from shared.crypto import (
+    decrypt_payload,
+    encrypt_payload,
+    hash_secret,
+    new_data_key,
+    new_job_id,
+    new_token,
+    secret_matches,
+)
+from shared.errors import (
+    JOB_ERRORS,
+    BadRequest,
+    DecryptionError,
+    JobNotFound,
+    ResultGone,
+    ServiceError,
+    StoreUnavailable,
+)
+from shared.jobstore import Fetch, JobStore
+from shared.logging import bind, event
+from shared.queue import enqueue_parse
+
+log = logging.getLogger(__name__)
+
+# shared.crypto.new_job_id() is token_urlsafe(18): exactly 24 URL-safe base64 characters.
+JOB_ID_RE = re.compile(r"[A-Za-z0-9_-]{24}")
+TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{16,128}")
+DUMMY_TOKEN_HASH = hash_secret("m2fp: no such job")
+RESULT_FORMATS = ("json", "palette")
+READY_RETRY_AFTER = 10
+MAX_WORKER_KEYS = 1000
+UNTRAINED_WARNING = ("UNTRAINED MODEL: at least one worker runs M2FP with random weights; "
+                     "results have the right shape but no meaning.")
+
+bp = flask.Blueprint("api", __name__)
+
+
+@dataclass(frozen=True)
+class Gateway:
+    """What the views need, built once per app by `api.create_app`."""
+
+    settings: Settings
+    redis: redis.Redis
+    store: JobStore
+    celery: Celery
+    limiter: Limiter
+    metrics: Metrics
+
+
+def gateway() -> Gateway:
+    """The current app's Gateway."""
+    return flask.current_app.extensions["m2fp"]
+
+
+# --- submit ------------------------------------------------------------------------------
+@bp.post("/v1/jobs")
+def submit_job() -> flask.Response:
+    """Validate, rate-limit, admit, encrypt, store and enqueue one photo."""
+    gw, started = gateway(), time.perf_counter()
+    client = abuse.client_key()
+    abuse.refuse_banned(gw.redis, gw.settings, client)
+    try:
+        upload = validate_upload(flask.request, gw.settings)
+    except ServiceError as exc:
+        event(log, "upload_rejected", code=exc.code, status=exc.status_code, client=abuse.client_tag(client))
+        abuse.record_strike(gw.redis, gw.settings, client, exc.code)
+        raise
+    abuse.clear_strikes(gw.redis, gw.settings, client)
+    abuse.enforce_submit_limit(gw.limiter, gw.settings)
+    abuse.admit(gw.store, gw.settings)
+    job_id, token = create_job(gw, upload)
+    gw.metrics.jobs_submitted.inc()
+    bind(job_id=job_id)
+    event(log, "job_submitted", bytes=len(upload.data), width=upload.width, height=upload.height,
+          seconds=round(time.perf_counter() - started, 4))
+    status_url = flask.url_for("api.job_status", job_id=job_id)
+    response = flask.jsonify(job_id=job_id, token=token, status_url=status_url,
+                             result_url=flask.url_for("api.job_result", job_id=job_id),
+                             expires_in=gw.settings.job_ttl)
+    response.status_code = 202
+    response.headers["Location"] = status_url
+    return response
+
+
+def create_job(gw: Gateway, upload: Upload) -> tuple[str, str]:
+    """Seal the upload under a fresh data key, record the job, enqueue its id; (job_id, token)."""
+    job_id, token, data_key = new_job_id(), new_token(), new_data_key()
+    key_id, wrapped_key = gw.settings.keyring.wrap(job_id, data_key)
+    sealed_input = encrypt_payload(data_key, job_id, "in", upload.data)
+    gw.store.create(job_id, token_hash=hash_secret(token), key_id=key_id, wrapped_key=wrapped_key,
+                    sealed_input=sealed_input)
+    try:
+        enqueue_parse(gw.celery, job_id)
+    except (KombuError, redis.RedisError, OSError) as exc:
+        # A job nobody will ever run must not linger: withdraw it, then report 503.
+        with contextlib.suppress(redis.RedisError):
+            gw.store.delete(job_id)
+        event(log, "enqueue_failed", logging.ERROR, exc_type=type(exc).__name__)
+        raise StoreUnavailable() from exc
+    return job_id, token
+
+
+# --- one job -----------------------------------------------------------------------------
+def bearer_token() -> str:
+    """The token of `Authorization: Bearer <token>`, or '' when absent or malformed."""
+    scheme, _, token = flask.request.headers.get("Authorization", "").partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and TOKEN_RE.fullmatch(token) else ""
+
+
+def authorized_record(gw: Gateway, job_id: str) -> dict[str, str]:
+    """The job's record if the id is well-formed, known and the bearer token matches; else 404."""
+    token = bearer_token()
+    record = gw.store.status(job_id) if JOB_ID_RE.fullmatch(job_id) else None
+    expected = (record or {}).get("token_hash") or ""
+    matches = secret_matches(token, expected or DUMMY_TOKEN_HASH)
+    if not (record and expected and token and matches):
+        raise JobNotFound()
+    bind(job_id=job_id)
+    return record
+
+
+def status_body(job_id: str, record: dict[str, str]) -> dict[str, object]:
+    """`{"job_id", "status"}`, plus `"error": {"code", "message"}` for failed and expired jobs."""
+    status = record.get("status") or "expired"
+    body: dict[str, object] = {"job_id": job_id, "status": status}
+    if status in ("failed", "expired"):
+        code = record.get("error_code") or ("expired" if status == "expired" else "internal_error")
+        code = code if code in JOB_ERRORS else "internal_error"
+        body["error"] = {"code": code, "message": JOB_ERRORS[code]}
+    return body
+
+
+@bp.get("/v1/jobs/<job_id>")
+def job_status(job_id: str) -> flask.Response:
+    """The job's status (and public error for failed/expired jobs)."""
+    gw = gateway()
+    abuse.enforce_poll_limit(gw.limiter, gw.settings)
+    record = authorized_record(gw, job_id)
+    return flask.jsonify(status_body(job_id, record))
+
+
+@bp.get("/v1/jobs/<job_id>/result")
+def job_result(job_id: str) -> flask.Response:
+    """The result, exactly once: the fetch deletes it atomically; later fetches get 410."""
+    if flask.request.method == "HEAD":
+        # Werkzeug adds HEAD to every GET rule; a HEAD must not consume the one-time result.
+        raise MethodNotAllowed(valid_methods=["GET"])
+    gw = gateway()
+    abuse.enforce_poll_limit(gw.limiter, gw.settings)
+    result_format = flask.request.args.get("format", "json")
+    if result_format not in RESULT_FORMATS:
+        raise BadRequest("Unknown result format; use format=json or format=palette.")
+    authorized_record(gw, job_id)
+    fetch = gw.store.fetch_result(job_id)
+    if fetch.outcome == "not_ready":
+        if fetch.status == "expired":
+            raise ResultGone()
+        raise NotReadyWithStatus(fetch.status)
+    if fetch.outcome == "fetched":
+        raise ResultGone()
+    if fetch.outcome != "ok":
+        raise JobNotFound()
+    result = open_result(gw, job_id, fetch)
+    event(log, "result_fetched", format=result_format, bytes=len(result))
+    if result_format == "palette":
+        return flask.Response(palette_png(result), mimetype="image/png")
+    return flask.Response(result, mimetype="application/json")
+
+
+def open_result(gw: Gateway, job_id: str, fetch: Fetch) -> bytes:
+    """Unwrap the job's data key and decrypt its sealed result."""
+    try:
+        if not fetch.key_id or not fetch.wrapped_key:
+            raise DecryptionError("the job record has no data key")
+        data_key = gw.settings.keyring.unwrap(job_id, fetch.key_id, fetch.wrapped_key)
+        return decrypt_payload(data_key, job_id, "out", fetch.sealed_result)
+    except DecryptionError as exc:
+        event(log, "result_undecryptable", logging.ERROR)
+        raise ServiceError() from exc
+
+
+def palette_png(result: bytes) -> bytes:
+    """The result's label map as a palette PNG coloured with shared.constants.PALETTE."""
+    try:
+        encoded = json.loads(result)["label_map_png"]
+        with Image.open(BytesIO(base64.b64decode(encoded, validate=True)), formats=["PNG"]) as labels:
+            if labels.mode not in ("L", "P"):
+                raise ValueError("label map is not single-channel")
+            paletted = Image.frombytes("P", labels.size, labels.tobytes())
+    except (KeyError, TypeError, ValueError, binascii.Error, UnidentifiedImageError, OSError) as exc:
+        event(log, "result_not_renderable", logging.ERROR, exc_type=type(exc).__name__)
+        raise ServiceError() from exc
+    flat = [channel for colour in PALETTE for channel in colour]
+    paletted.putpalette(flat + [0] * (768 - len(flat)))
+    buffer = BytesIO()
+    paletted.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@bp.delete("/v1/jobs/<job_id>")
+def delete_job(job_id: str) -> flask.Response:
+    """Withdraw a job at any stage: its input, result and record are deleted now."""
+    gw = gateway()
+    abuse.enforce_poll_limit(gw.limiter, gw.settings)
+    authorized_record(gw, job_id)
+    gw.store.delete(job_id)
+    event(log, "job_deleted")
+    return flask.Response(status=204)
+
+
+# --- service -----------------------------------------------------------------------------
+@bp.get("/healthz")
+def healthz() -> flask.Response:
+    """Liveness: the process answers."""
+    return flask.jsonify(status="ok")
+
+
+@bp.get("/readyz")
+def readyz() -> flask.Response:
+    """Readiness: Redis answers and at least one worker's heartbeat is alive."""
+    gw = gateway()
+    try:
+        gw.redis.ping()
+        flags = worker_untrained_flags(gw.redis)
+    except redis.RedisError as exc:
+        event(log, "readyz_redis_unreachable", logging.WARNING, exc_type=type(exc).__name__)
+        return not_ready("unavailable", "Redis is unreachable.")
+    if not flags:
+        return not_ready("no_workers", "No worker is alive: jobs would wait in the queue.")
+    untrained = any(flags)
+    return flask.jsonify(status="ready", workers=len(flags), untrained=untrained,
+                         warnings=[UNTRAINED_WARNING] if untrained else [])
+
+
+def worker_untrained_flags(client: redis.Redis) -> list[bool]:
+    """One flag per live worker heartbeat (`m2fp:worker:*`): True if it runs random weights."""
+    keys = []
+    for key in client.scan_iter(match=WORKER_PATTERN, count=200):
+        keys.append(key)
+        if len(keys) >= MAX_WORKER_KEYS:
+            break
+    if not keys:
+        return []
+    with client.pipeline(transaction=False) as pipe:
+        for key in keys:
+            pipe.hgetall(key)
+        heartbeats = pipe.execute()
+    # A heartbeat that expired between SCAN and HGETALL is not a live worker.
+    return [(beat.get(b"untrained") or beat.get("untrained")) in (b"1", "1") for beat in heartbeats if beat]
+
+
+def not_ready(status: str, warning: str) -> flask.Response:
+    """503 from /readyz with Retry-After."""
+    response = flask.jsonify(status=status, workers=0, untrained=False, warnings=[warning])
+    response.status_code = 503
+    response.headers["Retry-After"] = str(READY_RETRY_AFTER)
+    return response
+
+
+@bp.get("/openapi.json")
+def openapi() -> flask.Response:
+    """The OpenAPI 3.1 description of this API."""
+    return flask.jsonify(openapi_document())

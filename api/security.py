@@ -1,0 +1,142 @@
+"""Request ids, optional API keys, CORS for an exact allow-list, and security headers.
+
+- Request id: a fresh uuid4 hex, or the client's `X-Request-ID` when it is a plain token
+  (^[A-Za-z0-9-]{8,64}$); bound to every log line of the request and echoed back.
+- API keys (optional): with `M2FP_API_KEYS_FILE` set, the file holds one SHA-256 hex digest per
+  line (`#` comments); every `/v1/*` call must send `X-API-Key` whose digest is listed (compared
+  in constant time against every entry) or gets 401. `Authorization` is the job's bearer token.
+- CORS: only origins listed in `M2FP_CORS_ORIGINS`, compared exactly; preflights are answered
+  here (no API key needed, browsers do not send one); other origins get no CORS headers at all.
+- Headers on every response, errors included: CSP, nosniff, no referrer, no framing, CORP, and
+  `Cache-Control: no-store` (job data must not sit in any cache; the page's static files get
+  `no-cache`, i.e. revalidate with their ETag).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from pathlib import Path
+
+import flask
+
+from shared import logging as slog
+from shared.config import Settings
+from shared.crypto import hash_secret, secret_matches
+from shared.errors import ConfigError, Unauthorized
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9-]{8,64}")
+API_KEY_RE = re.compile(r"[\x21-\x7e]{16,256}")
+HASH_RE = re.compile(r"[0-9a-f]{64}")
+API_PREFIX = "/v1/"
+STATIC_PREFIX = "/static/"
+CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
+       "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Cross-Origin-Resource-Policy": "same-origin",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+CORS_METHODS = "GET, POST, DELETE"
+CORS_HEADERS = "Authorization, X-API-Key, Content-Type"
+CORS_EXPOSE = "Location, Retry-After, X-Request-ID"
+
+
+def load_api_key_hashes(path: str | None) -> tuple[str, ...]:
+    """The SHA-256 digests listed in the API keys file (empty when no file is configured)."""
+    if not path:
+        return ()
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"M2FP_API_KEYS_FILE={path!r} cannot be read: {exc.strerror}") from exc
+    hashes = []
+    for number, line in enumerate(lines, 1):
+        entry = line.split("#", 1)[0].strip().lower()
+        if not entry:
+            continue
+        if not HASH_RE.fullmatch(entry):
+            raise ConfigError(f"M2FP_API_KEYS_FILE line {number} is not a SHA-256 hex digest "
+                              "(make one with `python -m shared.keys hash-api-key`)")
+        hashes.append(entry)
+    if not hashes:
+        raise ConfigError("M2FP_API_KEYS_FILE lists no key hashes; unset it to run without API keys")
+    return tuple(hashes)
+
+
+def api_key_matches(presented: str, hashes: tuple[str, ...]) -> bool:
+    """Constant-time membership: compares against every listed digest, without early exit."""
+    matched = False
+    for expected in hashes:
+        matched |= secret_matches(presented, expected)
+    return matched
+
+
+def init_app(app: flask.Flask, settings: Settings) -> None:
+    """Install the request-id, preflight, API-key and header hooks on `app`."""
+    key_hashes = load_api_key_hashes(settings.api_keys_file)
+    origins = frozenset(settings.cors_origins)
+
+    @app.before_request
+    def bind_request_id() -> None:
+        supplied = flask.request.headers.get("X-Request-ID", "")
+        flask.g.request_id = supplied if REQUEST_ID_RE.fullmatch(supplied) else uuid.uuid4().hex
+        slog.clear()
+        slog.bind(request_id=flask.g.request_id)
+
+    @app.before_request
+    def answer_preflight() -> flask.Response | None:
+        request = flask.request
+        if request.method != "OPTIONS" or "Access-Control-Request-Method" not in request.headers:
+            return None
+        response = flask.current_app.response_class(status=204)
+        origin = request.headers.get("Origin", "")
+        if request.path.startswith(API_PREFIX) and origin in origins:
+            response.headers["Access-Control-Allow-Methods"] = CORS_METHODS
+            response.headers["Access-Control-Allow-Headers"] = CORS_HEADERS
+            response.headers["Access-Control-Max-Age"] = "600"
+        return response
+
+    @app.before_request
+    def require_api_key() -> None:
+        if not key_hashes or not flask.request.path.startswith(API_PREFIX):
+            return
+        presented = flask.request.headers.get("X-API-Key", "")
+        if not API_KEY_RE.fullmatch(presented) or not api_key_matches(presented, key_hashes):
+            raise Unauthorized()
+        flask.g.api_key_hash = hash_secret(presented)
+
+    @app.after_request
+    def add_headers(response: flask.Response) -> flask.Response:
+        for name, value in SECURITY_HEADERS.items():
+            response.headers[name] = value
+        if flask.request.path.startswith(STATIC_PREFIX) and response.status_code in (200, 304):
+            # The page's own JS/CSS hold no job data; let Flask's revalidation headers stand.
+            response.headers["Cache-Control"] = "no-cache"
+        if flask.request.is_secure:
+            response.headers["Strict-Transport-Security"] = "max-age=31536000"
+        response.headers["X-Request-ID"] = flask.g.get("request_id") or uuid.uuid4().hex
+        add_cors(response, origins)
+        return response
+
+    @app.teardown_request
+    def clear_log_context(_exc: BaseException | None) -> None:
+        slog.clear()
+
+
+def add_cors(response: flask.Response, origins: frozenset[str]) -> None:
+    """Allow an exactly listed origin to read a /v1/* response; nothing for any other origin."""
+    if not flask.request.path.startswith(API_PREFIX):
+        return
+    response.vary.add("Origin")
+    origin = flask.request.headers.get("Origin", "")
+    if origin in origins:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSE

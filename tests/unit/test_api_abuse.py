@@ -1,0 +1,197 @@
+"""Rate limits, bans, proxies, admission control, readiness and Redis outages, on a real Redis."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from shared.config import load_settings
+from shared.constants import BAN_PREFIX, LIMITER_PREFIX, STRIKES_PREFIX, worker_key
+from shared.crypto import generate_key
+from tests.conftest import free_port
+from tests.unit.test_api_helpers import (  # noqa: F401  (fixtures)
+    app,
+    bearer,
+    client,
+    make_app,
+    png_bytes,
+    upload,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def test_submit_limit_gives_429_with_retry_after(make_app, clean_redis):
+    client = make_app(M2FP_SUBMIT_LIMIT="2/minute").test_client()
+    job = upload(client, png_bytes()).get_json()
+    assert upload(client, png_bytes()).status_code == 202
+    limited = upload(client, png_bytes())
+    assert limited.status_code == 429
+    assert limited.get_json()["error"] == "rate_limited"
+    assert 1 <= int(limited.headers["Retry-After"]) <= 60
+    # Polling has its own bucket: a throttled submitter can still follow its jobs.
+    assert client.get(job["status_url"], headers=bearer(job["token"])).status_code == 200
+    keys = list(clean_redis.scan_iter(f"{LIMITER_PREFIX}:*"))
+    assert keys and all(clean_redis.ttl(key) > 0 for key in keys)
+
+
+def test_poll_limit_is_separate(make_app):
+    client = make_app(M2FP_POLL_LIMIT="2/minute").test_client()
+    job = upload(client, png_bytes()).get_json()
+    for _ in range(2):
+        assert client.get(job["status_url"], headers=bearer(job["token"])).status_code == 200
+    limited = client.get(job["result_url"], headers=bearer(job["token"]))
+    assert limited.status_code == 429 and "Retry-After" in limited.headers
+    assert upload(client, png_bytes()).status_code == 202
+
+
+def test_limits_are_shared_by_every_app_on_the_same_redis(make_app):
+    """Two gateway processes (here: two apps) count against one limit: storage is Redis."""
+    first = make_app(M2FP_SUBMIT_LIMIT="1/minute").test_client()
+    second = make_app(M2FP_SUBMIT_LIMIT="1/minute").test_client()
+    assert upload(first, png_bytes()).status_code == 202
+    assert upload(second, png_bytes()).status_code == 429
+
+
+def test_invalid_uploads_do_not_spend_the_submit_limit(make_app):
+    client = make_app(M2FP_SUBMIT_LIMIT="2/minute").test_client()
+    for _ in range(3):
+        assert upload(client, b"junk", "x.png").status_code == 415
+    assert upload(client, png_bytes()).status_code == 202
+    assert upload(client, png_bytes()).status_code == 202
+
+
+def test_three_invalid_uploads_ban_the_client(make_app, clean_redis):
+    client = make_app(M2FP_BAN_AFTER="3", M2FP_BAN_SECONDS="600").test_client()
+    assert upload(client, png_bytes(), "x.gif").status_code == 415
+    assert client.post("/v1/jobs", data={}).status_code == 400
+    assert upload(client, png_bytes(), "x.jpg").status_code == 415
+    banned = upload(client, png_bytes())
+    assert banned.status_code == 403 and banned.get_json()["error"] == "banned"
+    assert upload(client, b"junk", "x.png").status_code == 403  # refused before validation
+    ban_keys = list(clean_redis.scan_iter(f"{BAN_PREFIX}:*"))
+    assert len(ban_keys) == 1 and 0 < clean_redis.ttl(ban_keys[0]) <= 600
+    assert not list(clean_redis.scan_iter(f"{STRIKES_PREFIX}:*"))
+
+
+def test_a_valid_upload_resets_the_strikes(make_app, clean_redis):
+    client = make_app(M2FP_BAN_AFTER="3").test_client()
+    for _ in range(2):
+        assert upload(client, b"junk", "x.png").status_code == 415
+    strikes = list(clean_redis.scan_iter(f"{STRIKES_PREFIX}:*"))
+    assert len(strikes) == 1 and clean_redis.ttl(strikes[0]) > 0
+    assert upload(client, png_bytes()).status_code == 202
+    for _ in range(2):
+        assert upload(client, b"junk", "x.png").status_code == 415
+    assert upload(client, png_bytes()).status_code == 202
+
+
+def test_ban_after_zero_disables_bans(make_app, clean_redis):
+    client = make_app(M2FP_BAN_AFTER="0").test_client()
+    for _ in range(6):
+        assert upload(client, b"junk", "x.png").status_code == 415
+    assert upload(client, png_bytes()).status_code == 202
+    assert not list(clean_redis.scan_iter(f"{BAN_PREFIX}:*"))
+    assert not list(clean_redis.scan_iter(f"{STRIKES_PREFIX}:*"))
+
+
+def test_spoofed_forwarded_for_is_ignored_without_trusted_proxies(make_app):
+    client = make_app(M2FP_SUBMIT_LIMIT="1/minute", M2FP_TRUSTED_PROXIES="0").test_client()
+    peer = {"REMOTE_ADDR": "10.0.0.7"}
+    first = upload(client, png_bytes(), headers={"X-Forwarded-For": "1.1.1.1"}, environ_base=peer)
+    second = upload(client, png_bytes(), headers={"X-Forwarded-For": "2.2.2.2"}, environ_base=peer)
+    assert (first.status_code, second.status_code) == (202, 429)
+
+
+def test_forwarded_for_is_honoured_for_trusted_hops(make_app):
+    client = make_app(M2FP_SUBMIT_LIMIT="1/minute", M2FP_TRUSTED_PROXIES="1").test_client()
+    peer = {"REMOTE_ADDR": "10.0.0.7"}  # the proxy
+
+    def send(forwarded):
+        return upload(client, png_bytes(), headers={"X-Forwarded-For": forwarded}, environ_base=peer)
+
+    assert send("1.1.1.1").status_code == 202
+    assert send("2.2.2.2").status_code == 202
+    # Only the last hop (added by the trusted proxy) counts; a client-written first entry does not.
+    assert send("9.9.9.9, 2.2.2.2").status_code == 429
+
+
+def test_ban_follows_the_forwarded_client(make_app):
+    client = make_app(M2FP_TRUSTED_PROXIES="1", M2FP_BAN_AFTER="1").test_client()
+    peer = {"REMOTE_ADDR": "10.0.0.7"}
+    assert upload(client, b"junk", "x.png", headers={"X-Forwarded-For": "1.1.1.1"},
+                  environ_base=peer).status_code == 415
+    assert upload(client, png_bytes(), headers={"X-Forwarded-For": "1.1.1.1"},
+                  environ_base=peer).status_code == 403
+    assert upload(client, png_bytes(), headers={"X-Forwarded-For": "3.3.3.3"},
+                  environ_base=peer).status_code == 202
+
+
+def test_queue_full_gives_503_with_retry_after(make_app):
+    client = make_app(M2FP_MAX_QUEUE="1").test_client()
+    assert upload(client, png_bytes()).status_code == 202
+    full = upload(client, png_bytes())
+    assert full.status_code == 503
+    assert full.get_json()["error"] == "queue_full"
+    assert int(full.headers["Retry-After"]) > 0
+
+
+@pytest.mark.parametrize("ban_after", ["3", "0"])  # 0: the first Redis call is the rate limiter's
+def test_redis_unreachable_is_a_quick_503_never_a_500(ban_after):
+    from api import create_app
+
+    env = {"M2FP_REDIS_URL": f"redis://:pw@127.0.0.1:{free_port()}/0",
+           "M2FP_DATA_KEYS": f"k1:{generate_key()}", "M2FP_BAN_AFTER": ban_after}
+    client = create_app(load_settings(env)).test_client()
+    started = time.monotonic()
+    responses = [
+        upload(client, png_bytes()),
+        client.get("/v1/jobs/" + "A" * 24, headers=bearer("B" * 43)),
+        client.get("/v1/jobs/" + "A" * 24 + "/result", headers=bearer("B" * 43)),
+        client.delete("/v1/jobs/" + "A" * 24, headers=bearer("B" * 43)),
+    ]
+    for response in responses:
+        assert response.status_code == 503, response.get_json()
+        assert response.get_json() == {"error": "unavailable",
+                                       "message": "The service is temporarily unavailable; retry shortly."}
+        assert int(response.headers["Retry-After"]) > 0
+    ready = client.get("/readyz")
+    assert ready.status_code == 503 and ready.get_json()["status"] == "unavailable"
+    assert "Retry-After" in ready.headers
+    assert client.get("/healthz").status_code == 200
+    metrics = client.get("/metrics")
+    assert metrics.status_code == 200 and b"m2fp_redis_up 0.0" in metrics.data
+    assert time.monotonic() - started < 20
+
+
+def test_readyz_needs_a_live_worker_and_warns_when_untrained(client, clean_redis):
+    not_ready = client.get("/readyz")
+    assert not_ready.status_code == 503
+    assert not_ready.get_json()["status"] == "no_workers" and "Retry-After" in not_ready.headers
+    clean_redis.hset(worker_key("w1@host"), mapping={"variant": "cihp", "device": "cpu", "untrained": "0"})
+    clean_redis.expire(worker_key("w1@host"), 30)
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.get_json() == {"status": "ready", "workers": 1, "untrained": False, "warnings": []}
+    clean_redis.hset(worker_key("w2@host"), mapping={"variant": "cihp", "device": "cuda", "untrained": "1"})
+    clean_redis.expire(worker_key("w2@host"), 30)
+    body = client.get("/readyz").get_json()
+    assert body["workers"] == 2 and body["untrained"] is True
+    assert any("UNTRAINED" in warning for warning in body["warnings"])
+    assert "cuda" not in str(body) and "cihp" not in str(body)  # no model details
+
+
+def test_metrics_count_requests_rejections_and_jobs(make_app):
+    client = make_app().test_client()
+    upload(client, png_bytes())
+    upload(client, b"junk", "x.png")
+    client.get("/v1/jobs/" + "A" * 24)
+    text = client.get("/metrics").data.decode()
+    assert 'm2fp_http_requests_total{method="POST",route="/v1/jobs",status="202"} 1.0' in text
+    assert 'route="/v1/jobs/<job_id>",status="404"' in text
+    assert 'm2fp_rejections_total{reason="type_mismatch"} 1.0' in text
+    assert "m2fp_jobs_submitted_total 1.0" in text
+    assert "m2fp_queue_depth 1.0" in text
+    assert "m2fp_http_request_duration_seconds_bucket" in text
+    assert "A" * 24 not in text  # route templates, never raw paths
