@@ -8,6 +8,7 @@ need to stop, kill or delay workers build their own with `StackFactory`.
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -138,8 +139,15 @@ def _terminate(proc: subprocess.Popen, timeout: float = 30) -> None:
         pass
 
 
+_databases = itertools.cycle(range(1, 16))
+
+
 class StackFactory:
-    """Builds stacks on the session's Redis with per-test environment overrides."""
+    """Builds stacks on the session's Redis with per-test environment overrides.
+
+    Each stack gets its own Redis database (1..15, flushed first), so a module's long-lived
+    stack and a test's own stack never consume each other's queue.
+    """
 
     def __init__(self, service_env: dict[str, str], tmp_path_factory):
         self.base_env = {**service_env, **STACK_ENV}
@@ -147,7 +155,10 @@ class StackFactory:
         self.stacks: list[Stack] = []
 
     def __call__(self, *, workers: int = 1, wait: bool = True, **overrides: str) -> Stack:
-        stack = Stack(env={**self.base_env, **overrides}, logdir=self.tmp.mktemp("stack"))
+        url = self.base_env["M2FP_REDIS_URL"].rsplit("/", 1)[0] + f"/{next(_databases)}"
+        redis.Redis.from_url(url).flushdb()
+        env = {**self.base_env, "M2FP_REDIS_URL": url, **overrides}
+        stack = Stack(env=env, logdir=self.tmp.mktemp("stack"))
         stack.env["PROMETHEUS_MULTIPROC_DIR"] = str(stack.logdir / "prom")
         os.makedirs(stack.env["PROMETHEUS_MULTIPROC_DIR"])
         self.stacks.append(stack)
@@ -165,8 +176,7 @@ class StackFactory:
 
 @pytest.fixture
 def stack_factory(service_env, tmp_path_factory, redis_server):
-    """Make stacks for one test; flushes Redis first and stops everything afterwards."""
-    redis.Redis.from_url(redis_server["url"]).flushall()
+    """Make stacks for one test; stops everything afterwards."""
     factory = StackFactory(service_env, tmp_path_factory)
     yield factory
     factory.stop_all()
@@ -175,7 +185,6 @@ def stack_factory(service_env, tmp_path_factory, redis_server):
 @pytest.fixture(scope="module")
 def live_stack(redis_server, tmp_path_factory):
     """One running stack (1 worker, random weights) shared by a test module."""
-    redis.Redis.from_url(redis_server["url"]).flushall()
     factory = StackFactory(make_service_env(redis_server["url"]), tmp_path_factory)
     stack = factory()
     yield stack
