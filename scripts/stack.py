@@ -24,6 +24,7 @@ from urllib.parse import quote
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
+sys.path.insert(0, str(REPO))
 
 
 def banner(lines: list[str], char: str = "=") -> None:
