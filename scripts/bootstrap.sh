@@ -10,8 +10,11 @@ PYTHON="${PYTHON:-python3}"
 need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 ldconfig -p 2>/dev/null | grep -q 'libmagic\.so\.1' || need_apt+=(libmagic1)
-if [ "${M2FP_BROWSER_TESTS:-0}" != "0" ] && ! command -v chromium >/dev/null 2>&1; then
-  need_apt+=(chromium)
+# Browser tests (tests/integration/test_web_browser.py) drive Debian's Chromium headless.
+if [ "${M2FP_BROWSER_TESTS:-1}" != "0" ]; then
+  command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+  command -v chromedriver >/dev/null 2>&1 || need_apt+=(chromium-driver)
+  fc-list 2>/dev/null | grep -qi "wenquanyi\|wqy" || need_apt+=(fonts-wqy-microhei)
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = "0" ]; then
@@ -30,8 +33,9 @@ stamp="$VENV/.m2fp-installed"
 if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
-if [ ! -f "$stamp" ] || [ -n "$(find requirements -newer "$stamp" -name '*.txt' 2>/dev/null)" ]; then
+if [ ! -f "$stamp" ] || [ -n "$(find requirements client/pyproject.toml -newer "$stamp" 2>/dev/null)" ]; then
   echo "bootstrap: installing Python packages into $VENV"
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r requirements/dev.txt
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps -e ./client
   touch "$stamp"
 fi

@@ -161,9 +161,12 @@ def main() -> int:
                     "Results have the right shape but mean nothing. To use the real model:",
                     "  put the ModelScope checkpoint at weights/cihp/pytorch_model.pt, or",
                     "  set M2FP_WEIGHTS=/path/to/model_dir (see README 'Model weights')."], "!")
+        metrics_ports = []
         for index in range(workers):
+            metrics_ports.append(pick_port(int(env.get("M2FP_WORKER_METRICS_PORT", "9100")) + index))
+            worker_env = dict(env, M2FP_WORKER_METRICS_PORT=str(metrics_ports[-1]))
             stack.start(f"worker-{index + 1}", [PY, "-m", "worker", "--", "--hostname",
-                                                f"worker{index + 1}@%h"], env)
+                                                f"worker{index + 1}@%h"], worker_env)
         prom_dir = Path(env.setdefault("PROMETHEUS_MULTIPROC_DIR", f"/dev/shm/m2fp-prom-{os.getpid()}"))
         prom_dir.mkdir(parents=True, exist_ok=True)
         stack.start("gateway", [PY, "-m", "gunicorn", "-c", "api/gunicorn_conf.py", "api.wsgi:app"], env)
@@ -177,6 +180,8 @@ def main() -> int:
                 f"  web page + API : http://{host}:{port}/   (ready when /readyz says so)",
                 f"  Flower         : http://127.0.0.1:{flower_port}/  user {flower_user}  "
                 f"password {flower_password}",
+                f"  metrics        : http://{host}:{port}/metrics  workers: "
+                + " ".join(f"http://127.0.0.1:{p}/metrics" for p in metrics_ports),
                 "  submit         : curl -F image=@photo.jpg http://%s:%s/v1/jobs" % (host, port),
                 "Ctrl-C stops every process."])
         while not stopping:

@@ -64,6 +64,8 @@ class Settings:
     torch_threads: int | None = None
     infer_max_side: int = 1920
     max_memory_per_child_kb: int | None = None
+    worker_metrics_host: str = "127.0.0.1"
+    worker_metrics_port: int = 9100
     # operations
     log_level: str = "INFO"
     memory_alert_percent: float = 90.0
@@ -209,6 +211,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         torch_threads=threads,
         infer_max_side=_int(env, "M2FP_INFER_MAX_SIDE", 1920, 64),
         max_memory_per_child_kb=max_mem * 1024 or None,
+        worker_metrics_host=env.get("M2FP_WORKER_METRICS_HOST", "127.0.0.1").strip(),
+        worker_metrics_port=_int(env, "M2FP_WORKER_METRICS_PORT", 9100, 0),
         log_level=log_level,
         memory_alert_percent=alert_percent,
         alert_webhook=env.get("M2FP_ALERT_WEBHOOK") or None,

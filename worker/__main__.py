@@ -19,6 +19,7 @@ import sys
 from shared.config import ConfigError, load_settings, resolve_weights
 from shared.constants import QUEUE
 from shared.logging import configure_logging
+from worker.metrics import serve_metrics
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
         if check.returncode != 0:
             print("m2fp worker: the model could not be loaded; not starting", file=sys.stderr)
             return 3
+    try:
+        serve_metrics(settings.worker_metrics_host, settings.worker_metrics_port)
+    except OSError as exc:
+        print(f"m2fp worker: cannot serve metrics on {settings.worker_metrics_host}:"
+              f"{settings.worker_metrics_port}: {exc.strerror}", file=sys.stderr)
+        return 2
     app = create_worker_app(settings)
     celery_argv = ["worker", "--loglevel", settings.log_level, "--pool", "prefork",
                    "--concurrency", str(settings.worker_concurrency), "--queues", QUEUE,

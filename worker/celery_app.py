@@ -30,6 +30,7 @@ from shared.jobstore import JobStore
 from shared.logging import bind, clear, configure_logging, event
 from shared.queue import make_celery
 from shared.watchdog import MemoryWatchdog
+from worker.metrics import child_exited, record_job
 from worker.pipeline import JobContext, fail_job, process_job
 from worker.weights import load_predictor
 
@@ -141,6 +142,7 @@ def create_worker_app(settings: Settings) -> Celery:
     @signals.worker_process_shutdown.connect(weak=False)
     def _child_stopping(**_):
         process.stop()
+        child_exited(os.getpid())
 
     @app.task(name=TASK_PARSE, bind=True, ignore_result=True, acks_late=True,
               reject_on_worker_lost=True)
@@ -156,6 +158,7 @@ def create_worker_app(settings: Settings) -> Celery:
         except SoftTimeLimitExceeded:
             fail_job(process.store, job_id, "timeout")
             event(log, "job_failed", logging.WARNING, code="timeout")
+            record_job("failed_timeout")
             return "failed"
         except redis.RedisError:
             # Redis is gone: nothing can be stored; the message is redelivered after the
@@ -164,6 +167,7 @@ def create_worker_app(settings: Settings) -> Celery:
             raise
         except Exception:  # noqa: BLE001
             log.error("job_crashed", exc_info=True)
+            record_job("failed_internal_error")
             try:
                 fail_job(process.store, job_id, "internal_error")
             except redis.RedisError:

@@ -24,6 +24,7 @@ from shared.errors import DecryptionError, ServiceError, TooManyPixels, Undecoda
 from shared.jobstore import JobStore
 from shared.logging import event
 from worker.imaging import decode_image, png_base64
+from worker.metrics import record_job
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +78,9 @@ def build_result(job_id: str, parsing, *, untrained: bool, variant: str, timings
 
 def _fail(ctx: JobContext, job_id: str, code: str, started: float, reason: str) -> str:
     ctx.store.fail(job_id, code)
-    event(log, "job_failed", logging.WARNING, code=code, reason=reason,
-          seconds=round(time.monotonic() - started, 3))
+    seconds = time.monotonic() - started
+    event(log, "job_failed", logging.WARNING, code=code, reason=reason, seconds=round(seconds, 3))
+    record_job(f"failed_{code}", seconds)
     return "failed"
 
 
@@ -88,6 +90,7 @@ def process_job(job_id: str, ctx: JobContext) -> str:
     claim = ctx.store.claim(job_id, ctx.worker_name)
     if claim.outcome != "ok":
         event(log, "job_not_run", logging.WARNING, outcome=claim.outcome)
+        record_job(claim.outcome)
         return claim.outcome
     event(log, "job_started", attempt=claim.attempts)
     try:
@@ -118,9 +121,12 @@ def process_job(job_id: str, ctx: JobContext) -> str:
     timings["render_seal"] = time.monotonic() - tic
     if not ctx.store.store_result(job_id, sealed):
         event(log, "job_discarded", reason="withdrawn_or_expired")
+        record_job("discarded", time.monotonic() - started, timings["inference"], claim.attempts)
         return "discarded"
-    event(log, "job_done", seconds=round(time.monotonic() - started, 3),
+    seconds = time.monotonic() - started
+    event(log, "job_done", seconds=round(seconds, 3),
           inference_seconds=round(timings["inference"], 3), attempt=claim.attempts)
+    record_job("done", seconds, timings["inference"], claim.attempts)
     return "done"
 
 

@@ -724,6 +724,7 @@
       handleFiles(files);
     });
     $("cancel-button").addEventListener("click", cancelJob);
+    $("api-key-form").addEventListener("submit", (event) => event.preventDefault()); // Enter must not reload
     $("opacity-input").addEventListener("input", requestRedraw);
     $("persons").addEventListener("click", (event) => {
       const button = event.target.closest(".person-button");

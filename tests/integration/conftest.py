@@ -44,6 +44,11 @@ class Stack:
     gateway: subprocess.Popen | None = None
     _logs: list = field(default_factory=list)
 
+    @property
+    def worker_metrics_url(self) -> str:
+        """The /metrics URL of the most recently started worker."""
+        return f"http://127.0.0.1:{self.env['M2FP_WORKER_METRICS_PORT']}/metrics"
+
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
         log = open(self.logdir / f"{name}.log", "ab")  # noqa: SIM115  (closed in stop())
         self._logs.append(log)
@@ -73,6 +78,7 @@ class Stack:
         index = len(self.workers) + 1
         argv = [sys.executable, "-m", "worker"] + ([] if preflight else ["--no-preflight"])
         argv += ["--", "--hostname", f"test{index}-{os.getpid()}@%h"]
+        self.env["M2FP_WORKER_METRICS_PORT"] = str(free_port())
         proc = self._spawn(f"worker{index}", argv)
         self.workers.append(proc)
         return proc

@@ -210,3 +210,15 @@ def test_logs_hold_no_tokens_or_image_bytes(live_stack):
     assert "secret-name-of-a-person" not in logs
     assert live_stack.env["M2FP_DATA_KEYS"].split(":", 1)[1] not in logs
     assert job["job_id"] in logs                      # ids are logged, so events can be traced
+
+
+def test_prometheus_metrics_on_gateway_and_worker(live_stack):
+    job = submit(live_stack, photo_jpeg(96, 128, seed=9)).json()
+    poll_until(live_stack, job)
+    gateway = requests.get(live_stack.base_url + "/metrics", timeout=10).text
+    assert "m2fp_jobs_submitted_total" in gateway and "m2fp_queue_depth" in gateway
+    assert 'm2fp_http_requests_total{' in gateway
+    worker = requests.get(live_stack.worker_metrics_url, timeout=10).text
+    assert 'm2fp_worker_jobs_total{outcome="done"}' in worker
+    assert "m2fp_worker_inference_seconds_count" in worker and "m2fp_worker_job_attempt_bucket" in worker
+    assert job["job_id"] not in gateway + worker and job["token"] not in gateway + worker
