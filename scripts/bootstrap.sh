@@ -9,6 +9,7 @@ PYTHON="${PYTHON:-python3}"
 
 need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+command -v strace >/dev/null 2>&1 || need_apt+=(strace)   # tests: no image byte touches disk
 ldconfig -p 2>/dev/null | grep -q 'libmagic\.so\.1' || need_apt+=(libmagic1)
 # Browser tests (tests/integration/test_web_browser.py) drive Debian's Chromium headless.
 if [ "${M2FP_BROWSER_TESTS:-1}" != "0" ]; then

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +25,7 @@ import requests
 
 from tests.conftest import REPO, free_port, make_service_env, wait_for
 
+SHM = "/dev/shm" if os.path.isdir("/dev/shm") else None
 STACK_ENV = {
     "M2FP_WEIGHTS": "random",
     "M2FP_SUBMIT_LIMIT": "1000/minute",
@@ -130,6 +133,7 @@ class Stack:
             _terminate(self.gateway)
         for log in self._logs:
             log.close()
+        shutil.rmtree(self.env.get("PROMETHEUS_MULTIPROC_DIR", ""), ignore_errors=True)
 
 
 def _terminate(proc: subprocess.Popen, timeout: float = 30) -> None:
@@ -165,8 +169,8 @@ class StackFactory:
         redis.Redis.from_url(url).flushdb()
         env = {**self.base_env, "M2FP_REDIS_URL": url, **overrides}
         stack = Stack(env=env, logdir=self.tmp.mktemp("stack"))
-        stack.env["PROMETHEUS_MULTIPROC_DIR"] = str(stack.logdir / "prom")
-        os.makedirs(stack.env["PROMETHEUS_MULTIPROC_DIR"])
+        # Metrics files live in memory (tmpfs), as under `make run`.
+        stack.env["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="m2fp-test-prom-", dir=SHM)
         self.stacks.append(stack)
         stack.start_gateway()
         for _ in range(workers):
