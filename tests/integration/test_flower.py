@@ -1,0 +1,52 @@
+"""Flower, started as `make run` starts it: basic auth required, internal bind, no image data."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import requests
+
+from tests.conftest import REPO, free_port, wait_for
+from tests.integration.conftest import photo_jpeg, poll_until, submit
+
+pytestmark = pytest.mark.integration
+
+
+def test_flower_requires_auth_and_shows_only_job_ids(stack_factory):
+    stack = stack_factory(workers=1)
+    port = free_port()
+    env = dict(stack.env, FLOWER_BASIC_AUTH="ops:correct-horse", FLOWER_UNAUTHENTICATED_API="false")
+    flower = subprocess.Popen([sys.executable, "-m", "celery", "--broker", stack.env["M2FP_REDIS_URL"],
+                               "flower", "--address=127.0.0.1", f"--port={port}", "--max_tasks=1000"],
+                              env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        def up():
+            try:
+                return requests.get(base + "/healthcheck", timeout=2).status_code == 200
+            except requests.ConnectionError:
+                return False
+
+        wait_for(up, 60, what="flower")
+        job = submit(stack, photo_jpeg(96, 96, seed=11)).json()
+        poll_until(stack, job)
+        assert requests.get(base + "/", timeout=5).status_code == 401
+        assert requests.get(base + "/api/tasks", timeout=5).status_code == 401
+        assert requests.get(base + "/", auth=("ops", "wrong"), timeout=5).status_code == 401
+
+        def task_seen():
+            reply = requests.get(base + "/api/tasks", auth=("ops", "correct-horse"), timeout=5)
+            return reply.json() if reply.status_code == 200 and reply.json() else None
+
+        tasks = wait_for(task_seen, 60, what="flower to see the task")
+        shown = " ".join(str(task) for task in tasks.values())
+        assert job["job_id"] in shown                   # the argument is the id...
+        assert job["token"] not in shown                # ...and nothing else of value
+        assert "JFIF" not in shown and "base64" not in shown
+        page = requests.get(base + "/tasks", auth=("ops", "correct-horse"), timeout=5)
+        assert page.status_code == 200
+    finally:
+        flower.terminate()
+        flower.wait(20)
