@@ -5,52 +5,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-CIHP_CLASS_NAMES: tuple[str, ...] = (
-    "Background",
-    "Hat",
-    "Hair",
-    "Gloves",
-    "Sunglasses",
-    "UpperClothes",
-    "Dress",
-    "Coat",
-    "Socks",
-    "Pants",
-    "Torso-skin",
-    "Scarf",
-    "Skirt",
-    "Face",
-    "Left-arm",
-    "Right-arm",
-    "Left-leg",
-    "Right-leg",
-    "Left-shoe",
-    "Right-shoe",
-    "Human",
-)
+from shared.constants import CIHP_CLASSES, LIP_CLASSES
 
-LIP_CLASS_NAMES: tuple[str, ...] = (
-    "Background",
-    "Hat",
-    "Hair",
-    "Glove",
-    "Sunglasses",
-    "UpperClothes",
-    "Dress",
-    "Coat",
-    "Socks",
-    "Pants",
-    "Jumpsuits",
-    "Scarf",
-    "Skirt",
-    "Face",
-    "Left-arm",
-    "Right-arm",
-    "Left-leg",
-    "Right-leg",
-    "Left-shoe",
-    "Right-shoe",
-)
+# Class lists (SPEC §5) are shared with the gateway: shared.constants is the one copy.
+CIHP_CLASS_NAMES: tuple[str, ...] = CIHP_CLASSES + ("Human",)  # 20 = Human: instances only
+LIP_CLASS_NAMES: tuple[str, ...] = LIP_CLASSES
 
 
 @dataclass(frozen=True)
