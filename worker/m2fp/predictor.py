@@ -1,0 +1,277 @@
+"""The one inference interface of the worker: `Predictor(weights).predict(rgb_image) -> ParsingResult`.
+
+The model is built once in `__init__`; `predict` takes a decoded RGB uint8 image (H, W, 3) and returns plain
+NumPy arrays and dicts at the input size: a class-id label map, a person-index instance map, the persons
+with their parts, and the kept part instances (see `worker.m2fp.postprocess` for the rules). Images whose
+longer side exceeds `max_side` are shrunk first (OpenCV INTER_AREA, aspect kept), parsed at that size, and
+the maps are scaled back with nearest-neighbour sampling.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+import torch
+
+from worker.m2fp.checkpoint import build_model
+from worker.m2fp.model import M2FP
+from worker.m2fp.postprocess import (
+    MultiHumanParsing,
+    SingleHumanParsing,
+    describe_persons,
+    parse_multi_human,
+    parse_single_human,
+    scale_box,
+)
+from worker.m2fp.preprocess import PreprocessedImage, check_rgb_image, preprocess_image
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ParsingResult:
+    """Parsing of one image, at the size of the image given to `Predictor.predict`.
+
+    Attributes:
+        label_map: (H, W) uint8 class id per pixel (0..19, see `Predictor.class_names`).
+        instance_map: (H, W) uint8 person index per pixel, 0 = no person.
+        persons: one dict per person: index, score, box [x0, y0, x1, y1] (x1, y1 exclusive), area,
+            parts [{class_id, name, area}].
+        parts: the kept part instances: class_id, name, score, person (index or 0), area, box.
+        timings: seconds spent in "preprocess", "forward" and "postprocess".
+    """
+
+    label_map: np.ndarray
+    instance_map: np.ndarray
+    persons: list[dict]
+    parts: list[dict]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def classes_present(self) -> list[int]:
+        """Class ids that occur in `label_map`, ascending."""
+        return [int(class_id) for class_id in np.flatnonzero(np.bincount(self.label_map.ravel(), minlength=1))]
+
+
+@dataclass
+class Inference:
+    """Intermediate results of one image at the working size (for tests and diagnostics).
+
+    Attributes:
+        preprocessed: the network-ready image and what is needed to map back.
+        padded_size: (Hp, Wp) of the padded network input.
+        image_size: (h, w) of the unpadded network input.
+        pred_logits: (Q, C+1) class logits.
+        pred_masks: (Q, Hp/4, Wp/4) mask logits.
+        parsing: the variant's postprocessing result at the working size.
+        timings: seconds per stage.
+    """
+
+    preprocessed: PreprocessedImage
+    padded_size: tuple[int, int]
+    image_size: tuple[int, int]
+    pred_logits: torch.Tensor
+    pred_masks: torch.Tensor
+    parsing: MultiHumanParsing | SingleHumanParsing
+    timings: dict[str, float]
+
+
+def downsize_to_max_side(image: np.ndarray, max_side: int) -> np.ndarray:
+    """Shrink an image (INTER_AREA, aspect kept) so that its longer side is at most `max_side`."""
+    height, width = image.shape[:2]
+    longer = max(height, width)
+    if longer <= max_side:
+        return image
+    scale = max_side / longer
+    new_height, new_width = max(1, round(height * scale)), max(1, round(width * scale))
+    return cv2.resize(image, (new_width, new_height), interpolation=cv2.INTER_AREA)
+
+
+def upscale_nearest(array: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Nearest-neighbour resize of a (h, w) map to (height, width), sampling at pixel centres."""
+    source_height, source_width = array.shape
+    rows = np.minimum(((np.arange(height) + 0.5) * source_height / height).astype(np.int64), source_height - 1)
+    columns = np.minimum(((np.arange(width) + 0.5) * source_width / width).astype(np.int64), source_width - 1)
+    return array[rows[:, None], columns[None, :]]  # (height, width)
+
+
+class Predictor:
+    """Loads an M2FP model once and parses RGB images (multi-human CIHP or single-human LIP variant)."""
+
+    def __init__(
+        self,
+        weights: str,
+        variant: str = "cihp",
+        device: str = "cpu",
+        max_side: int = 1920,
+        threads: int | None = None,
+    ) -> None:
+        if threads is not None:
+            if threads < 1:
+                raise ValueError(f"threads must be >= 1, but got {threads}")
+            torch.set_num_threads(threads)
+        model, info = build_model(weights, variant=variant, device=device)
+        self._setup(model, untrained=info.untrained, max_side=max_side)
+
+    @classmethod
+    def from_model(cls, model: M2FP, untrained: bool = False, max_side: int = 1920) -> Predictor:
+        """Wrap an already built model (eval mode), e.g. one loaded from an in-memory state_dict."""
+        predictor = cls.__new__(cls)
+        predictor._setup(model, untrained=untrained, max_side=max_side)
+        return predictor
+
+    def _setup(self, model: M2FP, untrained: bool, max_side: int) -> None:
+        """Common initialisation of `__init__` and `from_model`."""
+        if max_side < 32:
+            raise ValueError(f"max_side must be >= 32, but got {max_side}")
+        self.model = model.eval()
+        self.config = model.config
+        self.untrained = untrained
+        self.variant = model.config.name
+        self.device = str(model.pixel_mean.device)
+        self.max_side = max_side
+        self.class_names: tuple[str, ...] = tuple(model.config.class_names[: model.config.num_parsing])
+        if untrained:
+            logger.warning("Predictor uses UNTRAINED random weights: its results are meaningless")
+
+    def preprocess(self, image: np.ndarray) -> PreprocessedImage:
+        """Run the variant's preprocessing (resize or centre-pad) on an RGB uint8 image."""
+        config = self.config
+        return preprocess_image(
+            image, config.single_human, config.min_size_test, config.max_size_test, config.single_human_input_size
+        )
+
+    def _forward(self, preprocessed: Sequence[PreprocessedImage]) -> tuple[torch.Tensor, torch.Tensor, list, tuple]:
+        """Run the network on preprocessed images; returns logits, masks, unpadded sizes, padded size."""
+        arrays = [item.image if item.image.flags.writeable else item.image.copy() for item in preprocessed]
+        tensors = [torch.from_numpy(array).permute(2, 0, 1) for array in arrays]  # (h, w, 3) -> (3, h, w) each
+        padded, image_sizes = self.model.normalize_and_pad(tensors)  # (B, 3, Hp, Wp)
+        output = self.model(padded)
+        return output.pred_logits, output.pred_masks, image_sizes, (int(padded.shape[2]), int(padded.shape[3]))
+
+    def _postprocess(
+        self,
+        preprocessed: PreprocessedImage,
+        class_logits: torch.Tensor,
+        mask_logits: torch.Tensor,
+        padded_size: tuple[int, int],
+        image_size: tuple[int, int],
+        **options: object,
+    ) -> MultiHumanParsing | SingleHumanParsing:
+        """Run the variant's readout for one image at its working size."""
+        config = self.config
+        if config.single_human:
+            return parse_single_human(
+                class_logits, mask_logits, padded_size, image_size, preprocessed.crop_box,
+                preprocessed.original_size, config.class_names, **options,
+            )
+        return parse_multi_human(
+            class_logits, mask_logits, padded_size, image_size, preprocessed.original_size, config.class_names,
+            num_parsing=config.num_parsing, topk=config.test_topk_per_image, **options,
+        )
+
+    def infer(self, image: np.ndarray, **postprocess_options: object) -> Inference:
+        """Preprocess, forward and postprocess one image at its own size (no `max_side` downsizing).
+
+        `postprocess_options` go to `parse_multi_human` / `parse_single_human` (e.g. `chunk_size`).
+        """
+        check_rgb_image(image)
+        with torch.inference_mode():
+            started = time.perf_counter()
+            preprocessed = self.preprocess(image)
+            forward_started = time.perf_counter()
+            class_logits, mask_logits, image_sizes, padded_size = self._forward([preprocessed])
+            self._synchronize()
+            post_started = time.perf_counter()
+            parsing = self._postprocess(
+                preprocessed, class_logits[0], mask_logits[0], padded_size, image_sizes[0], **postprocess_options
+            )
+            finished = time.perf_counter()
+        timings = {
+            "preprocess": forward_started - started,
+            "forward": post_started - forward_started,
+            "postprocess": finished - post_started,
+        }
+        return Inference(preprocessed, padded_size, image_sizes[0], class_logits[0], mask_logits[0], parsing, timings)
+
+    def predict(self, image_rgb: np.ndarray) -> ParsingResult:
+        """Parse one (H, W, 3) uint8 RGB image; every output is at (H, W)."""
+        check_rgb_image(image_rgb)
+        started = time.perf_counter()
+        working = downsize_to_max_side(image_rgb, self.max_side)
+        downsize_seconds = time.perf_counter() - started
+        inference = self.infer(working)
+        map_started = time.perf_counter()
+        result = self._to_input_size(inference.parsing, image_rgb.shape[0], image_rgb.shape[1])
+        timings = dict(inference.timings)
+        timings["preprocess"] += downsize_seconds
+        timings["postprocess"] += time.perf_counter() - map_started
+        result.timings = timings
+        return result
+
+    def predict_batch(self, images: Sequence[np.ndarray]) -> list[ParsingResult]:
+        """Parse several images with one forward pass (useful on a GPU).
+
+        The batch is zero-padded to its largest image, and the network has no padding mask, so a
+        multi-human result can differ slightly from `predict` on the image alone; single-human inputs all
+        have the same size and give the same results up to float rounding.
+        """
+        if len(images) == 0:
+            return []
+        for image in images:
+            check_rgb_image(image)
+        with torch.inference_mode():
+            started = time.perf_counter()
+            preprocessed = [self.preprocess(downsize_to_max_side(image, self.max_side)) for image in images]
+            forward_started = time.perf_counter()
+            class_logits, mask_logits, image_sizes, padded_size = self._forward(preprocessed)
+            self._synchronize()
+            post_started = time.perf_counter()
+            results = []
+            for index, image in enumerate(images):
+                parsing = self._postprocess(
+                    preprocessed[index], class_logits[index], mask_logits[index], padded_size, image_sizes[index]
+                )
+                results.append(self._to_input_size(parsing, image.shape[0], image.shape[1]))
+            finished = time.perf_counter()
+        count = len(images)
+        for result in results:  # the batch's time, shared equally
+            result.timings = {
+                "preprocess": (forward_started - started) / count,
+                "forward": (post_started - forward_started) / count,
+                "postprocess": (finished - post_started) / count,
+            }
+        return results
+
+    def _synchronize(self) -> None:
+        """Wait for queued GPU work so that stage timings are honest."""
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def _to_input_size(self, parsing: MultiHumanParsing | SingleHumanParsing, height: int, width: int) -> ParsingResult:
+        """Scale a working-size parsing back to the input size (nearest maps, recomputed persons)."""
+        working_height, working_width = parsing.label_map.shape
+        if (working_height, working_width) == (height, width):
+            return ParsingResult(parsing.label_map, parsing.instance_map, parsing.persons, parsing.parts)
+        scale_x, scale_y = width / working_width, height / working_height
+        label_map = upscale_nearest(parsing.label_map, height, width)
+        instance_map = upscale_nearest(parsing.instance_map, height, width)
+        fallback_boxes = [scale_box(person["box"], scale_x, scale_y, width, height) for person in parsing.persons]
+        persons = describe_persons(
+            label_map, instance_map, [person["score"] for person in parsing.persons], fallback_boxes, self.class_names
+        )
+        parts = [
+            {
+                **part,
+                "area": int(math.floor(part["area"] * scale_x * scale_y + 0.5)),
+                "box": scale_box(part["box"], scale_x, scale_y, width, height),
+            }
+            for part in parsing.parts
+        ]
+        return ParsingResult(label_map, instance_map, persons, parts)
