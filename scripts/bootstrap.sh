@@ -10,6 +10,8 @@ PYTHON="${PYTHON:-python3}"
 need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v strace >/dev/null 2>&1 || need_apt+=(strace)   # tests: no image byte touches disk
+[ -x /usr/sbin/nginx ] || need_apt+=(nginx-light)              # tests: deploy/nginx.conf for real
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 ldconfig -p 2>/dev/null | grep -q 'libmagic\.so\.1' || need_apt+=(libmagic1)
 # Browser tests (tests/integration/test_web_browser.py) drive Debian's Chromium headless.
 if [ "${M2FP_BROWSER_TESTS:-1}" != "0" ]; then

@@ -222,3 +222,12 @@ def test_prometheus_metrics_on_gateway_and_worker(live_stack):
     assert 'm2fp_worker_jobs_total{outcome="done"}' in worker
     assert "m2fp_worker_inference_seconds_count" in worker and "m2fp_worker_job_attempt_bucket" in worker
     assert job["job_id"] not in gateway + worker and job["token"] not in gateway + worker
+
+
+def test_soft_time_limit_fails_the_job_with_timeout(stack_factory):
+    stack = stack_factory(workers=1, M2FP_SOFT_TIME_LIMIT="1", M2FP_HARD_TIME_LIMIT="30")
+    job = submit(stack, photo_jpeg(1600, 1200, seed=12)).json()     # ~3-5 s of inference here
+    status = poll_until(stack, job, timeout=120)
+    assert status["status"] == "failed" and status["error"]["code"] == "timeout", status
+    quick = submit(stack, photo_jpeg(32, 32, seed=13)).json()        # the worker goes on
+    assert poll_until(stack, quick, timeout=120)["status"] in ("done", "failed")
