@@ -55,23 +55,15 @@ def peak_rss_bytes() -> int:
 
 
 def reset_rss_high_water_mark() -> bool:
-    """Reset /proc's VmHWM to the current RSS (Linux >= 4.0), so that later peaks exclude model building."""
+    """Reset the peak RSS (VmHWM, and with it ru_maxrss) to the current RSS (Linux >= 4.0).
+
+    Later peaks then exclude the model building, whose weight copies would otherwise dominate.
+    """
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return True
     except OSError:
         return False
-
-
-def rss_high_water_mark_bytes() -> int | None:
-    """VmHWM from /proc (peak RSS since the last reset), None where unavailable."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def synthetic_image(height: int, width: int):
@@ -165,6 +157,7 @@ def worker_main(config: dict) -> None:
         runner = reference_runner(config["stage"], image, config["variant"], config["kit"])
     gc.collect()
     rss_after_model = current_rss_bytes()
+    build_peak_rss = peak_rss_bytes()  # before the reset below, which also lowers ru_maxrss
     high_water_mark_reset = reset_rss_high_water_mark()
     if config["device"].startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -179,9 +172,12 @@ def worker_main(config: dict) -> None:
         "median_s": statistics.median(seconds),
         "min_s": min(seconds),
         "runs_s": seconds,
-        "peak_rss_bytes": peak_rss_bytes(),  # whole process, model building included
-        # Peak RSS during the runs (model weights resident included), if /proc allowed the reset.
-        "inference_peak_rss_bytes": rss_high_water_mark_bytes() if high_water_mark_reset else None,
+        # Peak RSS while building the model (weights generated, copied, loaded).
+        "build_peak_rss_bytes": build_peak_rss,
+        # Peak RSS during the runs (model weights resident included): ru_maxrss after the reset, or the
+        # whole process's peak where /proc could not be reset.
+        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_reset": high_water_mark_reset,
         "rss_before_model_bytes": rss_before_model,
         "rss_after_model_bytes": rss_after_model,
         "torch": torch.__version__,
@@ -224,11 +220,15 @@ def ratio(numerator: float | None, denominator: float | None) -> str:
 
 
 def format_table(rows: list[dict], with_reference: bool) -> str:
-    """A Markdown table: median latency, peak RSS during the runs, peak RSS of the process; ours vs reference."""
+    """A Markdown table, ours vs reference: latency (median, min), peak RSS during the runs, and that peak
+    minus the RSS with the model loaded (what one image costs on top of the weights)."""
+    for measurement in [row[name] for row in rows for name in ("ours", "reference") if name in row]:
+        if "peak_rss_bytes" in measurement:
+            measurement["run_extra_rss_bytes"] = measurement["peak_rss_bytes"] - measurement["rss_after_model_bytes"]
     measures = [("median s", "median_s", lambda value: f"{value:.2f}"),
                 ("min s", "min_s", lambda value: f"{value:.2f}"),
-                ("run peak RSS MiB", "inference_peak_rss_bytes", mebibytes),
-                ("process peak RSS MiB", "peak_rss_bytes", mebibytes)]
+                ("peak RSS MiB", "peak_rss_bytes", mebibytes),
+                ("peak - loaded RSS MiB", "run_extra_rss_bytes", mebibytes)]
     header = ["size (HxW)", "stage"]
     for title, _, _ in measures:
         header += [f"ours {title}"] + ([f"ref {title}", "ref/ours"] if with_reference else [])
