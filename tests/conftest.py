@@ -57,18 +57,17 @@ def settings(settings_env):
     return load_settings(settings_env)
 
 
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory):
-    """A real redis-server for the session: password, loopback, no persistence."""
+def start_redis(workdir: Path, port: int | None = None, password: str | None = None,
+                *extra: str) -> dict:
+    """Start a real redis-server (password, loopback, no persistence); returns its handles."""
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.fail("redis-server is not installed (apt-get install redis-server); .ci/run installs it")
-    port, password = free_port(), secrets.token_hex(16)
-    workdir = tmp_path_factory.mktemp("redis")
+    port, password = port or free_port(), password or secrets.token_hex(16)
     proc = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--requirepass", password,
          "--save", "", "--appendonly", "no", "--maxmemory-policy", "noeviction",
-         "--dir", str(workdir), "--loglevel", "warning"],
+         "--dir", str(workdir), "--loglevel", "warning", *extra],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     url = f"redis://:{password}@127.0.0.1:{port}/0"
@@ -81,9 +80,21 @@ def redis_server(tmp_path_factory):
             return False
 
     wait_for(ping, 10, what="redis-server to start")
-    yield {"url": url, "port": port, "password": password, "process": proc}
-    proc.terminate()
-    proc.wait(10)
+    return {"url": url, "port": port, "password": password, "process": proc}
+
+
+def stop_redis(server: dict) -> None:
+    """Stop a server started by start_redis."""
+    server["process"].terminate()
+    server["process"].wait(10)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A real redis-server for the session."""
+    server = start_redis(tmp_path_factory.mktemp("redis"))
+    yield server
+    stop_redis(server)
 
 
 @pytest.fixture
