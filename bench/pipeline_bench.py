@@ -7,6 +7,11 @@ end-to-end minus inference: validation, encryption, Redis, Celery hand-off, rend
 
     python bench/pipeline_bench.py --start-stack            # starts scripts/stack.py (random weights)
     python bench/pipeline_bench.py --server http://127.0.0.1:8000 --runs 10 --json out.json
+    M2FP_WORKERS=2 M2FP_TORCH_THREADS=1 python bench/pipeline_bench.py --start-stack --throughput 12
+
+`--throughput N` submits N jobs at once instead and reports jobs per minute and the latency
+percentiles of the batch: run it with different M2FP_WORKERS x M2FP_TORCH_THREADS to see what
+a host's cores are best split into (oversubscription shows up as lower throughput).
 """
 
 from __future__ import annotations
@@ -64,6 +69,22 @@ def one_job(server: str, data: bytes) -> dict[str, float]:
             "overhead": end - start - timings["inference"]}
 
 
+def throughput(server: str, jobs: int, size: tuple[int, int]) -> dict[str, float]:
+    """Submit `jobs` jobs at once, wait for all; jobs/minute and end-to-end percentiles."""
+    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
+    height, width = size
+    images = [photo(width, height, seed) for seed in range(jobs)]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        runs = list(pool.map(lambda data: one_job(server, data), images))
+    wall = time.perf_counter() - start
+    latencies = sorted(run["end_to_end"] for run in runs)
+    return {"jobs": jobs, "wall_s": wall, "jobs_per_minute": 60 * jobs / wall,
+            "p50_s": latencies[len(latencies) // 2], "p95_s": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
+            "mean_inference_s": statistics.mean(run["inference"] for run in runs)}
+
+
 def start_stack(port: int) -> subprocess.Popen:
     """scripts/stack.py with random weights on `port`; waits until /readyz says ready."""
     env = dict(os.environ, M2FP_PORT=str(port), M2FP_WEIGHTS=os.environ.get("M2FP_WEIGHTS", "random"),
@@ -91,6 +112,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--sizes", default="512x512,864x640", help="HxW list")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--throughput", type=int, default=0, help="submit N jobs at once (first size only)")
     args = parser.parse_args()
     stack = None
     if args.start_stack:
@@ -98,6 +120,15 @@ def main() -> int:
         args.server = f"http://127.0.0.1:{port}"
         stack = start_stack(port)
     try:
+        if args.throughput:
+            height, width = (int(v) for v in args.sizes.split(",")[0].lower().split("x"))
+            one_job(args.server, photo(width, height, 0))            # warm-up
+            row = throughput(args.server, args.throughput, (height, width))
+            print(f"workers={os.environ.get('M2FP_WORKERS', '1')} threads={os.environ.get('M2FP_TORCH_THREADS', 'auto')} "
+                  + " ".join(f"{k}={v:.2f}" for k, v in row.items()))
+            if args.json:
+                Path(args.json).write_text(json.dumps(row, indent=1))
+            return 0
         rows = {}
         for size in args.sizes.split(","):
             height, width = (int(v) for v in size.lower().split("x"))
