@@ -352,3 +352,66 @@ def test_dropping_a_file_on_the_drop_zone_runs_the_same_checks(live_stack, brows
     assert error.get_attribute("data-code") == "client_type"
     assert browser.current_url == live_stack.base_url + "/"  # the drop did not navigate away
     assert console_problems(browser) == []
+
+
+CANVAS_BRIGHTNESS = """
+const canvas = document.getElementById("overlay-canvas");
+const data = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+let total = 0;
+for (let i = 0; i < data.length; i += 4) total += data[i] + data[i + 1] + data[i + 2];
+return total / (data.length / 4);
+"""
+
+
+@pytest.fixture(scope="module")
+def people_stack(redis_server, tmp_path_factory):
+    """A stack whose checkpoint finds people: random weights with the classifier biased to 'Human'.
+
+    Random and golden weights find nobody, so the per-person view would otherwise go untested.
+    This is a checkpoint file in the official format like any other (the worker does not know
+    it is synthetic), so the page shows no untrained banner for it.
+    """
+    import torch
+
+    from tests.conftest import make_service_env
+    from tests.integration.conftest import StackFactory
+    from worker.m2fp.checkpoint import build_model
+
+    model, _ = build_model("random", variant="cihp")
+    state_dict = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    state_dict["sem_seg_head.predictor.class_embed.bias"][20] += 6.0   # "Human"
+    model_dir = tmp_path_factory.mktemp("people-checkpoint")
+    torch.save({"model": state_dict}, model_dir / "pytorch_model.pt")
+    del model, state_dict
+    factory = StackFactory(make_service_env(redis_server["url"]), tmp_path_factory)
+    stack = factory(workers=1, M2FP_WEIGHTS=str(model_dir))
+    yield stack
+    factory.stop_all()
+
+
+@pytest.mark.integration
+def test_clicking_a_person_shows_only_their_parts(people_stack, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    open_page(browser, people_stack.base_url)
+    assert not by_id(browser, "untrained-banner").is_displayed()
+    photo = tmp_path / "group.jpg"
+    photo.write_bytes(photo_jpeg(320, 240, seed=21))
+    by_id(browser, "file-input").send_keys(str(photo))
+    wait_until(browser, lambda d: by_id(d, "status").get_attribute("data-state") in ("done", "failed"),
+               JOB_TIMEOUT, "the job did not finish")
+    assert by_id(browser, "status").get_attribute("data-state") == "done", by_id(browser, "error").text
+    buttons = by_id(browser, "persons").find_elements(By.CSS_SELECTOR, "button.person-button")
+    people = [b for b in buttons if b.get_attribute("data-person") not in (None, "0")]
+    assert people, by_id(browser, "persons").text
+    everyone_brightness = browser.execute_script(CANVAS_BRIGHTNESS)
+    chosen = people[0]
+    chosen.click()
+    index = chosen.get_attribute("data-person")
+    assert chosen.get_attribute("aria-pressed") == "true"
+    wait_until(browser, lambda d: by_id(d, "overlay-caption").text.endswith(f"person {index}"), 5,
+               "the overlay did not switch to the person")
+    # Everything that is not the chosen person's is dimmed to 30 %: the canvas gets darker.
+    assert browser.execute_script(CANVAS_BRIGHTNESS) < everyone_brightness - 1.0
+    assert by_id(browser, "legend").find_elements(By.CSS_SELECTOR, "li")
+    assert console_problems(browser) == []
