@@ -116,11 +116,13 @@ def start_redis(stack: Stack, env: dict[str, str]) -> str:
 
 
 def resolve_weights(env: dict[str, str]) -> tuple[str, bool]:
-    """M2FP_WEIGHTS, else the default checkpoint place, else explicit random weights."""
+    """M2FP_WEIGHTS, else the default checkpoint place (shared.config's), else explicit random weights."""
+    from shared.config import DEFAULT_WEIGHTS_DIR  # noqa: PLC0415
+
     if env.get("M2FP_WEIGHTS"):
         return env["M2FP_WEIGHTS"], env["M2FP_WEIGHTS"] == "random"
-    if (REPO / "weights/cihp/pytorch_model.pt").is_file():
-        return "weights/cihp", False
+    if (REPO / DEFAULT_WEIGHTS_DIR / "pytorch_model.pt").is_file():
+        return DEFAULT_WEIGHTS_DIR, False
     return "random", True
 
 
