@@ -30,6 +30,15 @@ def test_flower_requires_auth_and_shows_only_job_ids(stack_factory):
                 return False
 
         wait_for(up, 60, what="flower")
+
+        # Flower only learns a task's name and argument from the task-received event; a
+        # task finished before Flower subscribed to the event stream shows up bare. Submit
+        # once Flower has heard the worker's own events, so it is listening.
+        def listening():
+            reply = requests.get(base + "/workers", params={"json": 1}, auth=("ops", "correct-horse"), timeout=5)
+            return reply.status_code == 200 and any(w.get("status") for w in reply.json()["data"])
+
+        wait_for(listening, 60, what="flower to hear the worker's events")
         job = submit(stack, photo_jpeg(96, 96, seed=11)).json()
         poll_until(stack, job)
         assert requests.get(base + "/", timeout=5).status_code == 401
