@@ -14,7 +14,7 @@ import re
 import shutil
 import signal
 import subprocess
-import time
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -68,7 +68,18 @@ def test_two_megabyte_upload_never_touches_disk(stack_factory, tmp_path):
     for pid in pids:
         argv += ["-p", str(pid)]
     tracer = subprocess.Popen(argv, stderr=subprocess.PIPE)
-    time.sleep(2)                                     # attached (strace has no ready signal)
+
+    def attached():                                   # strace has no ready signal; the kernel does
+        for pid in pids:
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except FileNotFoundError:
+                continue
+            if "TracerPid:\t0\n" in status:
+                return False
+        return True
+
+    wait_for(attached, 60, what="strace to attach to the gateway and worker")
     try:
         reply = submit(stack, data, filename="big.png")
         assert reply.status_code == 202, reply.text

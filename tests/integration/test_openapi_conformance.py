@@ -26,8 +26,9 @@ def test_gateway_conforms_to_its_openapi(live_stack):
         label = f"{operation.method.upper()} {operation.path}"
 
         @given(case=operation.as_strategy())
-        @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck),
-                  database=None)
+        # derandomize: the same 40 cases on every run, so CI's verdict is the code's, not luck's
+        @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck),
+                  database=None, derandomize=True)
         def check(case):
             response = case.call(base_url=live_stack.base_url, timeout=30)
             assert response.status_code < 500 or response.status_code == 503, (label, response.text)
