@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what `make run` and `make test` need on a fresh Debian machine, idempotently:
 # Debian's redis-server and libmagic1 (when missing and we are root), a venv with the pinned
-# Python packages (requirements/dev.txt). Re-runs pip only when a requirements file changed.
+# Python packages (requirements/dev.txt), the compiled deformable-attention op (g++, ninja-build).
+# Re-runs pip only when a requirements file changed, the op build only when its inputs changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
@@ -13,6 +14,9 @@ command -v strace >/dev/null 2>&1 || need_apt+=(strace)   # tests: no image byte
 [ -x /usr/sbin/nginx ] || need_apt+=(nginx-light)              # tests: deploy/nginx.conf for real
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 ldconfig -p 2>/dev/null | grep -q 'libmagic\.so\.1' || need_apt+=(libmagic1)
+# The compiled deformable-attention op (worker/m2fp/csrc) is built below with g++ and ninja.
+command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
+command -v ninja >/dev/null 2>&1 || need_apt+=(ninja-build)
 # Browser tests (tests/integration/test_web_browser.py) drive Debian's Chromium headless.
 if [ "${M2FP_BROWSER_TESTS:-1}" != "0" ]; then
   command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
@@ -41,4 +45,13 @@ if [ ! -f "$stamp" ] || [ -n "$(find requirements client/pyproject.toml -newer "
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r requirements/dev.txt
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps -e ./client
   touch "$stamp"
+fi
+
+# The compiled deformable-attention op: built here, on the machine that runs it, into build/m2fp_ops/
+# (about 20 s on 2 cores); rebuilt only when its sources, flags or torch changed. A failed build is
+# not fatal: the service runs on the pure-PyTorch reference and says so (log, heartbeat).
+ops_lib=build/m2fp_ops/m2fp_ops.so
+if [ ! -f "$ops_lib" ] || [ -n "$(find worker/m2fp/csrc worker/m2fp/ops.py "$stamp" -newer "$ops_lib" 2>/dev/null)" ]; then
+  "$VENV/bin/python" -m worker.m2fp.ops_build \
+    || echo "bootstrap: WARNING: the deformable-attention op did not build; the model falls back to the slower reference" >&2
 fi

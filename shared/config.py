@@ -24,6 +24,7 @@ from shared.errors import ConfigError
 
 RATE_LIMIT_RE = re.compile(r"^\s*\d+\s*(/|\s+per\s+)\s*(\d+\s+)?(second|minute|hour|day)s?\s*$", re.I)
 VARIANTS = ("cihp", "lip")
+DEFORM_ATTN_MODES = ("auto", "op", "reference")  # compiled deformable-attention op or the PyTorch reference
 DEFAULT_WEIGHTS_DIR = "weights/cihp"
 
 
@@ -63,6 +64,7 @@ class Settings:
     worker_concurrency: int = 1
     torch_threads: int | None = None
     infer_max_side: int = 1920
+    deform_attn: str = "auto"
     max_memory_per_child_kb: int | None = None
     worker_metrics_host: str = "127.0.0.1"
     worker_metrics_port: int = 9100
@@ -132,6 +134,18 @@ def _check_redis_url(url: str, dev_mode: bool) -> None:
             "M2FP_REDIS_URL has no password; Redis must require one "
             "(set M2FP_DEV_MODE=1 to allow this on a development machine only)"
         )
+
+
+def deform_attn_mode(env: Mapping[str, str] | None = None) -> str:
+    """M2FP_DEFORM_ATTN: `auto` (compiled op when built, else reference), `op` (required) or `reference`.
+
+    Read on its own too, because the offline CLI and the Predictor need no Redis or keys.
+    """
+    env = os.environ if env is None else env
+    value = env.get("M2FP_DEFORM_ATTN", "auto").strip().lower() or "auto"
+    if value not in DEFORM_ATTN_MODES:
+        raise ConfigError(f"M2FP_DEFORM_ATTN must be one of {', '.join(DEFORM_ATTN_MODES)}, got {value!r}")
+    return value
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
@@ -210,6 +224,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         worker_concurrency=_int(env, "M2FP_WORKER_CONCURRENCY", 1, 1),
         torch_threads=threads,
         infer_max_side=_int(env, "M2FP_INFER_MAX_SIDE", 1920, 64),
+        deform_attn=deform_attn_mode(env),
         max_memory_per_child_kb=max_mem * 1024 or None,
         worker_metrics_host=env.get("M2FP_WORKER_METRICS_HOST", "127.0.0.1").strip(),
         worker_metrics_port=_int(env, "M2FP_WORKER_METRICS_PORT", 9100, 0),

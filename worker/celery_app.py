@@ -4,7 +4,8 @@ Fork safety (RESEARCH §2.1–2.3): the parent process never imports torch. Each
 fork, caps its threads, opens its own Redis connection and loads the model once, in a background
 thread started from `worker_process_init` (whose handlers must return within 4 s); the task waits
 for it. A heartbeat thread in each child publishes `m2fp:worker:{name}` (variant, device,
-untrained) with a short TTL once the model is loaded: that is what the gateway's /readyz reads.
+untrained, deform_op: "op" or "reference: <reason>") with a short TTL once the model is loaded:
+that is what the gateway's /readyz reads.
 
 The task itself stays thin: validate the id, call `worker.pipeline.process_job`, and turn the
 two Celery-level failures (soft time limit, unexpected crash) into a failed job instead of a
@@ -79,10 +80,13 @@ class WorkerProcess:
             self.predictor = load_predictor(
                 resolve_weights(self.settings), variant=self.settings.variant, device=device,
                 max_side=self.settings.infer_max_side, sha256=self.settings.weights_sha256,
-                key_file=self.settings.weights_key_file)
+                key_file=self.settings.weights_key_file, deform_attn=self.settings.deform_attn)
             event(log, "model_loaded", seconds=round(time.monotonic() - tic, 2), device=device,
                   variant=self.settings.variant, untrained=self.predictor.untrained,
-                  threads=torch.get_num_threads())
+                  threads=torch.get_num_threads(), deform_op=self.predictor.deform_attn)
+            if self.predictor.deform_attn != "op" and device == "cpu" and self.settings.deform_attn != "reference":
+                event(log, "deform_attn_op_not_used_reference_is_slower", logging.WARNING,
+                      mode=self.settings.deform_attn, deform_op=self.predictor.deform_attn)
             if self.predictor.untrained:
                 event(log, "UNTRAINED_MODEL_random_weights_results_are_meaningless", logging.WARNING)
             threading.Thread(target=self._heartbeat, name="m2fp-heartbeat", daemon=True).start()
@@ -96,6 +100,7 @@ class WorkerProcess:
         key = worker_key(self.name)
         fields = {"variant": self.settings.variant, "device": str(self.predictor.device),
                   "untrained": "1" if self.predictor.untrained else "0", "pid": os.getpid(),
+                  "deform_op": self.predictor.deform_attn,
                   "started": f"{time.time():.0f}"}
         while not self._stop.is_set():
             try:

@@ -73,7 +73,7 @@ def read_checkpoint(weights: str | Path, *, sha256: str | None = None, key_file:
 
 
 def load_predictor(weights: str, *, variant: str, device: str, max_side: int,
-                   sha256: str | None = None, key_file: str | None = None):
+                   sha256: str | None = None, key_file: str | None = None, deform_attn: str | None = None):
     """Build the worker's Predictor from settings-level inputs (imports torch: children only)."""
     from worker.m2fp.checkpoint import build_model_from_state_dict, load_state_dict_bytes  # noqa: PLC0415
     from worker.m2fp.predictor import Predictor  # noqa: PLC0415
@@ -81,12 +81,12 @@ def load_predictor(weights: str, *, variant: str, device: str, max_side: int,
     if weights == "random":
         if sha256 or key_file:
             raise WeightsError("M2FP_WEIGHTS=random cannot be combined with a digest pin or a weights key")
-        return Predictor("random", variant=variant, device=device, max_side=max_side)
+        return Predictor("random", variant=variant, device=device, max_side=max_side, deform_attn=deform_attn)
     data = read_checkpoint(weights, sha256=sha256, key_file=key_file)
     state_dict = load_state_dict_bytes(data)
     del data
     model, _ = build_model_from_state_dict(state_dict, variant=variant, device=device, source="checkpoint")
-    return Predictor.from_model(model, untrained=False, max_side=max_side)
+    return Predictor.from_model(model, untrained=False, max_side=max_side, deform_attn=deform_attn)
 
 
 def main(argv: list[str] | None = None) -> int:

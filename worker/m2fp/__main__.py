@@ -3,6 +3,7 @@
 For each image NAME.ext it writes NAME.labels.png (8-bit, class id per pixel), NAME.instances.png (8-bit,
 person index per pixel, 0 = no person) and NAME.json (size, persons, parts, classes present, timings).
 Unreadable images are reported on one line each and skipped; the exit status is 1 if any image failed.
+M2FP_DEFORM_ATTN (auto|op|reference) chooses the deformable-attention path, as in the worker.
 """
 
 from __future__ import annotations
@@ -139,11 +140,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     if arguments.weights == "random":
         print(RANDOM_WEIGHTS_BANNER, file=sys.stderr)
+    from shared.config import deform_attn_mode
+    from shared.errors import ConfigError
+
+    try:
+        deform_attn = deform_attn_mode()  # M2FP_DEFORM_ATTN: auto | op | reference
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     from worker.m2fp.predictor import Predictor  # torch import: only once the arguments are valid
 
     try:
         predictor = Predictor(arguments.weights, variant=arguments.variant, device=arguments.device,
-                              max_side=arguments.max_side, threads=arguments.threads)
+                              max_side=arguments.max_side, threads=arguments.threads, deform_attn=deform_attn)
     except (ValueError, OSError, RuntimeError) as exc:
         print(f"error: cannot load the model: {exc}", file=sys.stderr)
         return 2

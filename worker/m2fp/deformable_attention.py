@@ -1,4 +1,9 @@
-"""Multi-scale deformable attention (Deformable DETR) in pure PyTorch, sampling with `F.grid_sample`."""
+"""Multi-scale deformable attention (Deformable DETR): the module, and the sampling it calls.
+
+`multi_scale_deformable_attention` runs the compiled CPU op (`worker.m2fp.ops`) when it is loaded and
+allowed, else `multi_scale_deformable_attention_reference`, the pure-PyTorch version sampling with
+`F.grid_sample`, which defines the semantics and stays the fallback.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from worker.m2fp import ops
+
 
 def multi_scale_deformable_attention(
+    value: torch.Tensor,
+    spatial_shapes: list[tuple[int, int]],
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """As `multi_scale_deformable_attention_reference`, on the compiled op where `ops.use_op` allows."""
+    if ops.use_op(value, sampling_locations, attention_weights):
+        return ops.ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights)
+    return multi_scale_deformable_attention_reference(value, spatial_shapes, sampling_locations, attention_weights)
+
+
+def multi_scale_deformable_attention_reference(
     value: torch.Tensor,
     spatial_shapes: list[tuple[int, int]],
     sampling_locations: torch.Tensor,

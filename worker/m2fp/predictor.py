@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 import torch
 
+from worker.m2fp import ops
 from worker.m2fp.checkpoint import build_model
 from worker.m2fp.model import M2FP
 from worker.m2fp.postprocess import (
@@ -102,7 +103,11 @@ def upscale_nearest(array: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 class Predictor:
-    """Loads an M2FP model once and parses RGB images (multi-human CIHP or single-human LIP variant)."""
+    """Loads an M2FP model once and parses RGB images (multi-human CIHP or single-human LIP variant).
+
+    `deform_attn` (`auto`, `op` or `reference`; default: M2FP_DEFORM_ATTN through `shared.config`) picks
+    the deformable-attention path (`worker.m2fp.ops`); `self.deform_attn` says which one runs.
+    """
 
     def __init__(
         self,
@@ -111,25 +116,36 @@ class Predictor:
         device: str = "cpu",
         max_side: int = 1920,
         threads: int | None = None,
+        deform_attn: str | None = None,
     ) -> None:
         if threads is not None:
             if threads < 1:
                 raise ValueError(f"threads must be >= 1, but got {threads}")
             torch.set_num_threads(threads)
         model, info = build_model(weights, variant=variant, device=device)
-        self._setup(model, untrained=info.untrained, max_side=max_side)
+        self._setup(model, untrained=info.untrained, max_side=max_side, deform_attn=deform_attn)
 
     @classmethod
-    def from_model(cls, model: M2FP, untrained: bool = False, max_side: int = 1920) -> Predictor:
+    def from_model(
+        cls, model: M2FP, untrained: bool = False, max_side: int = 1920, deform_attn: str | None = None
+    ) -> Predictor:
         """Wrap an already built model (eval mode), e.g. one loaded from an in-memory state_dict."""
         predictor = cls.__new__(cls)
-        predictor._setup(model, untrained=untrained, max_side=max_side)
+        predictor._setup(model, untrained=untrained, max_side=max_side, deform_attn=deform_attn)
         return predictor
 
-    def _setup(self, model: M2FP, untrained: bool, max_side: int) -> None:
+    def _setup(self, model: M2FP, untrained: bool, max_side: int, deform_attn: str | None) -> None:
         """Common initialisation of `__init__` and `from_model`."""
         if max_side < 32:
             raise ValueError(f"max_side must be >= 32, but got {max_side}")
+        if deform_attn is None:  # M2FP_DEFORM_ATTN, read where all settings are read
+            from shared.config import deform_attn_mode  # noqa: PLC0415
+
+            deform_attn = deform_attn_mode()
+        path = ops.configure(deform_attn)  # process-wide; raises for "op" when the op cannot be loaded
+        if not str(model.pixel_mean.device).startswith("cpu"):
+            path = "reference: the compiled op is CPU-only"
+        self.deform_attn = path  # "op" or "reference: <reason>"
         self.model = model.eval()
         self.config = model.config
         self.untrained = untrained

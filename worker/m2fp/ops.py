@@ -1,0 +1,159 @@
+"""The compiled multi-scale deformable-attention op: where it is built, loading it, and when it is used.
+
+Owns the C++ op `torch.ops.m2fp.ms_deform_attn` (source `worker/m2fp/csrc/`, built on the machine
+that runs it by `make install` through `python -m worker.m2fp.ops_build` into `build/m2fp_ops/`),
+its load status, and the process-wide choice between it and the pure-PyTorch reference
+(`deformable_attention.multi_scale_deformable_attention_reference`), which stays the fallback:
+
+- `auto` (default): the op when it loaded, else the reference (the reason is in `status()`);
+- `op`: the op, and `configure` raises when it cannot be loaded;
+- `reference`: always the reference.
+
+The op is CPU-only and forward-only: CUDA tensors, and calls that need gradients, always take the
+reference. The mode comes from `M2FP_DEFORM_ATTN`, read by `shared.config` and passed to
+`configure` by the Predictor (and so by the worker and the offline CLI).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from pathlib import Path
+
+import torch
+
+from shared.config import DEFORM_ATTN_MODES
+
+logger = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[2]
+SOURCES = (Path(__file__).resolve().parent / "csrc" / "ms_deform_attn.cpp",)
+BUILD_DIR = REPO / "build" / "m2fp_ops"
+LIBRARY_NAME = "m2fp_ops"
+LIBRARY_PATH = BUILD_DIR / f"{LIBRARY_NAME}.so"
+BUILD_KEY_PATH = BUILD_DIR / "build-key.txt"
+# Generic x86-64 baseline; the kernels carry their own AVX2/AVX-512 clones (see the .cpp header), so
+# no -march=native: a build runs on any x86-64 CPU. -fopenmp only compiles at::parallel_for's
+# `#pragma omp parallel`; the OpenMP runtime is the one torch already loaded (not linked again).
+CXX_FLAGS = ("-O3", "-fopenmp", "-fno-math-errno", "-Wall")
+OP_DTYPES = (torch.float32, torch.bfloat16)
+
+_lock = threading.Lock()
+_status: dict | None = None
+_mode = "auto"
+
+
+def build_key() -> str:
+    """What a build depends on: the sources, the flags and the torch it links against."""
+    digest = hashlib.sha256()
+    for source in SOURCES:
+        digest.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
+    digest.update(" ".join(CXX_FLAGS).encode() + b"\0" + torch.__version__.encode())
+    return digest.hexdigest()
+
+
+def _load() -> dict:
+    """Load the built library once; the status says whether it is usable and, if not, why."""
+    status = {"loaded": False, "path": str(LIBRARY_PATH), "reason": None, "build_info": None}
+    if not LIBRARY_PATH.is_file():
+        status["reason"] = f"not built ({LIBRARY_PATH} missing; `make install` builds it)"
+        return status
+    try:
+        built_for = BUILD_KEY_PATH.read_text().strip()
+    except OSError:
+        built_for = ""
+    if built_for != build_key():
+        status["reason"] = "stale build (sources, flags or torch changed since; `make install` rebuilds it)"
+        return status
+    try:
+        torch.ops.load_library(str(LIBRARY_PATH))
+        status["build_info"] = torch.ops.m2fp.build_info()
+        _register_fake()
+    except (OSError, RuntimeError, AttributeError) as exc:
+        status["reason"] = f"cannot load {LIBRARY_PATH.name}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+        return status
+    status["loaded"] = True
+    return status
+
+
+def _register_fake() -> None:
+    """Shape function for fake tensors (torch.compile / export) once the op is defined."""
+
+    def fake(value, spatial_shapes, sampling_locations, attention_weights):
+        batch, _, heads, head_dim = value.shape
+        return value.new_empty((batch, sampling_locations.shape[1], heads * head_dim))
+
+    try:
+        torch.library.register_fake("m2fp::ms_deform_attn", fake)
+    except RuntimeError:  # already registered (the library was loaded by another path)
+        pass
+
+
+def status() -> dict:
+    """`{"loaded", "path", "reason", "build_info", "mode", "active"}`; loads the library on first use."""
+    global _status
+    with _lock:
+        if _status is None:
+            _status = _load()
+        return {**_status, "mode": _mode, "active": describe_locked()}
+
+
+def available() -> bool:
+    """Whether the compiled op is loaded and usable."""
+    return bool(status()["loaded"])
+
+
+def describe_locked() -> str:
+    """The CPU path in use, as the worker reports it: "op" or "reference: <reason>"."""
+    if _mode == "reference":
+        return "reference: forced by M2FP_DEFORM_ATTN=reference"
+    if _status is not None and _status["loaded"]:
+        return "op"
+    return f"reference: {_status['reason'] if _status else 'op not loaded yet'}"
+
+
+def describe() -> str:
+    """The CPU path in use: "op" or "reference: <reason>" (loads the library on first use)."""
+    return status()["active"]
+
+
+def configure(mode: str) -> str:
+    """Set the process-wide mode (auto|op|reference); returns `describe()`.
+
+    Raises RuntimeError for `op` when the op cannot be loaded, ValueError for an unknown mode.
+    """
+    global _mode
+    if mode not in DEFORM_ATTN_MODES:
+        raise ValueError(f"deformable-attention mode must be one of {DEFORM_ATTN_MODES}, but got {mode!r}")
+    current = status()
+    if mode == "op" and not current["loaded"]:
+        raise RuntimeError(f"M2FP_DEFORM_ATTN=op but the compiled op is unavailable: {current['reason']}")
+    with _lock:
+        _mode = mode
+    return describe()
+
+
+def mode() -> str:
+    """The configured mode."""
+    return _mode
+
+
+def use_op(value: torch.Tensor, *tensors: torch.Tensor) -> bool:
+    """Whether a call with these tensors goes to the compiled op (else to the reference)."""
+    if _mode == "reference" or value.device.type != "cpu" or value.dtype not in OP_DTYPES:
+        return False
+    if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in (value, *tensors)):
+        return False  # forward-only op
+    return available()
+
+
+def ms_deform_attn(
+    value: torch.Tensor,
+    spatial_shapes: list[tuple[int, int]],
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Call the compiled op; arguments and result as `multi_scale_deformable_attention`."""
+    flat_shapes = [int(size) for shape in spatial_shapes for size in shape]
+    return torch.ops.m2fp.ms_deform_attn(value, flat_shapes, sampling_locations, attention_weights)
