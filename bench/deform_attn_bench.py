@@ -1,0 +1,181 @@
+"""The compiled deformable-attention op against the `grid_sample` reference, side by side in one run.
+
+1. The op alone, at the model's real shapes: the golden CIHP model runs once on a synthetic HxW photo
+   and the arguments of its first deformable-attention call are captured (pixel-decoder levels of
+   the padded input, 8 heads, head_dim 32, 3 levels, 4 points, queries = every pixel of the 3 levels;
+   real locations and weights from the golden weights). Both implementations then run on those
+   arguments, interleaved, at each thread count; medians, and the ratio reference / op.
+2. The whole network forward (normalise, pad, backbone, decoders) with M2FP_DEFORM_ATTN=reference
+   ("before") and =op ("after"), interleaved, medians.
+
+Usage:
+  .venv/bin/python bench/deform_attn_bench.py                       # 640x864 and 640x640, 1 and 2 threads
+  .venv/bin/python bench/deform_attn_bench.py --sizes 640x864 --threads 2 --forward-runs 3 --json out.json
+Every figure is printed with the CPU model and its relevant flags (from /proc/cpuinfo).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+RELEVANT_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "avx512_vnni", "avx_vnni")
+
+
+def cpu_description() -> dict:
+    """CPU model name and which of the flags that matter it has (Linux /proc/cpuinfo)."""
+    model, flags = platform.processor() or "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    return {"model": model, "flags": [flag for flag in RELEVANT_FLAGS if flag in flags]}
+
+
+def median_seconds(functions: dict[str, Callable[[], object]], runs: int, warmup: int = 1) -> dict[str, float]:
+    """Median wall time of each function, the functions interleaved run by run (same conditions for all)."""
+    for _ in range(warmup):
+        for function in functions.values():
+            function()
+    times: dict[str, list[float]] = {name: [] for name in functions}
+    for _ in range(runs):
+        for name, function in functions.items():
+            started = time.perf_counter()
+            function()
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def capture_model_call(model, image) -> tuple:
+    """The arguments of the model's first deformable-attention call on `image` (real shapes and values)."""
+    import torch
+
+    from worker.m2fp import deformable_attention
+
+    captured = []
+    original = deformable_attention.multi_scale_deformable_attention
+
+    class Captured(Exception):
+        pass
+
+    def recording(*arguments):
+        captured.append(tuple(argument.clone() if torch.is_tensor(argument) else argument for argument in arguments))
+        raise Captured  # the rest of the forward is not needed
+
+    deformable_attention.multi_scale_deformable_attention = recording
+    try:
+        with torch.inference_mode():
+            padded, _ = model.normalize_and_pad(torch.from_numpy(image.copy()).permute(2, 0, 1)[None])
+            model(padded)
+    except Captured:
+        pass
+    finally:
+        deformable_attention.multi_scale_deformable_attention = original
+    return captured[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run both benchmarks and print the tables."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", default=["640x864", "640x640"], help="H x W images (padded to /32)")
+    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--op-runs", type=int, default=9, help="runs per implementation for the op alone")
+    parser.add_argument("--forward-runs", type=int, default=5, help="runs per path for the whole forward")
+    parser.add_argument("--forward-threads", nargs="+", type=int, default=[2])
+    parser.add_argument("--forward-size", default="640x864")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    arguments = parser.parse_args(argv)
+
+    import torch
+
+    from model_bench import synthetic_image
+    from worker.m2fp import ops
+    from worker.m2fp.checkpoint import build_model_from_state_dict
+    from worker.m2fp.config import get_config
+    from worker.m2fp.deformable_attention import multi_scale_deformable_attention_reference
+    from worker.m2fp.golden_weights import golden_state_dict
+
+    status = ops.status()
+    if not status["loaded"]:
+        print(f"the compiled op is not available: {status['reason']}", file=sys.stderr)
+        return 1
+    cpu = cpu_description()
+    report = {"cpu": cpu, "torch": torch.__version__, "op_build": status["build_info"], "op": [], "forward": []}
+    print(f"CPU: {cpu['model']} (flags: {', '.join(cpu['flags']) or 'none of ' + ', '.join(RELEVANT_FLAGS)}); "
+          f"torch {torch.__version__}; op {status['build_info']}")
+    model, _ = build_model_from_state_dict(golden_state_dict(get_config("cihp")), variant="cihp", device="cpu")
+
+    print("\nop alone (one deformable-attention call, model shapes; median of "
+          f"{arguments.op_runs}, interleaved):")
+    print("| input (HxW) | levels (HxW) | queries | heads x head_dim | threads | grid_sample ms | op fp32 ms | "
+          "ratio | op bf16 ms | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for size in arguments.sizes:
+        height, width = (int(part) for part in size.split("x"))
+        torch.set_num_threads(max(arguments.threads))
+        ops.configure("auto")
+        value, shapes, locations, weights = capture_model_call(model, synthetic_image(height, width))
+        value_bf16 = value.bfloat16()
+        for threads in arguments.threads:
+            torch.set_num_threads(threads)
+            medians = median_seconds({
+                "grid_sample": lambda: multi_scale_deformable_attention_reference(value, shapes, locations, weights),
+                "op_fp32": lambda: ops.ms_deform_attn(value, shapes, locations, weights),
+                "op_bf16": lambda: ops.ms_deform_attn(value_bf16, shapes, locations, weights),
+            }, arguments.op_runs)
+            row = {"input": size, "levels": [list(shape) for shape in shapes], "queries": int(locations.shape[1]),
+                   "heads": int(value.shape[2]), "head_dim": int(value.shape[3]), "threads": threads,
+                   **{f"{name}_s": seconds for name, seconds in medians.items()},
+                   "ratio_fp32": medians["grid_sample"] / medians["op_fp32"],
+                   "ratio_bf16": medians["grid_sample"] / medians["op_bf16"]}
+            report["op"].append(row)
+            print(f"| {size} | {', '.join(f'{h}x{w}' for h, w in shapes)} | {row['queries']} | "
+                  f"{row['heads']} x {row['head_dim']} | {threads} | {1e3 * medians['grid_sample']:.1f} | "
+                  f"{1e3 * medians['op_fp32']:.1f} | {row['ratio_fp32']:.1f}x | {1e3 * medians['op_bf16']:.1f} | "
+                  f"{row['ratio_bf16']:.1f}x |", flush=True)
+
+    height, width = (int(part) for part in arguments.forward_size.split("x"))
+    tensor = torch.from_numpy(synthetic_image(height, width)).permute(2, 0, 1)[None]
+
+    def forward(mode: str) -> Callable[[], object]:
+        def run():
+            ops.configure(mode)
+            with torch.inference_mode():
+                padded, _ = model.normalize_and_pad(tensor)
+                return model(padded)
+        return run
+
+    print(f"\nwhole forward at {arguments.forward_size}, golden weights (median of {arguments.forward_runs}, "
+          "interleaved):")
+    print("| threads | before: grid_sample s | after: op s | before / after |")
+    print("|---|---|---|---|")
+    for threads in arguments.forward_threads:
+        torch.set_num_threads(threads)
+        medians = median_seconds({"reference": forward("reference"), "op": forward("op")}, arguments.forward_runs)
+        row = {"input": arguments.forward_size, "threads": threads, "reference_s": medians["reference"],
+               "op_s": medians["op"], "ratio": medians["reference"] / medians["op"]}
+        report["forward"].append(row)
+        print(f"| {threads} | {medians['reference']:.2f} | {medians['op']:.2f} | {row['ratio']:.2f}x |", flush=True)
+    ops.configure("auto")
+    if arguments.json:
+        arguments.json.write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
