@@ -43,7 +43,8 @@ def create_app(settings: Settings | None = None, *, redis_client: redis.Redis | 
     app = flask.Flask(__name__, static_folder=None)
     app.request_class = InMemoryRequest
     app.config.update(MAX_CONTENT_LENGTH=settings.max_upload_bytes, MAX_FORM_MEMORY_SIZE=MAX_FORM_MEMORY_SIZE,
-                      MAX_FORM_PARTS=MAX_FORM_PARTS, TRAP_HTTP_EXCEPTIONS=False)
+                      MAX_FORM_PARTS=MAX_FORM_PARTS, TRAP_HTTP_EXCEPTIONS=False,
+                      **{abuse.IPV6_PREFIX_CONFIG: settings.ipv6_prefix})
     if settings.trusted_proxies:
         # Only the configured number of proxy hops may rewrite the peer address (RESEARCH §2.9).
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies, x_proto=0,
@@ -54,6 +55,7 @@ def create_app(settings: Settings | None = None, *, redis_client: redis.Redis | 
     metrics = Metrics(store)
     metrics.init_app(app)  # first: its timer sees every other hook
     security.init_app(app, settings)
+    app.before_request(lambda: abuse.note_untrusted_forwarded_for(settings, metrics.untrusted_forwarded.inc))
     limiter = abuse.make_limiter(app, settings, client)
     register_error_handlers(app, limiter, metrics.reject)
     app.extensions["m2fp"] = Gateway(settings=settings, redis=client, store=store,

@@ -1,8 +1,14 @@
 """Gunicorn settings for the gateway: `gunicorn -c api/gunicorn_conf.py api.wsgi:app`.
 
 - Binds `M2FP_HOST:M2FP_PORT` from `shared.config` (the one place the environment is read).
-  The number of processes is gunicorn's own choice (`-w N`, `WEB_CONCURRENCY`); with several,
-  set PROMETHEUS_MULTIPROC_DIR so /metrics covers them all (api/metrics.py).
+- Concurrency: `M2FP_GATEWAY_WORKERS` processes x `M2FP_GATEWAY_THREADS` threads of
+  `api.gunicorn_worker.GuardedThreadWorker` (gthread plus a total read deadline of
+  `M2FP_REQUEST_READ_TIMEOUT` seconds per request, so slow or stalled uploads give their
+  thread back). Defaults 2 x 16, chosen from bench/load_bench.py (docs/BENCHMARKS.md): a
+  request is ~2 ms of CPU and a Redis round trip, so threads, not processes, carry the
+  concurrency; two processes keep serving while one is busy. A `-w` on the command line still
+  wins. With several processes, set PROMETHEUS_MULTIPROC_DIR so /metrics covers them all
+  (api/metrics.py); `make run` and the tests do.
 - Access log: one JSON object per request with method, path (only when it is a plain path),
   status, bytes, seconds and the request id. Never the query string, headers, the client's
   address, user agent or referrer: tokens travel in headers and paths may carry client text.
@@ -88,6 +94,11 @@ def child_exit(server, worker) -> None:
 
 
 bind = [_bind_address(_settings.host, _settings.port)]
+worker_class = "api.gunicorn_worker.GuardedThreadWorker"
+workers = _settings.gateway_workers
+threads = _settings.gateway_threads
+# Connections beyond the threads wait in each worker's poller (idle keep-alive costs no thread).
+worker_connections = 1000
 proc_name = "m2fp-gateway"
 logger_class = JsonAccessLogger
 accesslog = "-"

@@ -66,6 +66,9 @@ class Metrics:
                                   ["reason"], registry=self.registry)
         self.jobs_submitted = Counter("m2fp_jobs_submitted", "Jobs accepted and enqueued",
                                       registry=self.registry)
+        self.untrusted_forwarded = Counter(
+            "m2fp_untrusted_forwarded_for", "Requests carrying X-Forwarded-For while M2FP_TRUSTED_PROXIES=0",
+            registry=self.registry)
         self.queue = QueueCollector(store)
         self.registry.register(self.queue)
 

@@ -48,9 +48,11 @@ from shared.errors import (
     BadRequest,
     DecryptionError,
     JobNotFound,
+    RequestTimeout,
     ResultGone,
     ServiceError,
     StoreUnavailable,
+    TooManyJobs,
 )
 from shared.jobstore import Fetch, JobStore
 from shared.logging import bind, event
@@ -91,20 +93,27 @@ def gateway() -> Gateway:
 # --- submit ------------------------------------------------------------------------------
 @bp.post("/v1/jobs")
 def submit_job() -> flask.Response:
-    """Validate, rate-limit, admit, encrypt, store and enqueue one photo."""
+    """Meter, validate, rate-limit, admit, encrypt, store and enqueue one photo.
+
+    Order (cheapest first): ban, attempt limit (before the body is read), validation (a
+    failure is a strike), submit limit, queue room, then the job is created and counted
+    against the client's jobs in flight; only an admitted job clears the client's strikes.
+    """
     gw, started = gateway(), time.perf_counter()
     client = abuse.client_key()
     abuse.refuse_banned(gw.redis, gw.settings, client)
+    abuse.enforce_attempt_limit(gw.limiter, gw.settings)
     try:
         upload = validate_upload(flask.request, gw.settings)
     except ServiceError as exc:
         event(log, "upload_rejected", code=exc.code, status=exc.status_code, client=abuse.client_tag(client))
-        abuse.record_strike(gw.redis, gw.settings, client, exc.code)
+        if exc.status_code != RequestTimeout.status_code:
+            abuse.record_strike(gw.redis, gw.settings, client, exc.code)
         raise
-    abuse.clear_strikes(gw.redis, gw.settings, client)
     abuse.enforce_submit_limit(gw.limiter, gw.settings)
     abuse.admit(gw.store, gw.settings)
-    job_id, token = create_job(gw, upload)
+    job_id, token = create_job(gw, upload, client)
+    abuse.clear_strikes(gw.redis, gw.settings, client)
     gw.metrics.jobs_submitted.inc()
     bind(job_id=job_id)
     event(log, "job_submitted", bytes=len(upload.data), width=upload.width, height=upload.height,
@@ -118,15 +127,19 @@ def submit_job() -> flask.Response:
     return response
 
 
-def create_job(gw: Gateway, upload: Upload) -> tuple[str, str]:
-    """Seal the upload under a fresh data key, record the job, enqueue its id; (job_id, token)."""
+def create_job(gw: Gateway, upload: Upload, client: str) -> tuple[str, str]:
+    """Seal the upload under a fresh data key, record the job, admit it for `client`, enqueue it."""
     job_id, token, data_key = new_job_id(), new_token(), new_data_key()
     key_id, wrapped_key = gw.settings.keyring.wrap(job_id, data_key)
     sealed_input = encrypt_payload(data_key, job_id, "in", upload.data)
     gw.store.create(job_id, token_hash=hash_secret(token), key_id=key_id, wrapped_key=wrapped_key,
                     sealed_input=sealed_input)
     try:
+        abuse.admit_for_client(gw.store, gw.settings, client, job_id)
         enqueue_parse(gw.celery, job_id)
+    except TooManyJobs:
+        gw.store.delete(job_id)
+        raise
     except (KombuError, redis.RedisError, OSError) as exc:
         # A job nobody will ever run must not linger: withdraw it, then report 503.
         with contextlib.suppress(redis.RedisError):

@@ -7,6 +7,12 @@
   in constant time against every entry) or gets 401. `Authorization` is the job's bearer token.
 - CORS: only origins listed in `M2FP_CORS_ORIGINS`, compared exactly; preflights are answered
   here (no API key needed, browsers do not send one); other origins get no CORS headers at all.
+- Cross-site writes: a multipart POST is a CORS "simple" request, which any web page can make
+  its visitors' browsers send (to spend their quota or get their address banned with junk).
+  A state-changing `/v1/*` request whose `Origin` is neither this host nor a listed origin, or
+  that says `Sec-Fetch-Site: cross-site` without such an Origin, gets a JSON 403
+  `cross_origin` before anything else looks at it (no strike, no quota spent). API clients
+  send neither header and are unaffected; the service's own page is same-origin.
 - Headers on every response, errors included: CSP, nosniff, no referrer, no framing, CORP, and
   `Cache-Control: no-store` (job data must not sit in any cache; the page's static files get
   `no-cache`, i.e. revalidate with their ETag).
@@ -18,13 +24,14 @@ import logging
 import re
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import flask
 
 from shared import logging as slog
 from shared.config import Settings
 from shared.crypto import hash_secret, secret_matches
-from shared.errors import ConfigError, Unauthorized
+from shared.errors import ConfigError, CrossOrigin, Unauthorized
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +54,8 @@ SECURITY_HEADERS = {
 CORS_METHODS = "GET, POST, DELETE"
 CORS_HEADERS = "Authorization, X-API-Key, Content-Type"
 CORS_EXPOSE = "Location, Retry-After, X-Request-ID"
+UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+DEFAULT_PORTS = {"http": "80", "https": "443"}
 
 
 def load_api_key_hashes(path: str | None) -> tuple[str, ...]:
@@ -105,6 +114,15 @@ def init_app(app: flask.Flask, settings: Settings) -> None:
         return response
 
     @app.before_request
+    def refuse_cross_site() -> None:
+        request = flask.request
+        if request.method in UNSAFE_METHODS and request.path.startswith(API_PREFIX):
+            if not write_allowed(request.headers.get("Origin"), request.headers.get("Sec-Fetch-Site"),
+                                 request.host, origins):
+                log.warning("cross_origin_refused")
+                raise CrossOrigin()
+
+    @app.before_request
     def require_api_key() -> None:
         if not key_hashes or not flask.request.path.startswith(API_PREFIX):
             return
@@ -129,6 +147,27 @@ def init_app(app: flask.Flask, settings: Settings) -> None:
     @app.teardown_request
     def clear_log_context(_exc: BaseException | None) -> None:
         slog.clear()
+
+
+def _netloc(scheme: str, host: str) -> str:
+    """host[:port] in lower case, without the scheme's default port."""
+    host = host.lower()
+    default = DEFAULT_PORTS.get(scheme)
+    return host[: -len(default) - 1] if default and host.endswith(f":{default}") else host
+
+
+def write_allowed(origin: str | None, fetch_site: str | None, host: str, origins: frozenset[str]) -> bool:
+    """Whether a state-changing request may proceed: no browser Origin, this host's, or listed."""
+    if origin is None:
+        # Browsers send Origin on every cross-site POST; Sec-Fetch-Site backs that up.
+        return (fetch_site or "").lower() != "cross-site"
+    if origin in origins:
+        return True
+    parts = urlsplit(origin)
+    if parts.scheme not in DEFAULT_PORTS or not parts.netloc:
+        return False  # "null" (sandboxed frames, file:) or anything else that is not a web origin
+    # The scheme may differ behind a TLS proxy; the host (and explicit port) may not.
+    return _netloc(parts.scheme, parts.netloc) in {_netloc(s, host) for s in DEFAULT_PORTS}
 
 
 def add_cors(response: flask.Response, origins: frozenset[str]) -> None:

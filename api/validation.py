@@ -2,7 +2,8 @@
 
 `validate_upload(request, settings)` runs, in order:
 1. request bytes: Flask's `MAX_CONTENT_LENGTH` (werkzeug raises 413 while parsing the body)
-   -> `payload_too_large`;
+   -> `payload_too_large`; a body that does not arrive within `M2FP_REQUEST_READ_TIMEOUT`
+   (`api.read_deadline` cuts it) -> 408 `request_timeout` (not a strike: slow is not invalid);
 2. exactly one file part named `image` with a non-empty name and body -> 400 `missing_image`;
 3. the file name: no NUL/control characters, no path separators, at most 255 characters, a
    non-empty stem and a final extension in {jpg, jpeg, png} (case-insensitive). More dots are
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import re
 import struct
+import threading
 import warnings
 from dataclasses import dataclass
 from io import BytesIO
@@ -33,13 +35,15 @@ from typing import IO
 import flask
 import magic
 from PIL import Image, UnidentifiedImageError
-from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
+from api.read_deadline import DEADLINES
 from shared.config import Settings
 from shared.errors import (
     BadRequest,
     MissingImage,
     PayloadTooLarge,
+    RequestTimeout,
     TooManyPixels,
     TypeMismatch,
     UndecodableImage,
@@ -58,6 +62,8 @@ SCRIPT_EXTENSIONS = frozenset({
     "mjs", "html", "htm", "xhtml", "shtml", "svg", "xml", "swf", "jar", "war", "htaccess",
 })  # fmt: skip
 _BAD_NAME_CHARS = re.compile(r"[\x00-\x1f\x7f/\\]")
+# warnings.catch_warnings() swaps process-global state: one thread at a time (gthread workers).
+_BOMB_GUARD = threading.Lock()
 
 
 class InMemoryRequest(flask.Request):
@@ -102,6 +108,12 @@ def read_image_part(request: flask.Request) -> tuple[bytes, str]:
         parts = request.files.getlist(FIELD)
     except RequestEntityTooLarge as exc:
         raise PayloadTooLarge() from exc
+    except ClientDisconnected as exc:
+        if body_deadline_passed(request):
+            raise RequestTimeout() from exc
+        raise BadRequest("The upload ended before its announced length.") from exc
+    if body_deadline_passed(request):
+        raise RequestTimeout()
     if not parts:
         raise MissingImage()
     if len(parts) > 1:
@@ -113,6 +125,11 @@ def read_image_part(request: flask.Request) -> tuple[bytes, str]:
     if not data:
         raise MissingImage("The file in the field 'image' is empty.")
     return data, part.filename
+
+
+def body_deadline_passed(request: flask.Request) -> bool:
+    """Whether the gateway's read deadline cut this request's body (api.read_deadline)."""
+    return DEADLINES.fired(request.environ.get("gunicorn.socket"))
 
 
 def check_filename(filename: str) -> str:
@@ -139,9 +156,7 @@ def read_dimensions(data: bytes, mime: str, settings: Settings) -> tuple[int, in
     """Width and height from the image header only, refusing oversized images."""
     try:
         # Pillow warns between 1x and 2x its own bomb limit; either way the image is too big.
-        # (catch_warnings is process-global state: fine for gunicorn's sync workers; with
-        # threaded workers a race could only change whether that warning is an error.)
-        with warnings.catch_warnings():
+        with _BOMB_GUARD, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(BytesIO(data), formats=["JPEG", "PNG"]) as image:
                 width, height, image_format = image.width, image.height, image.format

@@ -46,7 +46,13 @@ class Settings:
     ban_after: int = 3
     ban_seconds: int = 3600
     max_queue: int = 100
+    max_jobs_per_client: int = 3
+    submit_attempt_limit: str = "30/minute"
     trusted_proxies: int = 0
+    ipv6_prefix: int = 64
+    gateway_workers: int = 2
+    gateway_threads: int = 16
+    request_read_timeout: int = 30
     api_keys_file: str | None = None
     cors_origins: tuple[str, ...] = ()
     # job lifecycle
@@ -66,6 +72,8 @@ class Settings:
     infer_max_side: int = 1920
     deform_attn: str = "auto"
     max_memory_per_child_kb: int | None = None
+    max_decode_mb: int = 128
+    child_memory_limit_mb: int | None = 4096
     worker_metrics_host: str = "127.0.0.1"
     worker_metrics_port: int = 9100
     # operations
@@ -106,6 +114,13 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> i
         raise ConfigError(f"{name} must be an integer, got {raw!r}") from exc
     if value < minimum:
         raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _bounded(env: Mapping[str, str], name: str, default: int, minimum: int, maximum: int) -> int:
+    value = _int(env, name, default, minimum)
+    if value > maximum:
+        raise ConfigError(f"{name} must be <= {maximum}, got {value}")
     return value
 
 
@@ -208,7 +223,13 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         ban_after=_int(env, "M2FP_BAN_AFTER", 3, 0),
         ban_seconds=_int(env, "M2FP_BAN_SECONDS", 3600, 1),
         max_queue=_int(env, "M2FP_MAX_QUEUE", 100, 1),
+        max_jobs_per_client=_int(env, "M2FP_MAX_JOBS_PER_CLIENT", 3, 0),
+        submit_attempt_limit=_rate(env, "M2FP_SUBMIT_ATTEMPT_LIMIT", "30/minute"),
         trusted_proxies=_int(env, "M2FP_TRUSTED_PROXIES", 0, 0),
+        ipv6_prefix=_bounded(env, "M2FP_IPV6_PREFIX", 64, 16, 128),
+        gateway_workers=_int(env, "M2FP_GATEWAY_WORKERS", 2, 1),
+        gateway_threads=_int(env, "M2FP_GATEWAY_THREADS", 16, 1),
+        request_read_timeout=_int(env, "M2FP_REQUEST_READ_TIMEOUT", 30, 1),
         api_keys_file=env.get("M2FP_API_KEYS_FILE") or None,
         cors_origins=origins,
         input_ttl=_int(env, "M2FP_INPUT_TTL", 600, 1),
@@ -226,6 +247,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         infer_max_side=_int(env, "M2FP_INFER_MAX_SIDE", 1920, 64),
         deform_attn=deform_attn_mode(env),
         max_memory_per_child_kb=max_mem * 1024 or None,
+        max_decode_mb=_int(env, "M2FP_MAX_DECODE_MB", 128, 1),
+        child_memory_limit_mb=_int(env, "M2FP_CHILD_MEMORY_LIMIT_MB", 4096, 0) or None,
         worker_metrics_host=env.get("M2FP_WORKER_METRICS_HOST", "127.0.0.1").strip(),
         worker_metrics_port=_int(env, "M2FP_WORKER_METRICS_PORT", 9100, 0),
         log_level=log_level,

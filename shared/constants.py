@@ -12,9 +12,17 @@ KEY_PREFIX = "m2fp"
 LIMITER_PREFIX = "m2fp:limiter"
 
 
+JOB_KEY_PREFIX = f"{KEY_PREFIX}:job:"
+
+
 def job_key(job_id: str) -> str:
     """Redis hash holding a job's record (status, token hash, wrapped data key, attempts...)."""
-    return f"{KEY_PREFIX}:job:{job_id}"
+    return f"{JOB_KEY_PREFIX}{job_id}"
+
+
+def inflight_key(client_tag: str) -> str:
+    """Redis sorted set of one client's admitted job ids (the per-client cap on jobs in flight)."""
+    return f"{KEY_PREFIX}:inflight:{client_tag}"
 
 
 def input_key(job_id: str) -> str:

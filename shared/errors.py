@@ -50,6 +50,11 @@ class Banned(ServiceError):
     message = "Too many invalid uploads from this client; try again later."
 
 
+class CrossOrigin(ServiceError):
+    status_code, code = 403, "cross_origin"
+    message = "Submissions from another site's page are not allowed; use this service's own page or an API client."
+
+
 class JobNotFound(ServiceError):
     status_code, code = 404, "not_found"
     message = "No such job, or the token does not match."
@@ -63,6 +68,11 @@ class NotFound(ServiceError):
 class MethodNotAllowed(ServiceError):
     status_code, code = 405, "method_not_allowed"
     message = "This method is not allowed on this resource."
+
+
+class RequestTimeout(ServiceError):
+    status_code, code = 408, "request_timeout"
+    message = "The request body did not arrive in time; send it again at a steady pace."
 
 
 class JobNotReady(ServiceError):
@@ -95,6 +105,12 @@ class TypeMismatch(ServiceError):
     message = "The file's content does not match its extension."
 
 
+class DecodeTooLarge(ServiceError):
+    status_code, code = 413, "decode_too_large"
+    message = ("Decoding this image would need more memory than allowed (pixels x channels x bit depth); "
+               "send a smaller image, or an 8-bit one without transparency.")
+
+
 class UndecodableImage(ServiceError):
     status_code, code = 422, "undecodable_image"
     message = "The image is corrupt, truncated or cannot be decoded."
@@ -103,6 +119,12 @@ class UndecodableImage(ServiceError):
 class RateLimited(ServiceError):
     status_code, code = 429, "rate_limited"
     message = "Too many requests; retry after the number of seconds in Retry-After."
+
+
+class TooManyJobs(ServiceError):
+    status_code, code = 429, "too_many_jobs"
+    message = "This client already has the maximum number of jobs waiting or running; retry when one finishes."
+    retry_after = 10
 
 
 # --- 5xx: the service ---------------------------------------------------------------------
@@ -122,6 +144,8 @@ class StoreUnavailable(ServiceError):
 JOB_ERRORS: dict[str, str] = {
     "undecodable_image": UndecodableImage.message,
     "image_too_large": TooManyPixels.message,
+    "decode_too_large": DecodeTooLarge.message,
+    "out_of_memory": "Processing this image needed more memory than a worker may use; send a smaller image.",
     "expired": "The job's input expired before a worker could process it.",
     "worker_lost": "The job's worker stopped unexpectedly too many times; the job was abandoned.",
     "timeout": "Processing took longer than the allowed time.",

@@ -5,6 +5,8 @@ Layout (DESIGN.md §3), every key with a TTL:
                    attempts, error_code, error_message, created/started/finished, worker.
 - `m2fp:in:{id}`   the encrypted input image (deleted when the result is stored).
 - `m2fp:out:{id}`  the encrypted result (deleted, atomically, by the one fetch).
+- `m2fp:inflight:{client tag}`  sorted set of a client's admitted job ids (score: when the
+                   entry lapses at the latest), for the per-client cap on jobs in flight.
 
 State machine: queued -> running -> done | failed | expired. Transitions that must not race
 (a worker storing a result while the client withdraws the job, two fetches at once, a poll
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 
 import redis
 
-from shared.constants import input_key, job_key, output_key
+from shared.constants import JOB_KEY_PREFIX, inflight_key, input_key, job_key, output_key
 
 # KEYS: job, in. ARGV: max_attempts, now, worker, min_input_ttl.
 # Returns {"ok", kid, wrapped_dek, input} | {"gone"} | {"final", status} | {"expired"} | {"worker_lost"}.
@@ -94,6 +96,22 @@ redis.call('HSET', KEYS[1], 'fetched', ARGV[1])
 return {'ok', blob, kid, wrapped}
 """
 
+# KEYS: the client's in-flight set. ARGV: job id, cap, now, lapse_at, key ttl, job key prefix.
+# Counts the client's jobs still queued or running (dropping the others), then admits the new
+# job only below the cap. Returns 1 admitted | 0 refused. Atomic: two submits never both pass.
+_ADMIT_CLIENT = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
+local live = 0
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local status = redis.call('HGET', ARGV[6] .. id, 'status')
+  if status == 'queued' or status == 'running' then live = live + 1 else redis.call('ZREM', KEYS[1], id) end
+end
+if live >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[4], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+return 1
+"""
+
 
 @dataclass(frozen=True)
 class Claim:
@@ -134,6 +152,7 @@ class JobStore:
         self._fail = client.register_script(_FAIL)
         self._status = client.register_script(_STATUS)
         self._fetch = client.register_script(_FETCH)
+        self._admit_client = client.register_script(_ADMIT_CLIENT)
 
     @classmethod
     def from_settings(cls, settings, client: redis.Redis | None = None) -> "JobStore":
@@ -155,6 +174,13 @@ class JobStore:
             pipe.expire(job_key(job_id), self.job_ttl)
             pipe.set(input_key(job_id), sealed_input, ex=self.input_ttl)
             pipe.execute()
+
+    def admit_for_client(self, client_tag: str, job_id: str, cap: int) -> bool:
+        """Count `job_id` (already created) among the client's jobs in flight if fewer than `cap`."""
+        now = time.time()
+        return bool(self._admit_client(keys=[inflight_key(client_tag)],
+                                       args=[job_id, cap, f"{now:.3f}", f"{now + self.job_ttl:.3f}",
+                                             self.job_ttl, JOB_KEY_PREFIX]))
 
     def status(self, job_id: str) -> dict[str, str] | None:
         """The job record (after marking lost inputs/results expired), or None if unknown."""

@@ -8,6 +8,7 @@ need to stop, kill or delay workers build their own with `StackFactory`.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
@@ -29,6 +30,8 @@ SHM = "/dev/shm" if os.path.isdir("/dev/shm") else None
 STACK_ENV = {
     "M2FP_WEIGHTS": "random",
     "M2FP_SUBMIT_LIMIT": "1000/minute",
+    "M2FP_SUBMIT_ATTEMPT_LIMIT": "1000/minute",
+    "M2FP_MAX_JOBS_PER_CLIENT": "100",
     "M2FP_POLL_LIMIT": "100000/minute",
     "M2FP_BAN_AFTER": "0",
     "M2FP_TORCH_THREADS": "2",
@@ -199,6 +202,57 @@ def live_stack(redis_server, tmp_path_factory):
     stack = factory()
     yield stack
     factory.stop_all()
+
+
+NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+
+
+@contextlib.contextmanager
+def nginx_proxy(tmp_path: Path, gateway_port: int | str):
+    """deploy/nginx.conf as shipped, run by Debian's nginx on loopback in front of a gateway.
+
+    Only the addresses change: listen ports, the upstream, the certificate and the /tmp paths
+    (which become `tmp_path`). Yields (https_base_url, http_port, https_port); stops nginx by pid.
+    """
+    import requests as _requests  # noqa: PLC0415
+    import urllib3  # noqa: PLC0415
+
+    tls = tmp_path / "tls"
+    tls.mkdir(exist_ok=True)
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                    "/CN=localhost", "-keyout", str(tls / "privkey.pem"), "-out", str(tls / "fullchain.pem")],
+                   check=True, capture_output=True)
+    http_port, https_port = free_port(), free_port()
+    conf = (REPO / "deploy/nginx.conf").read_text()
+    conf = (conf.replace("/tmp/", f"{tmp_path}/")
+                .replace("listen 8080;", f"listen 127.0.0.1:{http_port};")
+                .replace("listen 8443 ssl", f"listen 127.0.0.1:{https_port} ssl")
+                .replace("/etc/nginx/tls/", f"{tls}/")
+                .replace("/dev/stdout", f"{tmp_path}/access.log")
+                .replace("http://gateway-tls:8000", f"http://127.0.0.1:{gateway_port}"))
+    (tmp_path / "nginx.conf").write_text(conf)
+    proc = subprocess.Popen([NGINX, "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path), "-e",
+                             str(tmp_path / "error.log"), "-g", "daemon off;"], stderr=subprocess.PIPE)
+    urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+    https = f"https://127.0.0.1:{https_port}"
+    try:
+        def up():
+            if proc.poll() is not None:
+                pytest.fail(f"nginx exited: {proc.stderr.read().decode()[-2000:]}")
+            try:
+                return _requests.get(https + "/healthz", verify=False, timeout=2).status_code == 200
+            except _requests.ConnectionError:
+                return False
+
+        wait_for(up, 20, what="nginx")
+        yield https, http_port, https_port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def submit(stack: Stack, data: bytes, filename: str = "photo.jpg", **kwargs) -> requests.Response:

@@ -29,7 +29,7 @@ from shared.constants import QUEUE
 from shared.crypto import hash_secret, new_job_id
 from shared.jobstore import JobStore
 from tests.conftest import REPO, free_port, wait_for
-from tests.integration.conftest import photo_jpeg
+from tests.integration.conftest import NGINX, nginx_proxy, photo_jpeg
 
 pytestmark = pytest.mark.integration
 
@@ -131,39 +131,11 @@ def test_redis_acl_roles(acl_redis):
     assert (secrets / "data_keys").stat().st_mode & 0o077 == 0
 
 
-@pytest.mark.skipif(shutil.which("nginx") is None and shutil.which("/usr/sbin/nginx") is None,
-                    reason="nginx is not installed (bootstrap installs it)")
+@pytest.mark.skipif(NGINX is None, reason="nginx is not installed (bootstrap installs it)")
 def test_nginx_tls_proxy_in_front_of_the_gateway(stack_factory, tmp_path):
     stack = stack_factory(workers=0, M2FP_TRUSTED_PROXIES="1", M2FP_SUBMIT_LIMIT="2/minute")
     gateway_port = stack.base_url.rsplit(":", 1)[1]
-    tls = tmp_path / "tls"
-    tls.mkdir()
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
-                    "/CN=localhost", "-keyout", str(tls / "privkey.pem"), "-out", str(tls / "fullchain.pem")],
-                   check=True, capture_output=True)
-    http_port, https_port = free_port(), free_port()
-    conf = (REPO / "deploy/nginx.conf").read_text()
-    conf = (conf.replace("/tmp/", f"{tmp_path}/")
-                .replace("listen 8080;", f"listen 127.0.0.1:{http_port};")
-                .replace("listen 8443 ssl", f"listen 127.0.0.1:{https_port} ssl")
-                .replace("/etc/nginx/tls/", f"{tls}/")
-                .replace("http://api:8000", f"http://127.0.0.1:{gateway_port}"))
-    (tmp_path / "nginx.conf").write_text(conf)
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    proc = subprocess.Popen([nginx, "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path), "-e",
-                             str(tmp_path / "error.log"), "-g", "daemon off;"], stderr=subprocess.PIPE)
-    urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
-    https = f"https://127.0.0.1:{https_port}"
-    try:
-        def up():
-            if proc.poll() is not None:
-                pytest.fail(f"nginx exited: {proc.stderr.read().decode()[-2000:]}")
-            try:
-                return requests.get(https + "/healthz", verify=False, timeout=2).status_code == 200
-            except requests.ConnectionError:
-                return False
-
-        wait_for(up, 20, what="nginx")
+    with nginx_proxy(tmp_path, gateway_port) as (https, http_port, _):
         plain = requests.get(f"http://127.0.0.1:{http_port}/v1/jobs", allow_redirects=False, timeout=5)
         assert plain.status_code == 301 and plain.headers["Location"].startswith("https://")
         reply = requests.get(https + "/healthz", verify=False, timeout=5)
@@ -175,7 +147,3 @@ def test_nginx_tls_proxy_in_front_of_the_gateway(stack_factory, tmp_path):
                                           headers={"X-Forwarded-For": spoof},
                                           files={"image": ("p.jpg", photo_jpeg(64, 64))}).status_code)
         assert statuses == [202, 202, 429]                      # no: the proxy replaced the header
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        time.sleep(0.1)

@@ -195,3 +195,106 @@ def test_metrics_count_requests_rejections_and_jobs(make_app):
     assert "m2fp_queue_depth 1.0" in text
     assert "m2fp_http_request_duration_seconds_bucket" in text
     assert "A" * 24 not in text  # route templates, never raw paths
+
+
+# --- fairness and bypasses (issue: the gateway holds under load and attack) -----------------
+def test_strikes_survive_a_valid_upload_that_is_then_refused(make_app, clean_redis):
+    """junk, junk, a tiny valid PNG refused with 429, junk: that is three strikes, a ban."""
+    client = make_app(M2FP_BAN_AFTER="3", M2FP_SUBMIT_LIMIT="1/minute").test_client()
+    assert upload(client, png_bytes()).status_code == 202          # spends the one submit
+    assert upload(client, b"junk", "x.png").status_code == 415
+    assert upload(client, b"junk", "x.png").status_code == 415
+    refused = upload(client, png_bytes())
+    assert refused.status_code == 429                               # valid, but not admitted
+    assert upload(client, b"junk", "x.png").status_code == 415     # third strike
+    banned = upload(client, png_bytes())
+    assert banned.status_code == 403 and banned.get_json()["error"] == "banned"
+
+
+def test_an_admitted_job_clears_the_strikes(make_app, clean_redis):
+    client = make_app(M2FP_BAN_AFTER="3").test_client()
+    for _ in range(2):
+        assert upload(client, b"junk", "x.png").status_code == 415
+    assert upload(client, png_bytes()).status_code == 202
+    assert not list(clean_redis.scan_iter(f"{STRIKES_PREFIX}:*"))
+
+
+@pytest.mark.parametrize(("prefix", "expected"), [("64", [202, 202, 429, 202]), ("128", [202, 202, 202, 202])])
+def test_ipv6_peers_share_a_limit_per_prefix(make_app, prefix, expected):
+    client = make_app(M2FP_SUBMIT_LIMIT="2/minute", M2FP_IPV6_PREFIX=prefix).test_client()
+    peers = ["2001:db8:a:b::1", "2001:db8:a:b:ffff:1:2:3", "2001:db8:a:b::3", "2001:db8:a:c::1"]
+    statuses = [upload(client, png_bytes(), environ_base={"REMOTE_ADDR": peer}).status_code for peer in peers]
+    assert statuses == expected
+
+
+def test_ipv6_peers_of_one_prefix_share_a_ban(make_app):
+    client = make_app(M2FP_BAN_AFTER="2").test_client()
+    for peer in ("2001:db8:1:2::a", "2001:db8:1:2::b"):
+        assert upload(client, b"junk", "x.png", environ_base={"REMOTE_ADDR": peer}).status_code == 415
+    assert upload(client, png_bytes(), environ_base={"REMOTE_ADDR": "2001:db8:1:2::c"}).status_code == 403
+    assert upload(client, png_bytes(), environ_base={"REMOTE_ADDR": "2001:db8:1:3::c"}).status_code == 202
+
+
+def test_submit_attempts_are_metered_before_validation(make_app):
+    client = make_app(M2FP_SUBMIT_ATTEMPT_LIMIT="3/minute").test_client()
+    for _ in range(3):
+        assert upload(client, b"junk", "x.png").status_code == 415
+    limited = upload(client, png_bytes())
+    assert limited.status_code == 429 and limited.get_json()["error"] == "rate_limited"
+    assert int(limited.headers["Retry-After"]) >= 1
+    # Another client is not affected.
+    assert upload(client, png_bytes(), environ_base={"REMOTE_ADDR": "192.0.2.9"}).status_code == 202
+
+
+def test_jobs_in_flight_are_capped_per_client(make_app, clean_redis):
+    app = make_app(M2FP_MAX_JOBS_PER_CLIENT="2")
+    client, store = app.test_client(), app.extensions["m2fp"].store
+    jobs = [upload(client, png_bytes()).get_json() for _ in range(2)]
+    capped = upload(client, png_bytes())
+    assert capped.status_code == 429 and capped.get_json()["error"] == "too_many_jobs"
+    assert int(capped.headers["Retry-After"]) >= 1
+    # The refused job left nothing behind: two inputs, two records.
+    assert len(list(clean_redis.scan_iter("m2fp:in:*"))) == 2
+    assert len(list(clean_redis.scan_iter("m2fp:job:*"))) == 2
+    assert app.extensions["m2fp"].store.queue_depth("m2fp") == 2
+    # Others are admitted; a finished or withdrawn job frees its slot.
+    assert upload(client, png_bytes(), environ_base={"REMOTE_ADDR": "192.0.2.9"}).status_code == 202
+    assert client.delete(jobs[0]["status_url"], headers=bearer(jobs[0]["token"])).status_code == 204
+    assert upload(client, png_bytes()).status_code == 202
+    store.fail(jobs[1]["job_id"], "internal_error")
+    assert upload(client, png_bytes()).status_code == 202
+    assert upload(client, png_bytes()).status_code == 429
+    inflight = list(clean_redis.scan_iter("m2fp:inflight:*"))
+    assert inflight and all(0 < clean_redis.ttl(key) for key in inflight)
+    assert all(b"127.0.0.1" not in key for key in inflight)   # a pseudonym, not the address
+
+
+def test_jobs_in_flight_cap_zero_disables_it(make_app):
+    client = make_app(M2FP_MAX_JOBS_PER_CLIENT="0").test_client()
+    assert [upload(client, png_bytes()).status_code for _ in range(5)] == [202] * 5
+
+
+def test_untrusted_forwarded_for_is_counted_and_warned_once(make_app, caplog, monkeypatch):
+    from api import abuse  # noqa: PLC0415
+
+    monkeypatch.setattr(abuse, "_warned_untrusted_forwarded_for", False)
+    client = make_app(M2FP_TRUSTED_PROXIES="0").test_client()
+    with caplog.at_level("WARNING", logger="api.abuse"):
+        for _ in range(3):
+            assert client.get("/healthz", headers={"X-Forwarded-For": "198.51.100.1"}).status_code == 200
+        client.get("/healthz")
+    warnings = [r for r in caplog.records if r.getMessage() == "untrusted_forwarded_for"]
+    assert len(warnings) == 1
+    text = client.get("/metrics").get_data(as_text=True)
+    assert "m2fp_untrusted_forwarded_for_total 3.0" in text
+
+
+def test_trusted_proxies_raise_no_forwarded_for_warning(make_app, caplog, monkeypatch):
+    from api import abuse  # noqa: PLC0415
+
+    monkeypatch.setattr(abuse, "_warned_untrusted_forwarded_for", False)
+    client = make_app(M2FP_TRUSTED_PROXIES="1").test_client()
+    with caplog.at_level("WARNING", logger="api.abuse"):
+        client.get("/healthz", headers={"X-Forwarded-For": "198.51.100.1"})
+    assert not [r for r in caplog.records if r.getMessage() == "untrusted_forwarded_for"]
+    assert "m2fp_untrusted_forwarded_for_total 0.0" in client.get("/metrics").get_data(as_text=True)

@@ -27,7 +27,9 @@ def gateway_process(service_env, clean_redis, tmp_path):
     port = free_port()
     prometheus_dir = tmp_path / "prometheus"
     prometheus_dir.mkdir()
-    env = dict(service_env, M2FP_PORT=str(port), PROMETHEUS_MULTIPROC_DIR=str(prometheus_dir))
+    # No jobs complete here (no worker), so the per-client in-flight cap must not mask the rate limit.
+    env = dict(service_env, M2FP_PORT=str(port), PROMETHEUS_MULTIPROC_DIR=str(prometheus_dir),
+               M2FP_MAX_JOBS_PER_CLIENT="10")
     log_path = tmp_path / "gunicorn.log"
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "api/gunicorn_conf.py", "-w", "2",

@@ -100,7 +100,7 @@ def make_app(redis_url, clean_redis):
     def factory(**overrides: str):
         env = {"M2FP_REDIS_URL": redis_url, "M2FP_DATA_KEYS": f"k1:{generate_key()}",
                "M2FP_SUBMIT_LIMIT": "1000/minute", "M2FP_POLL_LIMIT": "1000/minute",
-               "M2FP_BAN_AFTER": "0"}
+               "M2FP_SUBMIT_ATTEMPT_LIMIT": "1000/minute", "M2FP_BAN_AFTER": "0"}
         env.update(overrides)
         settings = load_settings(env)
         celery_app = make_celery(settings)

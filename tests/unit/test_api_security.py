@@ -229,3 +229,42 @@ def test_openapi_documents_every_route(offline_app):
 def test_openapi_leaks_nothing_about_the_deployment(offline_app):
     text = offline_app.test_client().get("/openapi.json").get_data(as_text=True)
     assert not LEAKS.search(text)
+
+
+# --- cross-site submissions ---------------------------------------------------------------------
+@pytest.mark.parametrize(("origin", "fetch_site", "host", "allowed"), [
+    (None, None, "svc.example", True),                        # an API client: no browser headers
+    (None, "same-origin", "svc.example", True),
+    (None, "none", "svc.example", True),                      # typed into the address bar
+    (None, "cross-site", "svc.example", False),
+    ("https://svc.example", "same-origin", "svc.example", True),
+    ("http://svc.example", None, "svc.example", True),        # TLS ends at the proxy: scheme may differ
+    ("https://svc.example", None, "svc.example:443", True),   # default port written out
+    ("http://127.0.0.1:8000", None, "127.0.0.1:8000", True),
+    ("http://127.0.0.1:8001", None, "127.0.0.1:8000", False),  # another port is another origin
+    ("https://evil.example", "cross-site", "svc.example", False),
+    ("https://svc.example.evil.example", None, "svc.example", False),
+    ("https://evil.example", None, "svc.example", False),      # Origin decides even without Sec-Fetch-Site
+    ("null", "cross-site", "svc.example", False),              # sandboxed frame, file: page
+    ("https://app.example", "cross-site", "svc.example", True),  # listed in M2FP_CORS_ORIGINS
+])
+def test_write_allowed(origin, fetch_site, host, allowed):
+    from api.security import write_allowed  # noqa: PLC0415
+
+    assert write_allowed(origin, fetch_site, host, frozenset({"https://app.example"})) is allowed
+
+
+def test_cross_site_submissions_are_refused_before_they_count(make_app, clean_redis):
+    client = make_app(M2FP_BAN_AFTER="1", M2FP_SUBMIT_ATTEMPT_LIMIT="2/minute").test_client()
+    evil = {"Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site"}
+    for _ in range(4):   # junk from another site's page: refused, no strike, no attempt spent
+        refused = upload(client, b"junk", "x.png", headers=evil)
+        assert refused.status_code == 403 and refused.get_json()["error"] == "cross_origin"
+        assert_secure(refused)
+    assert not list(clean_redis.scan_iter("m2fp:strikes:*"))
+    same_site = {"Origin": "http://localhost", "Sec-Fetch-Site": "same-origin"}
+    job = upload(client, png_bytes(), headers=same_site)           # the service's own page
+    assert job.status_code == 202
+    assert upload(client, png_bytes()).status_code == 202            # an API client
+    withdraw = client.delete(job.get_json()["status_url"], headers={**bearer(job.get_json()["token"]), **evil})
+    assert withdraw.status_code == 403 and withdraw.get_json()["error"] == "cross_origin"
