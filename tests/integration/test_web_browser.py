@@ -415,3 +415,57 @@ def test_clicking_a_person_shows_only_their_parts(people_stack, browser, tmp_pat
     assert browser.execute_script(CANVAS_BRIGHTNESS) < everyone_brightness - 1.0
     assert by_id(browser, "legend").find_elements(By.CSS_SELECTOR, "li")
     assert console_problems(browser) == []
+
+
+# --- cross-site submissions ------------------------------------------------------------------
+# Another site's page posts junk to the service from its visitor's browser (a CORS "simple"
+# request, which needs no preflight): without the Origin check each one would be a strike
+# against the visitor's address. The page is served from another port: another origin.
+ATTACKER_PAGE = """<!doctype html><meta charset="utf-8"><title>free kittens</title><script>
+window.__sent = (async () => {
+  for (let i = 0; i < 3; i++) {
+    const form = new FormData();
+    form.append("image", new Blob(["not a photo"], {type: "image/png"}), "kitten.png");
+    // The request goes out; the gateway's Cross-Origin-Resource-Policy then hides the reply.
+    await fetch("%s/v1/jobs", {method: "POST", body: form, mode: "no-cors"}).catch(() => null);
+  }
+  return "sent";
+})().catch((e) => "failed: " + e);
+</script>"""
+
+SAME_ORIGIN_SUBMIT = """
+const done = arguments[arguments.length - 1];
+const bytes = Uint8Array.from(atob(arguments[0]), (c) => c.charCodeAt(0));
+const form = new FormData();
+form.append("image", new Blob([bytes], {type: "image/jpeg"}), "me.jpg");
+fetch("/v1/jobs", {method: "POST", body: form}).then(async (r) => done({status: r.status, body: await r.json()}));
+"""
+
+
+@pytest.mark.integration
+def test_another_sites_page_cannot_submit_for_its_visitors(stack_factory, browser, tmp_path):
+    import base64  # noqa: PLC0415
+    import http.server  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+
+    stack = stack_factory(workers=0, M2FP_BAN_AFTER="2")
+    (tmp_path / "index.html").write_text(ATTACKER_PAGE % stack.base_url)
+    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path), **k)  # noqa: E731
+    attacker = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=attacker.serve_forever, daemon=True).start()
+    try:
+        browser.get(f"http://127.0.0.1:{attacker.server_port}/index.html")
+        sent = browser.execute_async_script("window.__sent.then(arguments[arguments.length - 1])")
+        assert sent == "sent"
+    finally:
+        attacker.shutdown()
+        attacker.server_close()
+    metrics = requests.get(stack.base_url + "/metrics", timeout=10).text
+    assert 'm2fp_rejections_total{reason="cross_origin"} 3.0' in metrics
+    # The visitor (same address) was not banned by what the other page sent ...
+    assert requests.post(stack.base_url + "/v1/jobs", files={"image": ("p.jpg", photo_jpeg(64, 64))},
+                         timeout=30).status_code == 202
+    # ... and the service's own page submits from the browser as before (same origin).
+    browser.get(stack.base_url + "/")
+    reply = browser.execute_async_script(SAME_ORIGIN_SUBMIT, base64.b64encode(photo_jpeg(64, 64)).decode())
+    assert reply["status"] == 202 and reply["body"]["job_id"]
