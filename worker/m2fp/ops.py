@@ -154,6 +154,10 @@ def ms_deform_attn(
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
 ) -> torch.Tensor:
-    """Call the compiled op; arguments and result as `multi_scale_deformable_attention`."""
+    """Call the compiled op (loading it first); arguments and result as `multi_scale_deformable_attention`."""
+    if _status is None or not _status["loaded"]:
+        current = status()
+        if not current["loaded"]:
+            raise RuntimeError(f"the compiled deformable-attention op is unavailable: {current['reason']}")
     flat_shapes = [int(size) for shape in spatial_shapes for size in shape]
     return torch.ops.m2fp.ms_deform_attn(value, flat_shapes, sampling_locations, attention_weights)

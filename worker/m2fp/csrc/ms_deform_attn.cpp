@@ -11,8 +11,9 @@
 //
 // Work is split over the B * Q * M (batch, query, head) items with at::parallel_for, so batch 1
 // uses every intra-op thread. Each item reads, per level and point, four corner rows of D
-// contiguous channels (value is channels-last per head) and accumulates them in a float32 row of D:
-// the inner loops run over the head dimension and are left to the compiler's auto-vectoriser.
+// contiguous channels (value is channels-last per head) and accumulates them in a float32 row of D,
+// in one branch-free pass (corners outside the map weigh 0 at a clamped address): the inner loop
+// runs over the head dimension and is left to the compiler's auto-vectoriser.
 //
 // Instruction set: the binary is built for the generic x86-64 baseline, and the kernels are
 // compiled a second and third time for x86-64-v3 (AVX2 + FMA) and x86-64-v4 (AVX-512) through
@@ -72,13 +73,18 @@ inline void store(uint16_t* out, const float* accumulator, int64_t count) {
   }
 }
 
-// accumulator[0:D] += coefficient * row[0:D]
+
+// accumulator[0:D] += the four weighted corner rows, in one pass over the channels
 template <typename storage_t, int kHeadDim>
-inline __attribute__((always_inline)) void axpy(float* __restrict accumulator, const storage_t* __restrict row,
-                                                float coefficient, int64_t head_dim) {
+inline __attribute__((always_inline)) void axpy4(float* __restrict accumulator, int64_t head_dim,
+                                                 const storage_t* __restrict row_a, float weight_a,
+                                                 const storage_t* __restrict row_b, float weight_b,
+                                                 const storage_t* __restrict row_c, float weight_c,
+                                                 const storage_t* __restrict row_d, float weight_d) {
   const int64_t count = kHeadDim > 0 ? kHeadDim : head_dim;
   for (int64_t channel = 0; channel < count; ++channel) {
-    accumulator[channel] += coefficient * to_float(row[channel]);
+    accumulator[channel] += weight_a * to_float(row_a[channel]) + weight_b * to_float(row_b[channel]) +
+                            weight_c * to_float(row_c[channel]) + weight_d * to_float(row_d[channel]);
   }
 }
 
@@ -122,23 +128,19 @@ inline __attribute__((always_inline)) void attend_items(const Problem& problem, 
         const int64_t column = static_cast<int64_t>(x_west), row = static_cast<int64_t>(y_north);
         const float to_east = x - x_west, to_west = (x_west + 1.0f) - x;
         const float to_south = y - y_north, to_north = (y_north + 1.0f) - y;
+        // Corners outside the map get weight 0 and a clamped (valid) address: one branch-free pass.
         const bool has_west = column >= 0, has_east = column + 1 < width;
         const bool has_north = row >= 0, has_south = row + 1 < height;
-        const storage_t* north_west = value_level + (row * width + column) * pixel_stride;
-        if (has_north && has_west) {
-          axpy<storage_t, kHeadDim>(accumulator, north_west, weight * to_north * to_west, head_dim);
-        }
-        if (has_north && has_east) {
-          axpy<storage_t, kHeadDim>(accumulator, north_west + pixel_stride, weight * to_north * to_east, head_dim);
-        }
-        if (has_south && has_west) {
-          axpy<storage_t, kHeadDim>(accumulator, north_west + width * pixel_stride, weight * to_south * to_west,
-                                    head_dim);
-        }
-        if (has_south && has_east) {
-          axpy<storage_t, kHeadDim>(accumulator, north_west + (width + 1) * pixel_stride,
-                                    weight * to_south * to_east, head_dim);
-        }
+        const int64_t west = has_west ? column : 0, east = has_east ? column + 1 : width - 1;
+        const int64_t north = has_north ? row : 0, south = has_south ? row + 1 : height - 1;
+        const float north_weight = has_north ? weight * to_north : 0.0f;
+        const float south_weight = has_south ? weight * to_south : 0.0f;
+        const float west_part = has_west ? to_west : 0.0f, east_part = has_east ? to_east : 0.0f;
+        axpy4<storage_t, kHeadDim>(accumulator, head_dim,
+                                   value_level + (north * width + west) * pixel_stride, north_weight * west_part,
+                                   value_level + (north * width + east) * pixel_stride, north_weight * east_part,
+                                   value_level + (south * width + west) * pixel_stride, south_weight * west_part,
+                                   value_level + (south * width + east) * pixel_stride, south_weight * east_part);
       }
     }
     store(output + item * head_dim, accumulator, head_dim);
