@@ -354,6 +354,17 @@ def test_workers_finish_their_job_before_they_are_killed(rendered, overlay):
     assert worker["terminationGracePeriodSeconds"] > hard_limit
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_worker_threads_fit_its_cpu_request(rendered, overlay):
+    """os.cpu_count() is the node's: the threads are set, and processes x threads <= CPUs."""
+    docs = rendered[overlay]
+    worker = find(docs, "Deployment", "m2fp-worker")["spec"]["template"]["spec"]["containers"][0]
+    env = env_of(docs, worker)
+    cpus = float(str(worker["resources"]["requests"]["cpu"]).removesuffix("m")) / (
+        1000 if str(worker["resources"]["requests"]["cpu"]).endswith("m") else 1)
+    assert int(env["M2FP_WORKER_CONCURRENCY"]) * int(env["M2FP_TORCH_THREADS"]) <= max(cpus, 1)
+
+
 SECRETISH = re.compile(r"KEY|PASSWORD|PASS|TOKEN|SECRET|AUTH|URL", re.I)
 
 
