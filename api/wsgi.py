@@ -2,8 +2,10 @@
 
 from api import create_app
 from shared.config import load_settings
+from shared.hardening import disable_core_dumps
 from shared.watchdog import MemoryWatchdog
 
+disable_core_dumps()  # before the keys or any request are held: no core dumps, not dumpable
 settings = load_settings()
 app = create_app(settings)
 # Alerts (log, optional webhook) when memory use passes M2FP_MEMORY_ALERT_PERCENT.

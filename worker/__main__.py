@@ -18,6 +18,7 @@ import sys
 
 from shared.config import ConfigError, load_settings, resolve_weights
 from shared.constants import QUEUE
+from shared.hardening import disable_core_dumps
 from shared.logging import configure_logging
 from worker.metrics import serve_metrics
 
@@ -28,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-preflight", action="store_true", help="skip the model load check")
     parser.add_argument("celery_args", nargs="*", help="extra arguments for celery worker")
     args = parser.parse_args(argv)
+    disable_core_dumps()  # before any secret is read; pool children inherit it and repeat it
     try:
         settings = load_settings()
         weights = resolve_weights(settings)

@@ -7,9 +7,16 @@ for it. A heartbeat thread in each child publishes `m2fp:worker:{name}` (variant
 untrained, deform_op: "op" or "reference: <reason>") with a short TTL once the model is loaded:
 that is what the gateway's /readyz reads.
 
+Each pool child also hardens itself before anything else (`shared.hardening`): no core dumps,
+not dumpable, and its data segment capped at `M2FP_CHILD_MEMORY_LIMIT_MB`, so an outlier job
+fails `out_of_memory` alone instead of waking the kernel's OOM killer.
+
 The task itself stays thin: validate the id, call `worker.pipeline.process_job`, and turn the
-two Celery-level failures (soft time limit, unexpected crash) into a failed job instead of a
-message loop.
+Celery-level failures into a clear job state instead of a message loop: soft time limit ->
+`failed/timeout`; unexpected crash -> `failed/internal_error`; a Redis error mid-job -> the
+message is rejected *with requeue* (not acked) after a pause, so the job runs again once Redis
+answers, and the job store's attempt counter ends it `failed/worker_lost` past
+`M2FP_MAX_ATTEMPTS`.
 """
 
 from __future__ import annotations
@@ -23,10 +30,11 @@ import time
 
 import redis
 from celery import Celery, signals
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Reject, SoftTimeLimitExceeded
 
 from shared.config import Settings, resolve_weights
 from shared.constants import TASK_PARSE, worker_key
+from shared.hardening import disable_core_dumps, limit_memory
 from shared.jobstore import JobStore
 from shared.logging import bind, clear, configure_logging, event
 from shared.queue import make_celery
@@ -39,6 +47,7 @@ log = logging.getLogger(__name__)
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 HEARTBEAT_SECONDS, HEARTBEAT_TTL = 10, 30
 MODEL_LOAD_TIMEOUT = 600
+REDIS_ERROR_PAUSE = 2.0  # seconds before requeueing a job whose Redis call failed (no hot loop)
 
 
 def torch_threads(settings: Settings) -> int:
@@ -131,7 +140,9 @@ class WorkerProcess:
         """Dependencies for `process_job`."""
         return JobContext(store=self.store, keyring=self.settings.keyring,
                           predictor=self.get_predictor, worker_name=self.name,
-                          max_pixels=self.settings.max_pixels)
+                          max_pixels=self.settings.max_pixels,
+                          max_decode_bytes=self.settings.max_decode_mb * 1024 * 1024,
+                          infer_max_side=self.settings.infer_max_side)
 
 
 def create_worker_app(settings: Settings) -> Celery:
@@ -141,6 +152,8 @@ def create_worker_app(settings: Settings) -> Celery:
 
     @signals.worker_process_init.connect(weak=False)
     def _child_started(**_):
+        disable_core_dumps()
+        limit_memory(settings.child_memory_limit_mb)
         configure_logging(settings.log_level)
         process.start()
 
@@ -166,10 +179,16 @@ def create_worker_app(settings: Settings) -> Celery:
             record_job("failed_timeout")
             return "failed"
         except redis.RedisError:
-            # Redis is gone: nothing can be stored; the message is redelivered after the
-            # visibility timeout and the attempt counter bounds the retries.
+            # Nothing can be stored now. Acking (what a plain exception does, with
+            # task_acks_on_failure) would leave the job `running` until its TTL: reject with
+            # requeue instead, after a pause, so the job runs again when Redis answers; each
+            # delivery's claim counts an attempt, so past M2FP_MAX_ATTEMPTS it ends
+            # failed/worker_lost. If the requeue itself cannot reach Redis, the message stays
+            # in Celery's unacked set and comes back after the visibility timeout.
             log.error("redis_error_during_job", exc_info=True)
-            raise
+            record_job("requeued_redis_error")
+            time.sleep(REDIS_ERROR_PAUSE)
+            raise Reject("redis_error", requeue=True) from None
         except Exception:  # noqa: BLE001
             log.error("job_crashed", exc_info=True)
             record_job("failed_internal_error")

@@ -3,12 +3,16 @@
 `process_job` is everything the Celery task does, written without Celery so it can be tested
 with a real Redis and no broker. It owns the job's failure semantics: bad input ends the job
 `failed` with a public code and never raises into Celery (so the message is acked, not retried);
-an input that expired ends it `expired`; a withdrawn job's result is discarded. The plaintext
-image and result exist only in this function's locals, and are dropped as soon as sealed.
+an input that expired ends it `expired`; a withdrawn job's result is discarded; a job that runs
+out of the pool child's memory limit (`M2FP_CHILD_MEMORY_LIMIT_MB`) ends `failed/out_of_memory`
+and the child goes on. The plaintext image and result exist only in this function's locals, and
+are dropped as soon as sealed. A JPEG may be decoded smaller than uploaded (`draft()` down to the
+inference size); the maps and boxes are scaled back to the upload size here.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import time
@@ -20,10 +24,10 @@ import numpy as np
 
 from shared.constants import CIHP_CLASSES, LIP_CLASSES
 from shared.crypto import Keyring, decrypt_payload, encrypt_payload
-from shared.errors import DecryptionError, ServiceError, TooManyPixels, UndecodableImage
+from shared.errors import DecodeTooLarge, DecryptionError, ServiceError, TooManyPixels, UndecodableImage
 from shared.jobstore import JobStore
 from shared.logging import event
-from worker.imaging import decode_image, png_base64
+from worker.imaging import decode_upload, png_base64
 from worker.metrics import record_job
 
 log = logging.getLogger(__name__)
@@ -52,6 +56,8 @@ class JobContext:
     predictor: Callable[[], SupportsPredict]
     worker_name: str
     max_pixels: int
+    max_decode_bytes: int | None = None
+    infer_max_side: int | None = None
 
 
 def build_result(job_id: str, parsing, *, untrained: bool, variant: str, timings: dict) -> bytes:
@@ -98,27 +104,17 @@ def process_job(job_id: str, ctx: JobContext) -> str:
         image_bytes = decrypt_payload(data_key, job_id, "in", claim.sealed_input)
     except DecryptionError:
         return _fail(ctx, job_id, "internal_error", started, "decryption_failed")
-    timings: dict[str, float] = {}
     try:
-        tic = time.monotonic()
-        image = decode_image(image_bytes, max_pixels=ctx.max_pixels)
-        del image_bytes
-        timings["decode"] = time.monotonic() - tic
-    except (UndecodableImage, TooManyPixels) as exc:
+        sealed, timings = _parse_and_seal(ctx, job_id, image_bytes, data_key)
+    except (UndecodableImage, TooManyPixels, DecodeTooLarge) as exc:
         return _fail(ctx, job_id, exc.code, started, exc.code)
-
-    predictor = ctx.predictor()
-    tic = time.monotonic()
-    parsing = predictor.predict(image)
-    timings["inference"] = time.monotonic() - tic
-    timings.update({f"model_{k}": v for k, v in getattr(parsing, "timings", {}).items()})
-    del image
-    tic = time.monotonic()
-    document = build_result(job_id, parsing, untrained=predictor.untrained,
-                            variant=predictor.variant, timings=timings)
-    sealed = encrypt_payload(data_key, job_id, "out", document)
-    del document, parsing
-    timings["render_seal"] = time.monotonic() - tic
+    except (MemoryError, RuntimeError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        del exc
+        gc.collect()
+        return _fail(ctx, job_id, "out_of_memory", started, "memory_limit")
+    del image_bytes
     if not ctx.store.store_result(job_id, sealed):
         event(log, "job_discarded", reason="withdrawn_or_expired")
         record_job("discarded", time.monotonic() - started, timings["inference"], claim.attempts)
@@ -128,6 +124,39 @@ def process_job(job_id: str, ctx: JobContext) -> str:
           inference_seconds=round(timings["inference"], 3), attempt=claim.attempts)
     record_job("done", seconds, timings["inference"], claim.attempts)
     return "done"
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for an allocation refused by the memory limit: MemoryError, or torch's allocator error."""
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
+
+
+def _parse_and_seal(ctx: JobContext, job_id: str, image_bytes: bytes, data_key: bytes):
+    """Decode, parse at (at most) the inference size, render at the upload size, seal the result."""
+    timings: dict[str, float] = {}
+    tic = time.monotonic()
+    decoded = decode_upload(image_bytes, max_pixels=ctx.max_pixels, max_decode_bytes=ctx.max_decode_bytes,
+                            target_side=ctx.infer_max_side)
+    timings["decode"] = time.monotonic() - tic
+    predictor = ctx.predictor()
+    tic = time.monotonic()
+    parsing = predictor.predict(decoded.rgb)
+    if parsing.label_map.shape != (decoded.height, decoded.width):
+        # Decoded smaller than uploaded (JPEG draft): maps, boxes and areas back to the upload size.
+        parsing = predictor._to_input_size(parsing, decoded.height, decoded.width)  # noqa: SLF001
+    timings["inference"] = time.monotonic() - tic
+    timings.update({f"model_{k}": v for k, v in getattr(parsing, "timings", {}).items()})
+    del decoded
+    tic = time.monotonic()
+    document = build_result(job_id, parsing, untrained=predictor.untrained,
+                            variant=predictor.variant, timings=timings)
+    sealed = encrypt_payload(data_key, job_id, "out", document)
+    del document, parsing
+    timings["render_seal"] = time.monotonic() - tic
+    return sealed, timings
 
 
 def fail_job(store: JobStore, job_id: str, error: ServiceError | str) -> None:

@@ -12,11 +12,13 @@ import sys
 import time
 
 from shared.config import ConfigError, load_settings, resolve_weights
+from shared.hardening import disable_core_dumps
 from worker.weights import load_predictor
 
 
 def main() -> int:
     """Load the model as a worker child would and print a JSON summary."""
+    disable_core_dumps()  # it decrypts the checkpoint and holds the data keys
     try:
         settings = load_settings()
         weights = resolve_weights(settings)
