@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Create ./secrets for docker-compose: the data keyring, one Redis ACL user per role (gateway,
 # worker, flower, healthcheck), Flower's basic auth, and the URLs each service reads.
+# Flower's user is read-only for real: no PUBLISH (so no remote control through Celery's pidbox),
+# no CLIENT KILL/PAUSE, CONFIG or FLUSH*, no job key; its rules are shared.constants.FLOWER_ACL_RULES
+# (tests/integration/test_deploy.py checks that both agree and that a real Flower still works).
 # Refuses to overwrite an existing secrets folder (rotate keys as docs/OPERATIONS.md says).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,7 +12,7 @@ umask 077
 mkdir -p secrets/tls
 rand() { python3 -c 'import secrets; print(secrets.token_urlsafe(32))'; }
 python3 -c 'import base64,secrets,time; print(f"k{int(time.time())}:" + base64.b64encode(secrets.token_bytes(32)).decode())' > secrets/data_keys
-api=$(rand); worker=$(rand); flower=$(rand)
+api=$(rand); worker=$(rand); flower=$(rand); health=$(rand)
 # Celery needs its queue, kombu bindings, unacked bookkeeping and pub/sub channels; the
 # limiter and job keys live under m2fp*. Dangerous commands are denied to every role.
 common='~m2fp* ~_kombu.* ~unacked* ~celery* &* +@all -@dangerous +info'
@@ -17,11 +20,12 @@ cat > secrets/users.acl <<ACL
 user default off
 user gateway on >$api $common
 user worker on >$worker $common
-user flower on >$flower ~_kombu.* ~unacked* ~celery* ~m2fp &* +@read +@pubsub +@connection +info +llen +client +select
-user healthcheck on >healthcheck +ping
+user flower on >$flower resetchannels &/0.celeryev/* resetkeys %R~m2fp %R~celery* %RW~_kombu.binding.celeryev %RW~_kombu.binding_permanent.celeryev %RW~_kombu.binding_deadlines -@all +@connection +@transaction -client +client|setname +client|id +psubscribe +punsubscribe +llen +info +ping +select +sadd +srem +smembers +zadd +zrem +zrangebyscore +exists +time +evalsha +eval +script|load +script|exists
+user healthcheck on >$health -@all +ping
 ACL
 echo "redis://gateway:$api@redis:6379/0" > secrets/redis_url_api
 echo "redis://worker:$worker@redis:6379/0" > secrets/redis_url_worker
 echo "redis://flower:$flower@redis:6379/0" > secrets/redis_url_flower
 echo "admin:$(rand)" > secrets/flower_auth
+echo "$health" > secrets/redis_healthcheck
 echo "secrets written to ./secrets (Flower login in secrets/flower_auth); add TLS cert/key to secrets/tls"

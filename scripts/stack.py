@@ -1,17 +1,35 @@
 """`make run`: the whole stack on localhost in the foreground, stopped cleanly by Ctrl-C/SIGTERM.
 
-Starts, in order: its own Redis (random password given on stdin, loopback, no persistence,
-noeviction) unless `M2FP_REDIS_URL` points elsewhere; `M2FP_WORKERS` Celery workers (default 1,
-threads split so workers x threads <= cores); the gateway under gunicorn on
-`M2FP_HOST:M2FP_PORT`; Flower on 127.0.0.1:`M2FP_FLOWER_PORT` with basic auth. Secrets it
-generates (Redis password, data key, Flower password) live only in memory and in the children's
-environments. With no `M2FP_WEIGHTS` and no checkpoint at weights/cihp/pytorch_model.pt it runs
-the real network with random weights and says so loudly.
+Starts, in order: its own Redis (config with a random password and Flower's read-only ACL user
+given on stdin, loopback, no persistence, noeviction) unless `M2FP_REDIS_URL` points elsewhere;
+`M2FP_WORKERS` Celery workers (default 1, threads split so workers x threads <= cores); the
+gateway under gunicorn on `M2FP_HOST:M2FP_PORT`; Flower on 127.0.0.1:`M2FP_FLOWER_PORT` with
+basic auth. Secrets it generates (Redis passwords, data key, Flower password) live only in
+memory and in the children's environments: never on a command line (`ps` shows argv to every
+user) and never on disk. Every child starts with RLIMIT_CORE 0; the Python ones also make
+themselves non-dumpable (shared.hardening). With no `M2FP_WEIGHTS` and no checkpoint at
+weights/cihp/pytorch_model.pt it runs the real network with random weights and says so loudly.
+
+Supervision: a worker or Flower that exits is restarted with backoff (1 s, doubling to 30 s,
+back to 1 s once it has stayed up a minute) while the rest keeps serving; the queue lives in
+Redis, so jobs wait for the worker's return. Redis or the gateway exiting stops the whole stack
+with a loud message and exit status 1: without them nothing can be served, and a Redis restart
+would have lost every job anyway (no persistence, by design). Flower is only a window on the
+workers, so it is restarted like a worker rather than taking the service down.
+
+Why not a process manager from PyPI: honcho (Foreman's model) stops every process as soon as
+one exits and has no restart policy, which is exactly the behaviour to remove. supervisor
+restarts well, but it reads its programs from a config file (secrets for Redis would then be on
+disk or on argv, since it cannot feed a child's stdin), gives up on a program after
+`startretries` quick failures (FATAL) with a linear delay, needs an event listener to stop
+everything when Redis dies, and runs its own control server. The policy needed here is ~60
+lines (`Child`/`Stack` below) and is tested end to end (tests/integration/test_make_run.py).
 """
 
 from __future__ import annotations
 
 import os
+import resource
 import secrets
 import shutil
 import signal
@@ -19,12 +37,14 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
 sys.path.insert(0, str(REPO))
+BACKOFF_FIRST, BACKOFF_MAX, HEALTHY_AFTER = 1.0, 30.0, 60.0
 
 
 def banner(lines: list[str], char: str = "=") -> None:
@@ -48,68 +68,130 @@ def pick_port(preferred: int) -> int:
         return sock.getsockname()[1]
 
 
+def _no_core_dumps() -> None:
+    """In each child before exec: no core file, whatever the program does after."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+@dataclass
+class Child:
+    """One supervised process: how to start it, and its restart state."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    stdin: str | None = None
+    critical: bool = True           # its exit stops the stack; otherwise it is restarted
+    proc: subprocess.Popen | None = None
+    started_at: float = 0.0
+    backoff: float = BACKOFF_FIRST
+    restart_at: float | None = None
+    restarts: int = 0
+    history: list[int] = field(default_factory=list)
+
+
 class Stack:
-    """The child processes of the stack, each in its own process group."""
+    """The child processes of the stack, each in its own process group, and their supervision."""
 
     def __init__(self) -> None:
-        self.children: list[tuple[str, subprocess.Popen]] = []
+        self.children: list[Child] = []
 
-    def start(self, name: str, argv: list[str], env: dict[str, str], stdin: str | None = None):
+    def start(self, name: str, argv: list[str], env: dict[str, str], stdin: str | None = None,
+              critical: bool = True) -> subprocess.Popen:
         """Start one child; its output goes to this console."""
-        proc = subprocess.Popen(argv, env=env, cwd=REPO, start_new_session=True,
-                                stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL)
-        if stdin is not None:
-            proc.stdin.write(stdin.encode())
+        child = Child(name, argv, env, stdin, critical)
+        self.children.append(child)
+        return self._spawn(child)
+
+    def _spawn(self, child: Child) -> subprocess.Popen:
+        proc = subprocess.Popen(child.argv, env=child.env, cwd=REPO, start_new_session=True,
+                                preexec_fn=_no_core_dumps,  # noqa: PLW1509  (no threads here)
+                                stdin=subprocess.PIPE if child.stdin is not None else subprocess.DEVNULL)
+        if child.stdin is not None:
+            proc.stdin.write(child.stdin.encode())
             proc.stdin.close()
-        self.children.append((name, proc))
+        child.proc, child.started_at, child.restart_at = proc, time.monotonic(), None
+        child.history.append(proc.pid)
+        print(f"stack: {child.name} started (pid {proc.pid})", file=sys.stderr, flush=True)
         return proc
+
+    def supervise(self) -> Child | None:
+        """One pass: schedule or perform restarts; returns a critical child that exited, if any."""
+        now = time.monotonic()
+        for child in self.children:
+            if child.restart_at is not None:
+                if now >= child.restart_at:
+                    child.restarts += 1
+                    self._spawn(child)
+                continue
+            status = child.proc.poll()
+            if status is None:
+                if now - child.started_at >= HEALTHY_AFTER:
+                    child.backoff = BACKOFF_FIRST
+                continue
+            if child.critical:
+                return child
+            try:  # its orphans (a worker's pool children) go with it
+                os.killpg(child.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            if now - child.started_at >= HEALTHY_AFTER:
+                child.backoff = BACKOFF_FIRST
+            child.restart_at = now + child.backoff
+            print(f"stack: {child.name} (pid {child.proc.pid}) exited with status {status}; "
+                  f"restarting it in {child.backoff:g} s; the rest keeps serving", file=sys.stderr, flush=True)
+            child.backoff = min(child.backoff * 2, BACKOFF_MAX)
+        return None
 
     def stop(self) -> None:
         """SIGTERM every child's process group, wait, then SIGKILL stragglers."""
-        for _, proc in reversed(self.children):
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + 20
-        for name, proc in reversed(self.children):
+        running = [c for c in reversed(self.children) if c.proc is not None and c.proc.poll() is None]
+        for child in running:
             try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
+                os.killpg(child.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 20
+        for child in running:
+            try:
+                child.proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                print(f"stack: {name} did not stop in time; killing it", file=sys.stderr)
+                print(f"stack: {child.name} did not stop in time; killing it", file=sys.stderr)
                 try:
-                    os.killpg(proc.pid, signal.SIGKILL)
+                    os.killpg(child.proc.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-                proc.wait()
-
-    def first_exited(self):
-        """The (name, process) of a child that has exited, if any."""
-        return next(((n, p) for n, p in self.children if p.poll() is not None), None)
+                child.proc.wait()
 
 
-def start_redis(stack: Stack, env: dict[str, str]) -> str:
-    """Own Redis: password from stdin (not argv, so `ps` does not show it), no persistence."""
+def start_redis(stack: Stack, env: dict[str, str]) -> tuple[str, str]:
+    """Own Redis, config on stdin (not argv, so `ps` shows no password), no persistence.
+
+    Returns the URL of the services' user and the URL of Flower's read-only ACL user.
+    """
     binary = shutil.which("redis-server")
     if binary is None:
         sys.exit("stack: redis-server is not installed; run `make install` as root or apt-get install redis-server")
     port = pick_port(int(env.get("M2FP_REDIS_PORT", "6380")))
-    password = secrets.token_urlsafe(24)
+    from shared.constants import FLOWER_ACL_RULES  # noqa: PLC0415
+
+    password, flower_password = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
     config = "\n".join([
         f"port {port}", "bind 127.0.0.1", "protected-mode yes", f'requirepass "{password}"',
+        f"user flower on >{flower_password} {FLOWER_ACL_RULES}",
         'save ""', "appendonly no", "maxmemory-policy noeviction", "maxmemory 1gb",
         "dir /tmp", "loglevel warning", "rename-command CONFIG \"\"", "rename-command DEBUG \"\"",
     ]) + "\n"
     stack.start("redis", [binary, "-"], env, stdin=config)
     url = f"redis://:{quote(password)}@127.0.0.1:{port}/0"
+    flower_url = f"redis://flower:{quote(flower_password)}@127.0.0.1:{port}/0"
     import redis  # noqa: PLC0415
 
     client = redis.Redis.from_url(url)
     for _ in range(100):
         try:
             client.ping()
-            return url
+            return url, flower_url
         except redis.ConnectionError:
             time.sleep(0.1)
     sys.exit("stack: redis-server did not start")
@@ -128,6 +210,9 @@ def resolve_weights(env: dict[str, str]) -> tuple[str, bool]:
 
 def main() -> int:
     """Start everything, wait for Ctrl-C/SIGTERM or a child's exit, stop everything."""
+    from shared.hardening import disable_core_dumps  # noqa: PLC0415
+
+    disable_core_dumps()  # this process holds every generated secret
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO)
     stack = Stack()
@@ -140,8 +225,9 @@ def main() -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
+        flower_broker = env.get("M2FP_REDIS_URL")
         if not env.get("M2FP_REDIS_URL"):
-            env["M2FP_REDIS_URL"] = start_redis(stack, env)
+            env["M2FP_REDIS_URL"], flower_broker = start_redis(stack, env)
         if not env.get("M2FP_DATA_KEYS") and not env.get("M2FP_DATA_KEYS_FILE"):
             from shared.crypto import generate_key  # noqa: PLC0415
 
@@ -168,15 +254,17 @@ def main() -> int:
             metrics_ports.append(pick_port(int(env.get("M2FP_WORKER_METRICS_PORT", "9100")) + index))
             worker_env = dict(env, M2FP_WORKER_METRICS_PORT=str(metrics_ports[-1]))
             stack.start(f"worker-{index + 1}", [PY, "-m", "worker", "--", "--hostname",
-                                                f"worker{index + 1}@%h"], worker_env)
+                                                f"worker{index + 1}@%h"], worker_env, critical=False)
         prom_dir = Path(env.setdefault("PROMETHEUS_MULTIPROC_DIR", f"/dev/shm/m2fp-prom-{os.getpid()}"))
         prom_dir.mkdir(parents=True, exist_ok=True)
         stack.start("gateway", [PY, "-m", "gunicorn", "-c", "api/gunicorn_conf.py", "api.wsgi:app"], env)
-        flower_env = dict(env, FLOWER_BASIC_AUTH=f"{flower_user}:{flower_password}",
-                          FLOWER_UNAUTHENTICATED_API="false")
-        stack.start("flower", [PY, "-m", "celery", "--broker", env["M2FP_REDIS_URL"], "flower",
-                               "--address=127.0.0.1", f"--port={flower_port}", "--purge_offline_workers=60",
-                               "--max_tasks=1000", "--natural_time=False"], flower_env)
+        # Flower gets only its read-only Redis user, by environment (never argv), and not the keys.
+        flower_env = {k: v for k, v in env.items() if not k.startswith("M2FP_")}
+        flower_env.update(FLOWER_BASIC_AUTH=f"{flower_user}:{flower_password}",
+                          FLOWER_UNAUTHENTICATED_API="false", CELERY_BROKER_URL=flower_broker)
+        stack.start("flower", [PY, "-m", "shared.flower_readonly", "flower", "--address=127.0.0.1",
+                               f"--port={flower_port}", "--purge_offline_workers=60", "--max_tasks=1000",
+                               "--natural_time=False", "--enable_events=False"], flower_env, critical=False)
         banner([f"m2fp-serve is starting: {workers} worker(s), weights: "
                 f"{'RANDOM (untrained)' if untrained else weights}",
                 f"  web page + API : http://{host}:{port}/   (ready when /readyz says so)",
@@ -187,9 +275,10 @@ def main() -> int:
                 "  submit         : curl -F image=@photo.jpg http://%s:%s/v1/jobs" % (host, port),
                 "Ctrl-C stops every process."])
         while not stopping:
-            exited = stack.first_exited()
-            if exited:
-                print(f"stack: {exited[0]} exited with status {exited[1].returncode}; stopping", file=sys.stderr)
+            dead = stack.supervise()
+            if dead is not None:
+                banner([f"stack: {dead.name} (pid {dead.proc.pid}) exited with status {dead.proc.returncode}.",
+                        "Nothing can be served without it: stopping the whole stack."], "!")
                 break
             time.sleep(0.5)
     finally:

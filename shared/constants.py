@@ -7,6 +7,17 @@ from __future__ import annotations
 
 TASK_PARSE = "m2fp.parse"
 QUEUE = "m2fp"
+# Flower's Redis ACL (after `user flower on >password`): subscribe to the event stream of db 0,
+# bind its own event queue, read queue lengths; no PUBLISH (so no remote control through the
+# pidbox), no CLIENT KILL/PAUSE, CONFIG, FLUSH*, and no job key. scripts/make_secrets.sh writes
+# the same rules (a test compares them) and `make run` gives its Flower this user.
+FLOWER_ACL_RULES = (
+    "resetchannels &/0.celeryev/* resetkeys %R~m2fp %R~celery* %RW~_kombu.binding.celeryev "
+    "%RW~_kombu.binding_permanent.celeryev %RW~_kombu.binding_deadlines -@all +@connection "
+    "+@transaction -client +client|setname +client|id +psubscribe +punsubscribe +llen +info +ping "
+    "+select +sadd +srem +smembers +zadd +zrem +zrangebyscore +exists +time +evalsha +eval "
+    "+script|load +script|exists"
+)
 
 KEY_PREFIX = "m2fp"
 LIMITER_PREFIX = "m2fp:limiter"

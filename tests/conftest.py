@@ -64,12 +64,13 @@ def start_redis(workdir: Path, port: int | None = None, password: str | None = N
     if binary is None:
         pytest.fail("redis-server is not installed (apt-get install redis-server); .ci/run installs it")
     port, password = port or free_port(), password or secrets.token_hex(16)
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--requirepass", password,
-         "--save", "", "--appendonly", "no", "--maxmemory-policy", "noeviction",
-         "--dir", str(workdir), "--loglevel", "warning", *extra],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    # The config, password included, goes on stdin: argv is visible to every user in `ps`.
+    config = (f'port {port}\nbind 127.0.0.1\nrequirepass "{password}"\nsave ""\nappendonly no\n'
+              f'maxmemory-policy noeviction\ndir "{workdir}"\nloglevel warning\n')
+    proc = subprocess.Popen([binary, "-", *extra], stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc.stdin.write(config.encode())
+    proc.stdin.close()
     url = f"redis://:{password}@127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url)
 

@@ -5,7 +5,10 @@
   image. (No Docker engine runs here, so these are checked as configuration.)
 - scripts/make_secrets.sh + deploy/redis.conf: a real redis-server with the generated ACL file:
   the default user is off, each role authenticates with its own password, and the job store and
-  a Celery producer work as the gateway and worker users; healthcheck can only PING.
+  a Celery producer work as the gateway and worker users; healthcheck can only PING, with its
+  generated password; Flower's user cannot PUBLISH (no remote control), CLIENT KILL/PAUSE,
+  CONFIG, FLUSH* or touch a job key, and a real Flower still sees worker events with it.
+- compose: mem_limit, pids_limit and no core dumps for every service; no secret on a command line.
 - deploy/nginx.conf: a real nginx (Debian's) in front of a real gateway: HTTP redirects to HTTPS,
   no server version, and a client's X-Forwarded-For is replaced, so with M2FP_TRUSTED_PROXIES=1 a
   spoofed header still changes nothing.
@@ -13,9 +16,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,7 +30,7 @@ import requests
 import urllib3
 import yaml
 
-from shared.constants import QUEUE
+from shared.constants import FLOWER_ACL_RULES, QUEUE
 from shared.crypto import hash_secret, new_job_id
 from shared.jobstore import JobStore
 from tests.conftest import REPO, free_port, wait_for
@@ -118,7 +123,10 @@ def test_redis_acl_roles(acl_redis):
     for client in (gateway, worker):
         with pytest.raises(redis.exceptions.NoPermissionError):
             client.execute_command("FLUSHALL")                  # @dangerous denied to every role
-    health = redis.Redis(port=port, username="healthcheck", password="healthcheck")
+    with pytest.raises(redis.AuthenticationError):              # no more fixed healthcheck password
+        redis.Redis(port=port, username="healthcheck", password="healthcheck").ping()
+    health = redis.Redis(port=port, username="healthcheck",
+                         password=(secrets / "redis_healthcheck").read_text().strip())
     assert health.ping()
     with pytest.raises(redis.exceptions.NoPermissionError):
         health.get("m2fp:job:x")
@@ -129,6 +137,93 @@ def test_redis_acl_roles(acl_redis):
         flower.get("m2fp:in:x")
     assert flower.llen(QUEUE) == 0
     assert (secrets / "data_keys").stat().st_mode & 0o077 == 0
+
+
+def test_compose_limits_every_service_and_keeps_secrets_off_command_lines():
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    for name, service in compose["services"].items():
+        assert service.get("mem_limit"), name                   # an outlier fails alone, not Redis
+        assert 0 < int(service.get("pids_limit", 0)) <= 1024, name
+        assert service.get("ulimits", {}).get("core") == {"soft": 0, "hard": 0}, name
+        text = yaml.safe_dump(service)
+        assert "--broker" not in text and "--pass" not in text and "redis://" not in text, name
+    health = " ".join(compose["services"]["redis"]["healthcheck"]["test"])
+    assert "REDISCLI_AUTH" in health and "/run/secrets/redis_healthcheck" in health
+    flower = " ".join(compose["services"]["flower"]["command"])
+    assert "CELERY_BROKER_URL" in flower and "shared.flower_readonly" in flower
+    assert "--enable_events=False" in flower
+    # The checkpoint pin is required: compose stops with this message when it is unset.
+    assert compose["services"]["worker"]["environment"]["M2FP_WEIGHTS_SHA256"].startswith(
+        "${M2FP_WEIGHTS_SHA256:?")
+
+
+def test_flower_acl_is_read_only_for_real(acl_redis):
+    port, url, secrets = acl_redis
+    line = next(line for line in (secrets / "users.acl").read_text().splitlines()
+                if line.startswith("user flower "))
+    assert line.split(" ", 4)[4] == FLOWER_ACL_RULES            # make run's Flower has the same rules
+    flower = redis.Redis.from_url(url("flower"))
+    refused = [
+        ("PUBLISH", "/0.celery.pidbox", "{}"),                 # Celery remote control (shutdown...)
+        ("PUBLISH", "/0.celeryev/worker.heartbeat", "{}"),     # not even fake events
+        ("CLIENT", "KILL", "ID", "1"), ("CLIENT", "PAUSE", "1000"), ("CLIENT", "LIST"),
+        ("CONFIG", "GET", "*"), ("FLUSHALL",), ("FLUSHDB",), ("KEYS", "*"), ("SHUTDOWN",),
+        ("DEL", QUEUE), ("LPUSH", QUEUE, "x"), ("GET", "m2fp:job:x"), ("HGETALL", "m2fp:job:x"),
+        ("SET", "m2fp:in:x", "y"), ("DEL", "_kombu.binding.m2fp"), ("ACL", "LIST"),
+    ]
+    for command in refused:
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            flower.execute_command(*command)
+    control = flower.pubsub()
+    with pytest.raises(redis.exceptions.NoPermissionError):    # nor listen to the control channel
+        control.psubscribe("/0.celery.pidbox")
+        control.get_message(timeout=1)
+    control.close()
+    assert flower.llen(QUEUE) == 0                              # what Flower needs: queue length,
+    events = flower.pubsub()
+    events.psubscribe("/0.celeryev/*")                          # ...and the event stream
+    assert events.get_message(timeout=2)["type"] == "psubscribe"
+    events.close()
+
+
+def test_real_flower_sees_worker_events_with_its_read_only_user(acl_redis, tmp_path):
+    from celery import Celery
+
+    port, url, secrets = acl_redis
+    flower_port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("M2FP_", "CELERY_"))}
+    env.update(CELERY_BROKER_URL=url("flower"), FLOWER_BASIC_AUTH="ops:pw", PYTHONPATH=str(REPO))
+    log = open(tmp_path / "flower.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "shared.flower_readonly", "flower", "--address=127.0.0.1",
+                             f"--port={flower_port}", "--enable_events=False"], cwd=REPO, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{flower_port}"
+    try:
+        def up():
+            try:
+                return requests.get(base + "/healthcheck", timeout=2).status_code == 200
+            except requests.ConnectionError:
+                return False
+
+        wait_for(up, 60, what="flower")
+        app = Celery("deploy-test", broker=url("worker"), set_as_current=False)
+
+        def task_seen():                                        # events as a worker sends them
+            with app.connection_for_write() as conn:
+                dispatcher = app.events.Dispatcher(conn, hostname="w1@deploy", enabled=True)
+                dispatcher.send("worker-heartbeat", freq=2.0, active=0, processed=0)
+                dispatcher.send("task-received", uuid="t-deploy", name="m2fp.parse", args="['job']", kwargs="{}")
+            reply = requests.get(base + "/api/tasks", auth=("ops", "pw"), timeout=5)
+            return reply.status_code == 200 and "t-deploy" in reply.json()
+
+        wait_for(task_seen, 30, interval=1, what="flower to see a task event")
+        output = (tmp_path / "flower.log").read_text()
+        assert "Failed to capture events" not in output
+        assert "Failed to enable events" not in output          # it never tried to publish
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        log.close()
 
 
 @pytest.mark.skipif(NGINX is None, reason="nginx is not installed (bootstrap installs it)")

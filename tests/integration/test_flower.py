@@ -17,9 +17,11 @@ pytestmark = pytest.mark.integration
 def test_flower_requires_auth_and_shows_only_job_ids(stack_factory):
     stack = stack_factory(workers=1)
     port = free_port()
-    env = dict(stack.env, FLOWER_BASIC_AUTH="ops:correct-horse", FLOWER_UNAUTHENTICATED_API="false")
-    flower = subprocess.Popen([sys.executable, "-m", "celery", "--broker", stack.env["M2FP_REDIS_URL"],
-                               "flower", "--address=127.0.0.1", f"--port={port}", "--max_tasks=1000"],
+    # The broker URL (with its password) by environment, never on the command line.
+    env = dict(stack.env, FLOWER_BASIC_AUTH="ops:correct-horse", FLOWER_UNAUTHENTICATED_API="false",
+               CELERY_BROKER_URL=stack.env["M2FP_REDIS_URL"])
+    flower = subprocess.Popen([sys.executable, "-m", "shared.flower_readonly", "flower", "--address=127.0.0.1",
+                               f"--port={port}", "--max_tasks=1000", "--enable_events=False"],
                               env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
