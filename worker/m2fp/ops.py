@@ -96,7 +96,7 @@ def status() -> dict:
     with _lock:
         if _status is None:
             _status = _load()
-        return {**_status, "mode": _mode, "active": describe_locked()}
+        return {**_status, "mode": _mode, "active": _describe_locked()}
 
 
 def available() -> bool:
@@ -104,7 +104,7 @@ def available() -> bool:
     return bool(status()["loaded"])
 
 
-def describe_locked() -> str:
+def _describe_locked() -> str:
     """The CPU path in use, as the worker reports it: "op" or "reference: <reason>"."""
     if _mode == "reference":
         return "reference: forced by M2FP_DEFORM_ATTN=reference"
