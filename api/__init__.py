@@ -7,6 +7,8 @@ The gateway never imports torch or worker code; it sends the parse task by name.
 
 from __future__ import annotations
 
+import logging
+
 import flask
 import redis
 from celery import Celery
@@ -20,7 +22,7 @@ from api.validation import InMemoryRequest
 from api.web import bp as web_bp
 from shared.config import Settings, load_settings
 from shared.jobstore import JobStore
-from shared.logging import configure_logging
+from shared.logging import configure_logging, event
 from shared.queue import make_celery
 
 # Non-file multipart fields are not used: keep them small. Werkzeug also applies this bound to
@@ -64,3 +66,20 @@ def create_app(settings: Settings | None = None, *, redis_client: redis.Redis | 
     app.register_blueprint(bp)
     app.register_blueprint(web_bp)
     return app
+
+
+def warm_up(app: flask.Flask) -> None:
+    """Connect to Redis, load the job store's scripts and open a broker connection now.
+
+    Called once per gunicorn worker process after the app is loaded, so that the first clients
+    after a start do not pay for it (measured: the first submits took 65-130 ms instead of
+    ~10 ms). Redis being down is no reason not to start: the gateway answers 503 until it is back.
+    """
+    gw = app.extensions["m2fp"]
+    try:
+        gw.redis.ping()
+        gw.store.load_scripts()
+        with gw.celery.pool.acquire(block=True, timeout=5) as connection:
+            connection.ensure_connection(max_retries=1)
+    except Exception as exc:  # noqa: BLE001  (a failed warm-up is never fatal)
+        event(logging.getLogger(__name__), "warm_up_failed", logging.WARNING, exc_type=type(exc).__name__)

@@ -85,6 +85,13 @@ def on_starting(server) -> None:
                 os.remove(path)
 
 
+def post_worker_init(worker) -> None:
+    """Warm the new worker process up (Redis, scripts, broker) before it takes requests."""
+    from api import warm_up  # noqa: PLC0415  (the app is loaded by now)
+
+    warm_up(worker.wsgi)
+
+
 def child_exit(server, worker) -> None:
     """Let prometheus_client forget a dead worker's live gauges."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

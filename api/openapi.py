@@ -41,6 +41,8 @@ NOT_FOUND = _error("Unknown job, malformed id, or a missing or wrong token (one 
 UNAUTHORIZED = _error("An API key is configured and X-API-Key is missing or not listed.", "unauthorized")
 POLL_LIMITED = _error("The client's poll limit is spent.", "rate_limited", retry_after=True)
 UNAVAILABLE = _error("Redis is unreachable.", "unavailable", retry_after=True)
+CROSS_ORIGIN = _error("A browser request from another site's page (its Origin is neither this host nor "
+                      "listed in M2FP_CORS_ORIGINS).", "cross_origin")
 INTERNAL = _error("Unexpected failure; no detail is given.", "internal_error")
 JOB_SECURITY = [{"jobToken": [], "apiKey": []}, {"jobToken": []}]
 
@@ -89,13 +91,18 @@ _DOCUMENT: dict = {
                     "400": _error("No file in the `image` field, an empty file, or several files.",
                                   "missing_image", "bad_request"),
                     "401": UNAUTHORIZED,
-                    "403": _error("Too many invalid uploads in a row: the client is banned for a while.", "banned"),
+                    "403": _error("Too many invalid uploads in a row: the client is banned for a while; or a "
+                                  "browser request from another site's page.", "banned", "cross_origin"),
+                    "408": _error("The request body did not arrive within the gateway's read deadline.",
+                                  "request_timeout"),
                     "413": _error("Too many bytes in the request, or too many pixels or too long a side "
                                   "in the image.", "payload_too_large", "image_too_large"),
                     "415": _error("The extension is not allowed, or the content does not match it.",
                                   "unsupported_type", "type_mismatch"),
                     "422": _error("The image header is corrupt or truncated.", "undecodable_image"),
-                    "429": _error("The client's submit limit is spent.", "rate_limited", retry_after=True),
+                    "429": _error("The client's submit (or submit-attempt) limit is spent, or it already has "
+                                  "the most jobs allowed in flight.", "rate_limited", "too_many_jobs",
+                                  retry_after=True),
                     "500": INTERNAL,
                     "503": _error("The queue is full or Redis is unreachable.", "queue_full", "unavailable",
                                   retry_after=True),
@@ -121,7 +128,7 @@ _DOCUMENT: dict = {
                 "security": JOB_SECURITY,
                 "responses": {
                     "204": {"description": "Deleted. A worker running it discards its output."},
-                    "401": UNAUTHORIZED, "404": NOT_FOUND, "429": POLL_LIMITED, "500": INTERNAL,
+                    "401": UNAUTHORIZED, "403": CROSS_ORIGIN, "404": NOT_FOUND, "429": POLL_LIMITED, "500": INTERNAL,
                     "503": UNAVAILABLE,
                 },
             },

@@ -175,6 +175,11 @@ class JobStore:
             pipe.set(input_key(job_id), sealed_input, ex=self.input_ttl)
             pipe.execute()
 
+    def load_scripts(self) -> None:
+        """Load every Lua script into Redis now (else each loads on its first call)."""
+        for script in (self._claim, self._store, self._fail, self._status, self._fetch, self._admit_client):
+            script.sha = self.redis.script_load(script.script)
+
     def admit_for_client(self, client_tag: str, job_id: str, cap: int) -> bool:
         """Count `job_id` (already created) among the client's jobs in flight if fewer than `cap`."""
         now = time.time()

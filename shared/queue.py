@@ -45,7 +45,8 @@ def make_celery(settings, name: str = "m2fp") -> Celery:
         task_send_sent_event=True,
         worker_cancel_long_running_tasks_on_connection_loss=True,
         worker_max_memory_per_child=settings.max_memory_per_child_kb,
-        broker_pool_limit=4,
+        # One broker connection per gateway thread at most: a thread never waits for another to publish.
+        broker_pool_limit=max(4, settings.gateway_threads),
     )
     return app
 
