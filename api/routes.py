@@ -191,7 +191,10 @@ def job_status(job_id: str) -> flask.Response:
 
 @bp.get("/v1/jobs/<job_id>/result")
 def job_result(job_id: str) -> flask.Response:
-    """The result, exactly once: the fetch deletes it atomically; later fetches get 410."""
+    """The result, exactly once: served, then deleted atomically; later fetches get 410.
+
+    A server-side failure (decryption, rendering) before the delete leaves it fetchable.
+    """
     if flask.request.method == "HEAD":
         # Werkzeug adds HEAD to every GET rule; a HEAD must not consume the one-time result.
         raise MethodNotAllowed(valid_methods=["GET"])
@@ -201,7 +204,7 @@ def job_result(job_id: str) -> flask.Response:
     if result_format not in RESULT_FORMATS:
         raise BadRequest("Unknown result format; use format=json or format=palette.")
     authorized_record(gw, job_id)
-    fetch = gw.store.fetch_result(job_id)
+    fetch = gw.store.peek_result(job_id)
     if fetch.outcome == "not_ready":
         if fetch.status == "expired":
             raise ResultGone()
@@ -210,11 +213,13 @@ def job_result(job_id: str) -> flask.Response:
         raise ResultGone()
     if fetch.outcome != "ok":
         raise JobNotFound()
+    # Decrypt and render first: a failure here leaves the result in Redis for the next fetch.
     result = open_result(gw, job_id, fetch)
+    body = palette_png(result) if result_format == "palette" else result
+    if not gw.store.take_result(job_id, fetch.sealed_result):
+        raise ResultGone()   # a concurrent fetch served it: exactly one response carries it
     event(log, "result_fetched", format=result_format, bytes=len(result))
-    if result_format == "palette":
-        return flask.Response(palette_png(result), mimetype="image/png")
-    return flask.Response(result, mimetype="application/json")
+    return flask.Response(body, mimetype="image/png" if result_format == "palette" else "application/json")
 
 
 def open_result(gw: Gateway, job_id: str, fetch: Fetch) -> bytes:

@@ -133,7 +133,7 @@ def wait_http(url: str, until, timeout: float, what: str) -> None:
     raise SystemExit(f"bench: timed out waiting for {what} ({url})")
 
 
-def start_ours(procs: Processes, workers: int, nginx: bool, worker_nice: int) -> str:
+def start_ours(procs: Processes, workers: int, nginx: bool, worker_nice: int, gateway: str = "") -> str:
     """Redis, `workers` workers, the gateway (and nginx in front); returns the base URL."""
     from shared.crypto import generate_key  # noqa: PLC0415
 
@@ -148,6 +148,8 @@ def start_ours(procs: Processes, workers: int, nginx: bool, worker_nice: int) ->
                M2FP_WEIGHTS="random", M2FP_PORT=str(port), PYTHONPATH=str(REPO), PROMETHEUS_MULTIPROC_DIR=prometheus,
                M2FP_TORCH_THREADS=str(max(1, (os.cpu_count() or 1) // workers)),
                M2FP_TRUSTED_PROXIES="1" if nginx else "0")
+    if gateway:   # "WORKERSxTHREADS"; default: api/gunicorn_conf.py's (shared.config)
+        env["M2FP_GATEWAY_WORKERS"], env["M2FP_GATEWAY_THREADS"] = gateway.split("x")
     time.sleep(0.5)
     procs.start("gateway", [PY, "-m", "gunicorn", "-c", "api/gunicorn_conf.py", "api.wsgi:app"], env)
     for index in range(workers):
@@ -437,12 +439,14 @@ def run_scenario(name: str, args: argparse.Namespace) -> dict[str, object]:
     workdir = Path(tempfile.mkdtemp(prefix=f"m2fp-bench-{name}-"))
     procs = Processes(workdir)
     try:
-        base = start_seed(procs) if seed else start_ours(procs, args.workers, nginx, args.worker_nice)
+        base = start_seed(procs) if seed else start_ours(procs, args.workers, nginx, args.worker_nice, args.gateway)
         print(f"bench: {name}: {base}, {args.clients} clients for {args.seconds} s, trickle {trickle}", flush=True)
         record = asyncio.run(run_load(base, seed, args.clients, args.seconds, args.interval, trickle))
     finally:
         procs.stop()
     summary = summarise(name, record, args.seconds)
+    summary["gateway"] = args.gateway or "default"
+    summary["worker_nice"] = args.worker_nice
     if nginx:
         summary["nginx_spooled_to_disk"] = "buffered to a temporary file" in (workdir / "error.log").read_text()
     shutil.rmtree(workdir, ignore_errors=True)
@@ -458,8 +462,9 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=4.0, help="seconds between one client's submits")
     parser.add_argument("--trickle", type=int, default=20)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--worker-nice", type=int, default=10,
+    parser.add_argument("--worker-nice", type=int, default=0,
                         help="niceness of the worker processes (the gateway stays at 0)")
+    parser.add_argument("--gateway", default="", help="gateway processes x threads, e.g. 2x16 (default: config's)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     results = {"cpu": cpu_description(), "args": {k: str(v) for k, v in vars(args).items()},

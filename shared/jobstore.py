@@ -4,7 +4,8 @@ Layout (DESIGN.md §3), every key with a TTL:
 - `m2fp:job:{id}`  hash: status, token_hash, kid + wrapped_dek (the job's data key, wrapped),
                    attempts, error_code, error_message, created/started/finished, worker.
 - `m2fp:in:{id}`   the encrypted input image (deleted when the result is stored).
-- `m2fp:out:{id}`  the encrypted result (deleted, atomically, by the one fetch).
+- `m2fp:out:{id}`  the encrypted result (deleted, atomically, by the one fetch that served it:
+                   the gateway peeks, decrypts and renders, then takes it only if it is still there).
 - `m2fp:inflight:{client tag}`  sorted set of a client's admitted job ids (score: when the
                    entry lapses at the latest), for the per-client cap on jobs in flight.
 
@@ -16,6 +17,7 @@ here, never in Celery's result backend (which reports unknown ids as PENDING).
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 
@@ -82,18 +84,27 @@ end
 return redis.call('HGETALL', KEYS[1])
 """
 
-# KEYS: job, out. ARGV: now. Returns {"ok", blob, kid, wrapped} | {"gone"} | {"not_ready", status} | {"fetched"}.
-_FETCH = """
+# KEYS: job, out. Returns {"ok", blob, kid, wrapped} | {"gone"} | {"not_ready", status} | {"fetched"}.
+# Reads the sealed result without taking it: the gateway decrypts and renders it first.
+_PEEK = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return {'gone'} end
 if status ~= 'done' then return {'not_ready', status} end
-local blob = redis.call('GETDEL', KEYS[2])
+local blob = redis.call('GET', KEYS[2])
 if not blob then return {'fetched'} end
-local kid = redis.call('HGET', KEYS[1], 'kid')
-local wrapped = redis.call('HGET', KEYS[1], 'wrapped_dek')
+return {'ok', blob, redis.call('HGET', KEYS[1], 'kid'), redis.call('HGET', KEYS[1], 'wrapped_dek')}
+"""
+
+# KEYS: job, out. ARGV: sha1 of the blob the caller peeked, now. Returns 1 taken | 0 not (any more).
+# Deletes the result and shreds the data key only if the result is still the one peeked, so of
+# concurrent fetches exactly one wins, and a fetch that failed before this point took nothing.
+_TAKE = """
+local blob = redis.call('GET', KEYS[2])
+if not blob or redis.sha1hex(blob) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[2])
 redis.call('HDEL', KEYS[1], 'wrapped_dek')
-redis.call('HSET', KEYS[1], 'fetched', ARGV[1])
-return {'ok', blob, kid, wrapped}
+redis.call('HSET', KEYS[1], 'fetched', ARGV[2])
+return 1
 """
 
 # KEYS: the client's in-flight set. ARGV: job id, cap, now, lapse_at, key ttl, job key prefix.
@@ -151,7 +162,8 @@ class JobStore:
         self._store = client.register_script(_STORE)
         self._fail = client.register_script(_FAIL)
         self._status = client.register_script(_STATUS)
-        self._fetch = client.register_script(_FETCH)
+        self._peek = client.register_script(_PEEK)
+        self._take = client.register_script(_TAKE)
         self._admit_client = client.register_script(_ADMIT_CLIENT)
 
     @classmethod
@@ -177,7 +189,8 @@ class JobStore:
 
     def load_scripts(self) -> None:
         """Load every Lua script into Redis now (else each loads on its first call)."""
-        for script in (self._claim, self._store, self._fail, self._status, self._fetch, self._admit_client):
+        for script in (self._claim, self._store, self._fail, self._status, self._peek, self._take,
+                       self._admit_client):
             script.sha = self.redis.script_load(script.script)
 
     def admit_for_client(self, client_tag: str, job_id: str, cap: int) -> bool:
@@ -196,15 +209,27 @@ class JobStore:
         record = {_text(k): v for k, v in zip(flat[::2], flat[1::2])}
         return {k: (v if k == "wrapped_dek" else _text(v)) for k, v in record.items()}
 
-    def fetch_result(self, job_id: str) -> Fetch:
-        """Take the sealed result out of Redis: atomically get-and-delete, once."""
-        reply = self._fetch(keys=[job_key(job_id), output_key(job_id)], args=[f"{time.time():.3f}"])
+    def peek_result(self, job_id: str) -> Fetch:
+        """Read the sealed result (and the data key) without taking it; `take_result` takes it."""
+        reply = self._peek(keys=[job_key(job_id), output_key(job_id)])
         outcome = _text(reply[0])
         if outcome == "ok":
             return Fetch("ok", "done", reply[1], _text(reply[2]), reply[3])
         if outcome == "not_ready":
             return Fetch("not_ready", _text(reply[1]))
         return Fetch(outcome)
+
+    def take_result(self, job_id: str, sealed_result: bytes) -> bool:
+        """Delete the peeked result and shred its data key, atomically; False if already taken."""
+        digest = hashlib.sha1(sealed_result, usedforsecurity=False).hexdigest()
+        return bool(self._take(keys=[job_key(job_id), output_key(job_id)], args=[digest, f"{time.time():.3f}"]))
+
+    def fetch_result(self, job_id: str) -> Fetch:
+        """Peek and take at once (for callers with nothing to do in between): the result, once."""
+        fetch = self.peek_result(job_id)
+        if fetch.outcome == "ok" and not self.take_result(job_id, fetch.sealed_result):
+            return Fetch("fetched")
+        return fetch
 
     def delete(self, job_id: str) -> bool:
         """Withdraw a job: delete its record, input and result now (a running worker discards)."""

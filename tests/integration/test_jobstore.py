@@ -118,3 +118,16 @@ def test_claim_extends_a_short_input_ttl(store, clean_redis):
     clean_redis.expire(input_key(job_id), 5)
     store.claim(job_id, "w1")
     assert clean_redis.ttl(input_key(job_id)) > 60
+
+
+def test_a_peeked_result_is_taken_once(store, clean_redis):
+    job_id = create(store)
+    store.claim(job_id, "w1")
+    store.store_result(job_id, b"R")
+    first, second = store.peek_result(job_id), store.peek_result(job_id)
+    assert first.sealed_result == second.sealed_result == b"R"       # peeking takes nothing
+    assert clean_redis.exists(output_key(job_id))
+    assert store.take_result(job_id, first.sealed_result) is True
+    assert store.take_result(job_id, second.sealed_result) is False  # the other fetch lost
+    assert store.peek_result(job_id).outcome == "fetched"
+    assert b"wrapped_dek" not in clean_redis.hkeys(job_key(job_id))

@@ -230,3 +230,28 @@ def test_a_failed_enqueue_withdraws_the_job_and_gives_503(client, clean_redis, m
     assert response.get_json()["error"] == "unavailable" and "Retry-After" in response.headers
     assert "10.0.0.5" not in response.get_data(as_text=True)
     assert not list(clean_redis.scan_iter("m2fp:job:*")) and not list(clean_redis.scan_iter("m2fp:in:*"))
+
+
+@pytest.mark.parametrize("failure", ["decrypt", "render"])
+def test_a_failed_delivery_leaves_the_result_fetchable(app, client, clean_redis, monkeypatch, failure):
+    """Decrypt and render first, delete only then: a server-side failure destroys nothing."""
+    from api import routes  # noqa: PLC0415
+    from shared.errors import DecryptionError  # noqa: PLC0415
+
+    job = submit(client, png_bytes(20, 10))
+    play_worker(app, job["job_id"])
+    headers = bearer(job["token"])
+
+    def broken(*_args, **_kwargs):
+        raise DecryptionError("injected") if failure == "decrypt" else ValueError("injected")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(routes, "decrypt_payload" if failure == "decrypt" else "palette_png", broken)
+        failed = client.get(job["result_url"] + "?format=palette", headers=headers)
+    assert failed.status_code == 500 and failed.get_json()["error"] == "internal_error"
+    assert clean_redis.exists(output_key(job["job_id"]))
+    assert b"wrapped_dek" in clean_redis.hkeys(f"m2fp:job:{job['job_id']}")
+    served = client.get(job["result_url"], headers=headers)
+    assert served.status_code == 200 and served.get_json()["width"] == 20
+    assert client.get(job["result_url"], headers=headers).status_code == 410
+    assert not clean_redis.exists(output_key(job["job_id"]))
