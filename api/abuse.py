@@ -39,7 +39,6 @@ from flask_limiter import Limiter
 
 from shared.config import Settings
 from shared.constants import BAN_PREFIX, LIMITER_PREFIX, QUEUE, STRIKES_PREFIX
-from shared.crypto import hash_secret
 from shared.errors import Banned, QueueFull, TooManyJobs
 from shared.jobstore import JobStore
 from shared.logging import event
@@ -96,8 +95,9 @@ def note_untrusted_forwarded_for(settings: Settings, count) -> None:
 
 
 def client_tag(client: str) -> str:
-    """A short pseudonym of a client key for log lines (no addresses or keys in logs)."""
-    return hash_secret(client)[:16]
+    """The client's keyed pseudonym (`Keyring.pseudonym`): what log lines and Redis key names
+    carry instead of an address or API key."""
+    return flask.current_app.extensions["m2fp"].settings.keyring.pseudonym(client)
 
 
 def make_limiter(app: flask.Flask, settings: Settings, client: redis.Redis) -> Limiter:
@@ -106,7 +106,7 @@ def make_limiter(app: flask.Flask, settings: Settings, client: redis.Redis) -> L
     # so the limiter uses the same server, credentials and timeouts as the job store.
     scheme = "rediss" if settings.redis_url.startswith("rediss://") else "redis"
     limiter = Limiter(
-        client_key,
+        lambda: client_tag(client_key()),   # limit keys in Redis carry the pseudonym, not the address
         storage_uri=f"{scheme}://",
         storage_options={"connection_pool": client.connection_pool, "key_prefix": LIMITER_PREFIX},
         strategy="moving-window",
@@ -145,11 +145,11 @@ def retry_after(limiter: Limiter) -> int:
 
 
 def _ban_key(client: str) -> str:
-    return f"{BAN_PREFIX}:{client}"
+    return f"{BAN_PREFIX}:{client_tag(client)}"
 
 
 def _strikes_key(client: str) -> str:
-    return f"{STRIKES_PREFIX}:{client}"
+    return f"{STRIKES_PREFIX}:{client_tag(client)}"
 
 
 def refuse_banned(client_redis: redis.Redis, settings: Settings, client: str) -> None:

@@ -98,6 +98,16 @@ class Keyring:
         """Wrap a job's data key with the active key; returns (key id, wrapped key)."""
         return self.active_id, seal(self.keys[self.active_id], data_key, _aad(job_id, "dek"))
 
+    def pseudonym(self, value: str) -> str:
+        """A keyed, irreversible tag of `value` (a client's address or key), stable for one active key.
+
+        HMAC-SHA256 under a subkey derived from the active key, so nobody without the keyring can
+        map a tag back to an address by enumerating IPv4 (as with a bare SHA-256). Rotating the
+        active key changes every tag (a client's ban and in-flight count start afresh).
+        """
+        subkey = hmac.new(self.keys[self.active_id], b"m2fp client pseudonym v1", hashlib.sha256).digest()
+        return hmac.new(subkey, value.encode(), hashlib.sha256).hexdigest()[:32]
+
     def unwrap(self, job_id: str, key_id: str, wrapped: bytes) -> bytes:
         """Unwrap a job's data key with the key it was wrapped under (any key in the ring)."""
         key = self.keys.get(key_id)

@@ -48,8 +48,9 @@ def test_poll_limit_is_separate(make_app):
 
 def test_limits_are_shared_by_every_app_on_the_same_redis(make_app):
     """Two gateway processes (here: two apps) count against one limit: storage is Redis."""
-    first = make_app(M2FP_SUBMIT_LIMIT="1/minute").test_client()
-    second = make_app(M2FP_SUBMIT_LIMIT="1/minute").test_client()
+    keys = f"k1:{generate_key()}"   # gateways of one deployment share the keyring (and so pseudonyms)
+    first = make_app(M2FP_SUBMIT_LIMIT="1/minute", M2FP_DATA_KEYS=keys).test_client()
+    second = make_app(M2FP_SUBMIT_LIMIT="1/minute", M2FP_DATA_KEYS=keys).test_client()
     assert upload(first, png_bytes()).status_code == 202
     assert upload(second, png_bytes()).status_code == 429
 
@@ -298,3 +299,16 @@ def test_trusted_proxies_raise_no_forwarded_for_warning(make_app, caplog, monkey
         client.get("/healthz", headers={"X-Forwarded-For": "198.51.100.1"})
     assert not [r for r in caplog.records if r.getMessage() == "untrusted_forwarded_for"]
     assert "m2fp_untrusted_forwarded_for_total 0.0" in client.get("/metrics").get_data(as_text=True)
+
+
+def test_redis_and_logs_carry_no_client_address(make_app, clean_redis, capsys):
+    client = make_app(M2FP_BAN_AFTER="1", M2FP_MAX_JOBS_PER_CLIENT="1").test_client()
+    peer = {"REMOTE_ADDR": "198.51.100.77"}
+    assert upload(client, png_bytes(), environ_base=peer).status_code == 202
+    assert upload(client, png_bytes(), environ_base=peer).status_code == 429     # in-flight cap
+    assert upload(client, b"junk", "x.png", environ_base=peer).status_code == 415  # strike, ban
+    assert upload(client, png_bytes(), environ_base=peer).status_code == 403
+    keys = [key.decode() for key in clean_redis.scan_iter("*")]
+    assert any(key.startswith(f"{BAN_PREFIX}:") for key in keys)
+    assert not [key for key in keys if "198.51.100.77" in key or "ip:" in key]
+    assert "198.51.100.77" not in capsys.readouterr().err

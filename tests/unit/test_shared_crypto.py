@@ -93,3 +93,19 @@ def test_tokens_and_ids_are_unguessable_and_hashed():
     assert token not in stored
     assert secret_matches(token, stored)
     assert not secret_matches(token + "x", stored)
+
+
+def test_client_pseudonyms_are_keyed_stable_and_irreversible_without_the_key():
+    import hashlib  # noqa: PLC0415
+
+    from shared.crypto import Keyring, generate_key  # noqa: PLC0415
+
+    key_a, key_b = generate_key(), generate_key()
+    ring = Keyring.parse(f"a:{key_a},b:{key_b}")
+    tag = ring.pseudonym("ip:192.0.2.7")
+    assert tag == Keyring.parse(f"a:{key_a}").pseudonym("ip:192.0.2.7")      # every gateway agrees
+    assert len(tag) == 32 and tag != ring.pseudonym("ip:192.0.2.8")
+    # Not the bare hash anyone could compute by enumerating IPv4 addresses:
+    assert tag not in hashlib.sha256(b"ip:192.0.2.7").hexdigest()
+    assert "192.0.2.7" not in tag
+    assert Keyring.parse(f"b:{key_b},a:{key_a}").pseudonym("ip:192.0.2.7") != tag   # rotation: new tags
