@@ -13,7 +13,8 @@ OpenMP/BLAS libraries reserve gigabytes of address space they never touch, so an
 cap of a few GB fails at import, while `RLIMIT_DATA` counts private writable mappings, i.e.
 what a decode or a tensor actually allocates: see docs/OPERATIONS.md for the measurements). An
 allocation past the limit raises `MemoryError` in that one child instead of waking the kernel's
-OOM killer, which may pick Redis.
+OOM killer, which may pick Redis. It also fixes glibc's mmap threshold, so that the memory of
+an outlier job counts against the limit only while that job runs.
 
 Neither flask nor torch is imported here; this runs on Linux and is a no-op elsewhere.
 """
@@ -27,6 +28,7 @@ import sys
 
 PR_SET_DUMPABLE = 4
 PR_GET_DUMPABLE = 3
+M_MMAP_THRESHOLD = -3
 
 
 def _libc():
@@ -64,3 +66,8 @@ def limit_memory(megabytes: int | None) -> None:
     if hard != resource.RLIM_INFINITY and limit > hard:
         raise ValueError(f"memory limit {megabytes} MB is above the inherited hard limit")
     resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
+    if sys.platform.startswith("linux"):
+        # A fixed mmap threshold (glibc's default one grows after each big free) keeps big blocks
+        # as their own mappings, so freeing them gives the budget back: without it, an outlier
+        # job leaves the heap grown and every later job of the child fails too (measured).
+        _libc().mallopt(M_MMAP_THRESHOLD, 128 * 1024)

@@ -1,0 +1,59 @@
+"""The real gateway and worker processes harden themselves (shared.hardening), not only under
+`make run`: no core dumps in the gunicorn workers, the worker's parent and its pool children;
+each pool child runs under its memory limit, and an outlier job over it fails `out_of_memory`
+alone while the same child goes on serving."""
+
+from __future__ import annotations
+
+import io
+import resource
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+from PIL import Image
+
+from tests.integration.conftest import photo_jpeg, poll_until, submit
+
+pytestmark = pytest.mark.integration
+
+
+def _limit(pid: int, name: str) -> tuple[str, str]:
+    line = next(line for line in Path(f"/proc/{pid}/limits").read_text().splitlines() if line.startswith(name))
+    return tuple(line[len(name):].split()[:2])
+
+
+@pytest.fixture
+def core_dumps_allowed():
+    """Lift this process's soft core limit, so what the children show is their own doing."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_CORE)
+    resource.setrlimit(resource.RLIMIT_CORE, (hard, hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_CORE, (soft, hard))
+
+
+def test_processes_harden_themselves_and_an_outlier_fails_alone(core_dumps_allowed, stack_factory):
+    stack = stack_factory(workers=1, M2FP_CHILD_MEMORY_LIMIT_MB="1500", M2FP_MAX_DECODE_MB="200")
+    gunicorn_workers = psutil.Process(stack.gateway.pid).children()
+    worker = psutil.Process(stack.workers[0].pid)
+    pool = [psutil.Process(pid) for pid in stack.child_pids()]  # from their heartbeats
+    assert gunicorn_workers and pool
+    assert all(worker in child.parents() for child in pool)
+    for process in [*gunicorn_workers, worker, *pool]:
+        assert _limit(process.pid, "Max core file size") == ("0", "0"), process.cmdline()
+    for child in pool:                                          # RLIMIT_DATA, soft limit
+        assert _limit(child.pid, "Max data size")[0] == str(1500 * 1024 * 1024)
+
+    # 40 MP of flat RGBA: a small PNG within every upload limit and the decode budget (160 MB
+    # decoded), but decoding, compositing and parsing it needs more than 1500 MB in all.
+    big = io.BytesIO()
+    Image.fromarray(np.full((6300, 6300, 4), 128, np.uint8)).save(big, format="PNG")
+    job = submit(stack, big.getvalue(), "big.png").json()
+    failed = poll_until(stack, job, timeout=300)
+    assert failed["status"] == "failed" and failed["error"]["code"] == "out_of_memory", failed
+    small = submit(stack, photo_jpeg(96, 64, seed=3)).json()
+    outcome = poll_until(stack, small)
+    assert outcome["status"] == "done", (outcome, stack.log("worker1")[-3000:])
+    assert all(child.is_running() for child in pool)            # the same child did it
+    assert sorted(stack.child_pids()) == sorted(child.pid for child in pool)
