@@ -34,6 +34,9 @@ def make_celery(settings, name: str = "m2fp") -> Celery:
         task_routes={TASK_PARSE: {"queue": QUEUE}},
         task_acks_late=True,
         task_reject_on_worker_lost=True,
+        # A task that raises is acked (not redelivered): the parse task turns every failure into
+        # a job state itself, and a Redis error mid-job into Reject(requeue=True), which is the
+        # one way to get the message back (worker/celery_app.py).
         task_acks_on_failure_or_timeout=True,
         task_soft_time_limit=settings.soft_time_limit,
         task_time_limit=settings.hard_time_limit,
