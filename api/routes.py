@@ -33,7 +33,8 @@ from api.metrics import Metrics
 from api.openapi import openapi_document
 from api.validation import Upload, validate_upload
 from shared.config import Settings
-from shared.constants import PALETTE, WORKER_PATTERN
+from shared import heartbeat as heartbeats
+from shared.constants import PALETTE
 from shared.crypto import (
     decrypt_payload,
     encrypt_payload,
@@ -272,36 +273,20 @@ def healthz() -> flask.Response:
 
 @bp.get("/readyz")
 def readyz() -> flask.Response:
-    """Readiness: Redis answers and at least one worker's heartbeat is alive."""
+    """Readiness: Redis answers and at least one worker's heartbeat is alive (read through the
+    heartbeat index, never a SCAN of the keyspace: cheap under load)."""
     gw = gateway()
     try:
         gw.redis.ping()
-        flags = worker_untrained_flags(gw.redis)
+        workers = heartbeats.live(gw.redis, MAX_WORKER_KEYS)
     except redis.RedisError as exc:
         event(log, "readyz_redis_unreachable", logging.WARNING, exc_type=type(exc).__name__)
         return not_ready("unavailable", "Redis is unreachable.")
-    if not flags:
+    if not workers:
         return not_ready("no_workers", "No worker is alive: jobs would wait in the queue.")
-    untrained = any(flags)
-    return flask.jsonify(status="ready", workers=len(flags), untrained=untrained,
+    untrained = any(worker.untrained for worker in workers)
+    return flask.jsonify(status="ready", workers=len(workers), untrained=untrained,
                          warnings=[UNTRAINED_WARNING] if untrained else [])
-
-
-def worker_untrained_flags(client: redis.Redis) -> list[bool]:
-    """One flag per live worker heartbeat (`m2fp:worker:*`): True if it runs random weights."""
-    keys = []
-    for key in client.scan_iter(match=WORKER_PATTERN, count=200):
-        keys.append(key)
-        if len(keys) >= MAX_WORKER_KEYS:
-            break
-    if not keys:
-        return []
-    with client.pipeline(transaction=False) as pipe:
-        for key in keys:
-            pipe.hgetall(key)
-        heartbeats = pipe.execute()
-    # A heartbeat that expired between SCAN and HGETALL is not a live worker.
-    return [(beat.get(b"untrained") or beat.get("untrained")) in (b"1", "1") for beat in heartbeats if beat]
 
 
 def not_ready(status: str, warning: str) -> flask.Response:

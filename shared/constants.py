@@ -51,7 +51,6 @@ def worker_key(name: str) -> str:
     return f"{KEY_PREFIX}:worker:{name}"
 
 
-WORKER_PATTERN = f"{KEY_PREFIX}:worker:*"
 BAN_PREFIX = f"{KEY_PREFIX}:ban"
 STRIKES_PREFIX = f"{KEY_PREFIX}:strikes"
 

@@ -33,7 +33,9 @@ from celery import Celery, signals
 from celery.exceptions import Reject, SoftTimeLimitExceeded
 
 from shared.config import Settings, resolve_weights
-from shared.constants import TASK_PARSE, worker_key
+from shared import heartbeat as heartbeats
+from shared.constants import TASK_PARSE
+from shared.heartbeat import HEARTBEAT_SECONDS, Heartbeat
 from shared.hardening import disable_core_dumps, limit_memory
 from shared.jobstore import JobStore
 from shared.logging import bind, clear, configure_logging, event
@@ -45,7 +47,6 @@ from worker.weights import load_predictor
 
 log = logging.getLogger(__name__)
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
-HEARTBEAT_SECONDS, HEARTBEAT_TTL = 10, 30
 MODEL_LOAD_TIMEOUT = 600
 REDIS_ERROR_PAUSE = 2.0  # seconds before requeueing a job whose Redis call failed (no hot loop)
 
@@ -106,15 +107,12 @@ class WorkerProcess:
             self.loaded.set()
 
     def _heartbeat(self) -> None:
-        key = worker_key(self.name)
-        fields = {"variant": self.settings.variant, "device": str(self.predictor.device),
-                  "untrained": "1" if self.predictor.untrained else "0", "pid": os.getpid(),
-                  "deform_op": self.predictor.deform_attn,
-                  "started": f"{time.time():.0f}"}
+        heartbeat = Heartbeat(name=self.name, variant=self.settings.variant, device=str(self.predictor.device),
+                              untrained=self.predictor.untrained, pid=os.getpid(),
+                              deform_op=self.predictor.deform_attn, started=round(time.time()))
         while not self._stop.is_set():
             try:
-                with self.store.redis.pipeline() as pipe:
-                    pipe.hset(key, mapping=fields).expire(key, HEARTBEAT_TTL).execute()
+                heartbeats.beat(self.store.redis, heartbeat)
             except redis.RedisError:
                 log.warning("heartbeat_failed")
             self._stop.wait(HEARTBEAT_SECONDS)
@@ -124,7 +122,7 @@ class WorkerProcess:
         self._stop.set()
         if self.store is not None:
             try:
-                self.store.redis.delete(worker_key(self.name))
+                heartbeats.remove(self.store.redis, self.name)
             except redis.RedisError:
                 pass
 

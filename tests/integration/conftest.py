@@ -106,13 +106,10 @@ class Stack:
 
     def child_pids(self) -> list[int]:
         """PIDs of the workers' pool children (where the model runs)."""
+        from shared import heartbeat  # noqa: PLC0415
+
         client = redis.Redis.from_url(self.env["M2FP_REDIS_URL"])
-        pids = []
-        for key in client.scan_iter("m2fp:worker:*"):
-            pid = client.hget(key, "pid")
-            if pid:
-                pids.append(int(pid))
-        return pids
+        return [beat.pid for beat in heartbeat.live(client) if beat.pid]
 
     def stop_workers(self) -> None:
         """Warm-stop every worker (SIGTERM to its process group)."""

@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from shared import heartbeat
 from shared.config import load_settings
 from shared.constants import BAN_PREFIX, LIMITER_PREFIX, STRIKES_PREFIX, worker_key
 from shared.crypto import generate_key
@@ -170,17 +171,38 @@ def test_readyz_needs_a_live_worker_and_warns_when_untrained(client, clean_redis
     not_ready = client.get("/readyz")
     assert not_ready.status_code == 503
     assert not_ready.get_json()["status"] == "no_workers" and "Retry-After" in not_ready.headers
-    clean_redis.hset(worker_key("w1@host"), mapping={"variant": "cihp", "device": "cpu", "untrained": "0"})
-    clean_redis.expire(worker_key("w1@host"), 30)
+    heartbeat.beat(clean_redis, heartbeat.Heartbeat("w1@host", variant="cihp", device="cpu"))
     ready = client.get("/readyz")
     assert ready.status_code == 200
     assert ready.get_json() == {"status": "ready", "workers": 1, "untrained": False, "warnings": []}
-    clean_redis.hset(worker_key("w2@host"), mapping={"variant": "cihp", "device": "cuda", "untrained": "1"})
-    clean_redis.expire(worker_key("w2@host"), 30)
+    heartbeat.beat(clean_redis, heartbeat.Heartbeat("w2@host", variant="cihp", device="cuda", untrained=True))
     body = client.get("/readyz").get_json()
     assert body["workers"] == 2 and body["untrained"] is True
     assert any("UNTRAINED" in warning for warning in body["warnings"])
     assert "cuda" not in str(body) and "cihp" not in str(body)  # no model details
+    # A worker whose heartbeat lapsed is not counted; one that stopped cleanly is gone at once.
+    clean_redis.delete(worker_key("w2@host"))
+    assert client.get("/readyz").get_json()["workers"] == 1
+    heartbeat.remove(clean_redis, "w1@host")
+    assert client.get("/readyz").status_code == 503
+    assert clean_redis.zcard(heartbeat.INDEX_KEY) == 0
+
+
+def test_readyz_reads_the_index_not_the_keyspace(client, clean_redis, monkeypatch):
+    import redis as redis_module  # noqa: PLC0415
+
+    heartbeat.beat(clean_redis, heartbeat.Heartbeat("w1@host"))
+    with clean_redis.pipeline(transaction=False) as pipe:
+        for index in range(2000):
+            pipe.set(f"m2fp:job:filler{index}", "x", ex=60)
+        pipe.execute()
+
+    def no_scan(*_args, **_kwargs):
+        raise AssertionError("/readyz must not SCAN the keyspace")
+
+    monkeypatch.setattr(redis_module.Redis, "scan_iter", no_scan)
+    monkeypatch.setattr(redis_module.Redis, "scan", no_scan)
+    assert client.get("/readyz").get_json()["workers"] == 1
 
 
 def test_metrics_count_requests_rejections_and_jobs(make_app):
