@@ -49,7 +49,8 @@ def create_app(settings: Settings | None = None, *, redis_client: redis.Redis | 
                       **{abuse.IPV6_PREFIX_CONFIG: settings.ipv6_prefix})
     if settings.trusted_proxies:
         # Only the configured number of proxy hops may rewrite the peer address (RESEARCH §2.9).
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies, x_proto=0,
+        # X-Forwarded-Proto too: behind the TLS proxy the request was HTTPS, so HSTS is sent.
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies, x_proto=settings.trusted_proxies,
                                 x_host=0, x_port=0, x_prefix=0)
 
     client = redis_client or make_redis(settings)

@@ -101,6 +101,9 @@ def child_exit(server, worker) -> None:
 
 
 bind = [_bind_address(_settings.host, _settings.port)]
+# Forwarded headers are the app's business alone (ProxyFix, M2FP_TRUSTED_PROXIES hops): gunicorn
+# would otherwise trust X-Forwarded-Proto from any loopback peer, and only from loopback.
+forwarded_allow_ips = ""
 worker_class = "api.gunicorn_worker.GuardedThreadWorker"
 workers = _settings.gateway_workers
 threads = _settings.gateway_threads

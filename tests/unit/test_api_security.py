@@ -268,3 +268,14 @@ def test_cross_site_submissions_are_refused_before_they_count(make_app, clean_re
     assert upload(client, png_bytes()).status_code == 202            # an API client
     withdraw = client.delete(job.get_json()["status_url"], headers={**bearer(job.get_json()["token"]), **evil})
     assert withdraw.status_code == 403 and withdraw.get_json()["error"] == "cross_origin"
+
+
+def test_hsts_only_for_https_as_the_trusted_proxy_says(make_app):
+    behind = make_app(M2FP_TRUSTED_PROXIES="1").test_client()
+    via_tls = behind.get("/healthz", headers={"X-Forwarded-For": "192.0.2.1", "X-Forwarded-Proto": "https"},
+                         environ_base={"REMOTE_ADDR": "10.0.0.2"})
+    assert via_tls.headers["Strict-Transport-Security"] == "max-age=31536000"
+    assert "Strict-Transport-Security" not in behind.get("/healthz").headers
+    direct = make_app(M2FP_TRUSTED_PROXIES="0").test_client()
+    spoofed = direct.get("/healthz", headers={"X-Forwarded-Proto": "https"})
+    assert "Strict-Transport-Security" not in spoofed.headers   # no trusted hop: the header means nothing
