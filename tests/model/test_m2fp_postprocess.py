@@ -12,12 +12,11 @@ from hypothesis.extra import numpy as hnp
 from worker.m2fp.config import CIHP_CLASS_NAMES, LIP_CLASS_NAMES
 
 CIHP_HUMAN = CIHP_CLASS_NAMES.index("Human")
+from worker.m2fp.persons import mask_box, scale_box
 from worker.m2fp.postprocess import (
-    mask_box,
     parse_multi_human,
     parse_single_human,
     resize_mask_logits,
-    scale_box,
     semantic_inference,
 )
 

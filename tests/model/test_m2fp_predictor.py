@@ -15,7 +15,7 @@ from PIL import Image
 
 from worker.m2fp.checkpoint import build_untrained_model
 from worker.m2fp.config import LIP_CLASS_NAMES, TINY
-from worker.m2fp.postprocess import mask_box
+from worker.m2fp.persons import mask_box
 from worker.m2fp.predictor import Predictor, downsize_to_max_side, upscale_nearest
 
 REPO = Path(__file__).resolve().parents[2]

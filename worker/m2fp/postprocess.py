@@ -1,4 +1,7 @@
-"""Postprocessing of M2FP outputs: semantic readout, instance parsing and per-person grouping.
+"""The reference readout of M2FP outputs: semantic map, label map and kept instances, as the pipeline does it.
+
+This module owns what the reference pipeline computes from the network outputs (resizing, semantic
+inference, top-k instance scoring, pasting); `worker.m2fp.persons` owns the grouping per person.
 
 Mask logits come out of the network at 1/4 of the padded input size. As in the ModelScope pipeline they are
 resized bilinearly (align_corners=False) to the padded input size, cropped to the unpadded image (and, for
@@ -18,30 +21,17 @@ Multi-human (CIHP) readout, `parse_multi_human`:
     Peak extra memory is about 20 x H x W float32 plus one chunk. The chunk size changes the result only by
     float rounding of the semantic sums (about 1e-7).
 
-Per-person grouping (beyond the reference, which returns ungrouped part masks):
-  * Persons are the kept human instances sorted by score, descending (ties: lower query first), indexed
-    1..N; at most 255 (uint8 map), lower-scored humans beyond that are dropped.
-  * `instance_map` (H, W) uint8: a pixel belongs to the person whose human-mask logit is highest there,
-    among the persons whose logit there is > 0, provided the pixel is foreground (`label_map != 0`);
-    otherwise 0. Ties between equal logits go to the lower query index (measure-zero for float logits).
-    A model that finds no human yields an all-zero map and no persons (none are invented).
-  * Each person: `index`, `score`, `area` (its pixels in `instance_map`), `box` of those pixels (of its
-    whole human mask if it owns no foreground pixel) and `parts`: {class_id, name, area} for each class of
-    `label_map` among its pixels, by class id.
-  * Each kept part instance is attached to the person owning most of its mask's pixels in `instance_map`
-    (0 if its mask covers no person's pixel).
+Per-person grouping (instance map, persons, part dicts, boxes) is `worker.m2fp.persons`; the readouts
+call it last so that their results carry persons, and they own nothing of it.
 
 Single-human (LIP) readout, `parse_single_human`: the semantic map is computed at the padded input size,
 cropped to the crop box and resized to the output size (`sem_seg`); `label_map` is its argmax; a class's
 score is `sum(sigmoid(sem_seg[c]) over its pixels) / (pixels + 1)` as in the pipeline. There is one person
 (index 1) owning every foreground pixel, if any; its score uses the same formula over all foreground pixels.
-
-Boxes are [x0, y0, x1, y1] in pixels with x1, y1 exclusive (width = x1 - x0).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -49,7 +39,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-MAX_PERSONS = 255  # instance_map is uint8 and 0 means "no person"
+from worker.m2fp.persons import describe_parts, group_persons, single_human_persons, single_human_parts
+
 HUMAN_SCORE_THRESHOLD = 0.1  # humans kept if score > this
 PART_SCORE_THRESHOLD = 0.1  # parts kept if score >= this
 MASK_SCORE_EPSILON = 1e-6
@@ -186,97 +177,74 @@ def check_size(name: str, size: Sequence[int]) -> tuple[int, int]:
     return int(size[0]), int(size[1])
 
 
-def mask_box(mask: np.ndarray) -> list[int]:
-    """Box [x0, y0, x1, y1] (exclusive x1, y1) of the True pixels of a (H, W) mask; [0, 0, 0, 0] if none."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    if rows.size == 0:
-        return [0, 0, 0, 0]
-    columns = np.flatnonzero(mask.any(axis=0))
-    return [int(columns[0]), int(rows[0]), int(columns[-1]) + 1, int(rows[-1]) + 1]
+class _MultiHumanReadout:
+    """Chunk-by-chunk state of `parse_multi_human`: semantic sums, mask scores, kept instances, human winners."""
 
-
-def region_statistics(
-    label_map: np.ndarray, instance_map: np.ndarray, num_persons: int, num_labels: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per person: pixel counts per class and box, in O(H*W).
-
-    Returns:
-        counts (num_persons + 1, num_labels) int64 and boxes (num_persons + 1, 4) int64 [x0, y0, x1, y1],
-        row 0 being "no person"; a person without pixels gets a zero box.
-    """
-    height, width = instance_map.shape
-    bins = num_persons + 1
-    pair_index = instance_map.astype(np.int64) * num_labels + label_map  # (H, W)
-    counts = np.bincount(pair_index.ravel(), minlength=bins * num_labels).reshape(bins, num_labels)
-    row_counts = np.zeros((bins, height), dtype=np.int64)  # persons present per row
-    column_counts = np.zeros((bins, width), dtype=np.int64)
-    if num_persons > 0:
-        row_ids = np.broadcast_to(np.arange(height)[:, None], (height, width))
-        column_ids = np.broadcast_to(np.arange(width)[None, :], (height, width))
-        people = instance_map.astype(np.int64)
-        row_counts = np.bincount((people * height + row_ids).ravel(), minlength=bins * height).reshape(bins, height)
-        column_counts = np.bincount((people * width + column_ids).ravel(), minlength=bins * width).reshape(bins, width)
-    boxes = np.zeros((bins, 4), dtype=np.int64)
-    for person in range(1, bins):
-        rows = np.flatnonzero(row_counts[person])
-        if rows.size:
-            columns = np.flatnonzero(column_counts[person])
-            boxes[person] = (columns[0], rows[0], columns[-1] + 1, rows[-1] + 1)
-    return counts, boxes
-
-
-def describe_persons(
-    label_map: np.ndarray,
-    instance_map: np.ndarray,
-    scores: Sequence[float],
-    fallback_boxes: Sequence[Sequence[int]],
-    class_names: Sequence[str],
-) -> list[dict]:
-    """Person dicts (index, score, box, area, parts) from the maps; persons are 1..len(scores).
-
-    A person that owns no pixel gets `fallback_boxes[index - 1]` (its human mask's box) and area 0.
-    """
-    num_labels = len(class_names)
-    counts, boxes = region_statistics(label_map, instance_map, len(scores), num_labels)
-    persons = []
-    for index, score in enumerate(scores, start=1):
-        area = int(counts[index].sum())
-        box = [int(value) for value in boxes[index]] if area else [int(value) for value in fallback_boxes[index - 1]]
-        parts = [
-            {"class_id": class_id, "name": class_names[class_id], "area": int(counts[index, class_id])}
-            for class_id in range(1, num_labels)
-            if counts[index, class_id] > 0
-        ]
-        persons.append({"index": index, "score": float(score), "box": box, "area": area, "parts": parts})
-    return persons
-
-
-def owning_person(instance_map: np.ndarray, mask: np.ndarray, num_persons: int) -> int:
-    """The person owning most of the mask's pixels in `instance_map` (lower index on ties); 0 if none."""
-    if num_persons == 0:
-        return 0
-    votes = np.bincount(instance_map[mask], minlength=num_persons + 1)
-    votes[0] = 0
-    return int(votes.argmax()) if votes.any() else 0
-
-
-class _MultiHumanAccumulator:
-    """Chunk-by-chunk state of `parse_multi_human`: semantic sums, human winners, kept masks."""
-
-    def __init__(self, num_parsing: int, output_size: tuple[int, int], device: torch.device, paste: bool) -> None:
+    def __init__(
+        self,
+        class_logits: torch.Tensor,
+        topk: int,
+        num_parsing: int,
+        output_size: tuple[int, int],
+        paste_threshold: float | None,
+    ) -> None:
         height, width = output_size
-        self.output_size = output_size
+        device = class_logits.device
+        self.num_parsing, self.output_size, self.paste_threshold = num_parsing, output_size, paste_threshold
+        self.class_probabilities = F.softmax(class_logits, dim=-1)[:, :num_parsing]  # (Q, num_parsing)
+        self.top_scores, self.top_labels, self.top_queries = select_topk(class_logits, topk)
+        self.mask_scores = torch.zeros(class_logits.shape[0], dtype=torch.float32, device=device)
         self.semantic = torch.zeros((num_parsing, height * width), dtype=torch.float32, device=device)
         self.best_human_logit: torch.Tensor | None = None  # (H, W) running max of kept human logits (> 0)
         self.best_human_query: torch.Tensor | None = None  # (H, W) query holding that max, -1 = none
+        paste = paste_threshold is not None
         self.pasted = torch.zeros_like(self.semantic) if paste else None
         self.paste_counts = torch.zeros_like(self.semantic) if paste else None
+        self.entries_by_query: dict[int, list[int]] = {}
+        for entry, query in enumerate(self.top_queries.tolist()):
+            self.entries_by_query.setdefault(query, []).append(entry)
+        self.kept_entries: list[tuple[int, float]] = []  # (top-k entry, score)
+        self.packed_masks: dict[int, np.ndarray] = {}
 
-    def add_semantic(self, class_probabilities: torch.Tensor, probabilities: torch.Tensor) -> None:
-        """Add (q, C) x (q, H*W) to the (C, H*W) semantic sums."""
-        self.semantic.addmm_(class_probabilities.T, probabilities)  # (C, q) @ (q, HW) -> (C, HW)
+    def add_chunk(self, start: int, logits: torch.Tensor) -> None:
+        """Read queries start.. from their (q, H*W) logits at output size: semantic sums, scores, kept masks."""
+        stop = start + logits.shape[0]
+        probabilities = logits.sigmoid()  # (q, H*W)
+        positive = logits > 0  # (q, H*W)
+        self.semantic.addmm_(self.class_probabilities[start:stop].T, probabilities)  # (C, q) @ (q, HW)
+        # From here on `probabilities` holds sigmoid(m) * [m > 0] (in place: no extra chunk-sized tensor).
+        probabilities.masked_fill_(positive.logical_not(), 0.0)
+        positive_counts = torch.count_nonzero(positive, dim=1).to(torch.float32)  # exact below 2**24 pixels
+        self.mask_scores[start:stop] = probabilities.sum(1) / (positive_counts + MASK_SCORE_EPSILON)
+        newly_kept = []
+        for offset, query in enumerate(range(start, stop)):
+            for entry in self.entries_by_query.get(query, ()):
+                if self._read_entry(entry, query, logits[offset], probabilities[offset]):
+                    newly_kept.append(offset)
+        offsets = sorted({offset for offset in newly_kept if start + offset not in self.packed_masks})
+        if offsets:  # one transfer and one packbits for the chunk; rows pack as each mask alone would
+            packed = np.packbits(positive[offsets].cpu().numpy(), axis=1)
+            for row, offset in enumerate(offsets):
+                self.packed_masks[start + offset] = packed[row]
 
-    def add_human(self, query: int, logits: torch.Tensor) -> None:
+    def _read_entry(self, entry: int, query: int, logits: torch.Tensor, probabilities: torch.Tensor) -> bool:
+        """Score one top-k entry, paste it if asked; True if it is kept (its mask must then be stored)."""
+        label = int(self.top_labels[entry])
+        score = self.top_scores[entry] * self.mask_scores[query]  # float32, as the reference
+        is_human = label == self.num_parsing
+        keep = bool(score > HUMAN_SCORE_THRESHOLD) if is_human else (
+            label != 0 and bool(score >= PART_SCORE_THRESHOLD)
+        )
+        if self.paste_threshold is not None and label < self.num_parsing and bool(score >= self.paste_threshold):
+            self._paste(label, float(score), probabilities)
+        if not keep:
+            return False
+        self.kept_entries.append((entry, float(score)))
+        if is_human:
+            self._add_human(query, logits.reshape(self.output_size))
+        return True
+
+    def _add_human(self, query: int, logits: torch.Tensor) -> None:
         """Let a kept human's (H, W) logits claim the pixels where they beat every earlier human and 0."""
         if self.best_human_logit is None:
             self.best_human_logit = torch.zeros(self.output_size, dtype=torch.float32, device=logits.device)
@@ -285,7 +253,7 @@ class _MultiHumanAccumulator:
         self.best_human_logit = torch.where(better, logits, self.best_human_logit)
         self.best_human_query.masked_fill_(better, query)
 
-    def paste(self, class_id: int, score: float, probabilities: torch.Tensor) -> None:
+    def _paste(self, class_id: int, score: float, probabilities: torch.Tensor) -> None:
         """Average `sigmoid(mask) * score` into class `class_id` where it exceeds 0.5 (reference's pasting).
 
         `probabilities` may be zeroed where the mask logit is <= 0: such pixels (sigmoid <= 0.5) never paste.
@@ -295,6 +263,37 @@ class _MultiHumanAccumulator:
         self.pasted[class_id] += torch.where(selected, weighted, torch.zeros_like(weighted))
         self.paste_counts[class_id] += selected.to(torch.float32)
 
+    def instances(self) -> list[Instance]:
+        """The kept instances, by descending score (ties: earlier top-k entry first)."""
+        instances = []
+        for entry, score in sorted(self.kept_entries, key=lambda item: (-item[1], item[0])):
+            query = int(self.top_queries[entry])
+            label = int(self.top_labels[entry])
+            instances.append(Instance(label, score, query, self.packed_masks[query], self.output_size))
+        return instances
+
+    def topk(self) -> TopK:
+        """The raw top-k list with the mask scores."""
+        mask_scores = self.mask_scores[self.top_queries]
+        return TopK(
+            labels=self.top_labels.cpu().numpy().astype(np.int64),
+            queries=self.top_queries.cpu().numpy().astype(np.int64),
+            class_scores=self.top_scores.cpu().numpy().astype(np.float32),
+            mask_scores=mask_scores.cpu().numpy().astype(np.float32),
+            scores=(self.top_scores * mask_scores).cpu().numpy().astype(np.float32),
+        )
+
+    def semantic_outputs(self) -> np.ndarray | None:
+        """The reference's pasted `semantic_outputs` (num_parsing, H, W), or None if not asked for."""
+        if self.paste_threshold is None:
+            return None
+        counts = self.paste_counts.clamp(min=1.0)
+        return (self.pasted / counts).reshape(self.num_parsing, *self.output_size).cpu().numpy()
+
+    def winner(self) -> np.ndarray | None:
+        """(H, W) int32 query of the winning kept human per pixel, -1 where none; None if no human was kept."""
+        return None if self.best_human_query is None else self.best_human_query.cpu().numpy()
+
 
 def select_topk(class_logits: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k (query, class) pairs of softmax(class_logits)[:, :-1] flattened: scores, labels, queries."""
@@ -303,6 +302,29 @@ def select_topk(class_logits: torch.Tensor, topk: int) -> tuple[torch.Tensor, to
     flat_scores = class_scores.flatten()  # (Q*C,): index = query * C + class
     top_scores, top_indices = flat_scores.topk(min(topk, flat_scores.numel()), sorted=True)
     return top_scores, top_indices % num_classes, top_indices // num_classes
+
+
+def check_multi_human(
+    class_logits: torch.Tensor, mask_logits: torch.Tensor, num_parsing: int, class_names: Sequence[str]
+) -> None:
+    """Raise ValueError unless the logits are those of a multi-human model with `num_parsing` classes."""
+    check_prediction(class_logits, mask_logits)
+    if class_logits.shape[1] != num_parsing + 2:
+        raise ValueError(
+            f"class_logits must have num_parsing + 2 = {num_parsing + 2} columns (parts, Human, no-object), "
+            f"but got {class_logits.shape[1]}"
+        )
+    if len(class_names) < num_parsing:
+        raise ValueError(f"class_names must name the {num_parsing} parsing classes, but got {len(class_names)}")
+
+
+def check_chunk_size(chunk_size: int | None, num_queries: int, padded_size, output_size) -> int:
+    """`chunk_size`, or one picked from the memory budget if None; raise ValueError if < 1."""
+    if chunk_size is None:
+        chunk_size = automatic_chunk_size(num_queries, padded_size, output_size)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, but got {chunk_size}")
+    return chunk_size
 
 
 def parse_multi_human(
@@ -318,7 +340,7 @@ def parse_multi_human(
     keep_semantic_map: bool = False,
     paste_threshold: float | None = None,
 ) -> MultiHumanParsing:
-    """Multi-human readout: label map, kept instances, persons and their parts (module docstring).
+    """Multi-human readout: label map, kept instances, then persons and their parts (`worker.m2fp.persons`).
 
     Args:
         class_logits: (Q, num_parsing + 2) logits of one image: parsing classes, Human, no-object.
@@ -337,145 +359,48 @@ def parse_multi_human(
     Returns:
         A MultiHumanParsing.
     """
-    check_prediction(class_logits, mask_logits)
-    if class_logits.shape[1] != num_parsing + 2:
-        raise ValueError(
-            f"class_logits must have num_parsing + 2 = {num_parsing + 2} columns (parts, Human, no-object), "
-            f"but got {class_logits.shape[1]}"
-        )
-    if len(class_names) < num_parsing:
-        raise ValueError(f"class_names must name the {num_parsing} parsing classes, but got {len(class_names)}")
+    check_multi_human(class_logits, mask_logits, num_parsing, class_names)
     output_size = check_size("output_size", output_size)
     padded_size, image_size = check_size("padded_size", padded_size), check_size("image_size", image_size)
     num_queries = class_logits.shape[0]
-    if chunk_size is None:
-        chunk_size = automatic_chunk_size(num_queries, padded_size, output_size)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, but got {chunk_size}")
-
-    class_logits = class_logits.float()
+    chunk_size = check_chunk_size(chunk_size, num_queries, padded_size, output_size)
     mask_logits = mask_logits.float()
-    human_id = num_parsing
-    class_probabilities = F.softmax(class_logits, dim=-1)[:, :num_parsing]  # (Q, num_parsing)
-    top_scores, top_labels, top_queries = select_topk(class_logits, topk)
-    mask_scores = torch.zeros(num_queries, dtype=torch.float32, device=class_logits.device)
-    accumulator = _MultiHumanAccumulator(num_parsing, output_size, class_logits.device, paste_threshold is not None)
-    entries_by_query: dict[int, list[int]] = {}
-    for entry, query in enumerate(top_queries.tolist()):
-        entries_by_query.setdefault(query, []).append(entry)
-    kept_entries: list[tuple[int, float]] = []  # (top-k entry, score)
-    packed_masks: dict[int, np.ndarray] = {}
-
+    readout = _MultiHumanReadout(class_logits.float(), topk, num_parsing, output_size, paste_threshold)
     for start in range(0, num_queries, chunk_size):
         stop = min(start + chunk_size, num_queries)
         logits = resize_mask_logits(mask_logits[start:stop], padded_size, image_size, output_size)  # (q, H, W)
-        logits = logits.reshape(stop - start, -1)  # (q, H*W)
-        probabilities = logits.sigmoid()  # (q, H*W)
-        positive = logits > 0  # (q, H*W)
-        accumulator.add_semantic(class_probabilities[start:stop], probabilities)
-        # From here on `probabilities` holds sigmoid(m) * [m > 0] (in place: no extra chunk-sized tensor).
-        probabilities.mul_(positive)
-        positive_counts = positive.sum(1, dtype=torch.float32)
-        mask_scores[start:stop] = probabilities.sum(1) / (positive_counts + MASK_SCORE_EPSILON)
-        for offset, query in enumerate(range(start, stop)):
-            for entry in entries_by_query.get(query, ()):
-                label = int(top_labels[entry])
-                score = top_scores[entry] * mask_scores[query]  # float32, as the reference
-                is_human = label == human_id
-                keep = bool(score > HUMAN_SCORE_THRESHOLD) if is_human else (
-                    label != 0 and bool(score >= PART_SCORE_THRESHOLD)
-                )
-                if paste_threshold is not None and label < num_parsing and bool(score >= paste_threshold):
-                    accumulator.paste(label, float(score), probabilities[offset])
-                if not keep:
-                    continue
-                kept_entries.append((entry, float(score)))
-                if query not in packed_masks:
-                    packed_masks[query] = np.packbits(positive[offset].cpu().numpy())
-                if is_human:
-                    accumulator.add_human(query, logits[offset].reshape(output_size))
-        del logits, probabilities, positive
-
-    semantic = accumulator.semantic.reshape(num_parsing, *output_size)  # (C, H, W)
+        readout.add_chunk(start, logits.reshape(stop - start, -1))  # (q, H*W)
+        del logits
+    semantic = readout.semantic.reshape(num_parsing, *output_size)  # (C, H, W)
     label_map = semantic.argmax(0).to(torch.uint8).cpu().numpy()
-    instances = []
-    for entry, score in sorted(kept_entries, key=lambda item: (-item[1], item[0])):
-        query = int(top_queries[entry])
-        instances.append(Instance(int(top_labels[entry]), score, query, packed_masks[query], output_size))
-    instance_map, persons = group_persons(label_map, instances, accumulator, human_id, class_names[:num_parsing])
-    parts = describe_parts(instances, instance_map, len(persons), human_id, class_names)
-    topk_result = TopK(
-        labels=top_labels.cpu().numpy().astype(np.int64),
-        queries=top_queries.cpu().numpy().astype(np.int64),
-        class_scores=top_scores.cpu().numpy().astype(np.float32),
-        mask_scores=mask_scores[top_queries].cpu().numpy().astype(np.float32),
-        scores=(top_scores * mask_scores[top_queries]).cpu().numpy().astype(np.float32),
-    )
-    semantic_outputs = None
-    if paste_threshold is not None:
-        counts = accumulator.paste_counts.clamp(min=1.0)
-        semantic_outputs = (accumulator.pasted / counts).reshape(num_parsing, *output_size).cpu().numpy()
+    instances = readout.instances()
+    names = class_names[:num_parsing]
+    instance_map, persons = group_persons(label_map, instances, readout.winner(), num_parsing, names)
     return MultiHumanParsing(
         label_map=label_map,
         instance_map=instance_map,
         persons=persons,
-        parts=parts,
+        parts=describe_parts(instances, instance_map, len(persons), num_parsing, class_names),
         instances=instances,
-        topk=topk_result,
+        topk=readout.topk(),
         semantic_map=semantic.cpu().numpy() if keep_semantic_map else None,
-        semantic_outputs=semantic_outputs,
+        semantic_outputs=readout.semantic_outputs(),
     )
 
 
-def group_persons(
-    label_map: np.ndarray,
-    instances: Sequence[Instance],
-    accumulator: _MultiHumanAccumulator,
-    human_id: int,
-    class_names: Sequence[str],
-) -> tuple[np.ndarray, list[dict]]:
-    """Build `instance_map` and the person dicts from the kept humans (module docstring)."""
-    humans = [instance for instance in instances if instance.category_id == human_id]
-    humans = sorted(humans, key=lambda instance: (-instance.score, instance.query))[:MAX_PERSONS]
-    instance_map = np.zeros(label_map.shape, dtype=np.uint8)
-    if not humans or accumulator.best_human_query is None:
-        return instance_map, []
-    winner = accumulator.best_human_query.cpu().numpy()  # (H, W) query or -1
-    person_of_query = np.zeros(int(winner.max()) + 2, dtype=np.uint8)  # shifted by 1 so -1 maps to 0
-    for index, human in enumerate(humans, start=1):
-        if human.query + 1 < person_of_query.size:
-            person_of_query[human.query + 1] = index
-    instance_map = person_of_query[winner + 1]
-    instance_map[label_map == 0] = 0
-    fallback_boxes = [mask_box(human.mask) for human in humans]
-    persons = describe_persons(label_map, instance_map, [human.score for human in humans], fallback_boxes, class_names)
-    return instance_map, persons
-
-
-def describe_parts(
-    instances: Sequence[Instance],
-    instance_map: np.ndarray,
-    num_persons: int,
-    human_id: int,
-    class_names: Sequence[str],
-) -> list[dict]:
-    """Part dicts (class_id, name, score, person, area, box) of the kept part instances, by descending score."""
-    parts = []
-    for instance in instances:
-        if instance.category_id == human_id:
-            continue
-        mask = instance.mask
-        parts.append(
-            {
-                "class_id": instance.category_id,
-                "name": class_names[instance.category_id],
-                "score": float(instance.score),
-                "person": owning_person(instance_map, mask, num_persons),
-                "area": int(mask.sum()),
-                "box": mask_box(mask),
-            }
-        )
-    return parts
+def single_human_semantic(
+    class_logits: torch.Tensor, mask_logits: torch.Tensor, padded_size: tuple[int, int], chunk_size: int
+) -> torch.Tensor:
+    """The (C, Hp, Wp) semantic map at the padded input size, upsampling `chunk_size` queries at once."""
+    num_queries, num_classes = class_logits.shape[0], class_logits.shape[1] - 1
+    class_probabilities = F.softmax(class_logits.float(), dim=-1)[:, :-1]  # (Q, C)
+    semantic = torch.zeros((num_classes, padded_size[0] * padded_size[1]), device=class_logits.device)
+    for start in range(0, num_queries, chunk_size):
+        stop = min(start + chunk_size, num_queries)
+        chunk = mask_logits[start:stop].float()[None]  # (1, q, h, w)
+        upsampled = F.interpolate(chunk, size=padded_size, mode="bilinear", align_corners=False)[0]  # (q, Hp, Wp)
+        semantic.addmm_(class_probabilities[start:stop].T, upsampled.reshape(stop - start, -1).sigmoid())
+    return semantic.reshape(num_classes, *padded_size)
 
 
 def parse_single_human(
@@ -511,18 +436,8 @@ def parse_single_human(
     num_queries, num_classes = class_logits.shape[0], class_logits.shape[1] - 1
     if len(class_names) < num_classes:
         raise ValueError(f"class_names must name the {num_classes} classes, but got {len(class_names)}")
-    if chunk_size is None:
-        chunk_size = automatic_chunk_size(num_queries, padded_size, padded_size)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, but got {chunk_size}")
-    class_probabilities = F.softmax(class_logits.float(), dim=-1)[:, :-1]  # (Q, C)
-    semantic = torch.zeros((num_classes, padded_size[0] * padded_size[1]), device=class_logits.device)
-    for start in range(0, num_queries, chunk_size):
-        stop = min(start + chunk_size, num_queries)
-        chunk = mask_logits[start:stop].float()[None]  # (1, q, h, w)
-        upsampled = F.interpolate(chunk, size=padded_size, mode="bilinear", align_corners=False)[0]  # (q, Hp, Wp)
-        semantic.addmm_(class_probabilities[start:stop].T, upsampled.reshape(stop - start, -1).sigmoid())
-    semantic = semantic.reshape(num_classes, *padded_size)  # (C, Hp, Wp)
+    chunk_size = check_chunk_size(chunk_size, num_queries, padded_size, padded_size)
+    semantic = single_human_semantic(class_logits, mask_logits, padded_size, chunk_size)  # (C, Hp, Wp)
     sem_seg = resize_mask_logits(semantic, padded_size, image_size, output_size, crop_box)  # (C, H, W)
     # The map is already at padded size: resize_mask_logits' first resize is the identity there.
     label_map = sem_seg.argmax(0).to(torch.uint8).cpu().numpy()
@@ -532,54 +447,13 @@ def parse_single_human(
     counts = np.bincount(label_map.ravel(), minlength=num_classes)
     class_ids = np.flatnonzero(counts).astype(np.int64)
     class_scores = sums[class_ids] / (counts[class_ids] + 1.0)
-    foreground = label_map != 0
-    instance_map = foreground.astype(np.uint8)
-    persons: list[dict] = []
-    if foreground.any():
-        person_score = float(winning[foreground].sum() / (foreground.sum() + 1.0))
-        persons = describe_persons(label_map, instance_map, [person_score], [[0, 0, 0, 0]], class_names[:num_classes])
-    parts = single_human_parts(label_map, class_ids, class_scores, class_names)
+    instance_map, persons = single_human_persons(label_map, winning, class_names[:num_classes])
     return SingleHumanParsing(
         label_map=label_map,
         instance_map=instance_map,
         persons=persons,
-        parts=parts,
+        parts=single_human_parts(label_map, class_ids, class_scores, class_names),
         class_ids=class_ids,
         class_scores=class_scores,
         sem_seg=sem_seg.cpu().numpy() if keep_sem_seg else None,
     )
-
-
-def single_human_parts(
-    label_map: np.ndarray, class_ids: np.ndarray, class_scores: np.ndarray, class_names: Sequence[str]
-) -> list[dict]:
-    """One part dict per foreground class present in the single-human label map, by descending score."""
-    parts = []
-    for class_id, score in zip(class_ids.tolist(), class_scores.tolist(), strict=True):
-        if class_id == 0:
-            continue
-        mask = label_map == class_id
-        parts.append(
-            {
-                "class_id": class_id,
-                "name": class_names[class_id],
-                "score": float(score),
-                "person": 1,
-                "area": int(mask.sum()),
-                "box": mask_box(mask),
-            }
-        )
-    return sorted(parts, key=lambda part: -part["score"])
-
-
-def scale_box(box: Sequence[int], scale_x: float, scale_y: float, width: int, height: int) -> list[int]:
-    """Scale an exclusive [x0, y0, x1, y1] box, rounding outwards and clipping to (width, height)."""
-    x0, y0, x1, y1 = box
-    if x1 <= x0 or y1 <= y0:
-        return [0, 0, 0, 0]
-    return [
-        max(0, math.floor(x0 * scale_x)),
-        max(0, math.floor(y0 * scale_y)),
-        min(width, math.ceil(x1 * scale_x)),
-        min(height, math.ceil(y1 * scale_y)),
-    ]

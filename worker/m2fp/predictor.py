@@ -2,7 +2,8 @@
 
 The model is built once in `__init__`; `predict` takes a decoded RGB uint8 image (H, W, 3) and returns plain
 NumPy arrays and dicts at the input size: a class-id label map, a person-index instance map, the persons
-with their parts, and the kept part instances (see `worker.m2fp.postprocess` for the rules). Images whose
+with their parts, and the kept part instances (see `worker.m2fp.postprocess` for the readout and
+`worker.m2fp.persons` for the grouping). Images whose
 longer side exceeds `max_side` are shrunk first (OpenCV INTER_AREA, aspect kept), parsed at that size, and
 the maps are scaled back with nearest-neighbour sampling.
 """
@@ -22,14 +23,8 @@ import torch
 from worker.m2fp import ops
 from worker.m2fp.checkpoint import build_model
 from worker.m2fp.model import M2FP
-from worker.m2fp.postprocess import (
-    MultiHumanParsing,
-    SingleHumanParsing,
-    describe_persons,
-    parse_multi_human,
-    parse_single_human,
-    scale_box,
-)
+from worker.m2fp.persons import describe_persons, scale_box
+from worker.m2fp.postprocess import MultiHumanParsing, SingleHumanParsing, parse_multi_human, parse_single_human
 from worker.m2fp.preprocess import PreprocessedImage, check_rgb_image, preprocess_image
 
 logger = logging.getLogger(__name__)
