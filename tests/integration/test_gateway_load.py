@@ -129,6 +129,10 @@ def test_slow_uploads_behind_nginx_never_reach_the_gateway(stack_factory, tmp_pa
         # nginx never spooled a body to disk (it logs a warning whenever it does).
         assert "buffered to a temporary file" not in (tmp_path / "error.log").read_text()
         assert not any((tmp_path / "client_body").rglob("*")) if (tmp_path / "client_body").exists() else True
+        # nginx logs no client address, user agent or referer (and no query string).
+        access = (tmp_path / "access.log").read_text()
+        assert '"POST /v1/jobs"' in access
+        assert "127.0.0." not in access and "python-requests" not in access
         # A stalled body is cut by client_body_timeout with a JSON 408, not held forever.
         stalled = Trickler(https_port, BODY_HEAD, seconds=30, interval=15, tls=True)
         stalled.run()
