@@ -214,20 +214,10 @@ def nginx_proxy(tmp_path: Path, gateway_port: int | str):
     import requests as _requests  # noqa: PLC0415
     import urllib3  # noqa: PLC0415
 
-    tls = tmp_path / "tls"
-    tls.mkdir(exist_ok=True)
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
-                    "/CN=localhost", "-keyout", str(tls / "privkey.pem"), "-out", str(tls / "fullchain.pem")],
-                   check=True, capture_output=True)
+    from bench.load_bench import render_nginx_conf  # noqa: PLC0415  (one rendering of the shipped file)
+
     http_port, https_port = free_port(), free_port()
-    conf = (REPO / "deploy/nginx.conf").read_text()
-    conf = (conf.replace("/tmp/", f"{tmp_path}/")
-                .replace("listen 8080;", f"listen 127.0.0.1:{http_port};")
-                .replace("listen 8443 ssl", f"listen 127.0.0.1:{https_port} ssl")
-                .replace("/etc/nginx/tls/", f"{tls}/")
-                .replace("/dev/stdout", f"{tmp_path}/access.log")
-                .replace("http://gateway-tls:8000", f"http://127.0.0.1:{gateway_port}"))
-    (tmp_path / "nginx.conf").write_text(conf)
+    render_nginx_conf(tmp_path, http_port, https_port, gateway_port)
     proc = subprocess.Popen([NGINX, "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path), "-e",
                              str(tmp_path / "error.log"), "-g", "daemon off;"], stderr=subprocess.PIPE)
     urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
