@@ -226,12 +226,19 @@ class Predictor:
         result.timings = timings
         return result
 
-    def predict_batch(self, images: Sequence[np.ndarray]) -> list[ParsingResult]:
-        """Parse several images with one forward pass (useful on a GPU).
+    def padded_size(self, preprocessed: PreprocessedImage) -> tuple[int, int]:
+        """(Hp, Wp) the network input of a preprocessed image is padded to (multiples of size_divisibility)."""
+        divisibility = self.config.size_divisibility
+        height, width = preprocessed.image.shape[:2]
+        return -(-height // divisibility) * divisibility, -(-width // divisibility) * divisibility
 
-        The batch is zero-padded to its largest image, and the network has no padding mask, so a
-        multi-human result can differ slightly from `predict` on the image alone; single-human inputs all
-        have the same size and give the same results up to float rounding.
+    def predict_batch(self, images: Sequence[np.ndarray]) -> list[ParsingResult]:
+        """Parse several images, one forward pass per padded size; results equal those of `predict`.
+
+        The network has no padding mask (as the reference): padding an image further than its own
+        multiple of 32 changes its features (convolutions and attention see the extra zeros), hence its
+        maps. So images are grouped by the size `predict` pads them to (`padded_size`), and each group runs
+        as one batch: inside a group every input is what `predict` would give the network.
         """
         if len(images) == 0:
             return []
@@ -240,23 +247,30 @@ class Predictor:
         with torch.inference_mode():
             started = time.perf_counter()
             preprocessed = [self.preprocess(downsize_to_max_side(image, self.max_side)) for image in images]
+            groups: dict[tuple[int, int], list[int]] = {}
+            for index, item in enumerate(preprocessed):
+                groups.setdefault(self.padded_size(item), []).append(index)
+            forward_seconds, post_seconds = 0.0, 0.0
+            results: list[ParsingResult | None] = [None] * len(images)
             forward_started = time.perf_counter()
-            class_logits, mask_logits, image_sizes, padded_size = self._forward(preprocessed)
-            self._synchronize()
-            post_started = time.perf_counter()
-            results = []
-            for index, image in enumerate(images):
-                parsing = self._postprocess(
-                    preprocessed[index], class_logits[index], mask_logits[index], padded_size, image_sizes[index]
-                )
-                results.append(self._to_input_size(parsing, image.shape[0], image.shape[1]))
-            finished = time.perf_counter()
+            for indices in groups.values():
+                group_started = time.perf_counter()
+                class_logits, mask_logits, image_sizes, padded_size = self._forward([preprocessed[i] for i in indices])
+                self._synchronize()
+                post_started = time.perf_counter()
+                for row, index in enumerate(indices):
+                    parsing = self._postprocess(
+                        preprocessed[index], class_logits[row], mask_logits[row], padded_size, image_sizes[row]
+                    )
+                    results[index] = self._to_input_size(parsing, images[index].shape[0], images[index].shape[1])
+                forward_seconds += post_started - group_started
+                post_seconds += time.perf_counter() - post_started
         count = len(images)
         for result in results:  # the batch's time, shared equally
             result.timings = {
                 "preprocess": (forward_started - started) / count,
-                "forward": (post_started - forward_started) / count,
-                "postprocess": (finished - post_started) / count,
+                "forward": forward_seconds / count,
+                "postprocess": post_seconds / count,
             }
         return results
 
