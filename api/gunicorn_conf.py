@@ -29,7 +29,10 @@ from gunicorn import glogging
 from gunicorn.http import wsgi as gunicorn_wsgi
 
 from shared.config import load_settings
+from shared.hardening import disable_core_dumps
 
+# The master reads the settings (keys included) before any worker forks: no core dumps of it either.
+disable_core_dumps()
 _settings = load_settings()
 _SAFE_PATH = re.compile(r"[A-Za-z0-9_./-]{1,128}")
 _PROMETHEUS_FILES = ("counter_*.db", "gauge_*.db", "histogram_*.db", "summary_*.db")

@@ -1,5 +1,5 @@
 """The real gateway and worker processes harden themselves (shared.hardening), not only under
-`make run`: no core dumps in the gunicorn workers, the worker's parent and its pool children;
+`make run`: no core dumps in the gunicorn master and workers, the worker's parent and its pool children;
 each pool child runs under its memory limit, and an outlier job over it fails `out_of_memory`
 alone while the same child goes on serving."""
 
@@ -40,7 +40,7 @@ def test_processes_harden_themselves_and_an_outlier_fails_alone(core_dumps_allow
     pool = [psutil.Process(pid) for pid in stack.child_pids()]  # from their heartbeats
     assert gunicorn_workers and pool
     assert all(worker in child.parents() for child in pool)
-    for process in [*gunicorn_workers, worker, *pool]:
+    for process in [psutil.Process(stack.gateway.pid), *gunicorn_workers, worker, *pool]:  # master too
         assert _limit(process.pid, "Max core file size") == ("0", "0"), process.cmdline()
     for child in pool:                                          # RLIMIT_DATA, soft limit
         assert _limit(child.pid, "Max data size")[0] == str(1500 * 1024 * 1024)
