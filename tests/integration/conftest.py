@@ -24,7 +24,7 @@ import pytest
 import redis
 import requests
 
-from tests.conftest import REPO, free_port, make_service_env, wait_for
+from tests.conftest import REPO, free_port, make_service_env, stop_process, wait_for
 
 SHM = "/dev/shm" if os.path.isdir("/dev/shm") else None
 STACK_ENV = {
@@ -234,12 +234,7 @@ def nginx_proxy(tmp_path: Path, gateway_port: int | str):
         wait_for(up, 20, what="nginx")
         yield https, http_port, https_port
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 def submit(stack: Stack, data: bytes, filename: str = "photo.jpg", **kwargs) -> requests.Response:

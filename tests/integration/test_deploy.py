@@ -33,7 +33,7 @@ import yaml
 from shared.constants import FLOWER_ACL_RULES, QUEUE
 from shared.crypto import hash_secret, new_job_id
 from shared.jobstore import JobStore
-from tests.conftest import REPO, free_port, wait_for
+from tests.conftest import REPO, free_port, stop_process, wait_for
 from tests.integration.conftest import NGINX, nginx_proxy, photo_jpeg
 
 pytestmark = pytest.mark.integration
@@ -226,12 +226,7 @@ def test_real_flower_sees_worker_events_with_its_read_only_user(acl_redis, tmp_p
     finally:
         # Flower's SIGTERM handler raises SystemExit, which is lost when the signal lands inside a
         # weakref callback ("Exception ignored"): then it keeps running, so kill it after a grace.
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc)
         log.close()
 
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 import requests
 
-from tests.conftest import REPO, free_port, wait_for
+from tests.conftest import REPO, free_port, stop_process, wait_for
 from tests.integration.conftest import photo_jpeg, poll_until, submit
 
 pytestmark = pytest.mark.integration
@@ -60,9 +60,4 @@ def test_flower_requires_auth_and_shows_only_job_ids(stack_factory):
         assert page.status_code == 200
     finally:
         # Flower can lose its SIGTERM's SystemExit (raised inside a weakref callback): kill after a grace.
-        flower.terminate()
-        try:
-            flower.wait(10)
-        except subprocess.TimeoutExpired:
-            flower.kill()
-            flower.wait(10)
+        stop_process(flower)
