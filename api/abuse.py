@@ -97,7 +97,10 @@ def note_untrusted_forwarded_for(settings: Settings, count) -> None:
 def client_tag(client: str) -> str:
     """The client's keyed pseudonym (`Keyring.pseudonym`): what log lines and Redis key names
     carry instead of an address or API key."""
-    return flask.current_app.extensions["m2fp"].settings.keyring.pseudonym(client)
+    tags = flask.g.setdefault("client_tags", {})   # a submit asks up to six times: two HMACs once
+    if client not in tags:
+        tags[client] = flask.current_app.extensions["m2fp"].settings.keyring.pseudonym(client)
+    return tags[client]
 
 
 def make_limiter(app: flask.Flask, settings: Settings, client: redis.Redis) -> Limiter:
