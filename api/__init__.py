@@ -33,37 +33,59 @@ MAX_FORM_PARTS = 8
 
 def make_redis(settings: Settings) -> redis.Redis:
     """The gateway's Redis client: short timeouts so that an outage is a quick 503."""
-    return redis.Redis.from_url(settings.redis_url, health_check_interval=30,
-                                socket_connect_timeout=2, socket_timeout=5)
+    return redis.Redis.from_url(
+        settings.redis_url, health_check_interval=30, socket_connect_timeout=2, socket_timeout=5
+    )
 
 
-def create_app(settings: Settings | None = None, *, redis_client: redis.Redis | None = None,
-               celery_app: Celery | None = None) -> flask.Flask:
+def create_app(
+    settings: Settings | None = None,
+    *,
+    redis_client: redis.Redis | None = None,
+    celery_app: Celery | None = None,
+) -> flask.Flask:
     """Build the gateway app (settings default: the environment via load_settings())."""
     settings = settings or load_settings()
     configure_logging(settings.log_level)
     app = flask.Flask(__name__, static_folder=None)
     app.request_class = InMemoryRequest
-    app.config.update(MAX_CONTENT_LENGTH=settings.max_upload_bytes, MAX_FORM_MEMORY_SIZE=MAX_FORM_MEMORY_SIZE,
-                      MAX_FORM_PARTS=MAX_FORM_PARTS, TRAP_HTTP_EXCEPTIONS=False,
-                      **{abuse.IPV6_PREFIX_CONFIG: settings.ipv6_prefix})
+    app.config.update(
+        MAX_CONTENT_LENGTH=settings.max_upload_bytes,
+        MAX_FORM_MEMORY_SIZE=MAX_FORM_MEMORY_SIZE,
+        MAX_FORM_PARTS=MAX_FORM_PARTS,
+        TRAP_HTTP_EXCEPTIONS=False,
+        **{abuse.IPV6_PREFIX_CONFIG: settings.ipv6_prefix},
+    )
     if settings.trusted_proxies:
         # Only the configured number of proxy hops may rewrite the peer address (RESEARCH §2.9).
         # X-Forwarded-Proto too: behind the TLS proxy the request was HTTPS, so HSTS is sent.
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies, x_proto=settings.trusted_proxies,
-                                x_host=0, x_port=0, x_prefix=0)
+        app.wsgi_app = ProxyFix(
+            app.wsgi_app,
+            x_for=settings.trusted_proxies,
+            x_proto=settings.trusted_proxies,
+            x_host=0,
+            x_port=0,
+            x_prefix=0,
+        )
 
     client = redis_client or make_redis(settings)
     store = JobStore.from_settings(settings, client)
     metrics = Metrics(store)
     metrics.init_app(app)  # first: its timer sees every other hook
     security.init_app(app, settings)
-    app.before_request(lambda: abuse.note_untrusted_forwarded_for(settings, metrics.untrusted_forwarded.inc))
+    app.before_request(
+        lambda: abuse.note_untrusted_forwarded_for(settings, metrics.untrusted_forwarded.inc)
+    )
     limiter = abuse.make_limiter(app, settings, client)
     register_error_handlers(app, limiter, metrics.reject)
-    app.extensions["m2fp"] = Gateway(settings=settings, redis=client, store=store,
-                                     celery=celery_app or make_celery(settings), limiter=limiter,
-                                     metrics=metrics)
+    app.extensions["m2fp"] = Gateway(
+        settings=settings,
+        redis=client,
+        store=store,
+        celery=celery_app or make_celery(settings),
+        limiter=limiter,
+        metrics=metrics,
+    )
     app.register_blueprint(bp)
     app.register_blueprint(web_bp)
     return app
@@ -82,5 +104,10 @@ def warm_up(app: flask.Flask) -> None:
         gw.store.load_scripts()
         with gw.celery.pool.acquire(block=True, timeout=5) as connection:
             connection.ensure_connection(max_retries=1)
-    except Exception as exc:  # noqa: BLE001  (a failed warm-up is never fatal)
-        event(logging.getLogger(__name__), "warm_up_failed", logging.WARNING, exc_type=type(exc).__name__)
+    except Exception as exc:
+        event(
+            logging.getLogger(__name__),
+            "warm_up_failed",
+            logging.WARNING,
+            exc_type=type(exc).__name__,
+        )

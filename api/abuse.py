@@ -89,15 +89,20 @@ def note_untrusted_forwarded_for(settings: Settings, count) -> None:
     if not _warned_untrusted_forwarded_for:
         _warned_untrusted_forwarded_for = True
         # Behind a proxy this setting makes every user one client (one rate limit, one ban).
-        event(log, "untrusted_forwarded_for", logging.WARNING, trusted_proxies=0,
-              meaning="every_user_behind_the_proxy_is_one_client",
-              fix="set_M2FP_TRUSTED_PROXIES_to_the_number_of_proxy_hops")
+        event(
+            log,
+            "untrusted_forwarded_for",
+            logging.WARNING,
+            trusted_proxies=0,
+            meaning="every_user_behind_the_proxy_is_one_client",
+            fix="set_M2FP_TRUSTED_PROXIES_to_the_number_of_proxy_hops",
+        )
 
 
 def client_tag(client: str) -> str:
     """The client's keyed pseudonym (`Keyring.pseudonym`): what log lines and Redis key names
     carry instead of an address or API key."""
-    tags = flask.g.setdefault("client_tags", {})   # a submit asks up to six times: two HMACs once
+    tags = flask.g.setdefault("client_tags", {})  # a submit asks up to six times: two HMACs once
     if client not in tags:
         tags[client] = flask.current_app.extensions["m2fp"].settings.keyring.pseudonym(client)
     return tags[client]
@@ -109,7 +114,9 @@ def make_limiter(app: flask.Flask, settings: Settings, client: redis.Redis) -> L
     # so the limiter uses the same server, credentials and timeouts as the job store.
     scheme = "rediss" if settings.redis_url.startswith("rediss://") else "redis"
     limiter = Limiter(
-        lambda: client_tag(client_key()),   # limit keys in Redis carry the pseudonym, not the address
+        lambda: client_tag(
+            client_key()
+        ),  # limit keys in Redis carry the pseudonym, not the address
         storage_uri=f"{scheme}://",
         storage_options={"connection_pool": client.connection_pool, "key_prefix": LIMITER_PREFIX},
         strategy="moving-window",
@@ -173,8 +180,15 @@ def record_strike(client_redis: redis.Redis, settings: Settings, client: str, co
         return False
     with client_redis.pipeline(transaction=True) as pipe:
         pipe.set(_ban_key(client), "1", ex=settings.ban_seconds).delete(strikes_key).execute()
-    event(log, "client_banned", logging.WARNING, client=client_tag(client), strikes=int(strikes),
-          last_code=code, seconds=settings.ban_seconds)
+    event(
+        log,
+        "client_banned",
+        logging.WARNING,
+        client=client_tag(client),
+        strikes=int(strikes),
+        last_code=code,
+        seconds=settings.ban_seconds,
+    )
     return True
 
 
@@ -197,6 +211,11 @@ def admit_for_client(store: JobStore, settings: Settings, client: str, job_id: s
     if not settings.max_jobs_per_client:
         return
     if not store.admit_for_client(client_tag(client), job_id, settings.max_jobs_per_client):
-        event(log, "client_jobs_full", logging.WARNING, client=client_tag(client),
-              max_jobs=settings.max_jobs_per_client)
+        event(
+            log,
+            "client_jobs_full",
+            logging.WARNING,
+            client=client_tag(client),
+            max_jobs=settings.max_jobs_per_client,
+        )
         raise TooManyJobs()

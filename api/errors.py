@@ -35,11 +35,21 @@ from shared.logging import event
 log = logging.getLogger(__name__)
 
 HTTP_ERRORS: dict[int, type[ServiceError]] = {
-    400: BadRequest, 401: Unauthorized, 404: NotFound, 405: MethodNotAllowed,
-    413: PayloadTooLarge, 429: RateLimited,
+    400: BadRequest,
+    401: Unauthorized,
+    404: NotFound,
+    405: MethodNotAllowed,
+    413: PayloadTooLarge,
+    429: RateLimited,
 }
 GENERIC_CLIENT_ERROR = "The request cannot be served as sent."
-UNAVAILABLE_ERRORS = (redis.exceptions.RedisError, StorageError, KombuError, ConnectionError, TimeoutError)
+UNAVAILABLE_ERRORS = (
+    redis.exceptions.RedisError,
+    StorageError,
+    KombuError,
+    ConnectionError,
+    TimeoutError,
+)
 
 
 class NotReadyWithStatus(JobNotReady):
@@ -61,8 +71,9 @@ def error_response(exc: ServiceError) -> flask.Response:
     return response
 
 
-def register_error_handlers(app: flask.Flask, limiter: Limiter,
-                            on_reject: Callable[[str], None]) -> None:
+def register_error_handlers(
+    app: flask.Flask, limiter: Limiter, on_reject: Callable[[str], None]
+) -> None:
     """Route every exception raised while handling a request to a JSON response."""
 
     @app.errorhandler(ServiceError)
@@ -75,8 +86,14 @@ def register_error_handlers(app: flask.Flask, limiter: Limiter,
     @app.errorhandler(RateLimitExceeded)
     def rate_limited(_exc: RateLimitExceeded) -> flask.Response:
         seconds = abuse.retry_after(limiter)
-        event(log, "rate_limited", logging.WARNING, seconds=seconds,
-              client=abuse.client_tag(abuse.client_key()), endpoint=flask.request.endpoint)
+        event(
+            log,
+            "rate_limited",
+            logging.WARNING,
+            seconds=seconds,
+            client=abuse.client_tag(abuse.client_key()),
+            endpoint=flask.request.endpoint,
+        )
         on_reject(RateLimited.code)
         return error_response(RateLimited(retry_after=seconds))
 
@@ -86,7 +103,10 @@ def register_error_handlers(app: flask.Flask, limiter: Limiter,
         known = HTTP_ERRORS.get(status)
         error = known() if known else ServiceError(GENERIC_CLIENT_ERROR if status < 500 else None)
         if not known:
-            error.status_code, error.code = status, "bad_request" if status < 500 else "internal_error"
+            error.status_code, error.code = (
+                status,
+                "bad_request" if status < 500 else "internal_error",
+            )
         on_reject(error.code)
         response = error_response(error)
         if status == 405 and getattr(exc, "valid_methods", None):

@@ -63,7 +63,9 @@ class JsonAccessLogger(glogging.Logger):
             "status": int(status) if str(status).isdigit() else None,
             "bytes": getattr(resp, "sent", None),
             "seconds": round(request_time.total_seconds(), 4),
-            "request_id": request_id if request_id and re.fullmatch(r"[A-Za-z0-9-]{8,64}", request_id) else None,
+            "request_id": request_id
+            if request_id and re.fullmatch(r"[A-Za-z0-9-]{8,64}", request_id)
+            else None,
         }
         self.access_log.info(json.dumps(line, separators=(",", ":")))
 
@@ -90,7 +92,7 @@ def on_starting(server) -> None:
 
 def post_worker_init(worker) -> None:
     """Warm the new worker process up (Redis, scripts, broker) before it takes requests."""
-    from api import warm_up  # noqa: PLC0415  (the app is loaded by now)
+    from api import warm_up
 
     warm_up(worker.wsgi)
 

@@ -16,7 +16,13 @@ import time
 
 import flask
 import redis
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -49,7 +55,9 @@ class QueueCollector:
             return
         up.add_metric([], 1)
         yield up
-        yield GaugeMetricFamily("m2fp_queue_depth", "Parse tasks waiting in the Celery queue", value=depth)
+        yield GaugeMetricFamily(
+            "m2fp_queue_depth", "Parse tasks waiting in the Celery queue", value=depth
+        )
 
 
 class Metrics:
@@ -58,17 +66,30 @@ class Metrics:
     def __init__(self, store: JobStore):
         # No auto_describe: it would call QueueCollector.collect (Redis) at app creation.
         self.registry = CollectorRegistry()
-        self.requests = Counter("m2fp_http_requests", "HTTP requests by route template and status",
-                                ["method", "route", "status"], registry=self.registry)
-        self.latency = Histogram("m2fp_http_request_duration_seconds", "Request latency by route template",
-                                 ["method", "route"], buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.rejections = Counter("m2fp_rejections", "Requests refused, by error code",
-                                  ["reason"], registry=self.registry)
-        self.jobs_submitted = Counter("m2fp_jobs_submitted", "Jobs accepted and enqueued",
-                                      registry=self.registry)
+        self.requests = Counter(
+            "m2fp_http_requests",
+            "HTTP requests by route template and status",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "m2fp_http_request_duration_seconds",
+            "Request latency by route template",
+            ["method", "route"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.rejections = Counter(
+            "m2fp_rejections", "Requests refused, by error code", ["reason"], registry=self.registry
+        )
+        self.jobs_submitted = Counter(
+            "m2fp_jobs_submitted", "Jobs accepted and enqueued", registry=self.registry
+        )
         self.untrusted_forwarded = Counter(
-            "m2fp_untrusted_forwarded_for", "Requests carrying X-Forwarded-For while M2FP_TRUSTED_PROXIES=0",
-            registry=self.registry)
+            "m2fp_untrusted_forwarded_for",
+            "Requests carrying X-Forwarded-For while M2FP_TRUSTED_PROXIES=0",
+            registry=self.registry,
+        )
         self.queue = QueueCollector(store)
         self.registry.register(self.queue)
 

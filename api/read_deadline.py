@@ -76,7 +76,9 @@ class ReadDeadlines:
         # Called with the lock held. A forked child (gunicorn worker) starts its own thread.
         if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
             self._pid = os.getpid()
-            self._thread = threading.Thread(target=self._run, name="m2fp-read-deadlines", daemon=True)
+            self._thread = threading.Thread(
+                target=self._run, name="m2fp-read-deadlines", daemon=True
+            )
             self._thread.start()
 
     def _run(self) -> None:

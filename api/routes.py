@@ -32,8 +32,8 @@ from api.errors import NotReadyWithStatus
 from api.metrics import Metrics
 from api.openapi import openapi_document
 from api.validation import Upload, validate_upload
-from shared.config import Settings
 from shared import heartbeat as heartbeats
+from shared.config import Settings
 from shared.constants import PALETTE
 from shared.crypto import (
     decrypt_payload,
@@ -68,8 +68,10 @@ DUMMY_TOKEN_HASH = hash_secret("m2fp: no such job")
 RESULT_FORMATS = ("json", "palette")
 READY_RETRY_AFTER = 10
 MAX_WORKER_KEYS = 1000
-UNTRAINED_WARNING = ("UNTRAINED MODEL: at least one worker runs M2FP with random weights; "
-                     "results have the right shape but no meaning.")
+UNTRAINED_WARNING = (
+    "UNTRAINED MODEL: at least one worker runs M2FP with random weights; "
+    "results have the right shape but no meaning."
+)
 
 bp = flask.Blueprint("api", __name__)
 
@@ -107,7 +109,13 @@ def submit_job() -> flask.Response:
     try:
         upload = validate_upload(flask.request, gw.settings)
     except ServiceError as exc:
-        event(log, "upload_rejected", code=exc.code, status=exc.status_code, client=abuse.client_tag(client))
+        event(
+            log,
+            "upload_rejected",
+            code=exc.code,
+            status=exc.status_code,
+            client=abuse.client_tag(client),
+        )
         if exc.status_code != RequestTimeout.status_code:
             abuse.record_strike(gw.redis, gw.settings, client, exc.code)
         raise
@@ -117,12 +125,22 @@ def submit_job() -> flask.Response:
     abuse.clear_strikes(gw.redis, gw.settings, client)
     gw.metrics.jobs_submitted.inc()
     bind(job_id=job_id)
-    event(log, "job_submitted", bytes=len(upload.data), width=upload.width, height=upload.height,
-          seconds=round(time.perf_counter() - started, 4))
+    event(
+        log,
+        "job_submitted",
+        bytes=len(upload.data),
+        width=upload.width,
+        height=upload.height,
+        seconds=round(time.perf_counter() - started, 4),
+    )
     status_url = flask.url_for("api.job_status", job_id=job_id)
-    response = flask.jsonify(job_id=job_id, token=token, status_url=status_url,
-                             result_url=flask.url_for("api.job_result", job_id=job_id),
-                             expires_in=gw.settings.job_ttl)
+    response = flask.jsonify(
+        job_id=job_id,
+        token=token,
+        status_url=status_url,
+        result_url=flask.url_for("api.job_result", job_id=job_id),
+        expires_in=gw.settings.job_ttl,
+    )
     response.status_code = 202
     response.headers["Location"] = status_url
     return response
@@ -133,8 +151,13 @@ def create_job(gw: Gateway, upload: Upload, client: str) -> tuple[str, str]:
     job_id, token, data_key = new_job_id(), new_token(), new_data_key()
     key_id, wrapped_key = gw.settings.keyring.wrap(job_id, data_key)
     sealed_input = encrypt_payload(data_key, job_id, "in", upload.data)
-    gw.store.create(job_id, token_hash=hash_secret(token), key_id=key_id, wrapped_key=wrapped_key,
-                    sealed_input=sealed_input)
+    gw.store.create(
+        job_id,
+        token_hash=hash_secret(token),
+        key_id=key_id,
+        wrapped_key=wrapped_key,
+        sealed_input=sealed_input,
+    )
     try:
         abuse.admit_for_client(gw.store, gw.settings, client, job_id)
         enqueue_parse(gw.celery, job_id)
@@ -218,9 +241,11 @@ def job_result(job_id: str) -> flask.Response:
     result = open_result(gw, job_id, fetch)
     body = palette_png(result) if result_format == "palette" else result
     if not gw.store.take_result(job_id, fetch.sealed_result):
-        raise ResultGone()   # a concurrent fetch served it: exactly one response carries it
+        raise ResultGone()  # a concurrent fetch served it: exactly one response carries it
     event(log, "result_fetched", format=result_format, bytes=len(result))
-    return flask.Response(body, mimetype="image/png" if result_format == "palette" else "application/json")
+    return flask.Response(
+        body, mimetype="image/png" if result_format == "palette" else "application/json"
+    )
 
 
 def open_result(gw: Gateway, job_id: str, fetch: Fetch) -> bytes:
@@ -239,11 +264,20 @@ def palette_png(result: bytes) -> bytes:
     """The result's label map as a palette PNG coloured with shared.constants.PALETTE."""
     try:
         encoded = json.loads(result)["label_map_png"]
-        with Image.open(BytesIO(base64.b64decode(encoded, validate=True)), formats=["PNG"]) as labels:
+        with Image.open(
+            BytesIO(base64.b64decode(encoded, validate=True)), formats=["PNG"]
+        ) as labels:
             if labels.mode not in ("L", "P"):
                 raise ValueError("label map is not single-channel")
             paletted = Image.frombytes("P", labels.size, labels.tobytes())
-    except (KeyError, TypeError, ValueError, binascii.Error, UnidentifiedImageError, OSError) as exc:
+    except (
+        KeyError,
+        TypeError,
+        ValueError,
+        binascii.Error,
+        UnidentifiedImageError,
+        OSError,
+    ) as exc:
         event(log, "result_not_renderable", logging.ERROR, exc_type=type(exc).__name__)
         raise ServiceError() from exc
     flat = [channel for colour in PALETTE for channel in colour]
@@ -285,8 +319,12 @@ def readyz() -> flask.Response:
     if not workers:
         return not_ready("no_workers", "No worker is alive: jobs would wait in the queue.")
     untrained = any(worker.untrained for worker in workers)
-    return flask.jsonify(status="ready", workers=len(workers), untrained=untrained,
-                         warnings=[UNTRAINED_WARNING] if untrained else [])
+    return flask.jsonify(
+        status="ready",
+        workers=len(workers),
+        untrained=untrained,
+        warnings=[UNTRAINED_WARNING] if untrained else [],
+    )
 
 
 def not_ready(status: str, warning: str) -> flask.Response:

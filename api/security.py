@@ -40,8 +40,10 @@ API_KEY_RE = re.compile(r"[\x21-\x7e]{16,256}")
 HASH_RE = re.compile(r"[0-9a-f]{64}")
 API_PREFIX = "/v1/"
 STATIC_PREFIX = "/static/"
-CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
-       "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+CSP = (
+    "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
+    "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
 SECURITY_HEADERS = {
     "Content-Security-Policy": CSP,
     "X-Content-Type-Options": "nosniff",
@@ -72,11 +74,15 @@ def load_api_key_hashes(path: str | None) -> tuple[str, ...]:
         if not entry:
             continue
         if not HASH_RE.fullmatch(entry):
-            raise ConfigError(f"M2FP_API_KEYS_FILE line {number} is not a SHA-256 hex digest "
-                              "(make one with `python -m shared.keys hash-api-key`)")
+            raise ConfigError(
+                f"M2FP_API_KEYS_FILE line {number} is not a SHA-256 hex digest "
+                "(make one with `python -m shared.keys hash-api-key`)"
+            )
         hashes.append(entry)
     if not hashes:
-        raise ConfigError("M2FP_API_KEYS_FILE lists no key hashes; unset it to run without API keys")
+        raise ConfigError(
+            "M2FP_API_KEYS_FILE lists no key hashes; unset it to run without API keys"
+        )
     return tuple(hashes)
 
 
@@ -117,8 +123,12 @@ def init_app(app: flask.Flask, settings: Settings) -> None:
     def refuse_cross_site() -> None:
         request = flask.request
         if request.method in UNSAFE_METHODS and request.path.startswith(API_PREFIX):
-            if not write_allowed(request.headers.get("Origin"), request.headers.get("Sec-Fetch-Site"),
-                                 request.host, origins):
+            if not write_allowed(
+                request.headers.get("Origin"),
+                request.headers.get("Sec-Fetch-Site"),
+                request.host,
+                origins,
+            ):
                 log.warning("cross_origin_refused")
                 raise CrossOrigin()
 
@@ -156,7 +166,9 @@ def _netloc(scheme: str, host: str) -> str:
     return host[: -len(default) - 1] if default and host.endswith(f":{default}") else host
 
 
-def write_allowed(origin: str | None, fetch_site: str | None, host: str, origins: frozenset[str]) -> bool:
+def write_allowed(
+    origin: str | None, fetch_site: str | None, host: str, origins: frozenset[str]
+) -> bool:
     """Whether a state-changing request may proceed: no browser Origin, this host's, or listed."""
     if origin is None:
         # Browsers send Origin on every cross-site POST; Sec-Fetch-Site backs that up.

@@ -74,8 +74,13 @@ class InMemoryRequest(flask.Request):
     bounded by `MAX_CONTENT_LENGTH` before any of it is read.
     """
 
-    def _get_file_stream(self, total_content_length: int | None, content_type: str | None,
-                         filename: str | None = None, content_length: int | None = None) -> IO[bytes]:
+    def _get_file_stream(
+        self,
+        total_content_length: int | None,
+        content_type: str | None,
+        filename: str | None = None,
+        content_length: int | None = None,
+    ) -> IO[bytes]:
         """Return an in-memory buffer for one uploaded file part."""
         return BytesIO()
 
@@ -162,7 +167,14 @@ def read_dimensions(data: bytes, mime: str, settings: Settings) -> tuple[int, in
                 width, height, image_format = image.width, image.height, image.format
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise TooManyPixels() from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
+    except (
+        UnidentifiedImageError,
+        OSError,
+        SyntaxError,
+        ValueError,
+        EOFError,
+        struct.error,
+    ) as exc:
         raise UndecodableImage() from exc
     if image_format not in MIME_FORMATS[mime]:
         raise TypeMismatch()

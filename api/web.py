@@ -23,8 +23,9 @@ PAGE_HEADERS = {
     "Referrer-Policy": "no-referrer",
 }
 
-bp = flask.Blueprint("web", __name__, static_folder="static", static_url_path="/static",
-                     template_folder="templates")
+bp = flask.Blueprint(
+    "web", __name__, static_folder="static", static_url_path="/static", template_folder="templates"
+)
 
 
 def upload_limits() -> dict[str, int]:

@@ -9,4 +9,6 @@ disable_core_dumps()  # before the keys or any request are held: no core dumps, 
 settings = load_settings()
 app = create_app(settings)
 # Alerts (log, optional webhook) when memory use passes M2FP_MEMORY_ALERT_PERCENT.
-watchdog = MemoryWatchdog(settings.memory_alert_percent, settings.alert_webhook, component="gateway").start()
+watchdog = MemoryWatchdog(
+    settings.memory_alert_percent, settings.alert_webhook, component="gateway"
+).start()

@@ -47,7 +47,9 @@ def cpu_description() -> dict:
     return {"model": model, "flags": [flag for flag in RELEVANT_FLAGS if flag in flags]}
 
 
-def median_seconds(functions: dict[str, Callable[[], object]], runs: int, warmup: int = 1) -> dict[str, float]:
+def median_seconds(
+    functions: dict[str, Callable[[], object]], runs: int, warmup: int = 1
+) -> dict[str, float]:
     """Median wall time of each function, the functions interleaved run by run (same conditions for all)."""
     for _ in range(warmup):
         for function in functions.values():
@@ -74,13 +76,20 @@ def capture_model_call(model, image) -> tuple:
         pass
 
     def recording(*arguments):
-        captured.append(tuple(argument.clone() if torch.is_tensor(argument) else argument for argument in arguments))
+        captured.append(
+            tuple(
+                argument.clone() if torch.is_tensor(argument) else argument
+                for argument in arguments
+            )
+        )
         raise Captured  # the rest of the forward is not needed
 
     deformable_attention.multi_scale_deformable_attention = recording
     try:
         with torch.inference_mode():
-            padded, _ = model.normalize_and_pad(torch.from_numpy(image.copy()).permute(2, 0, 1)[None])
+            padded, _ = model.normalize_and_pad(
+                torch.from_numpy(image.copy()).permute(2, 0, 1)[None]
+            )
             model(padded)
     except Captured:
         pass
@@ -92,18 +101,24 @@ def capture_model_call(model, image) -> tuple:
 def main(argv: list[str] | None = None) -> int:
     """Run both benchmarks and print the tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", nargs="+", default=["640x864", "640x640"], help="H x W images (padded to /32)")
+    parser.add_argument(
+        "--sizes", nargs="+", default=["640x864", "640x640"], help="H x W images (padded to /32)"
+    )
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
-    parser.add_argument("--op-runs", type=int, default=9, help="runs per implementation for the op alone")
-    parser.add_argument("--forward-runs", type=int, default=5, help="runs per path for the whole forward")
+    parser.add_argument(
+        "--op-runs", type=int, default=9, help="runs per implementation for the op alone"
+    )
+    parser.add_argument(
+        "--forward-runs", type=int, default=5, help="runs per path for the whole forward"
+    )
     parser.add_argument("--forward-threads", nargs="+", type=int, default=[2])
     parser.add_argument("--forward-size", default="640x864")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     arguments = parser.parse_args(argv)
 
     import torch
-
     from model_bench import synthetic_image
+
     from worker.m2fp import ops
     from worker.m2fp.checkpoint import build_model_from_state_dict
     from worker.m2fp.config import get_config
@@ -115,39 +130,69 @@ def main(argv: list[str] | None = None) -> int:
         print(f"the compiled op is not available: {status['reason']}", file=sys.stderr)
         return 1
     cpu = cpu_description()
-    report = {"cpu": cpu, "torch": torch.__version__, "op_build": status["build_info"], "op": [], "forward": []}
-    print(f"CPU: {cpu['model']} (flags: {', '.join(cpu['flags']) or 'none of ' + ', '.join(RELEVANT_FLAGS)}); "
-          f"torch {torch.__version__}; op {status['build_info']}")
-    model, _ = build_model_from_state_dict(golden_state_dict(get_config("cihp")), variant="cihp", device="cpu")
+    report = {
+        "cpu": cpu,
+        "torch": torch.__version__,
+        "op_build": status["build_info"],
+        "op": [],
+        "forward": [],
+    }
+    print(
+        f"CPU: {cpu['model']} (flags: {', '.join(cpu['flags']) or 'none of ' + ', '.join(RELEVANT_FLAGS)}); "
+        f"torch {torch.__version__}; op {status['build_info']}"
+    )
+    model, _ = build_model_from_state_dict(
+        golden_state_dict(get_config("cihp")), variant="cihp", device="cpu"
+    )
 
-    print("\nop alone (one deformable-attention call, model shapes; median of "
-          f"{arguments.op_runs}, interleaved):")
-    print("| input (HxW) | levels (HxW) | queries | heads x head_dim | threads | grid_sample ms | op fp32 ms | "
-          "ratio | op bf16 ms | ratio |")
+    print(
+        "\nop alone (one deformable-attention call, model shapes; median of "
+        f"{arguments.op_runs}, interleaved):"
+    )
+    print(
+        "| input (HxW) | levels (HxW) | queries | heads x head_dim | threads | grid_sample ms | op fp32 ms | "
+        "ratio | op bf16 ms | ratio |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for size in arguments.sizes:
         height, width = (int(part) for part in size.split("x"))
         torch.set_num_threads(max(arguments.threads))
         ops.configure("auto")
-        value, shapes, locations, weights = capture_model_call(model, synthetic_image(height, width))
+        value, shapes, locations, weights = capture_model_call(
+            model, synthetic_image(height, width)
+        )
         value_bf16 = value.bfloat16()
         for threads in arguments.threads:
             torch.set_num_threads(threads)
-            medians = median_seconds({
-                "grid_sample": lambda: multi_scale_deformable_attention_reference(value, shapes, locations, weights),
-                "op_fp32": lambda: ops.ms_deform_attn(value, shapes, locations, weights),
-                "op_bf16": lambda: ops.ms_deform_attn(value_bf16, shapes, locations, weights),
-            }, arguments.op_runs)
-            row = {"input": size, "levels": [list(shape) for shape in shapes], "queries": int(locations.shape[1]),
-                   "heads": int(value.shape[2]), "head_dim": int(value.shape[3]), "threads": threads,
-                   **{f"{name}_s": seconds for name, seconds in medians.items()},
-                   "ratio_fp32": medians["grid_sample"] / medians["op_fp32"],
-                   "ratio_bf16": medians["grid_sample"] / medians["op_bf16"]}
+            medians = median_seconds(
+                {
+                    "grid_sample": lambda: multi_scale_deformable_attention_reference(
+                        value, shapes, locations, weights
+                    ),
+                    "op_fp32": lambda: ops.ms_deform_attn(value, shapes, locations, weights),
+                    "op_bf16": lambda: ops.ms_deform_attn(value_bf16, shapes, locations, weights),
+                },
+                arguments.op_runs,
+            )
+            row = {
+                "input": size,
+                "levels": [list(shape) for shape in shapes],
+                "queries": int(locations.shape[1]),
+                "heads": int(value.shape[2]),
+                "head_dim": int(value.shape[3]),
+                "threads": threads,
+                **{f"{name}_s": seconds for name, seconds in medians.items()},
+                "ratio_fp32": medians["grid_sample"] / medians["op_fp32"],
+                "ratio_bf16": medians["grid_sample"] / medians["op_bf16"],
+            }
             report["op"].append(row)
-            print(f"| {size} | {', '.join(f'{h}x{w}' for h, w in shapes)} | {row['queries']} | "
-                  f"{row['heads']} x {row['head_dim']} | {threads} | {1e3 * medians['grid_sample']:.1f} | "
-                  f"{1e3 * medians['op_fp32']:.1f} | {row['ratio_fp32']:.1f}x | {1e3 * medians['op_bf16']:.1f} | "
-                  f"{row['ratio_bf16']:.1f}x |", flush=True)
+            print(
+                f"| {size} | {', '.join(f'{h}x{w}' for h, w in shapes)} | {row['queries']} | "
+                f"{row['heads']} x {row['head_dim']} | {threads} | {1e3 * medians['grid_sample']:.1f} | "
+                f"{1e3 * medians['op_fp32']:.1f} | {row['ratio_fp32']:.1f}x | {1e3 * medians['op_bf16']:.1f} | "
+                f"{row['ratio_bf16']:.1f}x |",
+                flush=True,
+            )
 
     height, width = (int(part) for part in arguments.forward_size.split("x"))
     tensor = torch.from_numpy(synthetic_image(height, width)).permute(2, 0, 1)[None]
@@ -158,19 +203,32 @@ def main(argv: list[str] | None = None) -> int:
             with torch.inference_mode():
                 padded, _ = model.normalize_and_pad(tensor)
                 return model(padded)
+
         return run
 
-    print(f"\nwhole forward at {arguments.forward_size}, golden weights (median of {arguments.forward_runs}, "
-          "interleaved):")
+    print(
+        f"\nwhole forward at {arguments.forward_size}, golden weights (median of {arguments.forward_runs}, "
+        "interleaved):"
+    )
     print("| threads | before: grid_sample s | after: op s | before / after |")
     print("|---|---|---|---|")
     for threads in arguments.forward_threads:
         torch.set_num_threads(threads)
-        medians = median_seconds({"reference": forward("reference"), "op": forward("op")}, arguments.forward_runs)
-        row = {"input": arguments.forward_size, "threads": threads, "reference_s": medians["reference"],
-               "op_s": medians["op"], "ratio": medians["reference"] / medians["op"]}
+        medians = median_seconds(
+            {"reference": forward("reference"), "op": forward("op")}, arguments.forward_runs
+        )
+        row = {
+            "input": arguments.forward_size,
+            "threads": threads,
+            "reference_s": medians["reference"],
+            "op_s": medians["op"],
+            "ratio": medians["reference"] / medians["op"],
+        }
         report["forward"].append(row)
-        print(f"| {threads} | {medians['reference']:.2f} | {medians['op']:.2f} | {row['ratio']:.2f}x |", flush=True)
+        print(
+            f"| {threads} | {medians['reference']:.2f} | {medians['op']:.2f} | {row['ratio']:.2f}x |",
+            flush=True,
+        )
     ops.configure("auto")
     if arguments.json:
         arguments.json.write_text(json.dumps(report, indent=1) + "\n")

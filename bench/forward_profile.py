@@ -31,20 +31,54 @@ STAGES = [
     ("backbone: res3", lambda name: name == "backbone.res3"),
     ("backbone: res4", lambda name: name == "backbone.res4"),
     ("backbone: res5", lambda name: name == "backbone.res5"),
-    ("pixel decoder: input projections",
-     lambda name: name.startswith("sem_seg_head.pixel_decoder.input_proj.") and name.count(".") == 3),
-    ("pixel decoder: encoder (6 layers)", lambda name: name == "sem_seg_head.pixel_decoder.transformer"),
-    ("  encoder: value_proj", lambda name: name.startswith(ENCODER) and name.endswith("self_attn.value_proj")),
-    ("  encoder: sampling_offsets + attention_weights linears",
-     lambda name: name.startswith(ENCODER) and name.endswith(("self_attn.sampling_offsets",
-                                                              "self_attn.attention_weights"))),
-    ("  encoder: output_proj", lambda name: name.startswith(ENCODER) and name.endswith("self_attn.output_proj")),
-    ("  encoder: attention module", lambda name: name.startswith(ENCODER) and name.endswith("self_attn")),
-    ("  encoder: FFN linears", lambda name: name.startswith(ENCODER) and name.endswith(("linear1", "linear2"))),
-    ("  encoder: layer norms", lambda name: name.startswith(ENCODER) and name.endswith(("norm1", "norm2"))),
-    ("pixel decoder: FPN (adapter, layer, mask_features)",
-     lambda name: name in ("sem_seg_head.pixel_decoder.adapter_1", "sem_seg_head.pixel_decoder.layer_1",
-                           "sem_seg_head.pixel_decoder.mask_features")),
+    (
+        "pixel decoder: input projections",
+        lambda name: (
+            name.startswith("sem_seg_head.pixel_decoder.input_proj.") and name.count(".") == 3
+        ),
+    ),
+    (
+        "pixel decoder: encoder (6 layers)",
+        lambda name: name == "sem_seg_head.pixel_decoder.transformer",
+    ),
+    (
+        "  encoder: value_proj",
+        lambda name: name.startswith(ENCODER) and name.endswith("self_attn.value_proj"),
+    ),
+    (
+        "  encoder: sampling_offsets + attention_weights linears",
+        lambda name: (
+            name.startswith(ENCODER)
+            and name.endswith(("self_attn.sampling_offsets", "self_attn.attention_weights"))
+        ),
+    ),
+    (
+        "  encoder: output_proj",
+        lambda name: name.startswith(ENCODER) and name.endswith("self_attn.output_proj"),
+    ),
+    (
+        "  encoder: attention module",
+        lambda name: name.startswith(ENCODER) and name.endswith("self_attn"),
+    ),
+    (
+        "  encoder: FFN linears",
+        lambda name: name.startswith(ENCODER) and name.endswith(("linear1", "linear2")),
+    ),
+    (
+        "  encoder: layer norms",
+        lambda name: name.startswith(ENCODER) and name.endswith(("norm1", "norm2")),
+    ),
+    (
+        "pixel decoder: FPN (adapter, layer, mask_features)",
+        lambda name: (
+            name
+            in (
+                "sem_seg_head.pixel_decoder.adapter_1",
+                "sem_seg_head.pixel_decoder.layer_1",
+                "sem_seg_head.pixel_decoder.mask_features",
+            )
+        ),
+    ),
     ("transformer decoder (9 layers, mask heads)", lambda name: name == "sem_seg_head.predictor"),
 ]
 OP_NAME = "m2fp::ms_deform_attn"
@@ -102,15 +136,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="640x864", help="H x W (multiples of 32 stay unpadded)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=2, help="profiled forwards per mode (after a warm-up)")
-    parser.add_argument("--modes", nargs="+", default=["reference", "op"], choices=["reference", "op"])
+    parser.add_argument(
+        "--runs", type=int, default=2, help="profiled forwards per mode (after a warm-up)"
+    )
+    parser.add_argument(
+        "--modes", nargs="+", default=["reference", "op"], choices=["reference", "op"]
+    )
     parser.add_argument("--top", type=int, default=10, help="operators listed by self CPU time")
     arguments = parser.parse_args(argv)
 
     import torch
-
     from deform_attn_bench import cpu_description
     from model_bench import synthetic_image
+
     from worker.m2fp import ops
     from worker.m2fp.checkpoint import build_model_from_state_dict
     from worker.m2fp.config import get_config
@@ -118,9 +156,13 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(arguments.threads)
     cpu = cpu_description()
-    print(f"CPU: {cpu['model']} (flags: {', '.join(cpu['flags'])}); torch {torch.__version__}; "
-          f"{arguments.threads} threads; {arguments.size}; op {ops.status()['build_info']}")
-    model, _ = build_model_from_state_dict(golden_state_dict(get_config("cihp")), variant="cihp", device="cpu")
+    print(
+        f"CPU: {cpu['model']} (flags: {', '.join(cpu['flags'])}); torch {torch.__version__}; "
+        f"{arguments.threads} threads; {arguments.size}; op {ops.status()['build_info']}"
+    )
+    model, _ = build_model_from_state_dict(
+        golden_state_dict(get_config("cihp")), variant="cihp", device="cpu"
+    )
     attach_stage_spans(model)
     height, width = (int(part) for part in arguments.size.split("x"))
     tensor = torch.from_numpy(synthetic_image(height, width)).permute(2, 0, 1)[None]
@@ -137,29 +179,53 @@ def main(argv: list[str] | None = None) -> int:
             sampling = {}
             for mode in arguments.modes:
                 seconds = results[mode][0]
-                linears = sum(seconds.get(name, 0.0) for name in (
-                    "encoder: value_proj", "encoder: sampling_offsets + attention_weights linears",
-                    "encoder: output_proj"))
+                linears = sum(
+                    seconds.get(name, 0.0)
+                    for name in (
+                        "encoder: value_proj",
+                        "encoder: sampling_offsets + attention_weights linears",
+                        "encoder: output_proj",
+                    )
+                )
                 sampling[mode] = seconds.get("encoder: attention module", 0.0) - linears
-            rows.append(("encoder: sampling, softmax, locations (attention module minus its linears)", sampling))
-            rows.append(("encoder: of which the op m2fp::ms_deform_attn",
-                         {mode: results[mode][0].get(OP_NAME, 0.0) for mode in arguments.modes}))
+            rows.append(
+                (
+                    "encoder: sampling, softmax, locations (attention module minus its linears)",
+                    sampling,
+                )
+            )
+            rows.append(
+                (
+                    "encoder: of which the op m2fp::ms_deform_attn",
+                    {mode: results[mode][0].get(OP_NAME, 0.0) for mode in arguments.modes},
+                )
+            )
     for label, values in rows:
         if label == "encoder: attention module":
             continue
         indent = "&nbsp;&nbsp;" if label.startswith("encoder:") else ""
-        cells = " | ".join(f"{values[mode]:.3f} | {100 * values[mode] / results[mode][1]:.1f}" for mode in
-                           arguments.modes)
+        cells = " | ".join(
+            f"{values[mode]:.3f} | {100 * values[mode] / results[mode][1]:.1f}"
+            for mode in arguments.modes
+        )
         print(f"| {indent}{label} | {cells} |")
-    print("| **whole forward (wall, profiled)** | " + " | ".join(
-        f"**{results[mode][1]:.3f}** | 100" for mode in arguments.modes) + " |")
+    print(
+        "| **whole forward (wall, profiled)** | "
+        + " | ".join(f"**{results[mode][1]:.3f}** | 100" for mode in arguments.modes)
+        + " |"
+    )
     for mode in arguments.modes:
         print(f"\ntop operators by self CPU time, {mode} (per forward):")
-        events = sorted((event for event in results[mode][2] if not event.key.startswith(tuple(labels))),
-                        key=lambda event: event.self_cpu_time_total, reverse=True)[: arguments.top]
+        events = sorted(
+            (event for event in results[mode][2] if not event.key.startswith(tuple(labels))),
+            key=lambda event: event.self_cpu_time_total,
+            reverse=True,
+        )[: arguments.top]
         for event in events:
-            print(f"  {event.key:40s} {event.self_cpu_time_total / 1e6 / arguments.runs:7.3f} s  "
-                  f"x{event.count // arguments.runs}")
+            print(
+                f"  {event.key:40s} {event.self_cpu_time_total / 1e6 / arguments.runs:7.3f} s  "
+                f"x{event.count // arguments.runs}"
+            )
     return 0
 
 

@@ -73,20 +73,41 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def render_nginx_conf(workdir: Path, http_port: int, https_port: int, upstream_port: int | str) -> Path:
+def render_nginx_conf(
+    workdir: Path, http_port: int, https_port: int, upstream_port: int | str
+) -> Path:
     """deploy/nginx.conf with loopback ports, a fresh self-signed certificate, paths in workdir."""
     tls = workdir / "tls"
     tls.mkdir(exist_ok=True)
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
-                    "/CN=localhost", "-keyout", str(tls / "privkey.pem"), "-out", str(tls / "fullchain.pem")],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            str(tls / "privkey.pem"),
+            "-out",
+            str(tls / "fullchain.pem"),
+        ],
+        check=True,
+        capture_output=True,
+    )
     conf = (REPO / "deploy/nginx.conf").read_text()
-    conf = (conf.replace("/tmp/", f"{workdir}/")
-                .replace("listen 8080;", f"listen 127.0.0.1:{http_port};")
-                .replace("listen 8443 ssl", f"listen 127.0.0.1:{https_port} ssl")
-                .replace("/etc/nginx/tls/", f"{tls}/")
-                .replace("/dev/stdout", f"{workdir}/access.log")
-                .replace("http://gateway-tls:8000", f"http://127.0.0.1:{upstream_port}"))
+    conf = (
+        conf.replace("/tmp/", f"{workdir}/")
+        .replace("listen 8080;", f"listen 127.0.0.1:{http_port};")
+        .replace("listen 8443 ssl", f"listen 127.0.0.1:{https_port} ssl")
+        .replace("/etc/nginx/tls/", f"{tls}/")
+        .replace("/dev/stdout", f"{workdir}/access.log")
+        .replace("http://gateway-tls:8000", f"http://127.0.0.1:{upstream_port}")
+    )
     path = workdir / "nginx.conf"
     path.write_text(conf)
     return path
@@ -98,11 +119,20 @@ class Processes:
     def __init__(self, workdir: Path):
         self.workdir, self.children = workdir, []
 
-    def start(self, name: str, argv: list[str], env: dict[str, str], nice: int = 0) -> subprocess.Popen:
+    def start(
+        self, name: str, argv: list[str], env: dict[str, str], nice: int = 0
+    ) -> subprocess.Popen:
         log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115  (the child keeps it)
         preexec = (lambda: os.nice(nice)) if nice else None
-        proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, preexec_fn=preexec)
+        proc = subprocess.Popen(
+            argv,
+            env=env,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=preexec,
+        )
         self.children.append((name, proc))
         return proc
 
@@ -120,7 +150,7 @@ class Processes:
 
 
 def wait_http(url: str, until, timeout: float, what: str) -> None:
-    context = ssl._create_unverified_context()  # noqa: S323  (our own self-signed loopback proxy)
+    context = ssl._create_unverified_context()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -133,38 +163,96 @@ def wait_http(url: str, until, timeout: float, what: str) -> None:
     raise SystemExit(f"bench: timed out waiting for {what} ({url})")
 
 
-def start_ours(procs: Processes, workers: int, nginx: bool, worker_nice: int, gateway: str = "") -> str:
+def start_ours(
+    procs: Processes, workers: int, nginx: bool, worker_nice: int, gateway: str = ""
+) -> str:
     """Redis, `workers` workers, the gateway (and nginx in front); returns the base URL."""
-    from shared.crypto import generate_key  # noqa: PLC0415
+    from shared.crypto import generate_key
 
     redis_port, password = free_port(), secrets.token_hex(16)
     redis = shutil.which("redis-server") or "redis-server"
-    procs.start("redis", [redis, "--port", str(redis_port), "--bind", "127.0.0.1", "--requirepass", password,
-                          "--save", "", "--appendonly", "no", "--dir", str(procs.workdir)], dict(os.environ))
+    procs.start(
+        "redis",
+        [
+            redis,
+            "--port",
+            str(redis_port),
+            "--bind",
+            "127.0.0.1",
+            "--requirepass",
+            password,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(procs.workdir),
+        ],
+        dict(os.environ),
+    )
     port = free_port()
-    prometheus = tempfile.mkdtemp(prefix="m2fp-bench-prom-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    prometheus = tempfile.mkdtemp(
+        prefix="m2fp-bench-prom-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("M2FP_")}
-    env.update(M2FP_REDIS_URL=f"redis://:{password}@127.0.0.1:{redis_port}/0", M2FP_DATA_KEYS=f"k1:{generate_key()}",
-               M2FP_WEIGHTS="random", M2FP_PORT=str(port), PYTHONPATH=str(REPO), PROMETHEUS_MULTIPROC_DIR=prometheus,
-               M2FP_TORCH_THREADS=str(max(1, (os.cpu_count() or 1) // workers)),
-               M2FP_TRUSTED_PROXIES="1" if nginx else "0")
-    if gateway:   # "WORKERSxTHREADS"; default: api/gunicorn_conf.py's (shared.config)
+    env.update(
+        M2FP_REDIS_URL=f"redis://:{password}@127.0.0.1:{redis_port}/0",
+        M2FP_DATA_KEYS=f"k1:{generate_key()}",
+        M2FP_WEIGHTS="random",
+        M2FP_PORT=str(port),
+        PYTHONPATH=str(REPO),
+        PROMETHEUS_MULTIPROC_DIR=prometheus,
+        M2FP_TORCH_THREADS=str(max(1, (os.cpu_count() or 1) // workers)),
+        M2FP_TRUSTED_PROXIES="1" if nginx else "0",
+    )
+    if gateway:  # "WORKERSxTHREADS"; default: api/gunicorn_conf.py's (shared.config)
         env["M2FP_GATEWAY_WORKERS"], env["M2FP_GATEWAY_THREADS"] = gateway.split("x")
     time.sleep(0.5)
-    procs.start("gateway", [PY, "-m", "gunicorn", "-c", "api/gunicorn_conf.py", "api.wsgi:app"], env)
+    procs.start(
+        "gateway", [PY, "-m", "gunicorn", "-c", "api/gunicorn_conf.py", "api.wsgi:app"], env
+    )
     for index in range(workers):
         worker_env = dict(env, M2FP_WORKER_METRICS_PORT=str(free_port()))
-        procs.start(f"worker{index}", [PY, "-m", "worker", "--no-preflight", "--", "--hostname",
-                                       f"bench{index}-{os.getpid()}@%h"], worker_env, nice=worker_nice)
+        procs.start(
+            f"worker{index}",
+            [
+                PY,
+                "-m",
+                "worker",
+                "--no-preflight",
+                "--",
+                "--hostname",
+                f"bench{index}-{os.getpid()}@%h",
+            ],
+            worker_env,
+            nice=worker_nice,
+        )
     base = f"http://127.0.0.1:{port}"
-    wait_http(base + "/readyz", lambda status, body: status == 200 and body.get("workers", 0) >= workers,
-              300, "the workers")
+    wait_http(
+        base + "/readyz",
+        lambda status, body: status == 200 and body.get("workers", 0) >= workers,
+        300,
+        "the workers",
+    )
     if not nginx:
         return base
     http_port, https_port = free_port(), free_port()
     conf = render_nginx_conf(procs.workdir, http_port, https_port, port)
-    procs.start("nginx", [NGINX, "-c", str(conf), "-p", str(procs.workdir), "-e", str(procs.workdir / "error.log"),
-                          "-g", "daemon off;"], dict(os.environ))
+    procs.start(
+        "nginx",
+        [
+            NGINX,
+            "-c",
+            str(conf),
+            "-p",
+            str(procs.workdir),
+            "-e",
+            str(procs.workdir / "error.log"),
+            "-g",
+            "daemon off;",
+        ],
+        dict(os.environ),
+    )
     base = f"https://127.0.0.1:{https_port}"
     wait_http(base + "/healthz", lambda status, body: status == 200, 30, "nginx")
     return base
@@ -173,8 +261,22 @@ def start_ours(procs: Processes, workers: int, nginx: bool, worker_nice: int, ga
 def start_seed(procs: Processes) -> str:
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(REPO), M2FP_BENCH_THREADS=str(os.cpu_count() or 1))
-    procs.start("seed", [PY, "-m", "gunicorn", "-w", "1", "-b", f"127.0.0.1:{port}", "--timeout", "600",
-                         "bench.seed_baseline:app"], env)
+    procs.start(
+        "seed",
+        [
+            PY,
+            "-m",
+            "gunicorn",
+            "-w",
+            "1",
+            "-b",
+            f"127.0.0.1:{port}",
+            "--timeout",
+            "600",
+            "bench.seed_baseline:app",
+        ],
+        env,
+    )
     base = f"http://127.0.0.1:{port}"
     wait_http(base + "/healthz", lambda status, body: status == 200, 120, "the seed baseline")
     return base
@@ -188,13 +290,13 @@ class Reply:
     body: bytes
 
 
-_POOLS: dict[tuple[str, str], list] = {}   # idle keep-alive connections per (server, source)
+_POOLS: dict[tuple[str, str], list] = {}  # idle keep-alive connections per (server, source)
 
 
 async def _open(base: str, source: str):
     scheme, _, hostport = base.partition("://")
     host, port = hostport.rsplit(":", 1)
-    context = ssl._create_unverified_context() if scheme == "https" else None  # noqa: S323
+    context = ssl._create_unverified_context() if scheme == "https" else None
     return await asyncio.open_connection(host, int(port), ssl=context, local_addr=(source, 0))
 
 
@@ -213,13 +315,22 @@ async def _exchange(reader, writer, request: bytes) -> tuple[Reply, bool]:
     return Reply(int(head[0].split()[1]), fields, payload), keep
 
 
-async def http(base: str, method: str, path: str, *, source: str, body: bytes = b"",
-               headers: dict[str, str] | None = None) -> Reply:
+async def http(
+    base: str,
+    method: str,
+    path: str,
+    *,
+    source: str,
+    body: bytes = b"",
+    headers: dict[str, str] | None = None,
+) -> Reply:
     """One HTTP/1.1 request from `source`, on a kept-alive connection when one is idle (as a
     browser would), else a new one; a reused connection the server has closed is retried once."""
     hostport = base.partition("://")[2]
     head = [f"{method} {path} HTTP/1.1", f"Host: {hostport}", f"Content-Length: {len(body)}"]
-    request = ("\r\n".join(head + [f"{k}: {v}" for k, v in (headers or {}).items()]) + "\r\n\r\n").encode() + body
+    request = (
+        "\r\n".join(head + [f"{k}: {v}" for k, v in (headers or {}).items()]) + "\r\n\r\n"
+    ).encode() + body
     idle = _POOLS.setdefault((base, source), [])
     while True:
         reused = bool(idle)
@@ -243,8 +354,14 @@ async def http(base: str, method: str, path: str, *, source: str, body: bytes = 
 
 def multipart(data: bytes, name: str = "photo.jpg") -> tuple[bytes, dict[str, str]]:
     boundary = secrets.token_hex(12)
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name}\"\r\n"
-            f"Content-Type: image/jpeg\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
+            f"Content-Type: image/jpeg\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
     return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
 
 
@@ -257,7 +374,9 @@ class Record:
     errors: Counter = field(default_factory=Counter)
     completed: int = 0
     trickle_cuts: int = 0
-    timeline: defaultdict = field(default_factory=lambda: defaultdict(list))   # (due, latency) of 2xx
+    timeline: defaultdict = field(
+        default_factory=lambda: defaultdict(list)
+    )  # (due, latency) of 2xx
 
     def outcome(self, kind: str, reply: Reply | None, error: str | None = None) -> str:
         if reply is None:
@@ -285,7 +404,7 @@ async def timed(record: Record, kind: str, due: float, call) -> Reply | None:
     """Run one request; record its latency from `due` (open loop) and its outcome."""
     try:
         reply = await asyncio.wait_for(call(), REQUEST_TIMEOUT)
-    except (TimeoutError, asyncio.TimeoutError):
+    except TimeoutError:
         record.outcome(kind, None, "timeout")
         return None
     except OSError as exc:
@@ -299,17 +418,31 @@ async def timed(record: Record, kind: str, due: float, call) -> Reply | None:
     return reply
 
 
-async def follow(base: str, source: str, job: dict, submitted: float, record: Record, stop: float) -> None:
+async def follow(
+    base: str, source: str, job: dict, submitted: float, record: Record, stop: float
+) -> None:
     """Poll an admitted job every 2 s until it ends, then fetch its result once."""
     auth = {"Authorization": f"Bearer {job['token']}"}
     while time.monotonic() < stop + 60:
         await asyncio.sleep(2)
-        reply = await timed(record, "poll", time.monotonic(), lambda: http(base, "GET", job["status_url"],
-                                                                             source=source, headers=auth))
-        status = json.loads(reply.body).get("status") if reply is not None and reply.status == 200 else None
+        reply = await timed(
+            record,
+            "poll",
+            time.monotonic(),
+            lambda: http(base, "GET", job["status_url"], source=source, headers=auth),
+        )
+        status = (
+            json.loads(reply.body).get("status")
+            if reply is not None and reply.status == 200
+            else None
+        )
         if status == "done":
-            result = await timed(record, "result", time.monotonic(), lambda: http(
-                base, "GET", job["result_url"], source=source, headers=auth))
+            result = await timed(
+                record,
+                "result",
+                time.monotonic(),
+                lambda: http(base, "GET", job["result_url"], source=source, headers=auth),
+            )
             if result is not None and result.status == 200:
                 record.completed += 1
                 record.latencies["job"].append(time.monotonic() - submitted)
@@ -319,8 +452,16 @@ async def follow(base: str, source: str, job: dict, submitted: float, record: Re
             return
 
 
-async def client(base: str, seed: bool, index: int, photo: bytes, interval: float, stop: float,
-                 record: Record, tasks: set) -> None:
+async def client(
+    base: str,
+    seed: bool,
+    index: int,
+    photo: bytes,
+    interval: float,
+    stop: float,
+    record: Record,
+    tasks: set,
+) -> None:
     source = f"127.0.0.{10 + index}"
     body, headers = multipart(photo)
     due = time.monotonic() + interval * index / 50
@@ -329,8 +470,12 @@ async def client(base: str, seed: bool, index: int, photo: bytes, interval: floa
 
         async def one(due=due):
             path = "/parse" if seed else "/v1/jobs"
-            reply = await timed(record, "submit", due, lambda: http(base, "POST", path, source=source, body=body,
-                                                                   headers=headers))
+            reply = await timed(
+                record,
+                "submit",
+                due,
+                lambda: http(base, "POST", path, source=source, body=body, headers=headers),
+            )
             if seed and reply is not None and reply.status == 200:
                 record.completed += 1
                 record.latencies["job"].append(time.monotonic() - due)
@@ -347,8 +492,9 @@ async def prober(base: str, stop: float, record: Record, tasks: set) -> None:
     due = time.monotonic()
     while due < stop:
         await asyncio.sleep(max(0.0, due - time.monotonic()))
-        task = asyncio.create_task(timed(record, "healthz", due, lambda: http(base, "GET", "/healthz",
-                                                                              source="127.0.0.2")))
+        task = asyncio.create_task(
+            timed(record, "healthz", due, lambda: http(base, "GET", "/healthz", source="127.0.0.2"))
+        )
         tasks.add(task)
         task.add_done_callback(tasks.discard)
         due += 0.05
@@ -360,14 +506,18 @@ async def trickler(base: str, index: int, stop: float, record: Record) -> None:
     host, port = hostport.rsplit(":", 1)
     source = f"127.0.1.{10 + index}"
     while time.monotonic() < stop:
-        context = ssl._create_unverified_context() if scheme == "https" else None  # noqa: S323
+        context = ssl._create_unverified_context() if scheme == "https" else None
         try:
-            reader, writer = await asyncio.open_connection(host, int(port), ssl=context, local_addr=(source, 0))
+            reader, writer = await asyncio.open_connection(
+                host, int(port), ssl=context, local_addr=(source, 0)
+            )
         except OSError:
             await asyncio.sleep(1)
             continue
-        writer.write(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-                     b"Content-Length: 1000000\r\n\r\n--b\r\n")
+        writer.write(
+            b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            b"Content-Length: 1000000\r\n\r\n--b\r\n"
+        )
         try:
             while time.monotonic() < stop:
                 writer.write(b"x")
@@ -375,9 +525,9 @@ async def trickler(base: str, index: int, stop: float, record: Record) -> None:
                 try:
                     if not await asyncio.wait_for(reader.read(4096), 2):
                         break
-                except (TimeoutError, asyncio.TimeoutError):
+                except TimeoutError:
                     continue
-                break   # the server answered (408) and will close
+                break  # the server answered (408) and will close
             else:
                 return
         except OSError:
@@ -387,23 +537,29 @@ async def trickler(base: str, index: int, stop: float, record: Record) -> None:
         record.trickle_cuts += 1
 
 
-async def run_load(base: str, seed: bool, clients: int, seconds: float, interval: float, trickle: int) -> Record:
-    from tests.integration.conftest import photo_jpeg  # noqa: PLC0415  (the tests' photo-like JPEG)
+async def run_load(
+    base: str, seed: bool, clients: int, seconds: float, interval: float, trickle: int
+) -> Record:
+    from tests.integration.conftest import photo_jpeg
 
     photo, record, tasks = photo_jpeg(512, 512), Record(), set()
     _POOLS.clear()
     stop = time.monotonic() + seconds
     background = [asyncio.create_task(trickler(base, i, stop, record)) for i in range(trickle)]
     if trickle:
-        await asyncio.sleep(2)          # the slow connections are in place before the load starts
+        await asyncio.sleep(2)  # the slow connections are in place before the load starts
         stop += 2
-    drivers = [asyncio.create_task(client(base, seed, i, photo, interval, stop, record, tasks))
-               for i in range(clients)]
+    drivers = [
+        asyncio.create_task(client(base, seed, i, photo, interval, stop, record, tasks))
+        for i in range(clients)
+    ]
     drivers.append(asyncio.create_task(prober(base, stop, record, tasks)))
     await asyncio.gather(*drivers, *background)
     # Requests still out get their full time; followed jobs get until the end of the queue's work.
     pending = [t for t in tasks if not t.done()]
-    done, still = await asyncio.wait(pending, timeout=REQUEST_TIMEOUT + 5) if pending else (set(), set())
+    done, still = (
+        await asyncio.wait(pending, timeout=REQUEST_TIMEOUT + 5) if pending else (set(), set())
+    )
     for task in still:
         task.cancel()
     # Followers of admitted jobs still queued when the run ends (the queue outlasts it): not errors.
@@ -421,7 +577,8 @@ def percentile(values: list[float], q: float) -> float | None:
 def summarise(name: str, record: Record, seconds: float) -> dict[str, object]:
     ms = lambda v: None if v is None else round(v * 1000, 1)  # noqa: E731
     return {
-        "scenario": name, "seconds": seconds,
+        "scenario": name,
+        "seconds": seconds,
         "submit_p50_ms": ms(percentile(record.latencies["submit"], 50)),
         "submit_p99_ms": ms(percentile(record.latencies["submit"], 99)),
         "submit_accepted_p99_ms": ms(percentile(record.latencies["submit_ok"], 99)),
@@ -429,26 +586,43 @@ def summarise(name: str, record: Record, seconds: float) -> dict[str, object]:
         "healthz_p99_ms": ms(percentile(record.latencies["healthz"], 99)),
         "completed_jobs": record.completed,
         "job_p50_s": percentile(record.latencies["job"], 50),
-        "errors": sum(record.errors.values()), "error_kinds": dict(record.errors),
-        "outcomes": dict(record.outcomes), "trickle_cuts": record.trickle_cuts,
+        "errors": sum(record.errors.values()),
+        "error_kinds": dict(record.errors),
+        "outcomes": dict(record.outcomes),
+        "trickle_cuts": record.trickle_cuts,
     }
 
 
 def run_scenario(name: str, args: argparse.Namespace) -> dict[str, object]:
-    seed, nginx, trickle = name.startswith("seed"), "nginx" in name, args.trickle if "trickle" in name else 0
+    seed, nginx, trickle = (
+        name.startswith("seed"),
+        "nginx" in name,
+        args.trickle if "trickle" in name else 0,
+    )
     workdir = Path(tempfile.mkdtemp(prefix=f"m2fp-bench-{name}-"))
     procs = Processes(workdir)
     try:
-        base = start_seed(procs) if seed else start_ours(procs, args.workers, nginx, args.worker_nice, args.gateway)
-        print(f"bench: {name}: {base}, {args.clients} clients for {args.seconds} s, trickle {trickle}", flush=True)
-        record = asyncio.run(run_load(base, seed, args.clients, args.seconds, args.interval, trickle))
+        base = (
+            start_seed(procs)
+            if seed
+            else start_ours(procs, args.workers, nginx, args.worker_nice, args.gateway)
+        )
+        print(
+            f"bench: {name}: {base}, {args.clients} clients for {args.seconds} s, trickle {trickle}",
+            flush=True,
+        )
+        record = asyncio.run(
+            run_load(base, seed, args.clients, args.seconds, args.interval, trickle)
+        )
     finally:
         procs.stop()
     summary = summarise(name, record, args.seconds)
     summary["gateway"] = args.gateway or "default"
     summary["worker_nice"] = args.worker_nice
     if nginx:
-        summary["nginx_spooled_to_disk"] = "buffered to a temporary file" in (workdir / "error.log").read_text()
+        summary["nginx_spooled_to_disk"] = (
+            "buffered to a temporary file" in (workdir / "error.log").read_text()
+        )
     shutil.rmtree(workdir, ignore_errors=True)
     print(json.dumps(summary), flush=True)
     return summary
@@ -456,27 +630,42 @@ def run_scenario(name: str, args: argparse.Namespace) -> dict[str, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scenarios", default="ours,ours-trickle,ours-nginx-trickle,seed,seed-trickle")
+    parser.add_argument(
+        "--scenarios", default="ours,ours-trickle,ours-nginx-trickle,seed,seed-trickle"
+    )
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=60)
-    parser.add_argument("--interval", type=float, default=4.0, help="seconds between one client's submits")
+    parser.add_argument(
+        "--interval", type=float, default=4.0, help="seconds between one client's submits"
+    )
     parser.add_argument("--trickle", type=int, default=20)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--worker-nice", type=int, default=0,
-                        help="niceness of the worker processes (the gateway stays at 0)")
-    parser.add_argument("--gateway", default="", help="gateway processes x threads, e.g. 2x16 (default: config's)")
+    parser.add_argument(
+        "--worker-nice",
+        type=int,
+        default=0,
+        help="niceness of the worker processes (the gateway stays at 0)",
+    )
+    parser.add_argument(
+        "--gateway", default="", help="gateway processes x threads, e.g. 2x16 (default: config's)"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    results = {"cpu": cpu_description(), "args": {k: str(v) for k, v in vars(args).items()},
-               "scenarios": [run_scenario(name, args) for name in args.scenarios.split(",")]}
+    results = {
+        "cpu": cpu_description(),
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "scenarios": [run_scenario(name, args) for name in args.scenarios.split(",")],
+    }
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1))
     print(f"\n{results['cpu']}")
     print("| scenario | submit p50 / p99 ms | /healthz p50 / p99 ms | errors | completed jobs |")
     for row in results["scenarios"]:
-        print(f"| {row['scenario']} | {row['submit_p50_ms']} / {row['submit_p99_ms']} | "
-              f"{row['healthz_p50_ms']} / {row['healthz_p99_ms']} | {row['errors']} | {row['completed_jobs']} |")
+        print(
+            f"| {row['scenario']} | {row['submit_p50_ms']} / {row['submit_p99_ms']} | "
+            f"{row['healthz_p50_ms']} / {row['healthz_p99_ms']} | {row['errors']} | {row['completed_jobs']} |"
+        )
 
 
 if __name__ == "__main__":

@@ -80,9 +80,9 @@ def synthetic_image(height: int, width: int):
     image[floor] = np.where((np.arange(width) // max(1, width // 16)) % 2 == 0, 70, 110)[:, None]
     for center, colour in ((0.33, (200, 40, 40)), (0.66, (40, 60, 180))):
         x0, x1 = int((center - 0.08) * width), int((center + 0.08) * width)
-        image[int(0.30 * height):int(0.85 * height), x0:x1] = colour  # body
+        image[int(0.30 * height) : int(0.85 * height), x0:x1] = colour  # body
         head = slice(int(0.15 * height), int(0.30 * height))
-        image[head, int((center - 0.04) * width):int((center + 0.04) * width)] = (230, 190, 160)
+        image[head, int((center - 0.04) * width) : int((center + 0.04) * width)] = (230, 190, 160)
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
@@ -98,7 +98,9 @@ def ours_runner(stage: str, image, variant: str, device: str):
     from worker.m2fp.golden_weights import golden_state_dict
     from worker.m2fp.predictor import Predictor
 
-    model, _ = build_model_from_state_dict(golden_state_dict(get_config(variant)), variant=variant, device=device)
+    model, _ = build_model_from_state_dict(
+        golden_state_dict(get_config(variant)), variant=variant, device=device
+    )
     if stage == "predict":
         predictor = Predictor.from_model(model, max_side=max(image.shape[:2]))
         return lambda: predictor.predict(image)
@@ -196,13 +198,14 @@ def run_configuration(python: str, config: dict, timeout: float) -> dict:
     environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(config["threads"])}
     command = [python, str(Path(__file__).resolve()), "--worker", json.dumps(config)]
     try:
-        completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment,
-                                   cwd=str(REPO))
+        completed = subprocess.run(
+            command, capture_output=True, text=True, timeout=timeout, env=environment, cwd=str(REPO)
+        )
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f}s"}
     for line in completed.stdout.splitlines():
         if line.startswith("BENCH_RESULT "):
-            return json.loads(line[len("BENCH_RESULT "):])
+            return json.loads(line[len("BENCH_RESULT ") :])
     tail = (completed.stderr.strip().splitlines() or ["no output"])[-1]
     return {"error": f"exit {completed.returncode}: {tail}"}
 
@@ -224,11 +227,15 @@ def format_table(rows: list[dict], with_reference: bool) -> str:
     minus the RSS with the model loaded (what one image costs on top of the weights)."""
     for measurement in [row[name] for row in rows for name in ("ours", "reference") if name in row]:
         if "peak_rss_bytes" in measurement:
-            measurement["run_extra_rss_bytes"] = measurement["peak_rss_bytes"] - measurement["rss_after_model_bytes"]
-    measures = [("median s", "median_s", lambda value: f"{value:.2f}"),
-                ("min s", "min_s", lambda value: f"{value:.2f}"),
-                ("peak RSS MiB", "peak_rss_bytes", mebibytes),
-                ("peak - loaded RSS MiB", "run_extra_rss_bytes", mebibytes)]
+            measurement["run_extra_rss_bytes"] = (
+                measurement["peak_rss_bytes"] - measurement["rss_after_model_bytes"]
+            )
+    measures = [
+        ("median s", "median_s", lambda value: f"{value:.2f}"),
+        ("min s", "min_s", lambda value: f"{value:.2f}"),
+        ("peak RSS MiB", "peak_rss_bytes", mebibytes),
+        ("peak - loaded RSS MiB", "run_extra_rss_bytes", mebibytes),
+    ]
     header = ["size (HxW)", "stage"]
     for title, _, _ in measures:
         header += [f"ours {title}"] + ([f"ref {title}", "ref/ours"] if with_reference else [])
@@ -238,36 +245,73 @@ def format_table(rows: list[dict], with_reference: bool) -> str:
         cells = [row["size"], row["stage"]]
         for _, key, show in measures:
             ours_value, reference_value = ours.get(key), reference.get(key)
-            cells.append(show(ours_value) if ours_value is not None else ("error" if "error" in ours else "-"))
+            cells.append(
+                show(ours_value)
+                if ours_value is not None
+                else ("error" if "error" in ours else "-")
+            )
             if with_reference:
-                cells.append(show(reference_value) if reference_value is not None else (
-                    "error" if "error" in reference else "-"))
+                cells.append(
+                    show(reference_value)
+                    if reference_value is not None
+                    else ("error" if "error" in reference else "-")
+                )
                 cells.append(ratio(reference_value, ours_value))
         lines.append("| " + " | ".join(cells) + " |")
-    errors = [f"{row['size']} {row['stage']} {name}: {row[name]['error']}"
-              for row in rows for name in ("ours", "reference") if name in row and "error" in row[name]]
+    errors = [
+        f"{row['size']} {row['stage']} {name}: {row[name]['error']}"
+        for row in rows
+        for name in ("ours", "reference")
+        if name in row and "error" in row[name]
+    ]
     return "\n".join(lines + [f"error: {error}" for error in errors])
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     """Parse the command line."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--sizes", nargs="+", default=list(DEFAULT_SIZES),
-                        help="image sizes HxW (default: %(default)s)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
+    parser.add_argument(
+        "--sizes",
+        nargs="+",
+        default=list(DEFAULT_SIZES),
+        help="image sizes HxW (default: %(default)s)",
+    )
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     parser.add_argument("--variant", default="cihp", choices=("cihp", "lip"))
-    parser.add_argument("--runs", type=int, default=3, help="timed runs per configuration (median reported)")
+    parser.add_argument(
+        "--runs", type=int, default=3, help="timed runs per configuration (median reported)"
+    )
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs first")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
-    parser.add_argument("--device", default="cpu", help="device for our model (the reference runs on the CPU only)")
-    parser.add_argument("--python", default=sys.executable, help="interpreter of our venv (default: this one)")
-    parser.add_argument("--reference-python", default=None,
-                        help="interpreter of the reference venv (setup.sh DIR -> DIR/bin/python); omit to skip")
-    parser.add_argument("--reference-kit", default=str(REPO.parent / "shared" / "m2fp" / "reference"),
-                        help="folder holding make_golden.py and reference_model.py (default: %(default)s)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="torch threads (default: all cores)",
+    )
+    parser.add_argument(
+        "--device", default="cpu", help="device for our model (the reference runs on the CPU only)"
+    )
+    parser.add_argument(
+        "--python", default=sys.executable, help="interpreter of our venv (default: this one)"
+    )
+    parser.add_argument(
+        "--reference-python",
+        default=None,
+        help="interpreter of the reference venv (setup.sh DIR -> DIR/bin/python); omit to skip",
+    )
+    parser.add_argument(
+        "--reference-kit",
+        default=str(REPO.parent / "shared" / "m2fp" / "reference"),
+        help="folder holding make_golden.py and reference_model.py (default: %(default)s)",
+    )
     parser.add_argument("--timeout", type=float, default=900, help="seconds per configuration")
-    parser.add_argument("--json", type=Path, default=None, help="also write all measurements to this JSON file")
+    parser.add_argument(
+        "--json", type=Path, default=None, help="also write all measurements to this JSON file"
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -280,9 +324,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     with_reference = arguments.reference_python is not None
     if with_reference and arguments.device != "cpu":
-        print("note: the reference runs on the CPU only; comparing a GPU run with it is meaningless", file=sys.stderr)
+        print(
+            "note: the reference runs on the CPU only; comparing a GPU run with it is meaningless",
+            file=sys.stderr,
+        )
     if with_reference and not (Path(arguments.reference_kit) / "make_golden.py").is_file():
-        print(f"error: no make_golden.py in --reference-kit {arguments.reference_kit}", file=sys.stderr)
+        print(
+            f"error: no make_golden.py in --reference-kit {arguments.reference_kit}",
+            file=sys.stderr,
+        )
         return 2
     import numpy as np
 
@@ -293,29 +343,59 @@ def main(argv: list[str] | None = None) -> int:
             image_path = str(Path(folder) / f"image_{height}x{width}.npy")
             np.save(image_path, synthetic_image(height, width))
             for stage in arguments.stages:
-                base = {"stage": stage, "variant": arguments.variant, "image_path": image_path, "runs": arguments.runs,
-                        "warmup": arguments.warmup, "threads": arguments.threads}
+                base = {
+                    "stage": stage,
+                    "variant": arguments.variant,
+                    "image_path": image_path,
+                    "runs": arguments.runs,
+                    "warmup": arguments.warmup,
+                    "threads": arguments.threads,
+                }
                 row = {"size": f"{height}x{width}", "stage": stage}
                 print(f"running ours {stage} {height}x{width} ...", file=sys.stderr, flush=True)
-                row["ours"] = run_configuration(arguments.python, {**base, "implementation": "ours",
-                                                                   "device": arguments.device}, arguments.timeout)
+                row["ours"] = run_configuration(
+                    arguments.python,
+                    {**base, "implementation": "ours", "device": arguments.device},
+                    arguments.timeout,
+                )
                 if with_reference:
-                    print(f"running reference {stage} {height}x{width} ...", file=sys.stderr, flush=True)
+                    print(
+                        f"running reference {stage} {height}x{width} ...",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     row["reference"] = run_configuration(
                         arguments.reference_python,
-                        {**base, "implementation": "reference", "device": "cpu", "kit": arguments.reference_kit},
+                        {
+                            **base,
+                            "implementation": "reference",
+                            "device": "cpu",
+                            "kit": arguments.reference_kit,
+                        },
                         arguments.timeout,
                     )
                 rows.append(row)
-    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-               "cpu_count": os.cpu_count(), "python": platform.python_version(), "threads": arguments.threads,
-               "device": arguments.device, "variant": arguments.variant, "runs": arguments.runs,
-               "warmup": arguments.warmup, "load_average_at_end": os.getloadavg()}
-    print(f"M2FP {arguments.variant}, golden weights, {arguments.threads} threads, device {arguments.device}, "
-          f"median of {arguments.runs} runs after {arguments.warmup} warm-up")
+    machine = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "threads": arguments.threads,
+        "device": arguments.device,
+        "variant": arguments.variant,
+        "runs": arguments.runs,
+        "warmup": arguments.warmup,
+        "load_average_at_end": os.getloadavg(),
+    }
+    print(
+        f"M2FP {arguments.variant}, golden weights, {arguments.threads} threads, device {arguments.device}, "
+        f"median of {arguments.runs} runs after {arguments.warmup} warm-up"
+    )
     print(format_table(rows, with_reference))
     if arguments.json is not None:
-        arguments.json.write_text(json.dumps({"machine": machine, "results": rows}, indent=1) + "\n")
+        arguments.json.write_text(
+            json.dumps({"machine": machine, "results": rows}, indent=1) + "\n"
+        )
     return 0 if all("error" not in row["ours"] for row in rows) else 1
 
 

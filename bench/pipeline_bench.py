@@ -54,7 +54,9 @@ def one_job(server: str, data: bytes) -> dict[str, float]:
     job = reply.json()
     headers = {"Authorization": f"Bearer {job['token']}"}
     while True:
-        status = requests.get(server + job["status_url"], headers=headers, timeout=30).json()["status"]
+        status = requests.get(server + job["status_url"], headers=headers, timeout=30).json()[
+            "status"
+        ]
         if status == "done":
             break
         if status in ("failed", "expired"):
@@ -64,14 +66,18 @@ def one_job(server: str, data: bytes) -> dict[str, float]:
     result.raise_for_status()
     end = time.perf_counter()
     timings = result.json()["timings"]
-    return {"submit": submitted - start, "end_to_end": end - start,
-            "inference": timings["inference"], "decode": timings.get("decode", 0.0),
-            "overhead": end - start - timings["inference"]}
+    return {
+        "submit": submitted - start,
+        "end_to_end": end - start,
+        "inference": timings["inference"],
+        "decode": timings.get("decode", 0.0),
+        "overhead": end - start - timings["inference"],
+    }
 
 
 def throughput(server: str, jobs: int, size: tuple[int, int]) -> dict[str, float]:
     """Submit `jobs` jobs at once, wait for all; jobs/minute and end-to-end percentiles."""
-    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+    from concurrent.futures import ThreadPoolExecutor
 
     height, width = size
     images = [photo(width, height, seed) for seed in range(jobs)]
@@ -80,17 +86,33 @@ def throughput(server: str, jobs: int, size: tuple[int, int]) -> dict[str, float
         runs = list(pool.map(lambda data: one_job(server, data), images))
     wall = time.perf_counter() - start
     latencies = sorted(run["end_to_end"] for run in runs)
-    return {"jobs": jobs, "wall_s": wall, "jobs_per_minute": 60 * jobs / wall,
-            "p50_s": latencies[len(latencies) // 2], "p95_s": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
-            "mean_inference_s": statistics.mean(run["inference"] for run in runs)}
+    return {
+        "jobs": jobs,
+        "wall_s": wall,
+        "jobs_per_minute": 60 * jobs / wall,
+        "p50_s": latencies[len(latencies) // 2],
+        "p95_s": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
+        "mean_inference_s": statistics.mean(run["inference"] for run in runs),
+    }
 
 
 def start_stack(port: int) -> subprocess.Popen:
     """scripts/stack.py with random weights on `port`; waits until /readyz says ready."""
-    env = dict(os.environ, M2FP_PORT=str(port), M2FP_WEIGHTS=os.environ.get("M2FP_WEIGHTS", "random"),
-               M2FP_SUBMIT_LIMIT="10000/minute", M2FP_POLL_LIMIT="1000000/minute")
-    proc = subprocess.Popen([sys.executable, str(REPO / "scripts/stack.py")], env=env, cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    env = dict(
+        os.environ,
+        M2FP_PORT=str(port),
+        M2FP_WEIGHTS=os.environ.get("M2FP_WEIGHTS", "random"),
+        M2FP_SUBMIT_LIMIT="10000/minute",
+        M2FP_POLL_LIMIT="1000000/minute",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "scripts/stack.py")],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         try:
@@ -112,7 +134,9 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--sizes", default="512x512,864x640", help="HxW list")
     parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--throughput", type=int, default=0, help="submit N jobs at once (first size only)")
+    parser.add_argument(
+        "--throughput", type=int, default=0, help="submit N jobs at once (first size only)"
+    )
     args = parser.parse_args()
     stack = None
     if args.start_stack:
@@ -122,25 +146,35 @@ def main() -> int:
     try:
         if args.throughput:
             height, width = (int(v) for v in args.sizes.split(",")[0].lower().split("x"))
-            one_job(args.server, photo(width, height, 0))            # warm-up
+            one_job(args.server, photo(width, height, 0))  # warm-up
             row = throughput(args.server, args.throughput, (height, width))
-            print(f"workers={os.environ.get('M2FP_WORKERS', '1')} threads={os.environ.get('M2FP_TORCH_THREADS', 'auto')} "
-                  + " ".join(f"{k}={v:.2f}" for k, v in row.items()))
+            print(
+                f"workers={os.environ.get('M2FP_WORKERS', '1')} threads={os.environ.get('M2FP_TORCH_THREADS', 'auto')} "
+                + " ".join(f"{k}={v:.2f}" for k, v in row.items())
+            )
             if args.json:
                 Path(args.json).write_text(json.dumps(row, indent=1))
             return 0
         rows = {}
         for size in args.sizes.split(","):
             height, width = (int(v) for v in size.lower().split("x"))
-            one_job(args.server, photo(width, height, 0))            # warm-up
-            runs = [one_job(args.server, photo(width, height, seed)) for seed in range(1, args.runs + 1)]
+            one_job(args.server, photo(width, height, 0))  # warm-up
+            runs = [
+                one_job(args.server, photo(width, height, seed)) for seed in range(1, args.runs + 1)
+            ]
             rows[size] = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
-        print(f"{'size (HxW)':>12} {'submit':>8} {'end-to-end':>11} {'inference':>10} {'overhead':>9} {'overhead %':>10}")
+        print(
+            f"{'size (HxW)':>12} {'submit':>8} {'end-to-end':>11} {'inference':>10} {'overhead':>9} {'overhead %':>10}"
+        )
         for size, row in rows.items():
-            print(f"{size:>12} {row['submit']:8.3f} {row['end_to_end']:11.3f} {row['inference']:10.3f} "
-                  f"{row['overhead']:9.3f} {100 * row['overhead'] / row['end_to_end']:9.1f}%")
+            print(
+                f"{size:>12} {row['submit']:8.3f} {row['end_to_end']:11.3f} {row['inference']:10.3f} "
+                f"{row['overhead']:9.3f} {100 * row['overhead'] / row['end_to_end']:9.1f}%"
+            )
         if args.json:
-            Path(args.json).write_text(json.dumps({"runs": args.runs, "median_seconds": rows}, indent=1))
+            Path(args.json).write_text(
+                json.dumps({"runs": args.runs, "median_seconds": rows}, indent=1)
+            )
     finally:
         if stack is not None:
             os.killpg(stack.pid, signal.SIGTERM)

@@ -35,7 +35,9 @@ def median_seconds(function, runs: int) -> float:
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--height", type=int, default=640)
     parser.add_argument("--width", type=int, default=853)
     parser.add_argument("--threads", type=int, default=2)
@@ -48,8 +50,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     arguments = parse_arguments(argv)
     import torch
-
     from model_bench import synthetic_image
+
     from worker.m2fp.checkpoint import build_model_from_state_dict
     from worker.m2fp.config import get_config
     from worker.m2fp.golden_weights import golden_state_dict
@@ -73,20 +75,27 @@ def main(argv: list[str] | None = None) -> int:
     inference = predictor.infer(image)
     config = predictor.config
     arguments_of_readout = (
-        inference.pred_logits, inference.pred_masks, inference.padded_size, inference.image_size,
-        inference.preprocessed.original_size, config.class_names,
+        inference.pred_logits,
+        inference.pred_masks,
+        inference.padded_size,
+        inference.image_size,
+        inference.preprocessed.original_size,
+        config.class_names,
     )
 
     def readout():
         with torch.inference_mode():
-            return parse_multi_human(*arguments_of_readout, num_parsing=config.num_parsing,
-                                     topk=config.test_topk_per_image)
+            return parse_multi_human(
+                *arguments_of_readout,
+                num_parsing=config.num_parsing,
+                topk=config.test_topk_per_image,
+            )
 
     figures["readout_alone"] = median_seconds(readout, arguments.readout_runs)
     parsing = readout()
     figures["persons"] = len(parsing.persons)
     figures["parts"] = len(parsing.parts)
-    figures["classes"] = int(len(set(parsing.label_map.ravel().tolist())))
+    figures["classes"] = len(set(parsing.label_map.ravel().tolist()))
     figures["threads"] = arguments.threads
     figures["size"] = f"{arguments.height}x{arguments.width}"
     for key, value in figures.items():

@@ -23,7 +23,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from worker.m2fp.predictor import Predictor  # noqa: E402
+from worker.m2fp.predictor import Predictor
 
 app = flask.Flask(__name__)
 # Benchmark-only knob (the service reads its settings in shared/config.py; this is not the service).

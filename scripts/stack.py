@@ -81,7 +81,7 @@ class Child:
     argv: list[str]
     env: dict[str, str]
     stdin: str | None = None
-    critical: bool = True           # its exit stops the stack; otherwise it is restarted
+    critical: bool = True  # its exit stops the stack; otherwise it is restarted
     proc: subprocess.Popen | None = None
     started_at: float = 0.0
     backoff: float = BACKOFF_FIRST
@@ -96,17 +96,28 @@ class Stack:
     def __init__(self) -> None:
         self.children: list[Child] = []
 
-    def start(self, name: str, argv: list[str], env: dict[str, str], stdin: str | None = None,
-              critical: bool = True) -> subprocess.Popen:
+    def start(
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str],
+        stdin: str | None = None,
+        critical: bool = True,
+    ) -> subprocess.Popen:
         """Start one child; its output goes to this console."""
         child = Child(name, argv, env, stdin, critical)
         self.children.append(child)
         return self._spawn(child)
 
     def _spawn(self, child: Child) -> subprocess.Popen:
-        proc = subprocess.Popen(child.argv, env=child.env, cwd=REPO, start_new_session=True,
-                                preexec_fn=_no_core_dumps,  # noqa: PLW1509  (no threads here)
-                                stdin=subprocess.PIPE if child.stdin is not None else subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            child.argv,
+            env=child.env,
+            cwd=REPO,
+            start_new_session=True,
+            preexec_fn=_no_core_dumps,  # noqa: PLW1509  (no threads here)
+            stdin=subprocess.PIPE if child.stdin is not None else subprocess.DEVNULL,
+        )
         if child.stdin is not None:
             proc.stdin.write(child.stdin.encode())
             proc.stdin.close()
@@ -138,14 +149,20 @@ class Stack:
             if now - child.started_at >= HEALTHY_AFTER:
                 child.backoff = BACKOFF_FIRST
             child.restart_at = now + child.backoff
-            print(f"stack: {child.name} (pid {child.proc.pid}) exited with status {status}; "
-                  f"restarting it in {child.backoff:g} s; the rest keeps serving", file=sys.stderr, flush=True)
+            print(
+                f"stack: {child.name} (pid {child.proc.pid}) exited with status {status}; "
+                f"restarting it in {child.backoff:g} s; the rest keeps serving",
+                file=sys.stderr,
+                flush=True,
+            )
             child.backoff = min(child.backoff * 2, BACKOFF_MAX)
         return None
 
     def stop(self) -> None:
         """SIGTERM every child's process group, wait, then SIGKILL stragglers."""
-        running = [c for c in reversed(self.children) if c.proc is not None and c.proc.poll() is None]
+        running = [
+            c for c in reversed(self.children) if c.proc is not None and c.proc.poll() is None
+        ]
         for child in running:
             try:
                 os.killpg(child.proc.pid, signal.SIGTERM)
@@ -171,21 +188,37 @@ def start_redis(stack: Stack, env: dict[str, str]) -> tuple[str, str]:
     """
     binary = shutil.which("redis-server")
     if binary is None:
-        sys.exit("stack: redis-server is not installed; run `make install` as root or apt-get install redis-server")
+        sys.exit(
+            "stack: redis-server is not installed; run `make install` as root or apt-get install redis-server"
+        )
     port = pick_port(int(env.get("M2FP_REDIS_PORT", "6380")))
-    from shared.constants import FLOWER_ACL_RULES  # noqa: PLC0415
+    from shared.constants import FLOWER_ACL_RULES
 
     password, flower_password = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
-    config = "\n".join([
-        f"port {port}", "bind 127.0.0.1", "protected-mode yes", f'requirepass "{password}"',
-        f"user flower on >{flower_password} {FLOWER_ACL_RULES}",
-        'save ""', "appendonly no", "maxmemory-policy noeviction", "maxmemory 1gb",
-        "dir /tmp", "loglevel warning", "rename-command CONFIG \"\"", "rename-command DEBUG \"\"",
-    ]) + "\n"
+    config = (
+        "\n".join(
+            [
+                f"port {port}",
+                "bind 127.0.0.1",
+                "protected-mode yes",
+                f'requirepass "{password}"',
+                f"user flower on >{flower_password} {FLOWER_ACL_RULES}",
+                'save ""',
+                "appendonly no",
+                "maxmemory-policy noeviction",
+                "maxmemory 1gb",
+                "dir /tmp",
+                "loglevel warning",
+                'rename-command CONFIG ""',
+                'rename-command DEBUG ""',
+            ]
+        )
+        + "\n"
+    )
     stack.start("redis", [binary, "-"], env, stdin=config)
     url = f"redis://:{quote(password)}@127.0.0.1:{port}/0"
     flower_url = f"redis://flower:{quote(flower_password)}@127.0.0.1:{port}/0"
-    import redis  # noqa: PLC0415
+    import redis
 
     client = redis.Redis.from_url(url)
     for _ in range(100):
@@ -199,7 +232,7 @@ def start_redis(stack: Stack, env: dict[str, str]) -> tuple[str, str]:
 
 def resolve_weights(env: dict[str, str]) -> tuple[str, bool]:
     """M2FP_WEIGHTS, else the default checkpoint place (shared.config's), else explicit random weights."""
-    from shared.config import DEFAULT_WEIGHTS_DIR  # noqa: PLC0415
+    from shared.config import DEFAULT_WEIGHTS_DIR
 
     if env.get("M2FP_WEIGHTS"):
         return env["M2FP_WEIGHTS"], env["M2FP_WEIGHTS"] == "random"
@@ -210,7 +243,7 @@ def resolve_weights(env: dict[str, str]) -> tuple[str, bool]:
 
 def main() -> int:
     """Start everything, wait for Ctrl-C/SIGTERM or a child's exit, stop everything."""
-    from shared.hardening import disable_core_dumps  # noqa: PLC0415
+    from shared.hardening import disable_core_dumps
 
     disable_core_dumps()  # this process holds every generated secret
     env = dict(os.environ)
@@ -229,7 +262,7 @@ def main() -> int:
         if not env.get("M2FP_REDIS_URL"):
             env["M2FP_REDIS_URL"], flower_broker = start_redis(stack, env)
         if not env.get("M2FP_DATA_KEYS") and not env.get("M2FP_DATA_KEYS_FILE"):
-            from shared.crypto import generate_key  # noqa: PLC0415
+            from shared.crypto import generate_key
 
             env["M2FP_DATA_KEYS"] = f"run{int(time.time())}:{generate_key()}"
         weights, untrained = resolve_weights(env)
@@ -238,34 +271,70 @@ def main() -> int:
         if workers < 1:
             sys.exit("stack: M2FP_WORKERS must be >= 1")
         concurrency = int(env.get("M2FP_WORKER_CONCURRENCY", "1"))
-        env.setdefault("M2FP_TORCH_THREADS", str(max(1, (os.cpu_count() or 1) // (workers * concurrency))))
+        env.setdefault(
+            "M2FP_TORCH_THREADS", str(max(1, (os.cpu_count() or 1) // (workers * concurrency)))
+        )
         host, port = env.setdefault("M2FP_HOST", "127.0.0.1"), env.setdefault("M2FP_PORT", "8000")
         flower_port = pick_port(int(env.get("M2FP_FLOWER_PORT", "5555")))
         flower_user = env.get("M2FP_FLOWER_USER", "admin")
         flower_password = env.get("M2FP_FLOWER_PASSWORD") or secrets.token_urlsafe(12)
 
         if untrained:
-            banner(["UNTRAINED MODEL: no checkpoint found, running M2FP with RANDOM weights.",
+            banner(
+                [
+                    "UNTRAINED MODEL: no checkpoint found, running M2FP with RANDOM weights.",
                     "Results have the right shape but mean nothing. To use the real model:",
                     "  put the ModelScope checkpoint at weights/cihp/pytorch_model.pt, or",
-                    "  set M2FP_WEIGHTS=/path/to/model_dir (see README 'Model weights')."], "!")
+                    "  set M2FP_WEIGHTS=/path/to/model_dir (see README 'Model weights').",
+                ],
+                "!",
+            )
         metrics_ports = []
         for index in range(workers):
-            metrics_ports.append(pick_port(int(env.get("M2FP_WORKER_METRICS_PORT", "9100")) + index))
+            metrics_ports.append(
+                pick_port(int(env.get("M2FP_WORKER_METRICS_PORT", "9100")) + index)
+            )
             worker_env = dict(env, M2FP_WORKER_METRICS_PORT=str(metrics_ports[-1]))
-            stack.start(f"worker-{index + 1}", [PY, "-m", "worker", "--", "--hostname",
-                                                f"worker{index + 1}@%h"], worker_env, critical=False)
-        prom_dir = Path(env.setdefault("PROMETHEUS_MULTIPROC_DIR", f"/dev/shm/m2fp-prom-{os.getpid()}"))
+            stack.start(
+                f"worker-{index + 1}",
+                [PY, "-m", "worker", "--", "--hostname", f"worker{index + 1}@%h"],
+                worker_env,
+                critical=False,
+            )
+        prom_dir = Path(
+            env.setdefault("PROMETHEUS_MULTIPROC_DIR", f"/dev/shm/m2fp-prom-{os.getpid()}")
+        )
         prom_dir.mkdir(parents=True, exist_ok=True)
-        stack.start("gateway", [PY, "-m", "gunicorn", "-c", "api/gunicorn_conf.py", "api.wsgi:app"], env)
+        stack.start(
+            "gateway", [PY, "-m", "gunicorn", "-c", "api/gunicorn_conf.py", "api.wsgi:app"], env
+        )
         # Flower gets only its read-only Redis user, by environment (never argv), and not the keys.
         flower_env = {k: v for k, v in env.items() if not k.startswith("M2FP_")}
-        flower_env.update(FLOWER_BASIC_AUTH=f"{flower_user}:{flower_password}",
-                          FLOWER_UNAUTHENTICATED_API="false", CELERY_BROKER_URL=flower_broker)
-        stack.start("flower", [PY, "-m", "shared.flower_readonly", "flower", "--address=127.0.0.1",
-                               f"--port={flower_port}", "--purge_offline_workers=60", "--max_tasks=1000",
-                               "--natural_time=False", "--enable_events=False"], flower_env, critical=False)
-        banner([f"m2fp-serve is starting: {workers} worker(s), weights: "
+        flower_env.update(
+            FLOWER_BASIC_AUTH=f"{flower_user}:{flower_password}",
+            FLOWER_UNAUTHENTICATED_API="false",
+            CELERY_BROKER_URL=flower_broker,
+        )
+        stack.start(
+            "flower",
+            [
+                PY,
+                "-m",
+                "shared.flower_readonly",
+                "flower",
+                "--address=127.0.0.1",
+                f"--port={flower_port}",
+                "--purge_offline_workers=60",
+                "--max_tasks=1000",
+                "--natural_time=False",
+                "--enable_events=False",
+            ],
+            flower_env,
+            critical=False,
+        )
+        banner(
+            [
+                f"m2fp-serve is starting: {workers} worker(s), weights: "
                 f"{'RANDOM (untrained)' if untrained else weights}",
                 f"  web page + API : http://{host}:{port}/   (ready when /readyz says so)",
                 f"  Flower         : http://127.0.0.1:{flower_port}/  user {flower_user}  "
@@ -273,12 +342,19 @@ def main() -> int:
                 f"  metrics        : http://{host}:{port}/metrics  workers: "
                 + " ".join(f"http://127.0.0.1:{p}/metrics" for p in metrics_ports),
                 "  submit         : curl -F image=@photo.jpg http://%s:%s/v1/jobs" % (host, port),
-                "Ctrl-C stops every process."])
+                "Ctrl-C stops every process.",
+            ]
+        )
         while not stopping:
             dead = stack.supervise()
             if dead is not None:
-                banner([f"stack: {dead.name} (pid {dead.proc.pid}) exited with status {dead.proc.returncode}.",
-                        "Nothing can be served without it: stopping the whole stack."], "!")
+                banner(
+                    [
+                        f"stack: {dead.name} (pid {dead.proc.pid}) exited with status {dead.proc.returncode}.",
+                        "Nothing can be served without it: stopping the whole stack.",
+                    ],
+                    "!",
+                )
                 break
             time.sleep(0.5)
     finally:

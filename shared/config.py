@@ -22,9 +22,15 @@ from urllib.parse import urlparse
 from shared.crypto import Keyring
 from shared.errors import ConfigError
 
-RATE_LIMIT_RE = re.compile(r"^\s*\d+\s*(/|\s+per\s+)\s*(\d+\s+)?(second|minute|hour|day)s?\s*$", re.I)
+RATE_LIMIT_RE = re.compile(
+    r"^\s*\d+\s*(/|\s+per\s+)\s*(\d+\s+)?(second|minute|hour|day)s?\s*$", re.I
+)
 VARIANTS = ("cihp", "lip")
-DEFORM_ATTN_MODES = ("auto", "op", "reference")  # compiled deformable-attention op or the PyTorch reference
+DEFORM_ATTN_MODES = (
+    "auto",
+    "op",
+    "reference",
+)  # compiled deformable-attention op or the PyTorch reference
 DEFAULT_WEIGHTS_DIR = "weights/cihp"
 
 
@@ -159,7 +165,9 @@ def deform_attn_mode(env: Mapping[str, str] | None = None) -> str:
     env = os.environ if env is None else env
     value = env.get("M2FP_DEFORM_ATTN", "auto").strip().lower() or "auto"
     if value not in DEFORM_ATTN_MODES:
-        raise ConfigError(f"M2FP_DEFORM_ATTN must be one of {', '.join(DEFORM_ATTN_MODES)}, got {value!r}")
+        raise ConfigError(
+            f"M2FP_DEFORM_ATTN must be one of {', '.join(DEFORM_ATTN_MODES)}, got {value!r}"
+        )
     return value
 
 
@@ -191,7 +199,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     soft = _int(env, "M2FP_SOFT_TIME_LIMIT", 300, 1)
     hard = _int(env, "M2FP_HARD_TIME_LIMIT", soft + 60, 1)
     if hard <= soft:
-        raise ConfigError(f"M2FP_HARD_TIME_LIMIT ({hard}) must exceed M2FP_SOFT_TIME_LIMIT ({soft})")
+        raise ConfigError(
+            f"M2FP_HARD_TIME_LIMIT ({hard}) must exceed M2FP_SOFT_TIME_LIMIT ({soft})"
+        )
     threads = _int(env, "M2FP_TORCH_THREADS", 0, 0) or None
     max_mem = _int(env, "M2FP_MAX_MEMORY_PER_CHILD_MB", 0, 0)
     alert = env.get("M2FP_MEMORY_ALERT_PERCENT", "90").strip()
@@ -203,11 +213,15 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         raise ConfigError(f"M2FP_MEMORY_ALERT_PERCENT must be within 1..100, got {alert_percent}")
     log_level = env.get("M2FP_LOG_LEVEL", "INFO").strip().upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ConfigError(f"M2FP_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
+        raise ConfigError(
+            f"M2FP_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}"
+        )
     origins = tuple(o.strip() for o in env.get("M2FP_CORS_ORIGINS", "").split(",") if o.strip())
     for origin in origins:
         if origin == "*" or not re.fullmatch(r"https?://[^/\s]+", origin):
-            raise ConfigError(f"M2FP_CORS_ORIGINS entries must be exact origins like https://a.example, got {origin!r}")
+            raise ConfigError(
+                f"M2FP_CORS_ORIGINS entries must be exact origins like https://a.example, got {origin!r}"
+            )
 
     return Settings(
         redis_url=redis_url,

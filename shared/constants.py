@@ -62,7 +62,9 @@ CIHP_CLASSES = (
     "Socks", "Pants", "Torso-skin", "Scarf", "Skirt", "Face", "Left-arm", "Right-arm",
     "Left-leg", "Right-leg", "Left-shoe", "Right-shoe",
 )  # fmt: skip
-LIP_CLASSES = CIHP_CLASSES[:3] + ("Glove",) + CIHP_CLASSES[4:10] + ("Jumpsuits",) + CIHP_CLASSES[11:]
+LIP_CLASSES = (
+    CIHP_CLASSES[:3] + ("Glove",) + CIHP_CLASSES[4:10] + ("Jumpsuits",) + CIHP_CLASSES[11:]
+)
 
 # A colour per class for palette PNGs and the web page (RGB), background black.
 PALETTE = (

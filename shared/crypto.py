@@ -75,7 +75,7 @@ class Keyring:
                 raise ConfigError(f"key {key_id!r} must be {KEY_BYTES} bytes, got {len(key)}")
 
     @classmethod
-    def parse(cls, text: str) -> "Keyring":
+    def parse(cls, text: str) -> Keyring:
         """Parse 'id1:base64key1,id2:base64key2' (whitespace or commas); the FIRST entry is active."""
         entries = [e for e in text.replace("\n", ",").replace(" ", ",").split(",") if e]
         if not entries:
@@ -83,8 +83,15 @@ class Keyring:
         keys: dict[str, bytes] = {}
         for entry in entries:
             key_id, sep, encoded = entry.partition(":")
-            if not sep or not key_id or not key_id.isascii() or not key_id.replace("-", "").isalnum():
-                raise ConfigError("each keyring entry must look like 'keyid:base64key' (keyid = letters, digits, -)")
+            if (
+                not sep
+                or not key_id
+                or not key_id.isascii()
+                or not key_id.replace("-", "").isalnum()
+            ):
+                raise ConfigError(
+                    "each keyring entry must look like 'keyid:base64key' (keyid = letters, digits, -)"
+                )
             try:
                 key = base64.b64decode(encoded, validate=True)
             except (binascii.Error, ValueError) as exc:
@@ -105,7 +112,9 @@ class Keyring:
         map a tag back to an address by enumerating IPv4 (as with a bare SHA-256). Rotating the
         active key changes every tag (a client's ban and in-flight count start afresh).
         """
-        subkey = hmac.new(self.keys[self.active_id], b"m2fp client pseudonym v1", hashlib.sha256).digest()
+        subkey = hmac.new(
+            self.keys[self.active_id], b"m2fp client pseudonym v1", hashlib.sha256
+        ).digest()
         return hmac.new(subkey, value.encode(), hashlib.sha256).hexdigest()[:32]
 
     def unwrap(self, job_id: str, key_id: str, wrapped: bytes) -> bytes:

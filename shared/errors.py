@@ -107,8 +107,10 @@ class TypeMismatch(ServiceError):
 
 class DecodeTooLarge(ServiceError):
     status_code, code = 413, "decode_too_large"
-    message = ("Decoding this image would need more memory than allowed (pixels x channels x bit depth); "
-               "send a smaller image, or an 8-bit one without transparency.")
+    message = (
+        "Decoding this image would need more memory than allowed (pixels x channels x bit depth); "
+        "send a smaller image, or an 8-bit one without transparency."
+    )
 
 
 class UndecodableImage(ServiceError):

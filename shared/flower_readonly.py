@@ -28,7 +28,7 @@ def _no_wakeup(self, channel=None) -> None:
 def main() -> int:
     """Run `celery <argv>` with the wake-up broadcast removed."""
     EventReceiver.wakeup_workers = _no_wakeup
-    from celery.bin.celery import main as celery_main  # noqa: PLC0415
+    from celery.bin.celery import main as celery_main
 
     sys.argv[0] = "celery"
     return celery_main()

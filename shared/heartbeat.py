@@ -44,11 +44,19 @@ class Heartbeat:
     @classmethod
     def parse(cls, name: str, raw: dict) -> Heartbeat:
         """A heartbeat from its hash (bytes or str keys and values)."""
-        text = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-                for k, v in raw.items()}
-        return cls(name=name, variant=text.get("variant", ""), device=text.get("device", ""),
-                   untrained=text.get("untrained") == "1", pid=int(text.get("pid") or 0),
-                   deform_op=text.get("deform_op", ""), started=float(text.get("started") or 0))
+        text = {
+            (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+            for k, v in raw.items()
+        }
+        return cls(
+            name=name,
+            variant=text.get("variant", ""),
+            device=text.get("device", ""),
+            untrained=text.get("untrained") == "1",
+            pid=int(text.get("pid") or 0),
+            deform_op=text.get("deform_op", ""),
+            started=float(text.get("started") or 0),
+        )
 
 
 def beat(client: redis.Redis, heartbeat: Heartbeat, ttl: int = HEARTBEAT_TTL) -> None:
@@ -69,7 +77,9 @@ def remove(client: redis.Redis, name: str) -> None:
 def live(client: redis.Redis, limit: int = 1000) -> list[Heartbeat]:
     """The heartbeats of live workers (at most `limit`), read through the index."""
     client.zremrangebyscore(INDEX_KEY, "-inf", time.time())
-    names = [n.decode() if isinstance(n, bytes) else n for n in client.zrange(INDEX_KEY, 0, limit - 1)]
+    names = [
+        n.decode() if isinstance(n, bytes) else n for n in client.zrange(INDEX_KEY, 0, limit - 1)
+    ]
     if not names:
         return []
     with client.pipeline(transaction=False) as pipe:

@@ -153,8 +153,16 @@ def _text(value: bytes | str | None) -> str:
 class JobStore:
     """Atomic operations on one Redis for the gateway and the workers."""
 
-    def __init__(self, client: redis.Redis, *, input_ttl: int, result_ttl: int, job_ttl: int,
-                 max_attempts: int, claim_input_ttl: int):
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        input_ttl: int,
+        result_ttl: int,
+        job_ttl: int,
+        max_attempts: int,
+        claim_input_ttl: int,
+    ):
         self.redis = client
         self.input_ttl, self.result_ttl, self.job_ttl = input_ttl, result_ttl, job_ttl
         self.max_attempts, self.claim_input_ttl = max_attempts, claim_input_ttl
@@ -167,19 +175,38 @@ class JobStore:
         self._admit_client = client.register_script(_ADMIT_CLIENT)
 
     @classmethod
-    def from_settings(cls, settings, client: redis.Redis | None = None) -> "JobStore":
+    def from_settings(cls, settings, client: redis.Redis | None = None) -> JobStore:
         """Build from `shared.config.Settings` (and a client, or one from the settings' URL)."""
         client = client or redis.Redis.from_url(settings.redis_url, health_check_interval=30)
-        return cls(client, input_ttl=settings.input_ttl, result_ttl=settings.result_ttl,
-                   job_ttl=settings.job_ttl, max_attempts=settings.max_attempts,
-                   claim_input_ttl=settings.hard_time_limit + 60)
+        return cls(
+            client,
+            input_ttl=settings.input_ttl,
+            result_ttl=settings.result_ttl,
+            job_ttl=settings.job_ttl,
+            max_attempts=settings.max_attempts,
+            claim_input_ttl=settings.hard_time_limit + 60,
+        )
 
     # --- gateway ---------------------------------------------------------------------------
-    def create(self, job_id: str, *, token_hash: str, key_id: str, wrapped_key: bytes,
-               sealed_input: bytes, meta: dict[str, str | int] | None = None) -> None:
+    def create(
+        self,
+        job_id: str,
+        *,
+        token_hash: str,
+        key_id: str,
+        wrapped_key: bytes,
+        sealed_input: bytes,
+        meta: dict[str, str | int] | None = None,
+    ) -> None:
         """Record a new queued job and store its sealed input, atomically, with TTLs."""
-        record = {"status": "queued", "token_hash": token_hash, "kid": key_id,
-                  "wrapped_dek": wrapped_key, "attempts": 0, "created": f"{time.time():.3f}"}
+        record = {
+            "status": "queued",
+            "token_hash": token_hash,
+            "kid": key_id,
+            "wrapped_dek": wrapped_key,
+            "attempts": 0,
+            "created": f"{time.time():.3f}",
+        }
         record.update(meta or {})
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(job_key(job_id), mapping=record)
@@ -189,21 +216,40 @@ class JobStore:
 
     def load_scripts(self) -> None:
         """Load every Lua script into Redis now (else each loads on its first call)."""
-        for script in (self._claim, self._store, self._fail, self._status, self._peek, self._take,
-                       self._admit_client):
+        for script in (
+            self._claim,
+            self._store,
+            self._fail,
+            self._status,
+            self._peek,
+            self._take,
+            self._admit_client,
+        ):
             script.sha = self.redis.script_load(script.script)
 
     def admit_for_client(self, client_tag: str, job_id: str, cap: int) -> bool:
         """Count `job_id` (already created) among the client's jobs in flight if fewer than `cap`."""
         now = time.time()
-        return bool(self._admit_client(keys=[inflight_key(client_tag)],
-                                       args=[job_id, cap, f"{now:.3f}", f"{now + self.job_ttl:.3f}",
-                                             self.job_ttl, JOB_KEY_PREFIX]))
+        return bool(
+            self._admit_client(
+                keys=[inflight_key(client_tag)],
+                args=[
+                    job_id,
+                    cap,
+                    f"{now:.3f}",
+                    f"{now + self.job_ttl:.3f}",
+                    self.job_ttl,
+                    JOB_KEY_PREFIX,
+                ],
+            )
+        )
 
     def status(self, job_id: str) -> dict[str, str] | None:
         """The job record (after marking lost inputs/results expired), or None if unknown."""
-        flat = self._status(keys=[job_key(job_id), input_key(job_id), output_key(job_id)],
-                            args=[f"{time.time():.3f}"])
+        flat = self._status(
+            keys=[job_key(job_id), input_key(job_id), output_key(job_id)],
+            args=[f"{time.time():.3f}"],
+        )
         if not flat:
             return None
         record = {_text(k): v for k, v in zip(flat[::2], flat[1::2])}
@@ -222,7 +268,11 @@ class JobStore:
     def take_result(self, job_id: str, sealed_result: bytes) -> bool:
         """Delete the peeked result and shred its data key, atomically; False if already taken."""
         digest = hashlib.sha1(sealed_result, usedforsecurity=False).hexdigest()
-        return bool(self._take(keys=[job_key(job_id), output_key(job_id)], args=[digest, f"{time.time():.3f}"]))
+        return bool(
+            self._take(
+                keys=[job_key(job_id), output_key(job_id)], args=[digest, f"{time.time():.3f}"]
+            )
+        )
 
     def fetch_result(self, job_id: str) -> Fetch:
         """Peek and take at once (for callers with nothing to do in between): the result, once."""
@@ -238,8 +288,10 @@ class JobStore:
     # --- worker ----------------------------------------------------------------------------
     def claim(self, job_id: str, worker: str) -> Claim:
         """Start (or restart) a job: count the attempt, give up past max_attempts, return input."""
-        reply = self._claim(keys=[job_key(job_id), input_key(job_id)],
-                            args=[self.max_attempts, f"{time.time():.3f}", worker, self.claim_input_ttl])
+        reply = self._claim(
+            keys=[job_key(job_id), input_key(job_id)],
+            args=[self.max_attempts, f"{time.time():.3f}", worker, self.claim_input_ttl],
+        )
         outcome = _text(reply[0])
         if outcome != "ok":
             return Claim(outcome)
@@ -248,13 +300,18 @@ class JobStore:
 
     def store_result(self, job_id: str, sealed_result: bytes) -> bool:
         """Publish the sealed result and delete the input; False if the job was withdrawn."""
-        return bool(self._store(keys=[job_key(job_id), input_key(job_id), output_key(job_id)],
-                                args=[sealed_result, self.result_ttl, f"{time.time():.3f}"]))
+        return bool(
+            self._store(
+                keys=[job_key(job_id), input_key(job_id), output_key(job_id)],
+                args=[sealed_result, self.result_ttl, f"{time.time():.3f}"],
+            )
+        )
 
     def fail(self, job_id: str, code: str) -> bool:
         """End a job as failed with a public error code; deletes its input."""
-        return bool(self._fail(keys=[job_key(job_id), input_key(job_id)],
-                               args=[code, f"{time.time():.3f}"]))
+        return bool(
+            self._fail(keys=[job_key(job_id), input_key(job_id)], args=[code, f"{time.time():.3f}"])
+        )
 
     def queue_depth(self, queue: str) -> int:
         """Messages waiting in the Celery queue (the broker's Redis list)."""

@@ -1,9 +1,9 @@
 """Key management commands: `python -m shared.keys new` prints a fresh keyring entry.
 
-    python -m shared.keys new [KEY_ID]     -> "KEY_ID:base64key" (default id: k<unix time>)
-    python -m shared.keys hash-api-key     -> reads an API key on stdin, prints its SHA-256 hash
-                                              (the line to put in M2FP_API_KEYS_FILE)
-    python -m shared.keys new-api-key      -> prints a new API key and, on stderr, its hash line
+python -m shared.keys new [KEY_ID]     -> "KEY_ID:base64key" (default id: k<unix time>)
+python -m shared.keys hash-api-key     -> reads an API key on stdin, prints its SHA-256 hash
+                                          (the line to put in M2FP_API_KEYS_FILE)
+python -m shared.keys new-api-key      -> prints a new API key and, on stderr, its hash line
 """
 
 from __future__ import annotations

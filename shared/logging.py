@@ -16,7 +16,9 @@ import re
 import sys
 import time
 
-_context: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("m2fp_log_context", default={})
+_context: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar(
+    "m2fp_log_context", default={}
+)
 _SAFE_TEXT = re.compile(r"^[A-Za-z0-9_.:/\-]{0,80}$")
 
 

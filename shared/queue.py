@@ -56,5 +56,11 @@ def make_celery(settings, name: str = "m2fp") -> Celery:
 
 def enqueue_parse(app: Celery, job_id: str) -> None:
     """Send the parse task by name: the message holds only the job id."""
-    app.send_task(TASK_PARSE, args=[job_id], queue=QUEUE, ignore_result=True,
-                  argsrepr=repr([job_id]), kwargsrepr="{}")
+    app.send_task(
+        TASK_PARSE,
+        args=[job_id],
+        queue=QUEUE,
+        ignore_result=True,
+        argsrepr=repr([job_id]),
+        kwargsrepr="{}",
+    )

@@ -27,7 +27,10 @@ HYSTERESIS = 5.0
 
 def memory_percent() -> float:
     """Memory in use, percent: the cgroup's limit when one is set, else the whole machine's."""
-    limit_file, usage_file = Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory.current")
+    limit_file, usage_file = (
+        Path("/sys/fs/cgroup/memory.max"),
+        Path("/sys/fs/cgroup/memory.current"),
+    )
     try:
         limit = limit_file.read_text().strip()
         if limit != "max":
@@ -43,17 +46,28 @@ def memory_percent() -> float:
 
 def post_alert(url: str, payload: dict, timeout: float = 5.0) -> int:
     """POST a JSON alert; returns the HTTP status (raises on network errors)."""
-    request = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as reply:  # noqa: S310 (operator-set URL)
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(payload).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as reply:
         return reply.status
 
 
 class MemoryWatchdog:
     """Samples memory use and alerts on threshold crossings."""
 
-    def __init__(self, threshold: float, webhook: str | None = None, *, interval: float = 15.0,
-                 component: str = "m2fp", sample: Callable[[], float] = memory_percent):
+    def __init__(
+        self,
+        threshold: float,
+        webhook: str | None = None,
+        *,
+        interval: float = 15.0,
+        component: str = "m2fp",
+        sample: Callable[[], float] = memory_percent,
+    ):
         self.threshold, self.webhook, self.interval = threshold, webhook, interval
         self.component, self.sample = component, sample
         self.alerting = False
@@ -69,11 +83,23 @@ class MemoryWatchdog:
         if self.alerting or percent < self.threshold:
             return False
         self.alerting = True
-        event(log, "memory_alert", logging.ERROR, percent=round(percent, 1),
-              threshold=self.threshold, component=self.component)
+        event(
+            log,
+            "memory_alert",
+            logging.ERROR,
+            percent=round(percent, 1),
+            threshold=self.threshold,
+            component=self.component,
+        )
         if self.webhook:
-            payload = {"alert": "memory_high", "component": self.component, "host": socket.gethostname(),
-                       "percent": round(percent, 1), "threshold": self.threshold, "ts": int(time.time())}
+            payload = {
+                "alert": "memory_high",
+                "component": self.component,
+                "host": socket.gethostname(),
+                "percent": round(percent, 1),
+                "threshold": self.threshold,
+                "ts": int(time.time()),
+            }
             try:
                 post_alert(self.webhook, payload)
             except OSError:
@@ -84,7 +110,7 @@ class MemoryWatchdog:
         while not self._stop.wait(self.interval):
             try:
                 self.check()
-            except Exception:  # noqa: BLE001  (a watchdog must never take its process down)
+            except Exception:
                 log.warning("memory_watchdog_error", exc_info=True)
 
     def start(self) -> MemoryWatchdog:

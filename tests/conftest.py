@@ -69,18 +69,27 @@ def settings(settings_env):
     return load_settings(settings_env)
 
 
-def start_redis(workdir: Path, port: int | None = None, password: str | None = None,
-                *extra: str) -> dict:
+def start_redis(
+    workdir: Path, port: int | None = None, password: str | None = None, *extra: str
+) -> dict:
     """Start a real redis-server (password, loopback, no persistence); returns its handles."""
     binary = shutil.which("redis-server")
     if binary is None:
-        pytest.fail("redis-server is not installed (apt-get install redis-server); .ci/run installs it")
+        pytest.fail(
+            "redis-server is not installed (apt-get install redis-server); .ci/run installs it"
+        )
     port, password = port or free_port(), password or secrets.token_hex(16)
     # The config, password included, goes on stdin: argv is visible to every user in `ps`.
-    config = (f'port {port}\nbind 127.0.0.1\nrequirepass "{password}"\nsave ""\nappendonly no\n'
-              f'maxmemory-policy noeviction\ndir "{workdir}"\nloglevel warning\n')
-    proc = subprocess.Popen([binary, "-", *extra], stdin=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    config = (
+        f'port {port}\nbind 127.0.0.1\nrequirepass "{password}"\nsave ""\nappendonly no\n'
+        f'maxmemory-policy noeviction\ndir "{workdir}"\nloglevel warning\n'
+    )
+    proc = subprocess.Popen(
+        [binary, "-", *extra],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     proc.stdin.write(config.encode())
     proc.stdin.close()
     url = f"redis://:{password}@127.0.0.1:{port}/0"
@@ -128,12 +137,14 @@ def make_service_env(redis_url: str) -> dict[str, str]:
     """Environment for processes of the stack (gateway, workers): this process's, minus any
     M2FP_* of the developer's, plus the test Redis and a fresh keyring."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("M2FP_")}
-    env.update({
-        "M2FP_REDIS_URL": redis_url,
-        "M2FP_DATA_KEYS": f"k1:{generate_key()}",
-        "M2FP_LOG_LEVEL": "INFO",
-        "PYTHONPATH": str(REPO),
-    })
+    env.update(
+        {
+            "M2FP_REDIS_URL": redis_url,
+            "M2FP_DATA_KEYS": f"k1:{generate_key()}",
+            "M2FP_LOG_LEVEL": "INFO",
+            "PYTHONPATH": str(REPO),
+        }
+    )
     return env
 
 

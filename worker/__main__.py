@@ -38,15 +38,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging(settings.log_level)
 
-    from worker.celery_app import create_worker_app, torch_threads  # noqa: PLC0415
+    from worker.celery_app import create_worker_app, torch_threads
 
     threads = str(torch_threads(settings))
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[name] = threads
     if weights == "random":
-        print("\n" + "!" * 78 + "\n!! M2FP_WEIGHTS=random: this worker runs an UNTRAINED model. Results are\n"
-              "!! shaped correctly but meaningless. Point M2FP_WEIGHTS at the official checkpoint.\n"
-              + "!" * 78 + "\n", file=sys.stderr, flush=True)
+        print(
+            "\n"
+            + "!" * 78
+            + "\n!! M2FP_WEIGHTS=random: this worker runs an UNTRAINED model. Results are\n"
+            "!! shaped correctly but meaningless. Point M2FP_WEIGHTS at the official checkpoint.\n"
+            + "!" * 78
+            + "\n",
+            file=sys.stderr,
+            flush=True,
+        )
     if not args.no_preflight:
         check = subprocess.run([sys.executable, "-m", "worker.preflight"], check=False)
         if check.returncode != 0:
@@ -55,13 +62,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         serve_metrics(settings.worker_metrics_host, settings.worker_metrics_port)
     except OSError as exc:
-        print(f"m2fp worker: cannot serve metrics on {settings.worker_metrics_host}:"
-              f"{settings.worker_metrics_port}: {exc.strerror}", file=sys.stderr)
+        print(
+            f"m2fp worker: cannot serve metrics on {settings.worker_metrics_host}:"
+            f"{settings.worker_metrics_port}: {exc.strerror}",
+            file=sys.stderr,
+        )
         return 2
     app = create_worker_app(settings)
-    celery_argv = ["worker", "--loglevel", settings.log_level, "--pool", "prefork",
-                   "--concurrency", str(settings.worker_concurrency), "--queues", QUEUE,
-                   "--task-events", "--without-gossip", *args.celery_args]
+    celery_argv = [
+        "worker",
+        "--loglevel",
+        settings.log_level,
+        "--pool",
+        "prefork",
+        "--concurrency",
+        str(settings.worker_concurrency),
+        "--queues",
+        QUEUE,
+        "--task-events",
+        "--without-gossip",
+        *args.celery_args,
+    ]
     app.worker_main(celery_argv)
     return 0
 

@@ -32,11 +32,11 @@ import redis
 from celery import Celery, signals
 from celery.exceptions import Reject, SoftTimeLimitExceeded
 
-from shared.config import Settings, resolve_weights
 from shared import heartbeat as heartbeats
+from shared.config import Settings, resolve_weights
 from shared.constants import TASK_PARSE
-from shared.heartbeat import HEARTBEAT_SECONDS, Heartbeat
 from shared.hardening import disable_core_dumps, limit_memory
+from shared.heartbeat import HEARTBEAT_SECONDS, Heartbeat
 from shared.jobstore import JobStore
 from shared.logging import bind, clear, configure_logging, event
 from shared.queue import make_celery
@@ -74,13 +74,14 @@ class WorkerProcess:
         """Called in the child right after fork: new connections, model load in background."""
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.store = JobStore.from_settings(self.settings)
-        MemoryWatchdog(self.settings.memory_alert_percent, self.settings.alert_webhook,
-                       component="worker").start()
+        MemoryWatchdog(
+            self.settings.memory_alert_percent, self.settings.alert_webhook, component="worker"
+        ).start()
         threading.Thread(target=self._load_model, name="m2fp-model-load", daemon=True).start()
 
     def _load_model(self) -> None:
         try:
-            import torch  # noqa: PLC0415  (only ever imported in pool children)
+            import torch
 
             torch.set_num_threads(torch_threads(self.settings))
             device = self.settings.device
@@ -88,28 +89,57 @@ class WorkerProcess:
                 device = "cuda" if torch.cuda.is_available() else "cpu"
             tic = time.monotonic()
             self.predictor = load_predictor(
-                resolve_weights(self.settings), variant=self.settings.variant, device=device,
-                max_side=self.settings.infer_max_side, sha256=self.settings.weights_sha256,
-                key_file=self.settings.weights_key_file, deform_attn=self.settings.deform_attn)
-            event(log, "model_loaded", seconds=round(time.monotonic() - tic, 2), device=device,
-                  variant=self.settings.variant, untrained=self.predictor.untrained,
-                  threads=torch.get_num_threads(), deform_op=self.predictor.deform_attn)
-            if self.predictor.deform_attn != "op" and device == "cpu" and self.settings.deform_attn != "reference":
-                event(log, "deform_attn_op_not_used_reference_is_slower", logging.WARNING,
-                      mode=self.settings.deform_attn, deform_op=self.predictor.deform_attn)
+                resolve_weights(self.settings),
+                variant=self.settings.variant,
+                device=device,
+                max_side=self.settings.infer_max_side,
+                sha256=self.settings.weights_sha256,
+                key_file=self.settings.weights_key_file,
+                deform_attn=self.settings.deform_attn,
+            )
+            event(
+                log,
+                "model_loaded",
+                seconds=round(time.monotonic() - tic, 2),
+                device=device,
+                variant=self.settings.variant,
+                untrained=self.predictor.untrained,
+                threads=torch.get_num_threads(),
+                deform_op=self.predictor.deform_attn,
+            )
+            if (
+                self.predictor.deform_attn != "op"
+                and device == "cpu"
+                and self.settings.deform_attn != "reference"
+            ):
+                event(
+                    log,
+                    "deform_attn_op_not_used_reference_is_slower",
+                    logging.WARNING,
+                    mode=self.settings.deform_attn,
+                    deform_op=self.predictor.deform_attn,
+                )
             if self.predictor.untrained:
-                event(log, "UNTRAINED_MODEL_random_weights_results_are_meaningless", logging.WARNING)
+                event(
+                    log, "UNTRAINED_MODEL_random_weights_results_are_meaningless", logging.WARNING
+                )
             threading.Thread(target=self._heartbeat, name="m2fp-heartbeat", daemon=True).start()
-        except BaseException as exc:  # noqa: BLE001  (reported by every task and in the log)
+        except BaseException as exc:
             self.load_error = exc
             log.critical("model_load_failed", exc_info=True)
         finally:
             self.loaded.set()
 
     def _heartbeat(self) -> None:
-        heartbeat = Heartbeat(name=self.name, variant=self.settings.variant, device=str(self.predictor.device),
-                              untrained=self.predictor.untrained, pid=os.getpid(),
-                              deform_op=self.predictor.deform_attn, started=round(time.time()))
+        heartbeat = Heartbeat(
+            name=self.name,
+            variant=self.settings.variant,
+            device=str(self.predictor.device),
+            untrained=self.predictor.untrained,
+            pid=os.getpid(),
+            deform_op=self.predictor.deform_attn,
+            started=round(time.time()),
+        )
         while not self._stop.is_set():
             try:
                 heartbeats.beat(self.store.redis, heartbeat)
@@ -136,11 +166,15 @@ class WorkerProcess:
 
     def context(self) -> JobContext:
         """Dependencies for `process_job`."""
-        return JobContext(store=self.store, keyring=self.settings.keyring,
-                          predictor=self.get_predictor, worker_name=self.name,
-                          max_pixels=self.settings.max_pixels,
-                          max_decode_bytes=self.settings.max_decode_mb * 1024 * 1024,
-                          infer_max_side=self.settings.infer_max_side)
+        return JobContext(
+            store=self.store,
+            keyring=self.settings.keyring,
+            predictor=self.get_predictor,
+            worker_name=self.name,
+            max_pixels=self.settings.max_pixels,
+            max_decode_bytes=self.settings.max_decode_mb * 1024 * 1024,
+            infer_max_side=self.settings.infer_max_side,
+        )
 
 
 def create_worker_app(settings: Settings) -> Celery:
@@ -160,8 +194,9 @@ def create_worker_app(settings: Settings) -> Celery:
         process.stop()
         child_exited(os.getpid())
 
-    @app.task(name=TASK_PARSE, bind=True, ignore_result=True, acks_late=True,
-              reject_on_worker_lost=True)
+    @app.task(
+        name=TASK_PARSE, bind=True, ignore_result=True, acks_late=True, reject_on_worker_lost=True
+    )
     def parse(self, job_id: str) -> str:
         if not isinstance(job_id, str) or not JOB_ID_RE.match(job_id):
             log.warning("invalid_task_argument")
@@ -187,7 +222,7 @@ def create_worker_app(settings: Settings) -> Celery:
             record_job("requeued_redis_error")
             time.sleep(REDIS_ERROR_PAUSE)
             raise Reject("redis_error", requeue=True) from None
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.error("job_crashed", exc_info=True)
             record_job("failed_internal_error")
             try:

@@ -29,11 +29,11 @@ from dataclasses import dataclass
 # Must precede the first `import cv2` in the process (this module is the worker's only importer).
 os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(64_000_000))
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image, ImageFile, ImageOps  # noqa: E402
+import cv2
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
 
-from shared.errors import DecodeTooLarge, TooManyPixels, UndecodableImage  # noqa: E402
+from shared.errors import DecodeTooLarge, TooManyPixels, UndecodableImage
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 ALLOWED_FORMATS = ("JPEG", "PNG")
@@ -65,7 +65,13 @@ class DecodedImage:
     height: int
 
 
-PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}  # IHDR colour type -> samples per pixel (palette expands to RGB)
+PNG_CHANNELS = {
+    0: 1,
+    2: 3,
+    3: 3,
+    4: 2,
+    6: 4,
+}  # IHDR colour type -> samples per pixel (palette expands to RGB)
 
 
 def decode_cost(image: Image.Image, data: bytes) -> int:
@@ -96,8 +102,13 @@ def _upright_size(image: Image.Image, width: int, height: int) -> tuple[int, int
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
-def decode_upload(data: bytes, *, max_pixels: int, max_decode_bytes: int | None = None,
-                  target_side: int | None = None) -> DecodedImage:
+def decode_upload(
+    data: bytes,
+    *,
+    max_pixels: int,
+    max_decode_bytes: int | None = None,
+    target_side: int | None = None,
+) -> DecodedImage:
     """Decode JPEG/PNG bytes in memory under the pixel and decode-size limits (see the module doc)."""
     try:
         with warnings.catch_warnings():
@@ -129,7 +140,9 @@ def decode_upload(data: bytes, *, max_pixels: int, max_decode_bytes: int | None 
     return DecodedImage(np.ascontiguousarray(rgb), upright_width, upright_height)
 
 
-def decode_image(data: bytes, *, max_pixels: int, max_decode_bytes: int | None = None) -> np.ndarray:
+def decode_image(
+    data: bytes, *, max_pixels: int, max_decode_bytes: int | None = None
+) -> np.ndarray:
     """Decode JPEG/PNG bytes to an upright (H, W, 3) uint8 RGB array at full size, in memory only."""
     return decode_upload(data, max_pixels=max_pixels, max_decode_bytes=max_decode_bytes).rgb
 

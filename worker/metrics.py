@@ -30,8 +30,8 @@ def serve_metrics(host: str, port: int) -> str | None:
     directory = tempfile.mkdtemp(prefix="m2fp-worker-metrics-", dir=base)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
     atexit.register(shutil.rmtree, directory, True)
-    from prometheus_client import CollectorRegistry, start_http_server  # noqa: PLC0415
-    from prometheus_client.multiprocess import MultiProcessCollector  # noqa: PLC0415
+    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client.multiprocess import MultiProcessCollector
 
     registry = CollectorRegistry()
     MultiProcessCollector(registry)
@@ -43,22 +43,35 @@ def metrics():
     """The children's metric objects (created once per process, lazily)."""
     global _metrics
     if _metrics is None:
-        from prometheus_client import Counter, Histogram  # noqa: PLC0415
+        from prometheus_client import Counter, Histogram
 
         _metrics = {
-            "inference": Histogram("m2fp_worker_inference_seconds", "Model time per job (preprocess, "
-                                   "forward, postprocess)", buckets=JOB_BUCKETS),
-            "job": Histogram("m2fp_worker_job_seconds", "Whole job time in the worker (claim to stored)",
-                             buckets=JOB_BUCKETS),
+            "inference": Histogram(
+                "m2fp_worker_inference_seconds",
+                "Model time per job (preprocess, forward, postprocess)",
+                buckets=JOB_BUCKETS,
+            ),
+            "job": Histogram(
+                "m2fp_worker_job_seconds",
+                "Whole job time in the worker (claim to stored)",
+                buckets=JOB_BUCKETS,
+            ),
             "outcomes": Counter("m2fp_worker_jobs", "Jobs handled, by outcome", ["outcome"]),
-            "attempts": Histogram("m2fp_worker_job_attempt", "Delivery attempt number of started jobs",
-                                  buckets=(1, 2, 3, 4, 5)),
+            "attempts": Histogram(
+                "m2fp_worker_job_attempt",
+                "Delivery attempt number of started jobs",
+                buckets=(1, 2, 3, 4, 5),
+            ),
         }
     return _metrics
 
 
-def record_job(outcome: str, seconds: float | None = None, inference: float | None = None,
-               attempt: int | None = None) -> None:
+def record_job(
+    outcome: str,
+    seconds: float | None = None,
+    inference: float | None = None,
+    attempt: int | None = None,
+) -> None:
     """Record one job's outcome and timings (no-op unless metrics are enabled)."""
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         return
@@ -75,6 +88,6 @@ def record_job(outcome: str, seconds: float | None = None, inference: float | No
 def child_exited(pid: int) -> None:
     """Clean up a dead child's live-gauge files."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        from prometheus_client import multiprocess  # noqa: PLC0415
+        from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(pid)

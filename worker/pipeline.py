@@ -24,7 +24,13 @@ import numpy as np
 
 from shared.constants import CIHP_CLASSES, LIP_CLASSES
 from shared.crypto import Keyring, decrypt_payload, encrypt_payload
-from shared.errors import DecodeTooLarge, DecryptionError, ServiceError, TooManyPixels, UndecodableImage
+from shared.errors import (
+    DecodeTooLarge,
+    DecryptionError,
+    ServiceError,
+    TooManyPixels,
+    UndecodableImage,
+)
 from shared.jobstore import JobStore
 from shared.logging import event
 from worker.imaging import decode_upload, png_base64
@@ -120,8 +126,13 @@ def process_job(job_id: str, ctx: JobContext) -> str:
         record_job("discarded", time.monotonic() - started, timings["inference"], claim.attempts)
         return "discarded"
     seconds = time.monotonic() - started
-    event(log, "job_done", seconds=round(seconds, 3),
-          inference_seconds=round(timings["inference"], 3), attempt=claim.attempts)
+    event(
+        log,
+        "job_done",
+        seconds=round(seconds, 3),
+        inference_seconds=round(timings["inference"], 3),
+        attempt=claim.attempts,
+    )
     record_job("done", seconds, timings["inference"], claim.attempts)
     return "done"
 
@@ -131,28 +142,35 @@ def is_out_of_memory(exc: BaseException) -> bool:
     if isinstance(exc, MemoryError):
         return True
     text = str(exc)
-    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
+    return isinstance(exc, RuntimeError) and (
+        "can't allocate memory" in text or "out of memory" in text
+    )
 
 
 def _parse_and_seal(ctx: JobContext, job_id: str, image_bytes: bytes, data_key: bytes):
     """Decode, parse at (at most) the inference size, render at the upload size, seal the result."""
     timings: dict[str, float] = {}
     tic = time.monotonic()
-    decoded = decode_upload(image_bytes, max_pixels=ctx.max_pixels, max_decode_bytes=ctx.max_decode_bytes,
-                            target_side=ctx.infer_max_side)
+    decoded = decode_upload(
+        image_bytes,
+        max_pixels=ctx.max_pixels,
+        max_decode_bytes=ctx.max_decode_bytes,
+        target_side=ctx.infer_max_side,
+    )
     timings["decode"] = time.monotonic() - tic
     predictor = ctx.predictor()
     tic = time.monotonic()
     parsing = predictor.predict(decoded.rgb)
     if parsing.label_map.shape != (decoded.height, decoded.width):
         # Decoded smaller than uploaded (JPEG draft): maps, boxes and areas back to the upload size.
-        parsing = predictor._to_input_size(parsing, decoded.height, decoded.width)  # noqa: SLF001
+        parsing = predictor._to_input_size(parsing, decoded.height, decoded.width)
     timings["inference"] = time.monotonic() - tic
     timings.update({f"model_{k}": v for k, v in getattr(parsing, "timings", {}).items()})
     del decoded
     tic = time.monotonic()
-    document = build_result(job_id, parsing, untrained=predictor.untrained,
-                            variant=predictor.variant, timings=timings)
+    document = build_result(
+        job_id, parsing, untrained=predictor.untrained, variant=predictor.variant, timings=timings
+    )
     sealed = encrypt_payload(data_key, job_id, "out", document)
     del document, parsing
     timings["render_seal"] = time.monotonic() - tic

@@ -22,23 +22,39 @@ def main() -> int:
     try:
         settings = load_settings()
         weights = resolve_weights(settings)
-        import torch  # noqa: PLC0415
+        import torch
 
         torch.set_num_threads(1)
         tic = time.monotonic()
-        predictor = load_predictor(weights, variant=settings.variant, device="cpu",
-                                   max_side=settings.infer_max_side, sha256=settings.weights_sha256,
-                                   key_file=settings.weights_key_file)
+        predictor = load_predictor(
+            weights,
+            variant=settings.variant,
+            device="cpu",
+            max_side=settings.infer_max_side,
+            sha256=settings.weights_sha256,
+            key_file=settings.weights_key_file,
+        )
         loaded = time.monotonic() - tic
         del predictor
     except ConfigError as exc:
         print(f"m2fp preflight: configuration error: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:  # noqa: BLE001  (reported with its type and message, then exit)
-        print(f"m2fp preflight: cannot load the model: {type(exc).__name__}: {exc}", file=sys.stderr)
+    except Exception as exc:
+        print(
+            f"m2fp preflight: cannot load the model: {type(exc).__name__}: {exc}", file=sys.stderr
+        )
         return 1
-    print(json.dumps({"preflight": "ok", "variant": settings.variant, "untrained": weights == "random",
-                      "load_seconds": round(loaded, 2)}), file=sys.stderr)
+    print(
+        json.dumps(
+            {
+                "preflight": "ok",
+                "variant": settings.variant,
+                "untrained": weights == "random",
+                "load_seconds": round(loaded, 2),
+            }
+        ),
+        file=sys.stderr,
+    )
     return 0
 
 

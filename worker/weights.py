@@ -55,50 +55,74 @@ def checkpoint_file(weights: str | Path, encrypted: bool) -> Path:
     return path
 
 
-def read_checkpoint(weights: str | Path, *, sha256: str | None = None, key_file: str | None = None) -> bytes:
+def read_checkpoint(
+    weights: str | Path, *, sha256: str | None = None, key_file: str | None = None
+) -> bytes:
     """The plaintext checkpoint bytes: decrypted in memory if a key is given, digest checked."""
     data = checkpoint_file(weights, encrypted=key_file is not None).read_bytes()
     if key_file is not None:
         try:
             data = open_sealed(read_key_file(key_file), data, WEIGHTS_AAD)
         except DecryptionError as exc:
-            raise WeightsError("the checkpoint cannot be decrypted with M2FP_WEIGHTS_KEY_FILE "
-                               "(wrong key, or not a file made by `python -m worker.weights encrypt`)") from exc
+            raise WeightsError(
+                "the checkpoint cannot be decrypted with M2FP_WEIGHTS_KEY_FILE "
+                "(wrong key, or not a file made by `python -m worker.weights encrypt`)"
+            ) from exc
     if sha256 is not None:
         digest = hashlib.sha256(data).hexdigest()
         if digest != sha256.lower():
-            raise WeightsError(f"checkpoint SHA-256 mismatch: expected M2FP_WEIGHTS_SHA256={sha256}, "
-                               f"got {digest}; refusing to load it")
+            raise WeightsError(
+                f"checkpoint SHA-256 mismatch: expected M2FP_WEIGHTS_SHA256={sha256}, "
+                f"got {digest}; refusing to load it"
+            )
     return data
 
 
-def load_predictor(weights: str, *, variant: str, device: str, max_side: int,
-                   sha256: str | None = None, key_file: str | None = None, deform_attn: str | None = None):
+def load_predictor(
+    weights: str,
+    *,
+    variant: str,
+    device: str,
+    max_side: int,
+    sha256: str | None = None,
+    key_file: str | None = None,
+    deform_attn: str | None = None,
+):
     """Build the worker's Predictor from settings-level inputs (imports torch: children only)."""
-    from worker.m2fp.checkpoint import build_model_from_state_dict, load_state_dict_bytes  # noqa: PLC0415
-    from worker.m2fp.predictor import Predictor  # noqa: PLC0415
+    from worker.m2fp.checkpoint import build_model_from_state_dict, load_state_dict_bytes
+    from worker.m2fp.predictor import Predictor
 
     if weights == "random":
         if sha256 or key_file:
-            raise WeightsError("M2FP_WEIGHTS=random cannot be combined with a digest pin or a weights key")
-        return Predictor("random", variant=variant, device=device, max_side=max_side, deform_attn=deform_attn)
+            raise WeightsError(
+                "M2FP_WEIGHTS=random cannot be combined with a digest pin or a weights key"
+            )
+        return Predictor(
+            "random", variant=variant, device=device, max_side=max_side, deform_attn=deform_attn
+        )
     data = read_checkpoint(weights, sha256=sha256, key_file=key_file)
     state_dict = load_state_dict_bytes(data)
     del data
-    model, _ = build_model_from_state_dict(state_dict, variant=variant, device=device, source="checkpoint")
+    model, _ = build_model_from_state_dict(
+        state_dict, variant=variant, device=device, source="checkpoint"
+    )
     return Predictor.from_model(model, untrained=False, max_side=max_side, deform_attn=deform_attn)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: new-key, encrypt, sha256."""
-    parser = argparse.ArgumentParser(prog="python -m worker.weights", description="M2FP weights at rest")
+    parser = argparse.ArgumentParser(
+        prog="python -m worker.weights", description="M2FP weights at rest"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("new-key", help="print a new base64 key for M2FP_WEIGHTS_KEY_FILE")
     enc = sub.add_parser("encrypt", help="encrypt a checkpoint; prints the plaintext SHA-256")
     enc.add_argument("--key-file", required=True)
     enc.add_argument("source")
     enc.add_argument("destination")
-    digest = sub.add_parser("sha256", help="SHA-256 of a plaintext checkpoint (for M2FP_WEIGHTS_SHA256)")
+    digest = sub.add_parser(
+        "sha256", help="SHA-256 of a plaintext checkpoint (for M2FP_WEIGHTS_SHA256)"
+    )
     digest.add_argument("path")
     args = parser.parse_args(argv)
     try:
@@ -106,10 +130,14 @@ def main(argv: list[str] | None = None) -> int:
             print(generate_key())
         elif args.command == "encrypt":
             plaintext = checkpoint_file(args.source, encrypted=False).read_bytes()
-            Path(args.destination).write_bytes(seal(read_key_file(args.key_file), plaintext, WEIGHTS_AAD))
+            Path(args.destination).write_bytes(
+                seal(read_key_file(args.key_file), plaintext, WEIGHTS_AAD)
+            )
             print(hashlib.sha256(plaintext).hexdigest())
         else:
-            print(hashlib.sha256(checkpoint_file(args.path, encrypted=False).read_bytes()).hexdigest())
+            print(
+                hashlib.sha256(checkpoint_file(args.path, encrypted=False).read_bytes()).hexdigest()
+            )
     except WeightsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

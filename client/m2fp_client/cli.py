@@ -29,7 +29,9 @@ FATAL_ERRORS = (Unauthorized, Banned, ConnectionFailed)  # every later file woul
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 
 
-def expand_inputs(paths: Iterable[str | Path], recursive: bool = False) -> tuple[list[Path], list[Path]]:
+def expand_inputs(
+    paths: Iterable[str | Path], recursive: bool = False
+) -> tuple[list[Path], list[Path]]:
     """Files to parse (directories expand to their .jpg/.jpeg/.png files, sorted) and missing paths."""
     files: list[Path] = []
     missing: list[Path] = []
@@ -37,8 +39,15 @@ def expand_inputs(paths: Iterable[str | Path], recursive: bool = False) -> tuple
         path = Path(raw)
         if path.is_dir():
             candidates = path.rglob("*") if recursive else path.iterdir()
-            files.extend(sorted(p for p in candidates if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                                and not p.name.startswith(".")))
+            files.extend(
+                sorted(
+                    p
+                    for p in candidates
+                    if p.is_file()
+                    and p.suffix.lower() in IMAGE_SUFFIXES
+                    and not p.name.startswith(".")
+                )
+            )
         elif path.is_file():
             files.append(path)
         else:
@@ -121,7 +130,9 @@ class Progress:
         self.stream.flush()
 
 
-def write_outputs(result: ParsingResult, outdir: Path, stem: str, source: str, palette: bool) -> list[Path]:
+def write_outputs(
+    result: ParsingResult, outdir: Path, stem: str, source: str, palette: bool
+) -> list[Path]:
     """Write STEM.labels.png, STEM.instances.png and STEM.json; returns their paths."""
     outdir.mkdir(parents=True, exist_ok=True)
     labels = outdir / f"{stem}.labels.png"
@@ -167,8 +178,13 @@ def run_parse(args: argparse.Namespace, client: Client, stream: TextIO = sys.std
             result = client.parse(path, poll_interval=args.poll_interval, timeout=args.timeout)
             write_outputs(result, outdir, stem, path.name, args.palette)
             if result.untrained and not warned_untrained:
-                progress.message("m2fp: WARNING: " + (" ".join(result.warnings) or
-                                 "the server runs an UNTRAINED model; results are meaningless"))
+                progress.message(
+                    "m2fp: WARNING: "
+                    + (
+                        " ".join(result.warnings)
+                        or "the server runs an UNTRAINED model; results are meaningless"
+                    )
+                )
                 warned_untrained = True
         except M2FPError as error:
             failed += 1
@@ -186,7 +202,9 @@ def run_parse(args: argparse.Namespace, client: Client, stream: TextIO = sys.std
             progress.finish_one()
     progress.close()
     total = len(files) + len(missing)
-    stream.write(f"m2fp: {total - failed} of {total} parsed, {failed} failed; outputs in {outdir}\n")
+    stream.write(
+        f"m2fp: {total - failed} of {total} parsed, {failed} failed; outputs in {outdir}\n"
+    )
     return 1 if failed else 0
 
 
@@ -199,32 +217,65 @@ def run_health(args: argparse.Namespace, client: Client, stream: TextIO = sys.st
         return 1
     print(json.dumps(body, indent=2), file=stream)
     if body.get("untrained") or body.get("warnings"):
-        print("m2fp: WARNING: " + " ".join(body.get("warnings") or ["UNTRAINED model"]), file=sys.stderr)
+        print(
+            "m2fp: WARNING: " + " ".join(body.get("warnings") or ["UNTRAINED model"]),
+            file=sys.stderr,
+        )
     return 0 if body.get("status") == "ready" else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `m2fp`."""
-    parser = argparse.ArgumentParser(prog="m2fp", description="Client of the m2fp-serve human-parsing API.")
+    parser = argparse.ArgumentParser(
+        prog="m2fp", description="Client of the m2fp-serve human-parsing API."
+    )
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--server", default=os.environ.get("M2FP_SERVER", DEFAULT_SERVER),
-                        help="server URL (default: $M2FP_SERVER or %(default)s)")
-    common.add_argument("--api-key-file", metavar="FILE",
-                        help="file holding the API key (default: $M2FP_API_KEY, if set)")
-    common.add_argument("--http-timeout", type=float, default=30, metavar="S",
-                        help="seconds per HTTP request (default: %(default)s)")
+    common.add_argument(
+        "--server",
+        default=os.environ.get("M2FP_SERVER", DEFAULT_SERVER),
+        help="server URL (default: $M2FP_SERVER or %(default)s)",
+    )
+    common.add_argument(
+        "--api-key-file",
+        metavar="FILE",
+        help="file holding the API key (default: $M2FP_API_KEY, if set)",
+    )
+    common.add_argument(
+        "--http-timeout",
+        type=float,
+        default=30,
+        metavar="S",
+        help="seconds per HTTP request (default: %(default)s)",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     parse = commands.add_parser("parse", parents=[common], help="parse photos and write label maps")
-    parse.add_argument("inputs", nargs="+", metavar="PATH", help="photos (.jpg/.jpeg/.png) or directories")
-    parse.add_argument("-o", "--output", default=".", metavar="OUTDIR", help="output directory (default: .)")
-    parse.add_argument("--palette", action="store_true",
-                       help="write NAME.labels.png as a palette PNG (same class ids, shown in colour)")
+    parse.add_argument(
+        "inputs", nargs="+", metavar="PATH", help="photos (.jpg/.jpeg/.png) or directories"
+    )
+    parse.add_argument(
+        "-o", "--output", default=".", metavar="OUTDIR", help="output directory (default: .)"
+    )
+    parse.add_argument(
+        "--palette",
+        action="store_true",
+        help="write NAME.labels.png as a palette PNG (same class ids, shown in colour)",
+    )
     parse.add_argument("-r", "--recursive", action="store_true", help="also look in subdirectories")
-    parse.add_argument("--timeout", type=float, default=300, metavar="S",
-                       help="give up on a photo after this many seconds (default: %(default)s)")
-    parse.add_argument("--poll-interval", type=float, default=0.5, metavar="S",
-                       help="first status poll interval; it backs off to 5 s (default: %(default)s)")
+    parse.add_argument(
+        "--timeout",
+        type=float,
+        default=300,
+        metavar="S",
+        help="give up on a photo after this many seconds (default: %(default)s)",
+    )
+    parse.add_argument(
+        "--poll-interval",
+        type=float,
+        default=0.5,
+        metavar="S",
+        help="first status poll interval; it backs off to 5 s (default: %(default)s)",
+    )
 
     commands.add_parser("health", parents=[common], help="show whether the server is ready")
     return parser

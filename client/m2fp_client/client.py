@@ -14,7 +14,7 @@ import io
 import random
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import urljoin, urlsplit
@@ -53,8 +53,8 @@ def parse_retry_after(value: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 def connection_not_established(exc: Exception) -> bool:
@@ -63,7 +63,9 @@ def connection_not_established(exc: Exception) -> bool:
         return True
     seen: set[int] = set()
     stack: list[Any] = [exc]
-    while stack:  # walk args / reason / __cause__ / __context__ looking for urllib3's NewConnectionError
+    while (
+        stack
+    ):  # walk args / reason / __cause__ / __context__ looking for urllib3's NewConnectionError
         item = stack.pop()
         if item is None or id(item) in seen:
             continue
@@ -71,7 +73,9 @@ def connection_not_established(exc: Exception) -> bool:
         if isinstance(item, NewConnectionError):
             return True
         if isinstance(item, BaseException):
-            stack.extend([getattr(item, "reason", None), item.__cause__, item.__context__, *item.args])
+            stack.extend(
+                [getattr(item, "reason", None), item.__cause__, item.__context__, *item.args]
+            )
     return False
 
 
@@ -141,35 +145,47 @@ class Client:
         """Upload a JPEG/PNG (path, bytes or binary file); returns the queued Job."""
         data, name = _read_image(image, filename)
         content_type = CONTENT_TYPES.get(Path(name).suffix.lower(), "application/octet-stream")
-        response = self._request("POST", self._url("/v1/jobs"), idempotent=False,
-                                 files={"image": (name, data, content_type)})
+        response = self._request(
+            "POST",
+            self._url("/v1/jobs"),
+            idempotent=False,
+            files={"image": (name, data, content_type)},
+        )
         body = self._json(response)
         try:
             job_id, token = str(body["job_id"]), str(body["token"])
         except KeyError as exc:
-            raise ProtocolError("bad_response", f"submit response lacks {exc}", response.status_code) from exc
-        return Job(job_id=job_id, token=token,
-                   status_url=self._same_origin(body.get("status_url"), f"/v1/jobs/{job_id}"),
-                   result_url=self._same_origin(body.get("result_url"), f"/v1/jobs/{job_id}/result"),
-                   expires_in=body.get("expires_in"))
+            raise ProtocolError(
+                "bad_response", f"submit response lacks {exc}", response.status_code
+            ) from exc
+        return Job(
+            job_id=job_id,
+            token=token,
+            status_url=self._same_origin(body.get("status_url"), f"/v1/jobs/{job_id}"),
+            result_url=self._same_origin(body.get("result_url"), f"/v1/jobs/{job_id}/result"),
+            expires_in=body.get("expires_in"),
+        )
 
     def job(self, job_id: str, token: str) -> Job:
         """A Job handle from a job id and token kept elsewhere."""
-        return Job(job_id, token, self._url(f"/v1/jobs/{job_id}"), self._url(f"/v1/jobs/{job_id}/result"))
+        return Job(
+            job_id, token, self._url(f"/v1/jobs/{job_id}"), self._url(f"/v1/jobs/{job_id}/result")
+        )
 
     def status(self, job: Job) -> JobStatus:
         """The job's current status (queued, running, done, failed or expired)."""
         response = self._request("GET", job.status_url, idempotent=True, headers=self._bearer(job))
         return JobStatus.from_json(self._json(response))
 
-    def result(self, job: Job, format: str = "json") -> ParsingResult | bytes:  # noqa: A002
+    def result(self, job: Job, format: str = "json") -> ParsingResult | bytes:
         """Fetch the result, which the server then deletes: a second call raises ResultGone.
 
         `format="json"` gives a ParsingResult; any other format (e.g. "palette") the raw bytes.
         """
         params = None if format == "json" else {"format": format}
-        response = self._request("GET", job.result_url, idempotent=False, headers=self._bearer(job),
-                                 params=params)
+        response = self._request(
+            "GET", job.result_url, idempotent=False, headers=self._bearer(job), params=params
+        )
         if format != "json":
             return response.content
         return ParsingResult.from_json(self._json(response))
@@ -182,8 +198,9 @@ class Client:
             if not missing_ok:
                 raise
 
-    def wait(self, job: Job, poll_interval: float = 0.5, timeout: float = 300,
-             max_interval: float = 5.0) -> JobStatus:
+    def wait(
+        self, job: Job, poll_interval: float = 0.5, timeout: float = 300, max_interval: float = 5.0
+    ) -> JobStatus:
         """Poll until the job is done (returned) or failed/expired (JobFailed/JobExpired raised)."""
         deadline = self._clock() + timeout
         interval = poll_interval
@@ -195,13 +212,16 @@ class Client:
                 raise self._job_error(status)
             remaining = deadline - self._clock()
             if remaining <= 0:
-                raise WaitTimeout("wait_timeout", f"job not finished after {timeout:g} s "
-                                  f"(last status: {status.status})")
+                raise WaitTimeout(
+                    "wait_timeout",
+                    f"job not finished after {timeout:g} s (last status: {status.status})",
+                )
             self._sleep(min(interval, remaining))
             interval = min(max_interval, interval * 1.5)
 
-    def parse(self, path: ImageSource, wait: bool = True, poll_interval: float = 0.5,
-              timeout: float = 300) -> ParsingResult | Job:
+    def parse(
+        self, path: ImageSource, wait: bool = True, poll_interval: float = 0.5, timeout: float = 300
+    ) -> ParsingResult | Job:
         """Submit, wait and fetch in one call; with `wait=False`, only submit and return the Job."""
         job = self.submit(path)
         if not wait:
@@ -215,8 +235,9 @@ class Client:
 
     def ready(self) -> dict[str, Any]:
         """GET /readyz as a dict (a 503 "not ready" answer is returned, not raised)."""
-        response = self._request("GET", self._url("/readyz"), idempotent=True, retry_statuses=(),
-                                 allow_statuses=(503,))
+        response = self._request(
+            "GET", self._url("/readyz"), idempotent=True, retry_statuses=(), allow_statuses=(503,)
+        )
         return self._json(response)
 
     def health(self) -> bool:
@@ -250,18 +271,27 @@ class Client:
 
     def _backoff_delay(self, attempt: int) -> float:
         """Exponential backoff with jitter: in [d/2, d], d = min(max_backoff, backoff * 2**attempt)."""
-        ceiling = min(self.max_backoff, self.backoff * (2 ** attempt))
+        ceiling = min(self.max_backoff, self.backoff * (2**attempt))
         return ceiling * random.uniform(0.5, 1.0)
 
-    def _request(self, method: str, url: str, *, idempotent: bool, headers: dict[str, str] | None = None,
-                 retry_statuses: tuple[int, ...] = (429, 503), allow_statuses: tuple[int, ...] = (),
-                 **kwargs: Any) -> requests.Response:
+    def _request(
+        self,
+        method: str,
+        url: str,
+        *,
+        idempotent: bool,
+        headers: dict[str, str] | None = None,
+        retry_statuses: tuple[int, ...] = (429, 503),
+        allow_statuses: tuple[int, ...] = (),
+        **kwargs: Any,
+    ) -> requests.Response:
         """One API call with the retry policy of the module docstring; raises M2FPError on errors."""
         attempt = 0
         while True:
             try:
-                response = self.session.request(method, url, headers=self._headers(headers),
-                                                timeout=self.timeout, **kwargs)
+                response = self.session.request(
+                    method, url, headers=self._headers(headers), timeout=self.timeout, **kwargs
+                )
             except (requests.ConnectionError, requests.Timeout) as exc:
                 retryable = idempotent or connection_not_established(exc)
                 if not retryable or attempt >= self.max_retries:
@@ -273,7 +303,11 @@ class Client:
                 return response
             error = self._error(response)
             if response.status_code in retry_statuses and attempt < self.max_retries:
-                delay = error.retry_after if error.retry_after is not None else self._backoff_delay(attempt)
+                delay = (
+                    error.retry_after
+                    if error.retry_after is not None
+                    else self._backoff_delay(attempt)
+                )
                 if delay <= self.max_retry_wait:
                     self._sleep(delay)
                     attempt += 1
@@ -281,7 +315,9 @@ class Client:
             raise error
 
     def _describe(self, exc: Exception) -> str:
-        kind = "timed out talking to" if isinstance(exc, requests.Timeout) else "could not connect to"
+        kind = (
+            "timed out talking to" if isinstance(exc, requests.Timeout) else "could not connect to"
+        )
         return f"{kind} {self.server_url} (gave up after {self.max_retries} retries)"
 
     @staticmethod
@@ -289,8 +325,11 @@ class Client:
         try:
             body = response.json()
         except ValueError as exc:
-            raise ProtocolError("bad_response", f"expected JSON, got {response.headers.get('Content-Type')}",
-                                response.status_code) from exc
+            raise ProtocolError(
+                "bad_response",
+                f"expected JSON, got {response.headers.get('Content-Type')}",
+                response.status_code,
+            ) from exc
         if not isinstance(body, dict):
             raise ProtocolError("bad_response", "expected a JSON object", response.status_code)
         return body

@@ -11,8 +11,9 @@ from __future__ import annotations
 class M2FPError(Exception):
     """An error reported by the service, or met while talking to it."""
 
-    def __init__(self, code: str, message: str, status: int | None = None,
-                 retry_after: float | None = None) -> None:
+    def __init__(
+        self, code: str, message: str, status: int | None = None, retry_after: float | None = None
+    ) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
@@ -95,12 +96,23 @@ CODE_CLASSES: dict[str, type[M2FPError]] = {
 }
 
 STATUS_CLASSES: dict[int, type[M2FPError]] = {
-    400: BadRequest, 401: Unauthorized, 403: Banned, 404: NotFound, 409: NotReady, 410: ResultGone,
-    413: InvalidImage, 415: InvalidImage, 422: InvalidImage, 429: RateLimited, 503: ServerUnavailable,
+    400: BadRequest,
+    401: Unauthorized,
+    403: Banned,
+    404: NotFound,
+    409: NotReady,
+    410: ResultGone,
+    413: InvalidImage,
+    415: InvalidImage,
+    422: InvalidImage,
+    429: RateLimited,
+    503: ServerUnavailable,
 }
 
 
-def error_for(code: str, message: str, status: int | None, retry_after: float | None = None) -> M2FPError:
+def error_for(
+    code: str, message: str, status: int | None, retry_after: float | None = None
+) -> M2FPError:
     """The exception instance for an error code (falling back on the HTTP status)."""
     cls = CODE_CLASSES.get(code) or STATUS_CLASSES.get(status or 0)
     if cls is None:

@@ -55,8 +55,12 @@ class JobStatus:
         error = document.get("error") or {}
         if not isinstance(error, dict):
             error = {"code": str(error), "message": ""}
-        return cls(job_id=str(document.get("job_id", "")), status=str(document.get("status", "")),
-                   error_code=error.get("code"), error_message=error.get("message"))
+        return cls(
+            job_id=str(document.get("job_id", "")),
+            status=str(document.get("status", "")),
+            error_code=error.get("code"),
+            error_message=error.get("message"),
+        )
 
 
 @dataclass(frozen=True)
@@ -73,8 +77,13 @@ class Person:
     def from_json(cls, document: dict[str, Any]) -> Person:
         """Build from one entry of the result's `persons` list."""
         box = tuple(int(v) for v in document.get("box", (0, 0, 0, 0)))
-        return cls(index=int(document["index"]), score=float(document.get("score", 0.0)),
-                   box=box, area=int(document.get("area", 0)), parts=list(document.get("parts", [])))
+        return cls(
+            index=int(document["index"]),
+            score=float(document.get("score", 0.0)),
+            box=box,
+            area=int(document.get("area", 0)),
+            parts=list(document.get("parts", [])),
+        )
 
 
 @dataclass
@@ -106,14 +115,20 @@ class ParsingResult:
             raise ProtocolError("bad_result", f"the result document is not valid: {exc}") from exc
         present = document.get("classes_present")
         return cls(
-            width=width, height=height, label_map=label_map, instance_map=instance_map,
+            width=width,
+            height=height,
+            label_map=label_map,
+            instance_map=instance_map,
             persons=[Person.from_json(p) for p in document.get("persons", [])],
-            parts=list(document.get("parts", [])), classes=classes,
+            parts=list(document.get("parts", [])),
+            classes=classes,
             untrained=bool(document.get("untrained", False)),
             warnings=[str(w) for w in document.get("warnings", [])],
-            classes_present=[int(c) for c in present] if present is not None
+            classes_present=[int(c) for c in present]
+            if present is not None
             else sorted(int(c) for c in np.unique(label_map)),
-            timings=dict(document.get("timings", {})), job_id=document.get("job_id"),
+            timings=dict(document.get("timings", {})),
+            job_id=document.get("job_id"),
         )
 
     def person_mask(self, index: int) -> np.ndarray:
@@ -131,11 +146,22 @@ class ParsingResult:
     def summary(self) -> dict[str, Any]:
         """A JSON-safe summary: size, persons, parts, classes present (no pixel data)."""
         return {
-            "width": self.width, "height": self.height,
+            "width": self.width,
+            "height": self.height,
             "classes_present": {str(c): self.classes.get(c, str(c)) for c in self.classes_present},
-            "persons": [{"index": p.index, "score": p.score, "box": list(p.box), "area": p.area,
-                         "parts": p.parts} for p in self.persons],
-            "parts": self.parts, "untrained": self.untrained, "warnings": self.warnings,
+            "persons": [
+                {
+                    "index": p.index,
+                    "score": p.score,
+                    "box": list(p.box),
+                    "area": p.area,
+                    "parts": p.parts,
+                }
+                for p in self.persons
+            ],
+            "parts": self.parts,
+            "untrained": self.untrained,
+            "warnings": self.warnings,
             "timings": self.timings,
         }
 
@@ -151,7 +177,9 @@ def decode_png_map(text: str, shape: tuple[int, int] | None = None) -> np.ndarra
             raise ValueError(f"map PNG must be single-channel 8-bit, got mode {image.mode}")
         array = np.array(image, dtype=np.uint8)
     if shape is not None and array.shape != shape:
-        raise ValueError(f"map is {array.shape[1]}x{array.shape[0]}, expected {shape[1]}x{shape[0]}")
+        raise ValueError(
+            f"map is {array.shape[1]}x{array.shape[0]}, expected {shape[1]}x{shape[0]}"
+        )
     return array
 
 

@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,16 +57,24 @@ class Stack:
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
         log = open(self.logdir / f"{name}.log", "ab")  # noqa: SIM115  (closed in stop())
         self._logs.append(log)
-        return subprocess.Popen(argv, env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        return subprocess.Popen(
+            argv,
+            env=self.env,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def start_gateway(self) -> None:
         """Start gunicorn on a free port and wait for /healthz."""
         port = free_port()
         self.env["M2FP_PORT"] = str(port)
         self.base_url = f"http://127.0.0.1:{port}"
-        self.gateway = self._spawn("gateway", [sys.executable, "-m", "gunicorn", "-c",
-                                               "api/gunicorn_conf.py", "api.wsgi:app"])
+        self.gateway = self._spawn(
+            "gateway",
+            [sys.executable, "-m", "gunicorn", "-c", "api/gunicorn_conf.py", "api.wsgi:app"],
+        )
 
         def healthy():
             if self.gateway.poll() is not None:
@@ -91,6 +98,7 @@ class Stack:
 
     def wait_ready(self, workers: int = 1, timeout: float = 180) -> dict:
         """Wait until /readyz reports at least `workers` live workers."""
+
         def ready():
             for proc in self.workers:
                 if proc.poll() is not None:
@@ -106,7 +114,7 @@ class Stack:
 
     def child_pids(self) -> list[int]:
         """PIDs of the workers' pool children (where the model runs)."""
-        from shared import heartbeat  # noqa: PLC0415
+        from shared import heartbeat
 
         client = redis.Redis.from_url(self.env["M2FP_REDIS_URL"])
         return [beat.pid for beat in heartbeat.live(client) if beat.pid]
@@ -211,18 +219,31 @@ def nginx_proxy(tmp_path: Path, gateway_port: int | str):
     Only the addresses change: listen ports, the upstream, the certificate and the /tmp paths
     (which become `tmp_path`). Yields (https_base_url, http_port, https_port); stops nginx by pid.
     """
-    import requests as _requests  # noqa: PLC0415
-    import urllib3  # noqa: PLC0415
+    import requests as _requests
+    import urllib3
 
-    from bench.load_bench import render_nginx_conf  # noqa: PLC0415  (one rendering of the shipped file)
+    from bench.load_bench import render_nginx_conf
 
     http_port, https_port = free_port(), free_port()
     render_nginx_conf(tmp_path, http_port, https_port, gateway_port)
-    proc = subprocess.Popen([NGINX, "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path), "-e",
-                             str(tmp_path / "error.log"), "-g", "daemon off;"], stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            NGINX,
+            "-c",
+            str(tmp_path / "nginx.conf"),
+            "-p",
+            str(tmp_path),
+            "-e",
+            str(tmp_path / "error.log"),
+            "-g",
+            "daemon off;",
+        ],
+        stderr=subprocess.PIPE,
+    )
     urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
     https = f"https://127.0.0.1:{https_port}"
     try:
+
         def up():
             if proc.poll() is not None:
                 pytest.fail(f"nginx exited: {proc.stderr.read().decode()[-2000:]}")
@@ -239,10 +260,14 @@ def nginx_proxy(tmp_path: Path, gateway_port: int | str):
 
 def submit(stack: Stack, data: bytes, filename: str = "photo.jpg", **kwargs) -> requests.Response:
     """POST /v1/jobs with one file."""
-    return requests.post(stack.base_url + "/v1/jobs", files={"image": (filename, data)}, timeout=30, **kwargs)
+    return requests.post(
+        stack.base_url + "/v1/jobs", files={"image": (filename, data)}, timeout=30, **kwargs
+    )
 
 
-def poll_until(stack: Stack, job: dict, statuses=("done", "failed", "expired"), timeout=240) -> dict:
+def poll_until(
+    stack: Stack, job: dict, statuses=("done", "failed", "expired"), timeout=240
+) -> dict:
     """Poll a job's status URL until it reaches one of `statuses`."""
     headers = {"Authorization": f"Bearer {job['token']}"}
 
@@ -255,10 +280,10 @@ def poll_until(stack: Stack, job: dict, statuses=("done", "failed", "expired"), 
 
 def photo_jpeg(width: int = 512, height: int = 512, seed: int = 0) -> bytes:
     """A photo-like JPEG: smooth background, two person-shaped figures, sensor noise."""
-    import io  # noqa: PLC0415
+    import io
 
-    import numpy as np  # noqa: PLC0415
-    from PIL import Image, ImageDraw  # noqa: PLC0415
+    import numpy as np
+    from PIL import Image, ImageDraw
 
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width]
@@ -267,10 +292,16 @@ def photo_jpeg(width: int = 512, height: int = 512, seed: int = 0) -> bytes:
     draw = ImageDraw.Draw(image)
     for index, cx in enumerate((width * 0.3, width * 0.68)):
         scale = height / 512
-        draw.ellipse([cx - 28 * scale, 60 * scale, cx + 28 * scale, 125 * scale], fill=(224, 172, 140))
-        draw.rectangle([cx - 55 * scale, 130 * scale, cx + 55 * scale, 290 * scale],
-                       fill=((200, 30, 40), (30, 60, 190))[index])
-        draw.rectangle([cx - 50 * scale, 290 * scale, cx + 50 * scale, 460 * scale], fill=(40, 40, 60))
+        draw.ellipse(
+            [cx - 28 * scale, 60 * scale, cx + 28 * scale, 125 * scale], fill=(224, 172, 140)
+        )
+        draw.rectangle(
+            [cx - 55 * scale, 130 * scale, cx + 55 * scale, 290 * scale],
+            fill=((200, 30, 40), (30, 60, 190))[index],
+        )
+        draw.rectangle(
+            [cx - 50 * scale, 290 * scale, cx + 50 * scale, 460 * scale], fill=(40, 40, 60)
+        )
     out = io.BytesIO()
     image.save(out, format="JPEG", quality=90)
     return out.getvalue()

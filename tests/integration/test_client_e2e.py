@@ -13,9 +13,9 @@ import sys
 
 import numpy as np
 import pytest
-from m2fp_client import Client, InvalidImage, NotFound, ParsingResult, ResultGone
 from PIL import Image
 
+from m2fp_client import Client, InvalidImage, NotFound, ParsingResult, ResultGone
 from tests.conftest import REPO
 from tests.integration.conftest import photo_jpeg
 
@@ -85,8 +85,13 @@ def test_refused_upload_raises_invalid_image_with_the_code(client):
 def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "client"), str(REPO)]))
     env.pop("M2FP_API_KEY", None)
-    return subprocess.run([sys.executable, "-m", "m2fp_client", *args], env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "m2fp_client", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_cli_parses_a_folder_and_reports_the_corrupt_file(live_stack, tmp_path):
@@ -98,24 +103,45 @@ def test_cli_parses_a_folder_and_reports_the_corrupt_file(live_stack, tmp_path):
     (photos / "broken.jpg").write_bytes(whole[: len(whole) // 2])  # valid header, truncated data
     (photos / "notes.txt").write_text("not a photo")  # ignored: directories yield only images
 
-    done = run_cli("parse", str(photos), "--server", live_stack.base_url, "-o", str(out), "--poll-interval", "0.25")
+    done = run_cli(
+        "parse",
+        str(photos),
+        "--server",
+        live_stack.base_url,
+        "-o",
+        str(out),
+        "--poll-interval",
+        "0.25",
+    )
 
     assert done.returncode == 1, done.stderr
     assert sorted(p.name for p in out.iterdir()) == [
-        "alice.instances.png", "alice.json", "alice.labels.png",
-        "bob.instances.png", "bob.json", "bob.labels.png",
+        "alice.instances.png",
+        "alice.json",
+        "alice.labels.png",
+        "bob.instances.png",
+        "bob.json",
+        "bob.labels.png",
     ]
     failures = [line for line in done.stderr.splitlines() if "FAILED" in line]
-    assert len(failures) == 1 and "broken.jpg" in failures[0] and "undecodable_image" in failures[0], done.stderr
+    assert (
+        len(failures) == 1 and "broken.jpg" in failures[0] and "undecodable_image" in failures[0]
+    ), done.stderr
     assert "[3/3]" in done.stderr and "2 of 3 parsed, 1 failed" in done.stderr
     assert "UNTRAINED" in done.stderr
 
-    with Image.open(out / "bob.labels.png") as labels, Image.open(out / "bob.instances.png") as instances:
+    with (
+        Image.open(out / "bob.labels.png") as labels,
+        Image.open(out / "bob.instances.png") as instances,
+    ):
         assert labels.mode == instances.mode == "L"
         assert labels.size == instances.size == (HEIGHT, WIDTH)
         present = sorted(np.unique(np.asarray(labels)).tolist())
     summary = json.loads((out / "bob.json").read_text())
-    assert summary["source"] == "bob.jpeg" and (summary["width"], summary["height"]) == (HEIGHT, WIDTH)
+    assert summary["source"] == "bob.jpeg" and (summary["width"], summary["height"]) == (
+        HEIGHT,
+        WIDTH,
+    )
     assert sorted(int(c) for c in summary["classes_present"]) == present
     assert summary["untrained"] is True and isinstance(summary["persons"], list)
 

@@ -21,13 +21,10 @@ import re
 import shutil
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 import redis
 import requests
-import urllib3
 import yaml
 
 from shared.constants import FLOWER_ACL_RULES, QUEUE
@@ -69,7 +66,12 @@ def test_images_run_as_non_root(dockerfile):
 
 def test_redis_conf_has_no_persistence():
     conf = (REPO / "deploy/redis.conf").read_text()
-    for line in ('save ""', "appendonly no", "maxmemory-policy noeviction", "aclfile /etc/redis/users.acl"):
+    for line in (
+        'save ""',
+        "appendonly no",
+        "maxmemory-policy noeviction",
+        "aclfile /etc/redis/users.acl",
+    ):
         assert line in conf
 
 
@@ -78,18 +80,29 @@ def acl_redis(tmp_path):
     """redis-server with deploy/redis.conf and a users.acl from scripts/make_secrets.sh."""
     workdir = tmp_path / "deploy"
     shutil.copytree(REPO / "scripts", workdir / "scripts")
-    subprocess.run(["bash", str(workdir / "scripts/make_secrets.sh")], cwd=workdir, check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["bash", str(workdir / "scripts/make_secrets.sh")],
+        cwd=workdir,
+        check=True,
+        capture_output=True,
+    )
     secrets = workdir / "secrets"
     port = free_port()
     conf = (REPO / "deploy/redis.conf").read_text()
     conf = conf.replace("bind 0.0.0.0", "bind 127.0.0.1").replace("port 6379", f"port {port}")
     conf = conf.replace("/etc/redis/users.acl", str(secrets / "users.acl")) + f"\ndir {tmp_path}\n"
     (tmp_path / "redis.conf").write_text(conf)
-    proc = subprocess.Popen(["redis-server", str(tmp_path / "redis.conf")], stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        ["redis-server", str(tmp_path / "redis.conf")], stdout=subprocess.DEVNULL
+    )
 
     def url(role: str) -> str:
-        return (secrets / f"redis_url_{role}").read_text().strip().replace("@redis:6379", f"@127.0.0.1:{port}")
+        return (
+            (secrets / f"redis_url_{role}")
+            .read_text()
+            .strip()
+            .replace("@redis:6379", f"@127.0.0.1:{port}")
+        )
 
     def up():
         try:
@@ -106,33 +119,43 @@ def acl_redis(tmp_path):
 def test_redis_acl_roles(acl_redis):
     port, url, secrets = acl_redis
     with pytest.raises(redis.AuthenticationError):
-        redis.Redis(port=port).ping()                           # default user is off
+        redis.Redis(port=port).ping()  # default user is off
     with pytest.raises(redis.AuthenticationError):
         redis.Redis(port=port).get("m2fp:job:x")
-    with pytest.raises(redis.AuthenticationError):              # a role's name with a wrong password
+    with pytest.raises(redis.AuthenticationError):  # a role's name with a wrong password
         redis.Redis(port=port, username="gateway", password="guess").ping()
     gateway, worker = redis.Redis.from_url(url("api")), redis.Redis.from_url(url("worker"))
-    store = lambda client: JobStore(client, input_ttl=60, result_ttl=60, job_ttl=300,  # noqa: E731
-                                    max_attempts=2, claim_input_ttl=120)
+    store = lambda client: JobStore(
+        client,
+        input_ttl=60,
+        result_ttl=60,
+        job_ttl=300,
+        max_attempts=2,
+        claim_input_ttl=120,
+    )
     job_id = new_job_id()
-    store(gateway).create(job_id, token_hash=hash_secret("t"), key_id="k", wrapped_key=b"w",
-                          sealed_input=b"sealed")
+    store(gateway).create(
+        job_id, token_hash=hash_secret("t"), key_id="k", wrapped_key=b"w", sealed_input=b"sealed"
+    )
     assert store(worker).claim(job_id, "w1").outcome == "ok"
     assert store(worker).store_result(job_id, b"result")
     assert store(gateway).fetch_result(job_id).sealed_result == b"result"
     for client in (gateway, worker):
         with pytest.raises(redis.exceptions.NoPermissionError):
-            client.execute_command("FLUSHALL")                  # @dangerous denied to every role
-    with pytest.raises(redis.AuthenticationError):              # no more fixed healthcheck password
+            client.execute_command("FLUSHALL")  # @dangerous denied to every role
+    with pytest.raises(redis.AuthenticationError):  # no more fixed healthcheck password
         redis.Redis(port=port, username="healthcheck", password="healthcheck").ping()
-    health = redis.Redis(port=port, username="healthcheck",
-                         password=(secrets / "redis_healthcheck").read_text().strip())
+    health = redis.Redis(
+        port=port,
+        username="healthcheck",
+        password=(secrets / "redis_healthcheck").read_text().strip(),
+    )
     assert health.ping()
     with pytest.raises(redis.exceptions.NoPermissionError):
         health.get("m2fp:job:x")
     flower = redis.Redis.from_url(url("flower"))
     with pytest.raises(redis.exceptions.NoPermissionError):
-        flower.set("m2fp:in:x", b"y")                           # Flower reads, never writes jobs
+        flower.set("m2fp:in:x", b"y")  # Flower reads, never writes jobs
     with pytest.raises(redis.exceptions.NoPermissionError):
         flower.get("m2fp:in:x")
     assert flower.llen(QUEUE) == 0
@@ -142,7 +165,7 @@ def test_redis_acl_roles(acl_redis):
 def test_compose_limits_every_service_and_keeps_secrets_off_command_lines():
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     for name, service in compose["services"].items():
-        assert service.get("mem_limit"), name                   # an outlier fails alone, not Redis
+        assert service.get("mem_limit"), name  # an outlier fails alone, not Redis
         assert 0 < int(service.get("pids_limit", 0)) <= 1024, name
         assert service.get("ulimits", {}).get("core") == {"soft": 0, "hard": 0}, name
         text = yaml.safe_dump(service)
@@ -154,34 +177,49 @@ def test_compose_limits_every_service_and_keeps_secrets_off_command_lines():
     assert "--enable_events=False" in flower
     # The checkpoint pin is required: compose stops with this message when it is unset.
     assert compose["services"]["worker"]["environment"]["M2FP_WEIGHTS_SHA256"].startswith(
-        "${M2FP_WEIGHTS_SHA256:?")
+        "${M2FP_WEIGHTS_SHA256:?"
+    )
 
 
 def test_flower_acl_is_read_only_for_real(acl_redis):
     port, url, secrets = acl_redis
-    line = next(line for line in (secrets / "users.acl").read_text().splitlines()
-                if line.startswith("user flower "))
-    assert line.split(" ", 4)[4] == FLOWER_ACL_RULES            # make run's Flower has the same rules
+    line = next(
+        line
+        for line in (secrets / "users.acl").read_text().splitlines()
+        if line.startswith("user flower ")
+    )
+    assert line.split(" ", 4)[4] == FLOWER_ACL_RULES  # make run's Flower has the same rules
     flower = redis.Redis.from_url(url("flower"))
     refused = [
-        ("PUBLISH", "/0.celery.pidbox", "{}"),                 # Celery remote control (shutdown...)
-        ("PUBLISH", "/0.celeryev/worker.heartbeat", "{}"),     # not even fake events
-        ("CLIENT", "KILL", "ID", "1"), ("CLIENT", "PAUSE", "1000"), ("CLIENT", "LIST"),
-        ("CONFIG", "GET", "*"), ("FLUSHALL",), ("FLUSHDB",), ("KEYS", "*"), ("SHUTDOWN",),
-        ("DEL", QUEUE), ("LPUSH", QUEUE, "x"), ("GET", "m2fp:job:x"), ("HGETALL", "m2fp:job:x"),
-        ("SET", "m2fp:in:x", "y"), ("DEL", "_kombu.binding.m2fp"), ("ACL", "LIST"),
+        ("PUBLISH", "/0.celery.pidbox", "{}"),  # Celery remote control (shutdown...)
+        ("PUBLISH", "/0.celeryev/worker.heartbeat", "{}"),  # not even fake events
+        ("CLIENT", "KILL", "ID", "1"),
+        ("CLIENT", "PAUSE", "1000"),
+        ("CLIENT", "LIST"),
+        ("CONFIG", "GET", "*"),
+        ("FLUSHALL",),
+        ("FLUSHDB",),
+        ("KEYS", "*"),
+        ("SHUTDOWN",),
+        ("DEL", QUEUE),
+        ("LPUSH", QUEUE, "x"),
+        ("GET", "m2fp:job:x"),
+        ("HGETALL", "m2fp:job:x"),
+        ("SET", "m2fp:in:x", "y"),
+        ("DEL", "_kombu.binding.m2fp"),
+        ("ACL", "LIST"),
     ]
     for command in refused:
         with pytest.raises(redis.exceptions.NoPermissionError):
             flower.execute_command(*command)
     control = flower.pubsub()
-    with pytest.raises(redis.exceptions.NoPermissionError):    # nor listen to the control channel
+    with pytest.raises(redis.exceptions.NoPermissionError):  # nor listen to the control channel
         control.psubscribe("/0.celery.pidbox")
         control.get_message(timeout=1)
     control.close()
-    assert flower.llen(QUEUE) == 0                              # what Flower needs: queue length,
+    assert flower.llen(QUEUE) == 0  # what Flower needs: queue length,
     events = flower.pubsub()
-    events.psubscribe("/0.celeryev/*")                          # ...and the event stream
+    events.psubscribe("/0.celeryev/*")  # ...and the event stream
     assert events.get_message(timeout=2)["type"] == "psubscribe"
     events.close()
 
@@ -194,11 +232,24 @@ def test_real_flower_sees_worker_events_with_its_read_only_user(acl_redis, tmp_p
     env = {k: v for k, v in os.environ.items() if not k.startswith(("M2FP_", "CELERY_"))}
     env.update(CELERY_BROKER_URL=url("flower"), FLOWER_BASIC_AUTH="ops:pw", PYTHONPATH=str(REPO))
     log = open(tmp_path / "flower.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "shared.flower_readonly", "flower", "--address=127.0.0.1",
-                             f"--port={flower_port}", "--enable_events=False"], cwd=REPO, env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "shared.flower_readonly",
+            "flower",
+            "--address=127.0.0.1",
+            f"--port={flower_port}",
+            "--enable_events=False",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     base = f"http://127.0.0.1:{flower_port}"
     try:
+
         def up():
             try:
                 return requests.get(base + "/healthcheck", timeout=2).status_code == 200
@@ -208,21 +259,23 @@ def test_real_flower_sees_worker_events_with_its_read_only_user(acl_redis, tmp_p
         wait_for(up, 60, what="flower")
         app = Celery("deploy-test", broker=url("worker"), set_as_current=False)
 
-        def task_seen():                                        # events as a worker sends them
+        def task_seen():  # events as a worker sends them
             with app.connection_for_write() as conn:
                 dispatcher = app.events.Dispatcher(conn, hostname="w1@deploy", enabled=True)
                 dispatcher.send("worker-heartbeat", freq=2.0, active=0, processed=0)
-                dispatcher.send("task-received", uuid="t-deploy", name="m2fp.parse", args="['job']", kwargs="{}")
+                dispatcher.send(
+                    "task-received", uuid="t-deploy", name="m2fp.parse", args="['job']", kwargs="{}"
+                )
             try:
                 reply = requests.get(base + "/api/tasks", auth=("ops", "pw"), timeout=10)
-            except requests.RequestException:                   # a busy machine: ask again
+            except requests.RequestException:  # a busy machine: ask again
                 return False
             return reply.status_code == 200 and "t-deploy" in reply.json()
 
         wait_for(task_seen, 60, interval=1, what="flower to see a task event")
         output = (tmp_path / "flower.log").read_text()
         assert "Failed to capture events" not in output
-        assert "Failed to enable events" not in output          # it never tried to publish
+        assert "Failed to enable events" not in output  # it never tried to publish
     finally:
         # Flower's SIGTERM handler raises SystemExit, which is lost when the signal lands inside a
         # weakref callback ("Exception ignored"): then it keeps running, so kill it after a grace.
@@ -235,14 +288,22 @@ def test_nginx_tls_proxy_in_front_of_the_gateway(stack_factory, tmp_path):
     stack = stack_factory(workers=0, M2FP_TRUSTED_PROXIES="1", M2FP_SUBMIT_LIMIT="2/minute")
     gateway_port = stack.base_url.rsplit(":", 1)[1]
     with nginx_proxy(tmp_path, gateway_port) as (https, http_port, _):
-        plain = requests.get(f"http://127.0.0.1:{http_port}/v1/jobs", allow_redirects=False, timeout=5)
+        plain = requests.get(
+            f"http://127.0.0.1:{http_port}/v1/jobs", allow_redirects=False, timeout=5
+        )
         assert plain.status_code == 301 and plain.headers["Location"].startswith("https://")
         reply = requests.get(https + "/healthz", verify=False, timeout=5)
-        assert not re.search(r"\d", reply.headers.get("Server", ""))   # no version anywhere
+        assert not re.search(r"\d", reply.headers.get("Server", ""))  # no version anywhere
         assert reply.headers["Strict-Transport-Security"].count("max-age") == 1
         statuses = []
-        for spoof in ("1.1.1.1", "2.2.2.2", "3.3.3.3"):          # a new "client" each time?
-            statuses.append(requests.post(https + "/v1/jobs", verify=False, timeout=30,
-                                          headers={"X-Forwarded-For": spoof},
-                                          files={"image": ("p.jpg", photo_jpeg(64, 64))}).status_code)
-        assert statuses == [202, 202, 429]                      # no: the proxy replaced the header
+        for spoof in ("1.1.1.1", "2.2.2.2", "3.3.3.3"):  # a new "client" each time?
+            statuses.append(
+                requests.post(
+                    https + "/v1/jobs",
+                    verify=False,
+                    timeout=30,
+                    headers={"X-Forwarded-For": spoof},
+                    files={"image": ("p.jpg", photo_jpeg(64, 64))},
+                ).status_code
+            )
+        assert statuses == [202, 202, 429]  # no: the proxy replaced the header

@@ -54,7 +54,7 @@ def test_submit_poll_fetch_once(live_stack):
     assert labels.shape == instances.shape == (384, 512)
     assert labels.max() <= 19 and int(instances.max()) <= len(result["persons"])
     assert result["classes"]["0"] == "Background" and len(result["classes"]) == 20
-    assert result["untrained"] is True and result["warnings"]          # random weights, said loudly
+    assert result["untrained"] is True and result["warnings"]  # random weights, said loudly
     assert sorted(result["classes_present"]) == sorted(np.unique(labels).tolist())
 
     second = requests.get(live_stack.base_url + job["result_url"], headers=auth(job), timeout=30)
@@ -64,14 +64,22 @@ def test_submit_poll_fetch_once(live_stack):
 
 def test_wrong_token_and_unknown_id_look_the_same(live_stack):
     job = submit(live_stack, photo_jpeg(64, 64)).json()
-    wrong = requests.get(live_stack.base_url + job["status_url"],
-                         headers={"Authorization": "Bearer " + "x" * 43}, timeout=10)
-    unknown = requests.get(live_stack.base_url + "/v1/jobs/" + "A" * 24, headers=auth(job), timeout=10)
+    wrong = requests.get(
+        live_stack.base_url + job["status_url"],
+        headers={"Authorization": "Bearer " + "x" * 43},
+        timeout=10,
+    )
+    unknown = requests.get(
+        live_stack.base_url + "/v1/jobs/" + "A" * 24, headers=auth(job), timeout=10
+    )
     missing = requests.get(live_stack.base_url + job["status_url"], timeout=10)
     assert wrong.status_code == unknown.status_code == missing.status_code == 404
     assert wrong.json() == unknown.json() == missing.json()
-    result = requests.get(live_stack.base_url + job["result_url"],
-                          headers={"Authorization": "Bearer nope"}, timeout=10)
+    result = requests.get(
+        live_stack.base_url + job["result_url"],
+        headers={"Authorization": "Bearer nope"},
+        timeout=10,
+    )
     assert result.status_code == 404 and result.json() == unknown.json()
     poll_until(live_stack, job)
 
@@ -80,11 +88,11 @@ def test_undecodable_image_fails_the_job_not_the_worker(live_stack):
     # Passes the gateway's header checks (valid JPEG header) but the pixel data is truncated.
     data = photo_jpeg(256, 256)
     reply = submit(live_stack, data[: len(data) // 3])
-    assert reply.status_code == 202, reply.text       # the header is intact: the gateway accepts it
+    assert reply.status_code == 202, reply.text  # the header is intact: the gateway accepts it
     status = poll_until(live_stack, reply.json())
     assert status["status"] == "failed" and status["error"]["code"] == "undecodable_image"
     good = submit(live_stack, photo_jpeg(128, 128, seed=2)).json()
-    assert poll_until(live_stack, good)["status"] == "done"    # the worker survived
+    assert poll_until(live_stack, good)["status"] == "done"  # the worker survived
 
 
 def scan_for_plaintext(client: redis.Redis, needles: list[bytes]) -> list[str]:
@@ -106,7 +114,7 @@ def scan_for_plaintext(client: redis.Redis, needles: list[bytes]) -> list[str]:
             values = []
         for value in values:
             blobs = [value]
-            try:   # Celery messages: JSON with a base64 body
+            try:  # Celery messages: JSON with a base64 body
                 message = json.loads(value)
                 blobs.append(base64.b64decode(message.get("body", "")))
             except (ValueError, AttributeError, TypeError):
@@ -117,25 +125,32 @@ def scan_for_plaintext(client: redis.Redis, needles: list[bytes]) -> list[str]:
 
 
 def test_redis_never_holds_plaintext_images(stack_factory):
-    stack = stack_factory(workers=0)                      # jobs stay queued: nothing consumes
+    stack = stack_factory(workers=0)  # jobs stay queued: nothing consumes
     images = [photo_jpeg(300, 200, seed=s) for s in range(3)]
     png = io.BytesIO()
-    Image.fromarray(np.random.default_rng(1).integers(0, 255, (50, 60, 3), dtype=np.uint8)).save(png, "PNG")
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (50, 60, 3), dtype=np.uint8)).save(
+        png, "PNG"
+    )
     images.append(png.getvalue())
-    jobs = [submit(stack, data, "p.png" if data.startswith(b"\x89PNG") else "p.jpg").json() for data in images]
+    jobs = [
+        submit(stack, data, "p.png" if data.startswith(b"\x89PNG") else "p.jpg").json()
+        for data in images
+    ]
     client = redis.Redis.from_url(stack.env["M2FP_REDIS_URL"])
     queued = client.lrange("m2fp", 0, -1)
     assert len(queued) == len(images)
-    for message in queued:                                 # the Celery message carries only the id
+    for message in queued:  # the Celery message carries only the id
         body = json.loads(base64.b64decode(json.loads(message)["body"]))
         assert body[0] in ([job["job_id"]] for job in jobs) and body[1] == {}
-    needles = [b"\xff\xd8\xff", b"\x89PNG", b"JFIF"] + [data[len(data) // 2: len(data) // 2 + 32] for data in images]
+    needles = [b"\xff\xd8\xff", b"\x89PNG", b"JFIF"] + [
+        data[len(data) // 2 : len(data) // 2 + 32] for data in images
+    ]
     needles += [job["token"].encode() for job in jobs]
     assert scan_for_plaintext(client, needles) == []
     for key in client.scan_iter("m2fp:*"):
         assert client.ttl(key) > 0, key
 
-    stack.start_worker()                                   # now let them run
+    stack.start_worker()  # now let them run
     for job in jobs:
         assert poll_until(stack, job)["status"] == "done"
     assert scan_for_plaintext(client, needles) == []
@@ -151,7 +166,7 @@ def test_input_expiring_before_a_worker_ends_expired(stack_factory):
     assert status["status"] == "expired" and status["error"]["code"] == "expired"
     late = submit(stack, photo_jpeg(64, 64, seed=3)).json()
     time.sleep(1.5)
-    stack.start_worker()                                   # the worker reaches it too late
+    stack.start_worker()  # the worker reaches it too late
     client = redis.Redis.from_url(stack.env["M2FP_REDIS_URL"])
     wait_for(lambda: client.llen("m2fp") == 0, 120, what="the worker to drain the queue")
     status = poll_until(stack, late)
@@ -176,7 +191,10 @@ def test_worker_killed_mid_job_is_replaced_and_job_completes(stack_factory):
     record = redis.Redis.from_url(stack.env["M2FP_REDIS_URL"]).hgetall(f"m2fp:job:{job['job_id']}")
     assert int(record[b"attempts"]) == 2
     assert int(record[b"worker"].decode().rsplit(":", 1)[1]) != killed
-    assert requests.get(stack.base_url + job["result_url"], headers=auth(job), timeout=30).status_code == 200
+    assert (
+        requests.get(stack.base_url + job["result_url"], headers=auth(job), timeout=30).status_code
+        == 200
+    )
 
 
 def test_job_whose_worker_dies_too_often_fails_worker_lost(stack_factory):
@@ -185,7 +203,7 @@ def test_job_whose_worker_dies_too_often_fails_worker_lost(stack_factory):
     _kill_child_when_running(stack, job)
     status = poll_until(stack, job, statuses=("failed",), timeout=300)
     assert status["error"]["code"] == "worker_lost"
-    after = submit(stack, photo_jpeg(128, 128, seed=6)).json()   # the service goes on
+    after = submit(stack, photo_jpeg(128, 128, seed=6)).json()  # the service goes on
     assert poll_until(stack, after, timeout=300)["status"] == "done"
 
 
@@ -193,11 +211,19 @@ def test_withdrawn_running_job_discards_its_result(stack_factory):
     stack = stack_factory(workers=1)
     job = submit(stack, photo_jpeg(1600, 1200, seed=7)).json()
     poll_until(stack, job, statuses=("running",), timeout=120)
-    assert requests.delete(stack.base_url + job["status_url"], headers=auth(job), timeout=10).status_code == 204
+    assert (
+        requests.delete(
+            stack.base_url + job["status_url"], headers=auth(job), timeout=10
+        ).status_code
+        == 204
+    )
     client = redis.Redis.from_url(stack.env["M2FP_REDIS_URL"])
     wait_for(lambda: "job_discarded" in stack.all_logs(), 120, what="the worker to discard")
     assert not list(client.scan_iter(f"m2fp:*{job['job_id']}*"))
-    assert requests.get(stack.base_url + job["status_url"], headers=auth(job), timeout=10).status_code == 404
+    assert (
+        requests.get(stack.base_url + job["status_url"], headers=auth(job), timeout=10).status_code
+        == 404
+    )
 
 
 def test_logs_hold_no_tokens_or_image_bytes(live_stack):
@@ -209,7 +235,7 @@ def test_logs_hold_no_tokens_or_image_bytes(live_stack):
     assert job["token"] not in logs
     assert "secret-name-of-a-person" not in logs
     assert live_stack.env["M2FP_DATA_KEYS"].split(":", 1)[1] not in logs
-    assert job["job_id"] in logs                      # ids are logged, so events can be traced
+    assert job["job_id"] in logs  # ids are logged, so events can be traced
 
 
 def test_prometheus_metrics_on_gateway_and_worker(live_stack):
@@ -217,17 +243,20 @@ def test_prometheus_metrics_on_gateway_and_worker(live_stack):
     poll_until(live_stack, job)
     gateway = requests.get(live_stack.base_url + "/metrics", timeout=10).text
     assert "m2fp_jobs_submitted_total" in gateway and "m2fp_queue_depth" in gateway
-    assert 'm2fp_http_requests_total{' in gateway
+    assert "m2fp_http_requests_total{" in gateway
     worker = requests.get(live_stack.worker_metrics_url, timeout=10).text
     assert 'm2fp_worker_jobs_total{outcome="done"}' in worker
-    assert "m2fp_worker_inference_seconds_count" in worker and "m2fp_worker_job_attempt_bucket" in worker
+    assert (
+        "m2fp_worker_inference_seconds_count" in worker
+        and "m2fp_worker_job_attempt_bucket" in worker
+    )
     assert job["job_id"] not in gateway + worker and job["token"] not in gateway + worker
 
 
 def test_soft_time_limit_fails_the_job_with_timeout(stack_factory):
     stack = stack_factory(workers=1, M2FP_SOFT_TIME_LIMIT="1", M2FP_HARD_TIME_LIMIT="30")
-    job = submit(stack, photo_jpeg(1600, 1200, seed=12)).json()     # ~3-5 s of inference here
+    job = submit(stack, photo_jpeg(1600, 1200, seed=12)).json()  # ~3-5 s of inference here
     status = poll_until(stack, job, timeout=120)
     assert status["status"] == "failed" and status["error"]["code"] == "timeout", status
-    quick = submit(stack, photo_jpeg(32, 32, seed=13)).json()        # the worker goes on
+    quick = submit(stack, photo_jpeg(32, 32, seed=13)).json()  # the worker goes on
     assert poll_until(stack, quick, timeout=120)["status"] in ("done", "failed")

@@ -18,13 +18,31 @@ def test_flower_requires_auth_and_shows_only_job_ids(stack_factory):
     stack = stack_factory(workers=1)
     port = free_port()
     # The broker URL (with its password) by environment, never on the command line.
-    env = dict(stack.env, FLOWER_BASIC_AUTH="ops:correct-horse", FLOWER_UNAUTHENTICATED_API="false",
-               CELERY_BROKER_URL=stack.env["M2FP_REDIS_URL"])
-    flower = subprocess.Popen([sys.executable, "-m", "shared.flower_readonly", "flower", "--address=127.0.0.1",
-                               f"--port={port}", "--max_tasks=1000", "--enable_events=False"],
-                              env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = dict(
+        stack.env,
+        FLOWER_BASIC_AUTH="ops:correct-horse",
+        FLOWER_UNAUTHENTICATED_API="false",
+        CELERY_BROKER_URL=stack.env["M2FP_REDIS_URL"],
+    )
+    flower = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "shared.flower_readonly",
+            "flower",
+            "--address=127.0.0.1",
+            f"--port={port}",
+            "--max_tasks=1000",
+            "--enable_events=False",
+        ],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
+
         def up():
             try:
                 return requests.get(base + "/healthcheck", timeout=2).status_code == 200
@@ -37,7 +55,9 @@ def test_flower_requires_auth_and_shows_only_job_ids(stack_factory):
         # task finished before Flower subscribed to the event stream shows up bare. Submit
         # once Flower has heard the worker's own events, so it is listening.
         def listening():
-            reply = requests.get(base + "/workers", params={"json": 1}, auth=("ops", "correct-horse"), timeout=5)
+            reply = requests.get(
+                base + "/workers", params={"json": 1}, auth=("ops", "correct-horse"), timeout=5
+            )
             return reply.status_code == 200 and any(w.get("status") for w in reply.json()["data"])
 
         wait_for(listening, 60, what="flower to hear the worker's events")
@@ -53,8 +73,8 @@ def test_flower_requires_auth_and_shows_only_job_ids(stack_factory):
 
         tasks = wait_for(task_seen, 60, what="flower to see the task")
         shown = " ".join(str(task) for task in tasks.values())
-        assert job["job_id"] in shown                   # the argument is the id...
-        assert job["token"] not in shown                # ...and nothing else of value
+        assert job["job_id"] in shown  # the argument is the id...
+        assert job["token"] not in shown  # ...and nothing else of value
         assert "JFIF" not in shown and "base64" not in shown
         page = requests.get(base + "/tasks", auth=("ops", "correct-horse"), timeout=5)
         assert page.status_code == 200

@@ -27,25 +27,39 @@ from tests.unit.test_api_helpers import png_bytes
 
 pytestmark = pytest.mark.integration
 
-BODY_HEAD = (b"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-             b"Content-Length: 900000\r\n\r\n--b\r\n")
+BODY_HEAD = (
+    b"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+    b"Content-Length: 900000\r\n\r\n--b\r\n"
+)
 HEADER_HEAD = b"GET /healthz HTTP/1.1\r\n"
 
 
 class Trickler(threading.Thread):
     """One connection that sends `head`, then a byte every `interval` s for at most `seconds` s."""
 
-    def __init__(self, port: int, head: bytes, *, seconds: float = 20, interval: float = 0.5,
-                 tls: bool = False, source: str = "127.0.0.1"):
+    def __init__(
+        self,
+        port: int,
+        head: bytes,
+        *,
+        seconds: float = 20,
+        interval: float = 0.5,
+        tls: bool = False,
+        source: str = "127.0.0.1",
+    ):
         super().__init__(daemon=True)
         self.port, self.head, self.seconds, self.interval = port, head, seconds, interval
         self.tls, self.source = tls, source
         self.response = b""
-        self.ended_after: float | None = None   # seconds until the server closed, None if it never did
+        self.ended_after: float | None = (
+            None  # seconds until the server closed, None if it never did
+        )
 
     def run(self) -> None:
         started = time.monotonic()
-        sock = socket.create_connection(("127.0.0.1", self.port), timeout=5, source_address=(self.source, 0))
+        sock = socket.create_connection(
+            ("127.0.0.1", self.port), timeout=5, source_address=(self.source, 0)
+        )
         if self.tls:
             context = ssl.create_default_context()
             context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
@@ -84,14 +98,19 @@ def probe_healthz(base: str, seconds: float, **kwargs) -> list[float]:
 
 def test_slow_uploads_do_not_starve_other_clients(stack_factory):
     """Twice as many tricklers as threads: each is cut at the deadline, everybody else is served."""
-    stack = stack_factory(workers=0, M2FP_GATEWAY_WORKERS="1", M2FP_GATEWAY_THREADS="4",
-                          M2FP_REQUEST_READ_TIMEOUT="3", M2FP_BAN_AFTER="1")
+    stack = stack_factory(
+        workers=0,
+        M2FP_GATEWAY_WORKERS="1",
+        M2FP_GATEWAY_THREADS="4",
+        M2FP_REQUEST_READ_TIMEOUT="3",
+        M2FP_BAN_AFTER="1",
+    )
     port = int(stack.base_url.rsplit(":", 1)[1])
     bodies = [Trickler(port, BODY_HEAD) for _ in range(6)]
     headers = [Trickler(port, HEADER_HEAD) for _ in range(2)]
     for trickler in bodies + headers:
         trickler.start()
-    time.sleep(0.5)                                   # every thread is now held by a trickler
+    time.sleep(0.5)  # every thread is now held by a trickler
     latencies = probe_healthz(stack.base_url, 8)
     for trickler in bodies + headers:
         trickler.join(30)
@@ -110,25 +129,38 @@ def test_slow_uploads_do_not_starve_other_clients(stack_factory):
 @pytest.mark.skipif(NGINX is None, reason="nginx is not installed (bootstrap installs it)")
 def test_slow_uploads_behind_nginx_never_reach_the_gateway(stack_factory, tmp_path):
     """The gateway has 2 threads and a long deadline: only nginx's buffering keeps it free."""
-    stack = stack_factory(workers=0, M2FP_TRUSTED_PROXIES="1", M2FP_GATEWAY_WORKERS="1",
-                          M2FP_GATEWAY_THREADS="2", M2FP_REQUEST_READ_TIMEOUT="120")
+    stack = stack_factory(
+        workers=0,
+        M2FP_TRUSTED_PROXIES="1",
+        M2FP_GATEWAY_WORKERS="1",
+        M2FP_GATEWAY_THREADS="2",
+        M2FP_REQUEST_READ_TIMEOUT="120",
+    )
     with nginx_proxy(tmp_path, stack.base_url.rsplit(":", 1)[1]) as (https, _, https_port):
-        tricklers = [Trickler(https_port, BODY_HEAD, seconds=8, tls=True, source=f"127.0.0.{10 + i}")
-                     for i in range(10)]
+        tricklers = [
+            Trickler(https_port, BODY_HEAD, seconds=8, tls=True, source=f"127.0.0.{10 + i}")
+            for i in range(10)
+        ]
         for trickler in tricklers:
             trickler.start()
         time.sleep(1)
         latencies = probe_healthz(https, 6, verify=False)
-        big = png_bytes(1650, 1650, noise=True)       # ~8 MB: nginx holds it in memory
+        big = png_bytes(1650, 1650, noise=True)  # ~8 MB: nginx holds it in memory
         assert 7_000_000 < len(big) < 9_500_000
-        reply = requests.post(https + "/v1/jobs", files={"image": ("big.png", big)}, verify=False, timeout=60)
+        reply = requests.post(
+            https + "/v1/jobs", files={"image": ("big.png", big)}, verify=False, timeout=60
+        )
         assert reply.status_code == 202, reply.text
         for trickler in tricklers:
             trickler.join(30)
         assert max(latencies) < 5, latencies
         # nginx never spooled a body to disk (it logs a warning whenever it does).
         assert "buffered to a temporary file" not in (tmp_path / "error.log").read_text()
-        assert not any((tmp_path / "client_body").rglob("*")) if (tmp_path / "client_body").exists() else True
+        assert (
+            not any((tmp_path / "client_body").rglob("*"))
+            if (tmp_path / "client_body").exists()
+            else True
+        )
         # nginx logs no client address, user agent or referer (and no query string).
         access = (tmp_path / "access.log").read_text()
         assert '"POST /v1/jobs"' in access
@@ -141,15 +173,28 @@ def test_slow_uploads_behind_nginx_never_reach_the_gateway(stack_factory, tmp_pa
 
 def test_one_client_is_one_client_behind_a_trusted_proxy(stack_factory):
     """Real gunicorn, X-Forwarded-For trusted for one hop: IPv6 /64s, strikes and the in-flight cap."""
-    stack = stack_factory(workers=0, M2FP_TRUSTED_PROXIES="1", M2FP_SUBMIT_LIMIT="2/minute",
-                          M2FP_BAN_AFTER="3", M2FP_MAX_JOBS_PER_CLIENT="3")
+    stack = stack_factory(
+        workers=0,
+        M2FP_TRUSTED_PROXIES="1",
+        M2FP_SUBMIT_LIMIT="2/minute",
+        M2FP_BAN_AFTER="3",
+        M2FP_MAX_JOBS_PER_CLIENT="3",
+    )
 
     def post(client: str, data: bytes, name: str = "p.png") -> requests.Response:
-        return requests.post(stack.base_url + "/v1/jobs", files={"image": (name, data)},
-                             headers={"X-Forwarded-For": client}, timeout=30)
+        return requests.post(
+            stack.base_url + "/v1/jobs",
+            files={"image": (name, data)},
+            headers={"X-Forwarded-For": client},
+            timeout=30,
+        )
 
     # One /64 shares the submit limit; the next /64 is somebody else.
-    assert [post(f"2001:db8:7:1::{i}", png_bytes()).status_code for i in (1, 2, 3)] == [202, 202, 429]
+    assert [post(f"2001:db8:7:1::{i}", png_bytes()).status_code for i in (1, 2, 3)] == [
+        202,
+        202,
+        429,
+    ]
     assert post("2001:db8:7:2::1", png_bytes()).status_code == 202
     # One /64 shares a ban: three junk uploads from three interface ids.
     for suffix in ("a", "b", "c"):
@@ -174,8 +219,12 @@ def test_jobs_in_flight_are_capped_per_client_behind_gunicorn(stack_factory):
     # A client at another address (loopback has many) is admitted.
     other = requests.Session()
     other.mount("http://", _SourceAdapter("127.0.0.2"))
-    assert other.post(stack.base_url + "/v1/jobs", files={"image": ("p.png", png_bytes())},
-                      timeout=30).status_code == 202
+    assert (
+        other.post(
+            stack.base_url + "/v1/jobs", files={"image": ("p.png", png_bytes())}, timeout=30
+        ).status_code
+        == 202
+    )
 
 
 class _SourceAdapter(requests.adapters.HTTPAdapter):
@@ -191,18 +240,21 @@ class _SourceAdapter(requests.adapters.HTTPAdapter):
 
 
 def test_the_tls_profile_trusts_its_proxy():
-    import yaml  # noqa: PLC0415
+    import yaml
 
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     services = compose["services"]
     conf = (REPO / "deploy/nginx.conf").read_text()
-    upstreams = {line.split("http://", 1)[1].split(":", 1)[0] for line in conf.splitlines()
-                 if "proxy_pass http://" in line}
+    upstreams = {
+        line.split("http://", 1)[1].split(":", 1)[0]
+        for line in conf.splitlines()
+        if "proxy_pass http://" in line
+    }
     assert upstreams == {"gateway-tls"}
     gateway = services["gateway-tls"]
     assert gateway["profiles"] == ["tls"] and services["proxy"]["profiles"] == ["tls"]
     assert str(gateway["environment"]["M2FP_TRUSTED_PROXIES"]) == "1"
-    assert not gateway.get("ports")                    # reachable only through the proxy
+    assert not gateway.get("ports")  # reachable only through the proxy
     assert "gateway-tls" in services["proxy"]["depends_on"]
     assert "M2FP_TRUSTED_PROXIES" not in services["api"].get("environment", {})
 
@@ -210,9 +262,13 @@ def test_the_tls_profile_trusts_its_proxy():
 def test_forwarded_for_without_a_trusted_hop_is_warned_once(stack_factory):
     stack = stack_factory(workers=0, M2FP_GATEWAY_WORKERS="1", M2FP_TRUSTED_PROXIES="0")
     for _ in range(3):
-        requests.get(stack.base_url + "/healthz", headers={"X-Forwarded-For": "203.0.113.9"}, timeout=10)
+        requests.get(
+            stack.base_url + "/healthz", headers={"X-Forwarded-For": "203.0.113.9"}, timeout=10
+        )
     time.sleep(0.3)
-    warnings = [line for line in stack.log("gateway").splitlines() if '"untrusted_forwarded_for"' in line]
+    warnings = [
+        line for line in stack.log("gateway").splitlines() if '"untrusted_forwarded_for"' in line
+    ]
     assert len(warnings) == 1 and '"level":"warning"' in warnings[0]
     metrics = requests.get(stack.base_url + "/metrics", timeout=10).text
     assert "m2fp_untrusted_forwarded_for_total 3.0" in metrics

@@ -13,14 +13,20 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def store(clean_redis):
-    return JobStore(clean_redis, input_ttl=60, result_ttl=60, job_ttl=300, max_attempts=2,
-                    claim_input_ttl=120)
+    return JobStore(
+        clean_redis, input_ttl=60, result_ttl=60, job_ttl=300, max_attempts=2, claim_input_ttl=120
+    )
 
 
 def create(store, job_id=None):
     job_id = job_id or new_job_id()
-    store.create(job_id, token_hash=hash_secret("tok"), key_id="k1", wrapped_key=b"W" * 60,
-                 sealed_input=b"SEALED-INPUT")
+    store.create(
+        job_id,
+        token_hash=hash_secret("tok"),
+        key_id="k1",
+        wrapped_key=b"W" * 60,
+        sealed_input=b"SEALED-INPUT",
+    )
     return job_id
 
 
@@ -40,14 +46,14 @@ def test_happy_path_and_single_fetch(store, clean_redis):
     assert store.status(job_id)["status"] == "running"
     assert store.fetch_result(job_id).outcome == "not_ready"
     assert store.store_result(job_id, b"SEALED-RESULT")
-    assert not clean_redis.exists(input_key(job_id))          # input deleted when result stored
+    assert not clean_redis.exists(input_key(job_id))  # input deleted when result stored
     assert store.status(job_id)["status"] == "done"
     first = store.fetch_result(job_id)
     assert (first.outcome, first.sealed_result, first.key_id) == ("ok", b"SEALED-RESULT", "k1")
     assert first.wrapped_key == b"W" * 60
     assert not clean_redis.exists(output_key(job_id))
     assert store.fetch_result(job_id).outcome == "fetched"
-    assert b"wrapped_dek" not in clean_redis.hkeys(job_key(job_id))   # data key shredded
+    assert b"wrapped_dek" not in clean_redis.hkeys(job_key(job_id))  # data key shredded
 
 
 def test_concurrent_fetches_get_one_result(store):
@@ -55,8 +61,10 @@ def test_concurrent_fetches_get_one_result(store):
     store.claim(job_id, "w1")
     store.store_result(job_id, b"R")
     outcomes = []
-    threads = [threading.Thread(target=lambda: outcomes.append(store.fetch_result(job_id).outcome))
-               for _ in range(8)]
+    threads = [
+        threading.Thread(target=lambda: outcomes.append(store.fetch_result(job_id).outcome))
+        for _ in range(8)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -67,7 +75,7 @@ def test_concurrent_fetches_get_one_result(store):
 def test_attempts_are_bounded(store, clean_redis):
     job_id = create(store)
     assert store.claim(job_id, "w1").attempts == 1
-    assert store.claim(job_id, "w2").attempts == 2       # redelivered after a lost worker
+    assert store.claim(job_id, "w2").attempts == 2  # redelivered after a lost worker
     assert store.claim(job_id, "w3").outcome == "worker_lost"
     record = store.status(job_id)
     assert (record["status"], record["error_code"]) == ("failed", "worker_lost")
@@ -76,7 +84,7 @@ def test_attempts_are_bounded(store, clean_redis):
 
 def test_expired_input_is_reported_not_queued_forever(store, clean_redis):
     job_id = create(store)
-    clean_redis.delete(input_key(job_id))                  # what the TTL does
+    clean_redis.delete(input_key(job_id))  # what the TTL does
     record = store.status(job_id)
     assert (record["status"], record["error_code"]) == ("expired", "expired")
     other = create(store)
@@ -125,7 +133,7 @@ def test_a_peeked_result_is_taken_once(store, clean_redis):
     store.claim(job_id, "w1")
     store.store_result(job_id, b"R")
     first, second = store.peek_result(job_id), store.peek_result(job_id)
-    assert first.sealed_result == second.sealed_result == b"R"       # peeking takes nothing
+    assert first.sealed_result == second.sealed_result == b"R"  # peeking takes nothing
     assert clean_redis.exists(output_key(job_id))
     assert store.take_result(job_id, first.sealed_result) is True
     assert store.take_result(job_id, second.sealed_result) is False  # the other fetch lost

@@ -28,14 +28,25 @@ pytestmark = pytest.mark.integration
 def test_stack_runs_and_stops_cleanly(tmp_path, stop_signal):
     env = {k: v for k, v in os.environ.items() if not k.startswith("M2FP_")}
     port = free_port()
-    env.update(M2FP_PORT=str(port), M2FP_REDIS_PORT=str(free_port()), M2FP_FLOWER_PORT=str(free_port()),
-               M2FP_WORKER_METRICS_PORT=str(free_port()), M2FP_WORKERS="1",
-               PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "prom"))
+    env.update(
+        M2FP_PORT=str(port),
+        M2FP_REDIS_PORT=str(free_port()),
+        M2FP_FLOWER_PORT=str(free_port()),
+        M2FP_WORKER_METRICS_PORT=str(free_port()),
+        M2FP_WORKERS="1",
+        PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "prom"),
+    )
     log = open(tmp_path / "stack.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "scripts/stack.py"], cwd=REPO, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "scripts/stack.py"],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
+
         def ready():
             if proc.poll() is not None:
                 pytest.fail((tmp_path / "stack.log").read_text()[-3000:])
@@ -76,17 +87,29 @@ def _start_stack(tmp_path, **extra: str):
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith("M2FP_")}
     port = free_port()
-    env.update(M2FP_PORT=str(port), M2FP_REDIS_PORT=str(free_port()), M2FP_FLOWER_PORT=str(free_port()),
-               M2FP_WORKER_METRICS_PORT=str(free_port()), M2FP_WORKERS="1",
-               PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "prom"), **extra)
+    env.update(
+        M2FP_PORT=str(port),
+        M2FP_REDIS_PORT=str(free_port()),
+        M2FP_FLOWER_PORT=str(free_port()),
+        M2FP_WORKER_METRICS_PORT=str(free_port()),
+        M2FP_WORKERS="1",
+        PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "prom"),
+        **extra,
+    )
     log = open(tmp_path / "stack.log", "wb")  # noqa: SIM115  (closed by the caller)
 
     def core_allowed():
         _, hard = resource.getrlimit(resource.RLIMIT_CORE)
         resource.setrlimit(resource.RLIMIT_CORE, (hard, hard))
 
-    proc = subprocess.Popen([sys.executable, "scripts/stack.py"], cwd=REPO, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, preexec_fn=core_allowed)  # noqa: PLW1509
+    proc = subprocess.Popen(
+        [sys.executable, "scripts/stack.py"],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        preexec_fn=core_allowed,
+    )
     return proc, env, f"http://127.0.0.1:{port}", log
 
 
@@ -98,7 +121,11 @@ def _ready(proc, tmp_path, base, timeout=180):
             reply = requests.get(base + "/readyz", timeout=2)
         except requests.ConnectionError:
             return None
-        return reply.json() if reply.status_code == 200 and reply.json().get("workers", 0) >= 1 else None
+        return (
+            reply.json()
+            if reply.status_code == 200 and reply.json().get("workers", 0) >= 1
+            else None
+        )
 
     return wait_for(ready, timeout, interval=0.5, what="make run's stack")
 
@@ -111,8 +138,11 @@ def _worker_parent(stack_pid: int) -> psutil.Process:
 
 
 def _core_limit(pid: int) -> tuple[str, str]:
-    line = next(line for line in Path(f"/proc/{pid}/limits").read_text().splitlines()
-                if line.startswith("Max core file size"))
+    line = next(
+        line
+        for line in Path(f"/proc/{pid}/limits").read_text().splitlines()
+        if line.startswith("Max core file size")
+    )
     return tuple(line.split()[4:6])
 
 
@@ -123,11 +153,16 @@ def test_no_secret_on_a_command_line_no_core_dumps_and_a_dead_worker_is_restarte
         children = psutil.Process(proc.pid).children(recursive=True)
         gateway = next(c for c in children if "gunicorn" in " ".join(c.cmdline()))
         # Read as root from a process's environment: the secrets the stack generated.
-        environ = dict(item.split("=", 1) for item in
-                       Path(f"/proc/{gateway.pid}/environ").read_bytes().decode().split("\0") if "=" in item)
+        environ = dict(
+            item.split("=", 1)
+            for item in Path(f"/proc/{gateway.pid}/environ").read_bytes().decode().split("\0")
+            if "=" in item
+        )
         redis_password = urlparse(environ["M2FP_REDIS_URL"]).password
         data_key = environ["M2FP_DATA_KEYS"].split(":", 1)[1]
-        flower_password = re.search(r"password (\S+)", (tmp_path / "stack.log").read_text()).group(1)
+        flower_password = re.search(r"password (\S+)", (tmp_path / "stack.log").read_text()).group(
+            1
+        )
         secrets_ = [redis_password, data_key, flower_password, "redis://", "requirepass", "--pass"]
         for child in [psutil.Process(proc.pid), *children]:
             cmdline = Path(f"/proc/{child.pid}/cmdline").read_bytes().decode(errors="replace")
@@ -140,17 +175,22 @@ def test_no_secret_on_a_command_line_no_core_dumps_and_a_dead_worker_is_restarte
         worker = _worker_parent(proc.pid)
         os.kill(worker.pid, signal.SIGKILL)
         stack = Stack(env=env, logdir=tmp_path, base_url=base)
-        wait_for(lambda: "restarting it in 1 s" in (tmp_path / "stack.log").read_text(), 30,
-                 what="the stack to notice the dead worker")
+        wait_for(
+            lambda: "restarting it in 1 s" in (tmp_path / "stack.log").read_text(),
+            30,
+            what="the stack to notice the dead worker",
+        )
         assert proc.poll() is None
-        assert requests.get(base + "/healthz", timeout=5).status_code == 200   # the rest serves on
-        job = submit(stack, photo_jpeg(96, 64, seed=5)).json()                # queued meanwhile
+        assert requests.get(base + "/healthz", timeout=5).status_code == 200  # the rest serves on
+        job = submit(stack, photo_jpeg(96, 64, seed=5)).json()  # queued meanwhile
         assert poll_until(stack, job)["status"] == "done"
         replacement = _worker_parent(proc.pid)
         assert replacement.pid != worker.pid and replacement.is_running()
 
         # Redis is critical: its death stops the whole stack, loudly, with status 1.
-        redis_server = next(c for c in psutil.Process(proc.pid).children() if "redis-server" in c.name())
+        redis_server = next(
+            c for c in psutil.Process(proc.pid).children() if "redis-server" in c.name()
+        )
         os.kill(redis_server.pid, signal.SIGKILL)
         assert proc.wait(90) == 1
         output = (tmp_path / "stack.log").read_text()

@@ -28,8 +28,11 @@ from tests.integration.conftest import poll_until, submit
 pytestmark = pytest.mark.integration
 
 WRITE_FLAGS = ("O_WRONLY", "O_RDWR", "O_CREAT", "O_TMPFILE", "O_TRUNC", "O_APPEND")
-ALLOWED = (re.compile(r"^/dev/(shm/|null$|tty$|urandom$|random$)"), re.compile(r"^/(proc|sys)/"),
-           re.compile(r"\.pyc(\.\d+)?$"))
+ALLOWED = (
+    re.compile(r"^/dev/(shm/|null$|tty$|urandom$|random$)"),
+    re.compile(r"^/(proc|sys)/"),
+    re.compile(r"\.pyc(\.\d+)?$"),
+)
 
 
 def two_megabyte_png() -> bytes:
@@ -43,7 +46,9 @@ def written_paths(trace: str) -> list[str]:
     """Paths opened for writing (or created, renamed, linked) in an strace log."""
     paths = []
     for line in trace.splitlines():
-        call = re.search(r"\b(open|openat|openat2|creat|rename|renameat2?|link|linkat|mkdir|mkdirat)\(", line)
+        call = re.search(
+            r"\b(open|openat|openat2|creat|rename|renameat2?|link|linkat|mkdir|mkdirat)\(", line
+        )
         if not call:
             continue
         names = re.findall(r'"([^"]*)"', line)
@@ -55,7 +60,9 @@ def written_paths(trace: str) -> list[str]:
     return [p for p in paths if not any(rule.search(p) for rule in ALLOWED)]
 
 
-@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed (bootstrap installs it)")
+@pytest.mark.skipif(
+    shutil.which("strace") is None, reason="strace is not installed (bootstrap installs it)"
+)
 def test_two_megabyte_upload_never_touches_disk(stack_factory, tmp_path):
     stack = stack_factory(workers=1)
     data = two_megabyte_png()
@@ -63,13 +70,20 @@ def test_two_megabyte_upload_never_touches_disk(stack_factory, tmp_path):
     roots = [psutil.Process(stack.gateway.pid), psutil.Process(stack.workers[0].pid)]
     pids = [p.pid for root in roots for p in [root, *root.children(recursive=True)]]
     trace_file = tmp_path / "trace.txt"
-    argv = ["strace", "-f", "-qq", "-e", "trace=open,openat,openat2,creat,rename,renameat,renameat2,"
-            "link,linkat,mkdir,mkdirat", "-o", str(trace_file)]
+    argv = [
+        "strace",
+        "-f",
+        "-qq",
+        "-e",
+        "trace=open,openat,openat2,creat,rename,renameat,renameat2,link,linkat,mkdir,mkdirat",
+        "-o",
+        str(trace_file),
+    ]
     for pid in pids:
         argv += ["-p", str(pid)]
     tracer = subprocess.Popen(argv, stderr=subprocess.PIPE)
 
-    def attached():                                   # strace has no ready signal; the kernel does
+    def attached():  # strace has no ready signal; the kernel does
         for pid in pids:
             try:
                 status = Path(f"/proc/{pid}/status").read_text()
@@ -85,8 +99,11 @@ def test_two_megabyte_upload_never_touches_disk(stack_factory, tmp_path):
         assert reply.status_code == 202, reply.text
         job = reply.json()
         assert poll_until(stack, job, timeout=300)["status"] == "done"
-        result = requests.get(stack.base_url + job["result_url"],
-                              headers={"Authorization": f"Bearer {job['token']}"}, timeout=60)
+        result = requests.get(
+            stack.base_url + job["result_url"],
+            headers={"Authorization": f"Bearer {job['token']}"},
+            timeout=60,
+        )
         assert result.status_code == 200 and result.json()["width"] == 860
     finally:
         tracer.send_signal(signal.SIGINT)
@@ -94,16 +111,18 @@ def test_two_megabyte_upload_never_touches_disk(stack_factory, tmp_path):
     trace = trace_file.read_text()
     traced_pids = {line.split()[0] for line in trace.splitlines() if line[:1].isdigit()}
     assert len(traced_pids) >= 2, "strace saw neither the gateway nor the worker"
-    assert "openat(" in trace                          # the trace really caught file activity
+    assert "openat(" in trace  # the trace really caught file activity
     assert written_paths(trace) == []
 
 
 def test_trace_parser_catches_writes():
-    trace = "\n".join([
-        '101 openat(AT_FDCWD, "/tmp/tmpab12", O_RDWR|O_CREAT|O_EXCL|O_CLOEXEC, 0600) = 7',
-        '101 openat(AT_FDCWD, "/usr/lib/python3.11/x.py", O_RDONLY|O_CLOEXEC) = 8',
-        '102 openat(AT_FDCWD, "/dev/shm/m2fp-prom/counter_1.db", O_RDWR|O_CREAT, 0666) = 9',
-        '103 rename("/var/tmp/a", "/var/tmp/b") = 0',
-        '104 openat(AT_FDCWD, "/x/__pycache__/m.cpython-311.pyc.1234", O_WRONLY|O_CREAT|O_EXCL, 0644) = 3',
-    ])
+    trace = "\n".join(
+        [
+            '101 openat(AT_FDCWD, "/tmp/tmpab12", O_RDWR|O_CREAT|O_EXCL|O_CLOEXEC, 0600) = 7',
+            '101 openat(AT_FDCWD, "/usr/lib/python3.11/x.py", O_RDONLY|O_CLOEXEC) = 8',
+            '102 openat(AT_FDCWD, "/dev/shm/m2fp-prom/counter_1.db", O_RDWR|O_CREAT, 0666) = 9',
+            '103 rename("/var/tmp/a", "/var/tmp/b") = 0',
+            '104 openat(AT_FDCWD, "/x/__pycache__/m.cpython-311.pyc.1234", O_WRONLY|O_CREAT|O_EXCL, 0644) = 3',
+        ]
+    )
     assert written_paths(trace) == ["/tmp/tmpab12", "/var/tmp/a", "/var/tmp/b"]

@@ -27,8 +27,13 @@ def test_gateway_conforms_to_its_openapi(live_stack):
 
         @given(case=operation.as_strategy())
         # derandomize: the same 40 cases on every run, so CI's verdict is the code's, not luck's
-        @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck),
-                  database=None, derandomize=True)
+        @settings(
+            max_examples=40,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+            database=None,
+            derandomize=True,
+        )
         def check(case):
             response = case.call(base_url=live_stack.base_url, timeout=30)
             assert response.status_code < 500 or response.status_code == 503, (label, response.text)

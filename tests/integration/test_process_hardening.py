@@ -20,8 +20,12 @@ pytestmark = pytest.mark.integration
 
 
 def _limit(pid: int, name: str) -> tuple[str, str]:
-    line = next(line for line in Path(f"/proc/{pid}/limits").read_text().splitlines() if line.startswith(name))
-    return tuple(line[len(name):].split()[:2])
+    line = next(
+        line
+        for line in Path(f"/proc/{pid}/limits").read_text().splitlines()
+        if line.startswith(name)
+    )
+    return tuple(line[len(name) :].split()[:2])
 
 
 @pytest.fixture
@@ -40,9 +44,14 @@ def test_processes_harden_themselves_and_an_outlier_fails_alone(core_dumps_allow
     pool = [psutil.Process(pid) for pid in stack.child_pids()]  # from their heartbeats
     assert gunicorn_workers and pool
     assert all(worker in child.parents() for child in pool)
-    for process in [psutil.Process(stack.gateway.pid), *gunicorn_workers, worker, *pool]:  # master too
+    for process in [
+        psutil.Process(stack.gateway.pid),
+        *gunicorn_workers,
+        worker,
+        *pool,
+    ]:  # master too
         assert _limit(process.pid, "Max core file size") == ("0", "0"), process.cmdline()
-    for child in pool:                                          # RLIMIT_DATA, soft limit
+    for child in pool:  # RLIMIT_DATA, soft limit
         assert _limit(child.pid, "Max data size")[0] == str(1500 * 1024 * 1024)
 
     # 40 MP of flat RGBA: a small PNG within every upload limit and the decode budget (160 MB
@@ -55,5 +64,5 @@ def test_processes_harden_themselves_and_an_outlier_fails_alone(core_dumps_allow
     small = submit(stack, photo_jpeg(96, 64, seed=3)).json()
     outcome = poll_until(stack, small)
     assert outcome["status"] == "done", (outcome, stack.log("worker1")[-3000:])
-    assert all(child.is_running() for child in pool)            # the same child did it
+    assert all(child.is_running() for child in pool)  # the same child did it
     assert sorted(stack.child_pids()) == sorted(child.pid for child in pool)

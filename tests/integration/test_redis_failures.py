@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import requests
 
-from tests.conftest import make_service_env, start_redis, stop_redis, wait_for
+from tests.conftest import make_service_env, start_redis, stop_redis
 from tests.integration.conftest import StackFactory, photo_jpeg, poll_until, submit
 
 pytestmark = pytest.mark.integration
@@ -24,16 +24,21 @@ def test_redis_restart_loses_jobs_loudly_and_the_stack_recovers(tmp_path_factory
         stack = factory(workers=1)
         done = submit(stack, photo_jpeg(64, 64, seed=1)).json()
         assert poll_until(stack, done)["status"] == "done"
-        stop_redis(server)                                     # Redis dies; nothing was persisted
+        stop_redis(server)  # Redis dies; nothing was persisted
         outage = submit(stack, photo_jpeg(64, 64, seed=2))
         assert outage.status_code == 503 and outage.json()["error"] == "unavailable"
         assert "Retry-After" in outage.headers
         assert requests.get(stack.base_url + "/readyz", timeout=10).status_code == 503
-        server = start_redis(tmp_path_factory.mktemp("redis-restart"), server["port"], server["password"])
-        lost = requests.get(stack.base_url + done["status_url"],
-                            headers={"Authorization": f"Bearer {done['token']}"}, timeout=10)
-        assert lost.status_code == 404                         # gone, and said so: not "queued" forever
-        stack.wait_ready(1, timeout=120)                       # the worker reconnected and heartbeats
+        server = start_redis(
+            tmp_path_factory.mktemp("redis-restart"), server["port"], server["password"]
+        )
+        lost = requests.get(
+            stack.base_url + done["status_url"],
+            headers={"Authorization": f"Bearer {done['token']}"},
+            timeout=10,
+        )
+        assert lost.status_code == 404  # gone, and said so: not "queued" forever
+        stack.wait_ready(1, timeout=120)  # the worker reconnected and heartbeats
         after = submit(stack, photo_jpeg(64, 64, seed=3)).json()
         assert poll_until(stack, after, timeout=180)["status"] == "done"
     finally:

@@ -28,11 +28,29 @@ from tests.conftest import REPO
 from tests.integration.conftest import photo_jpeg
 
 STATIC = REPO / "api" / "static"
-PAGE_IDS = ("file-input", "drop-zone", "status", "overlay-canvas", "legend", "persons", "download-labels",
-            "error", "untrained-banner")
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage", "--window-size=1280,1800")
+PAGE_IDS = (
+    "file-input",
+    "drop-zone",
+    "status",
+    "overlay-canvas",
+    "legend",
+    "persons",
+    "download-labels",
+    "error",
+    "untrained-banner",
+)
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--window-size=1280,1800",
+)
 JOB_TIMEOUT = 300
 
 
@@ -71,7 +89,9 @@ class PageAudit(HTMLParser):
             self.inline.append("<script> without src")
         if tag == "style":
             self.inline.append("<style>")
-        self.inline += [f"{tag} {name}=" for name in attributes if name == "style" or name.startswith("on")]
+        self.inline += [
+            f"{tag} {name}=" for name in attributes if name == "style" or name.startswith("on")
+        ]
         if tag == "img" and not attributes.get("alt"):
             self.images_without_alt.append(attributes.get("id", tag))
         for name in ("src", "href"):
@@ -116,7 +136,11 @@ def test_page_reads_the_upload_limits_from_settings(page_app, settings):
 
 def test_static_files_are_served_with_their_types(page_app):
     client = page_app.test_client()
-    for name, mimetype in (("app.js", "text/javascript"), ("app.css", "text/css"), ("favicon.svg", "image/svg+xml")):
+    for name, mimetype in (
+        ("app.js", "text/javascript"),
+        ("app.css", "text/css"),
+        ("favicon.svg", "image/svg+xml"),
+    ):
         reply = client.get(f"/static/{name}")
         assert reply.status_code == 200 and reply.mimetype == mimetype, name
         reply.close()
@@ -125,13 +149,38 @@ def test_static_files_are_served_with_their_types(page_app):
 
 def test_app_js_avoids_what_the_csp_or_the_privacy_promise_forbid():
     source = (STATIC / "app.js").read_text()
-    for forbidden in ("eval(", "new Function", "innerHTML", "document.write", "localStorage",
-                      "sessionStorage", "http://", "https://", "setAttribute(\"style\""):
+    for forbidden in (
+        "eval(",
+        "new Function",
+        "innerHTML",
+        "document.write",
+        "localStorage",
+        "sessionStorage",
+        "http://",
+        "https://",
+        'setAttribute("style"',
+    ):
         assert forbidden not in source, forbidden
-    for code in ("missing_image", "unauthorized", "banned", "not_found", "not_ready", "result_gone",
-                 "payload_too_large", "image_too_large", "unsupported_type", "type_mismatch",
-                 "undecodable_image", "rate_limited", "queue_full", "unavailable", "expired",
-                 "worker_lost", "timeout", "internal_error"):
+    for code in (
+        "missing_image",
+        "unauthorized",
+        "banned",
+        "not_found",
+        "not_ready",
+        "result_gone",
+        "payload_too_large",
+        "image_too_large",
+        "unsupported_type",
+        "type_mismatch",
+        "undecodable_image",
+        "rate_limited",
+        "queue_full",
+        "unavailable",
+        "expired",
+        "worker_lost",
+        "timeout",
+        "internal_error",
+    ):
         assert re.search(rf"^\s+{code}: \"", source, re.M), f"no human message for {code}"
 
 
@@ -140,15 +189,30 @@ def browser_or_skip():
     """(chromium, chromedriver, selenium webdriver module); skips only outside CI."""
     chromium = next(filter(None, map(shutil.which, ("chromium", "chromium-browser"))), None)
     driver = shutil.which("chromedriver") or next(
-        (path for path in ("/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver") if Path(path).exists()), None)
+        (
+            path
+            for path in ("/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver")
+            if Path(path).exists()
+        ),
+        None,
+    )
     try:
         from selenium import webdriver
     except ImportError:
         webdriver = None
-    missing = [what for what, found in (("chromium", chromium), ("chromedriver (Debian: chromium-driver)", driver),
-                                         ("selenium (requirements/dev.txt)", webdriver)) if not found]
+    missing = [
+        what
+        for what, found in (
+            ("chromium", chromium),
+            ("chromedriver (Debian: chromium-driver)", driver),
+            ("selenium (requirements/dev.txt)", webdriver),
+        )
+        if not found
+    ]
     if missing:
-        reason = f"browser tests need {', '.join(missing)}: apt-get install chromium chromium-driver"
+        reason = (
+            f"browser tests need {', '.join(missing)}: apt-get install chromium chromium-driver"
+        )
         if os.environ.get("CI"):
             pytest.fail(reason + " (CI must run the browser tests)")
         pytest.skip(reason)
@@ -168,10 +232,14 @@ def browser(tmp_path_factory):
     options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     downloads = tmp_path_factory.mktemp("downloads")
-    options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
-                                              "download.prompt_for_download": False})
+    options.add_experimental_option(
+        "prefs",
+        {"download.default_directory": str(downloads), "download.prompt_for_download": False},
+    )
     driver = webdriver.Chrome(options=options, service=Service(executable_path=driver_path))
-    driver.execute_cdp_cmd("Page.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+    driver.execute_cdp_cmd(
+        "Page.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)}
+    )
     driver.set_script_timeout(60)
     driver.download_dir = downloads
     yield driver
@@ -225,18 +293,35 @@ def by_id(driver, element_id: str):
 def console_problems(driver) -> list[str]:
     """Console errors and CSP violations logged since the last call."""
     entries = driver.get_log("browser")
-    return [e["message"] for e in entries
-            if e["level"] == "SEVERE" or "Content Security Policy" in e["message"] or "Refused to" in e["message"]]
+    return [
+        e["message"]
+        for e in entries
+        if e["level"] == "SEVERE"
+        or "Content Security Policy" in e["message"]
+        or "Refused to" in e["message"]
+    ]
 
 
 def download(driver, link_id: str, name: str) -> Path:
     """Click a download link and wait for the file to land in the browser's download folder."""
     link = by_id(driver, link_id)
-    wait_until(driver, lambda d: (link.get_attribute("href") or "").startswith("blob:")
-               and link.get_attribute("download") == name, 10, f"{link_id} does not offer {name}")
+    wait_until(
+        driver,
+        lambda d: (
+            (link.get_attribute("href") or "").startswith("blob:")
+            and link.get_attribute("download") == name
+        ),
+        10,
+        f"{link_id} does not offer {name}",
+    )
     link.click()
     target = driver.download_dir / name
-    wait_until(driver, lambda d: target.is_file() and target.stat().st_size > 0, 20, f"{name} was not downloaded")
+    wait_until(
+        driver,
+        lambda d: target.is_file() and target.stat().st_size > 0,
+        20,
+        f"{name} was not downloaded",
+    )
     return target
 
 
@@ -253,23 +338,38 @@ def test_upload_shows_overlay_legend_persons_and_fetches_once(live_stack, browse
     from selenium.webdriver.common.keys import Keys
 
     page = requests.get(live_stack.base_url + "/", timeout=10)
-    assert "script-src 'self'" in page.headers.get("Content-Security-Policy", ""), "the CSP must be on"
+    assert "script-src 'self'" in page.headers.get("Content-Security-Policy", ""), (
+        "the CSP must be on"
+    )
     open_page(browser, live_stack.base_url)
     banner = by_id(browser, "untrained-banner")
-    wait_until(browser, lambda d: banner.is_displayed(), 20, "untrained banner not shown from /readyz")
+    wait_until(
+        browser, lambda d: banner.is_displayed(), 20, "untrained banner not shown from /readyz"
+    )
 
     photo = tmp_path / "two people.jpg"
     width, height = 400, 300
     photo.write_bytes(photo_jpeg(width, height, seed=11))
     by_id(browser, "file-input").send_keys(str(photo))
-    wait_until(browser, lambda d: by_id(d, "status").get_attribute("data-state") in ("done", "failed"),
-               JOB_TIMEOUT, "the job did not finish")
-    assert by_id(browser, "status").get_attribute("data-state") == "done", by_id(browser, "error").text
+    wait_until(
+        browser,
+        lambda d: by_id(d, "status").get_attribute("data-state") in ("done", "failed"),
+        JOB_TIMEOUT,
+        "the job did not finish",
+    )
+    assert by_id(browser, "status").get_attribute("data-state") == "done", by_id(
+        browser, "error"
+    ).text
     assert by_id(browser, "error").is_displayed() is False
 
     stats = browser.execute_script(CANVAS_STATS)
-    assert (stats["width"], stats["height"]) == (width, height) and stats["lit"] > width * height // 2
-    assert by_id(browser, "overlay-canvas").is_displayed() and by_id(browser, "original-image").is_displayed()
+    assert (stats["width"], stats["height"]) == (width, height) and stats[
+        "lit"
+    ] > width * height // 2
+    assert (
+        by_id(browser, "overlay-canvas").is_displayed()
+        and by_id(browser, "original-image").is_displayed()
+    )
     legend = by_id(browser, "legend").find_elements(By.CSS_SELECTOR, "li")
     assert legend and all(item.text for item in legend)
     assert banner.is_displayed() and "UNTRAINED" in banner.text
@@ -283,13 +383,22 @@ def test_upload_shows_overlay_legend_persons_and_fetches_once(live_stack, browse
         assert by_id(browser, "overlay-caption").text.endswith(f"person {index}")
         everyone = people[0]
         everyone.send_keys(Keys.ENTER)  # keyboard-usable: a native button
-        wait_until(browser, lambda d: everyone.get_attribute("aria-pressed") == "true", 5, "Enter did not select")
+        wait_until(
+            browser,
+            lambda d: everyone.get_attribute("aria-pressed") == "true",
+            5,
+            "Enter did not select",
+        )
     else:
         assert by_id(browser, "persons").text
 
     labels = download(browser, "download-labels", "two people.labels.png")
     with Image.open(labels) as image:  # the raw class-id PNG, as the server sent it
-        assert image.mode == "L" and image.size == (width, height) and int(np.asarray(image).max()) <= 19
+        assert (
+            image.mode == "L"
+            and image.size == (width, height)
+            and int(np.asarray(image).max()) <= 19
+        )
     with Image.open(download(browser, "download-overlay", "two people.overlay.png")) as image:
         assert image.mode == "RGBA" and image.size == (width, height)
 
@@ -316,7 +425,10 @@ def test_client_side_checks_refuse_a_non_image_without_uploading(live_stack, bro
     error = by_id(browser, "error")
     wait_until(browser, lambda d: error.is_displayed(), 10, "no error shown for a text file")
     assert error.get_attribute("data-code") == "client_type" and "JPEG or PNG" in error.text
-    assert browser.execute_script("return window.__m2fpCalls.filter(c => c.method === 'POST').length") == 0
+    assert (
+        browser.execute_script("return window.__m2fpCalls.filter(c => c.method === 'POST').length")
+        == 0
+    )
     assert console_problems(browser) == []
 
 
@@ -328,7 +440,9 @@ def test_a_corrupt_photo_gets_a_human_error_message(live_stack, browser, tmp_pat
     broken.write_bytes(whole[: len(whole) // 2])
     by_id(browser, "file-input").send_keys(str(broken))
     error = by_id(browser, "error")
-    wait_until(browser, lambda d: error.is_displayed(), JOB_TIMEOUT, "no error shown for a corrupt photo")
+    wait_until(
+        browser, lambda d: error.is_displayed(), JOB_TIMEOUT, "no error shown for a corrupt photo"
+    )
     # Chromium may draw a truncated JPEG (then the worker refuses it) or refuse it itself.
     assert error.get_attribute("data-code") in ("undecodable_image", "client_undecodable")
     assert "corrupt" in error.text
@@ -348,7 +462,9 @@ def test_dropping_a_file_on_the_drop_zone_runs_the_same_checks(live_stack, brows
     open_page(browser, live_stack.base_url)
     browser.execute_script(DROP_TEXT_FILE)
     error = by_id(browser, "error")
-    wait_until(browser, lambda d: error.is_displayed(), 10, "no error shown for a dropped text file")
+    wait_until(
+        browser, lambda d: error.is_displayed(), 10, "no error shown for a dropped text file"
+    )
     assert error.get_attribute("data-code") == "client_type"
     assert browser.current_url == live_stack.base_url + "/"  # the drop did not navigate away
     assert console_problems(browser) == []
@@ -378,8 +494,10 @@ def people_stack(redis_server, tmp_path_factory):
     from worker.m2fp.checkpoint import build_model
 
     model, _ = build_model("random", variant="cihp")
-    state_dict = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
-    state_dict["sem_seg_head.predictor.class_embed.bias"][20] += 6.0   # "Human"
+    state_dict = {
+        k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")
+    }
+    state_dict["sem_seg_head.predictor.class_embed.bias"][20] += 6.0  # "Human"
     model_dir = tmp_path_factory.mktemp("people-checkpoint")
     torch.save({"model": state_dict}, model_dir / "pytorch_model.pt")
     del model, state_dict
@@ -398,9 +516,15 @@ def test_clicking_a_person_shows_only_their_parts(people_stack, browser, tmp_pat
     photo = tmp_path / "group.jpg"
     photo.write_bytes(photo_jpeg(320, 240, seed=21))
     by_id(browser, "file-input").send_keys(str(photo))
-    wait_until(browser, lambda d: by_id(d, "status").get_attribute("data-state") in ("done", "failed"),
-               JOB_TIMEOUT, "the job did not finish")
-    assert by_id(browser, "status").get_attribute("data-state") == "done", by_id(browser, "error").text
+    wait_until(
+        browser,
+        lambda d: by_id(d, "status").get_attribute("data-state") in ("done", "failed"),
+        JOB_TIMEOUT,
+        "the job did not finish",
+    )
+    assert by_id(browser, "status").get_attribute("data-state") == "done", by_id(
+        browser, "error"
+    ).text
     buttons = by_id(browser, "persons").find_elements(By.CSS_SELECTOR, "button.person-button")
     people = [b for b in buttons if b.get_attribute("data-person") not in (None, "0")]
     assert people, by_id(browser, "persons").text
@@ -409,8 +533,12 @@ def test_clicking_a_person_shows_only_their_parts(people_stack, browser, tmp_pat
     chosen.click()
     index = chosen.get_attribute("data-person")
     assert chosen.get_attribute("aria-pressed") == "true"
-    wait_until(browser, lambda d: by_id(d, "overlay-caption").text.endswith(f"person {index}"), 5,
-               "the overlay did not switch to the person")
+    wait_until(
+        browser,
+        lambda d: by_id(d, "overlay-caption").text.endswith(f"person {index}"),
+        5,
+        "the overlay did not switch to the person",
+    )
     # Everything that is not the chosen person's is dimmed to 30 %: the canvas gets darker.
     assert browser.execute_script(CANVAS_BRIGHTNESS) < everyone_brightness - 1.0
     assert by_id(browser, "legend").find_elements(By.CSS_SELECTOR, "li")
@@ -444,9 +572,9 @@ fetch("/v1/jobs", {method: "POST", body: form}).then(async (r) => done({status: 
 
 @pytest.mark.integration
 def test_another_sites_page_cannot_submit_for_its_visitors(stack_factory, browser, tmp_path):
-    import base64  # noqa: PLC0415
-    import http.server  # noqa: PLC0415
-    import threading  # noqa: PLC0415
+    import base64
+    import http.server
+    import threading
 
     stack = stack_factory(workers=0, M2FP_BAN_AFTER="2")
     (tmp_path / "index.html").write_text(ATTACKER_PAGE % stack.base_url)
@@ -463,9 +591,15 @@ def test_another_sites_page_cannot_submit_for_its_visitors(stack_factory, browse
     metrics = requests.get(stack.base_url + "/metrics", timeout=10).text
     assert 'm2fp_rejections_total{reason="cross_origin"} 3.0' in metrics
     # The visitor (same address) was not banned by what the other page sent ...
-    assert requests.post(stack.base_url + "/v1/jobs", files={"image": ("p.jpg", photo_jpeg(64, 64))},
-                         timeout=30).status_code == 202
+    assert (
+        requests.post(
+            stack.base_url + "/v1/jobs", files={"image": ("p.jpg", photo_jpeg(64, 64))}, timeout=30
+        ).status_code
+        == 202
+    )
     # ... and the service's own page submits from the browser as before (same origin).
     browser.get(stack.base_url + "/")
-    reply = browser.execute_async_script(SAME_ORIGIN_SUBMIT, base64.b64encode(photo_jpeg(64, 64)).decode())
+    reply = browser.execute_async_script(
+        SAME_ORIGIN_SUBMIT, base64.b64encode(photo_jpeg(64, 64)).decode()
+    )
     assert reply["status"] == 202 and reply["body"]["job_id"]

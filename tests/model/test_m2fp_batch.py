@@ -35,7 +35,10 @@ def photo_like(height: int, width: int, seed: int) -> np.ndarray:
     """Colour gradients plus noise: smooth regions with edges, so that maps are not one class."""
     rng = np.random.default_rng(seed)
     rows, columns = np.mgrid[0:height, 0:width]
-    base = np.stack([columns * 255 // width, rows * 255 // height, (rows + columns) * 255 // (height + width)], -1)
+    base = np.stack(
+        [columns * 255 // width, rows * 255 // height, (rows + columns) * 255 // (height + width)],
+        -1,
+    )
     return np.clip(base + rng.integers(-40, 40, (height, width, 3)), 0, 255).astype(np.uint8)
 
 
@@ -55,7 +58,9 @@ def predictor() -> Predictor:
 def test_batch_equals_one_image_at_a_time(predictor):
     images = [photo_like(height, width, seed) for seed, (height, width) in enumerate(SIZES)]
     padded = [predictor.padded_size(predictor.preprocess(image)) for image in images]
-    assert padded[0] == padded[2] != padded[1], "the sizes must give one shared and one own padded size"
+    assert padded[0] == padded[2] != padded[1], (
+        "the sizes must give one shared and one own padded size"
+    )
     batch = predictor.predict_batch(images)
     assert len(batch) == len(images)
     for image, batched in zip(images, batch, strict=True):

@@ -79,43 +79,64 @@ def predict_logits(model: M2FP, images: torch.Tensor) -> torch.Tensor:
         return model(images).pred_logits
 
 
-def test_official_wrapped_file_loads_and_matches(tmp_path, tiny_state_dict, tiny_input, tiny_reference_logits) -> None:
+def test_official_wrapped_file_loads_and_matches(
+    tmp_path, tiny_state_dict, tiny_input, tiny_reference_logits
+) -> None:
     path = tmp_path / "pytorch_model.pt"
     torch.save(official_layout(tiny_state_dict, TINY.num_classes), path)
     model, info = build_model(str(path), variant="tiny")
     assert not info.untrained and info.variant == "tiny" and info.source == str(path)
     assert info.ignored_keys == ("criterion.empty_weight",)
     assert not model.training and not any(p.requires_grad for p in model.parameters())
-    torch.testing.assert_close(predict_logits(model, tiny_input), tiny_reference_logits, rtol=0, atol=0)
+    torch.testing.assert_close(
+        predict_logits(model, tiny_input), tiny_reference_logits, rtol=0, atol=0
+    )
 
 
-def test_bare_state_dict_file_loads(tmp_path, tiny_state_dict, tiny_input, tiny_reference_logits) -> None:
+def test_bare_state_dict_file_loads(
+    tmp_path, tiny_state_dict, tiny_input, tiny_reference_logits
+) -> None:
     path = tmp_path / "bare.pt"
     torch.save(tiny_state_dict, path)
     assert set(load_state_dict_file(path)) == set(tiny_state_dict)
     model, _ = build_model(path, variant="tiny")
-    torch.testing.assert_close(predict_logits(model, tiny_input), tiny_reference_logits, rtol=0, atol=0)
+    torch.testing.assert_close(
+        predict_logits(model, tiny_input), tiny_reference_logits, rtol=0, atol=0
+    )
 
 
-def test_batchnorm_style_checkpoint_with_num_batches_tracked_loads(tmp_path, tiny_state_dict) -> None:
+def test_batchnorm_style_checkpoint_with_num_batches_tracked_loads(
+    tmp_path, tiny_state_dict
+) -> None:
     with_counters = dict(tiny_state_dict)
     with_counters["backbone.stem.conv1.norm.num_batches_tracked"] = torch.tensor(0)
     _, info = build_model_from_state_dict(with_counters, "tiny")
     assert info.ignored_keys == ("backbone.stem.conv1.norm.num_batches_tracked",)
 
 
-def test_model_directory_loads(tmp_path, tiny_state_dict, tiny_input, tiny_reference_logits) -> None:
+def test_model_directory_loads(
+    tmp_path, tiny_state_dict, tiny_input, tiny_reference_logits
+) -> None:
     model_dir = tmp_path / "damo_m2fp"
     model_dir.mkdir()
     torch.save(official_layout(tiny_state_dict, TINY.num_classes), model_dir / "pytorch_model.pt")
-    model_section = {"type": "m2fp", "single_human": False, "num_parsing": 20, "decoder": {"num_classes": 21}}
+    model_section = {
+        "type": "m2fp",
+        "single_human": False,
+        "num_parsing": 20,
+        "decoder": {"num_classes": 21},
+    }
     (model_dir / "configuration.json").write_text(json.dumps({"model": model_section}))
     model, info = build_model(model_dir, variant="tiny")
     assert info.source == str(model_dir / "pytorch_model.pt")
-    torch.testing.assert_close(predict_logits(model, tiny_input), tiny_reference_logits, rtol=0, atol=0)
+    torch.testing.assert_close(
+        predict_logits(model, tiny_input), tiny_reference_logits, rtol=0, atol=0
+    )
 
 
-def test_model_directory_with_contradicting_configuration_is_refused(tmp_path, tiny_state_dict) -> None:
+def test_model_directory_with_contradicting_configuration_is_refused(
+    tmp_path, tiny_state_dict
+) -> None:
     model_dir = tmp_path / "lip_dir"
     model_dir.mkdir()
     torch.save(official_layout(tiny_state_dict, TINY.num_classes), model_dir / "pytorch_model.pt")
@@ -134,7 +155,9 @@ def test_missing_file_and_empty_directory(tmp_path) -> None:
 def test_wrong_shape_names_key_and_both_shapes(tiny_state_dict) -> None:
     broken = dict(tiny_state_dict)
     key = "sem_seg_head.predictor.class_embed.weight"
-    broken[key] = torch.zeros(21, TINY.hidden_dim)  # a LIP-sized classifier (20 + 1) in a 21-class model
+    broken[key] = torch.zeros(
+        21, TINY.hidden_dim
+    )  # a LIP-sized classifier (20 + 1) in a 21-class model
     with pytest.raises(CheckpointError) as error:
         load_into(M2FP(TINY), broken)
     message = str(error.value)
@@ -144,14 +167,20 @@ def test_wrong_shape_names_key_and_both_shapes(tiny_state_dict) -> None:
 def test_missing_key_is_named(tiny_state_dict) -> None:
     broken = dict(tiny_state_dict)
     del broken["sem_seg_head.pixel_decoder.layer_1.norm.bias"]
-    with pytest.raises(CheckpointError, match=re.escape("missing key 'sem_seg_head.pixel_decoder.layer_1.norm.bias'")):
+    with pytest.raises(
+        CheckpointError,
+        match=re.escape("missing key 'sem_seg_head.pixel_decoder.layer_1.norm.bias'"),
+    ):
         load_into(M2FP(TINY), broken)
 
 
 def test_unexpected_key_is_named(tiny_state_dict) -> None:
     broken = dict(tiny_state_dict)
     broken["sem_seg_head.predictor.extra_head.weight"] = torch.zeros(3)
-    with pytest.raises(CheckpointError, match=re.escape("unexpected key 'sem_seg_head.predictor.extra_head.weight'")):
+    with pytest.raises(
+        CheckpointError,
+        match=re.escape("unexpected key 'sem_seg_head.predictor.extra_head.weight'"),
+    ):
         load_into(M2FP(TINY), broken)
 
 
@@ -159,13 +188,17 @@ def test_first_problem_is_reported_with_a_count(tiny_state_dict) -> None:
     broken = dict(tiny_state_dict)
     del broken["backbone.stem.conv1.weight"]
     broken["something.else"] = torch.zeros(1)
-    with pytest.raises(CheckpointError, match=r"missing key 'backbone.stem.conv1.weight'.*and 1 more problems"):
+    with pytest.raises(
+        CheckpointError, match=r"missing key 'backbone.stem.conv1.weight'.*and 1 more problems"
+    ):
         load_into(M2FP(TINY), broken)
 
 
 def test_non_finite_and_non_tensor_values_are_refused(tmp_path, tiny_state_dict) -> None:
     broken = dict(tiny_state_dict)
-    broken["backbone.stem.conv1.weight"] = torch.full_like(broken["backbone.stem.conv1.weight"], float("nan"))
+    broken["backbone.stem.conv1.weight"] = torch.full_like(
+        broken["backbone.stem.conv1.weight"], float("nan")
+    )
     with pytest.raises(CheckpointError, match="non-finite"):
         load_into(M2FP(TINY), broken)
     path = tmp_path / "odd.pt"
@@ -190,7 +223,9 @@ def test_load_from_bytes(tiny_state_dict, tiny_input, tiny_reference_logits) -> 
     state_dict = load_state_dict_bytes(buffer.getvalue())
     model, info = build_model_from_state_dict(state_dict, "tiny")
     assert info.source == "<bytes>" and not info.untrained
-    torch.testing.assert_close(predict_logits(model, tiny_input), tiny_reference_logits, rtol=0, atol=0)
+    torch.testing.assert_close(
+        predict_logits(model, tiny_input), tiny_reference_logits, rtol=0, atol=0
+    )
     with pytest.raises(CheckpointError, match="cannot load checkpoint <bytes>"):
         load_state_dict_bytes(b"definitely not a checkpoint")
 
@@ -199,9 +234,14 @@ def test_random_weights_give_a_flagged_untrained_model(caplog, tiny_input) -> No
     with caplog.at_level(logging.WARNING, logger="worker.m2fp.checkpoint"):
         model, info = build_model("random", variant="tiny")
     assert info.untrained and info.source == "random" and info.to_dict()["untrained"] is True
-    assert any(record.levelno == logging.WARNING and "UNTRAINED" in record.getMessage() for record in caplog.records)
+    assert any(
+        record.levelno == logging.WARNING and "UNTRAINED" in record.getMessage()
+        for record in caplog.records
+    )
     again, _ = build_model("random", variant="tiny")
-    torch.testing.assert_close(predict_logits(model, tiny_input), predict_logits(again, tiny_input), rtol=0, atol=0)
+    torch.testing.assert_close(
+        predict_logits(model, tiny_input), predict_logits(again, tiny_input), rtol=0, atol=0
+    )
 
 
 def test_unknown_variant_is_refused() -> None:

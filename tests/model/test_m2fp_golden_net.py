@@ -19,7 +19,9 @@ from worker.m2fp.model import M2FP, M2FPOutput
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 GOLDEN_DIR = DATA_DIR / "golden"
-REL_TOLERANCE = 3e-5  # golden README section 4: max|a - b| <= 3e-5 * max(1, max|b|) for a float32 CPU port
+REL_TOLERANCE = (
+    3e-5  # golden README section 4: max|a - b| <= 3e-5 * max(1, max|b|) for a float32 CPU port
+)
 
 NET_CASES = [
     ("cihp_net_96x128", "cihp"),
@@ -94,9 +96,12 @@ def test_golden_weight_recipe_matches_manifest(variant: str) -> None:
         differing = [
             key
             for key, tensor in state_dict.items()
-            if hashlib.sha256(tensor.numpy().astype("<f4").tobytes()).hexdigest() != manifest["keys"][key]["sha256"]
+            if hashlib.sha256(tensor.numpy().astype("<f4").tobytes()).hexdigest()
+            != manifest["keys"][key]["sha256"]
         ]
-        pytest.fail(f"{variant} golden weights differ from the manifest, first keys: {differing[:5]}")
+        pytest.fail(
+            f"{variant} golden weights differ from the manifest, first keys: {differing[:5]}"
+        )
 
 
 def test_golden_weight_recipe_from_config_equals_keys_file() -> None:
@@ -118,17 +123,29 @@ def test_normalize_and_pad_reproduces_model_input(case: str, variant: str, golde
 
 
 def compare_with_golden(
-    case: str, arrays: dict[str, np.ndarray], ported: dict[str, np.ndarray], rel_tolerance: float, report: dict
+    case: str,
+    arrays: dict[str, np.ndarray],
+    ported: dict[str, np.ndarray],
+    rel_tolerance: float,
+    report: dict,
 ) -> list[str]:
     """Record max|a - b| of every golden float array and return the ones beyond rel_tolerance * max(1, max|b|)."""
-    compared = [name for name, value in arrays.items() if value.dtype == np.float32 and name != "model_input"]
+    compared = [
+        name
+        for name, value in arrays.items()
+        if value.dtype == np.float32 and name != "model_input"
+    ]
     assert {"pred_logits", "pred_masks"} <= set(compared)
     if case.startswith("cihp_net_96x128"):
-        assert len(compared) == 12  # final outputs, 4 backbone maps, mask features, 3 scales, aux logits/masks
+        assert (
+            len(compared) == 12
+        )  # final outputs, 4 backbone maps, mask features, 3 scales, aux logits/masks
     failures = []
     for name in compared:
         golden = arrays[name]
-        assert ported[name].shape == golden.shape, f"{case}/{name}: shape {ported[name].shape} vs {golden.shape}"
+        assert ported[name].shape == golden.shape, (
+            f"{case}/{name}: shape {ported[name].shape} vs {golden.shape}"
+        )
         max_abs_diff = float(np.abs(ported[name] - golden).max())
         golden_max_abs = float(np.abs(golden).max())
         limit = rel_tolerance * max(1.0, golden_max_abs)
@@ -147,8 +164,12 @@ def test_network_matches_golden(case: str, variant: str, golden_model, diff_repo
     arrays = load_case(case)
     with_intermediates = "aux_pred_logits" in arrays
     with torch.inference_mode():
-        output = golden_model(variant)(torch.from_numpy(arrays["model_input"]), return_intermediates=with_intermediates)
-    failures = compare_with_golden(case, arrays, flatten_outputs(output), REL_TOLERANCE, diff_report)
+        output = golden_model(variant)(
+            torch.from_numpy(arrays["model_input"]), return_intermediates=with_intermediates
+        )
+    failures = compare_with_golden(
+        case, arrays, flatten_outputs(output), REL_TOLERANCE, diff_report
+    )
     assert not failures, f"{case}: " + "; ".join(failures)
 
 
@@ -162,8 +183,12 @@ def test_network_matches_golden_on_cuda(golden_model, diff_report) -> None:
     torch.backends.cudnn.allow_tf32 = False
     try:
         with torch.inference_mode():
-            output = model(torch.from_numpy(arrays["model_input"]).cuda(), return_intermediates=True)
+            output = model(
+                torch.from_numpy(arrays["model_input"]).cuda(), return_intermediates=True
+            )
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved_flags
-    failures = compare_with_golden("cihp_net_96x128@cuda", arrays, flatten_outputs(output), 1e-4, diff_report)
+    failures = compare_with_golden(
+        "cihp_net_96x128@cuda", arrays, flatten_outputs(output), 1e-4, diff_report
+    )
     assert not failures, "cihp_net_96x128 on cuda: " + "; ".join(failures)

@@ -38,7 +38,9 @@ def load_case(name: str) -> dict[str, np.ndarray]:
 def golden_predictor(variant: str) -> Predictor:
     """A Predictor holding the golden-weights model of `variant`."""
     config = get_config(variant)
-    model, _ = build_model_from_state_dict(golden_state_dict(config), variant=variant, source="golden recipe")
+    model, _ = build_model_from_state_dict(
+        golden_state_dict(config), variant=variant, source="golden recipe"
+    )
     return Predictor.from_model(model)
 
 
@@ -85,10 +87,15 @@ def test_cihp_topk(cihp_run):
     ours = set(zip(topk.labels.tolist(), topk.queries.tolist(), strict=True))
     golden = set(zip(case["topk_label"].tolist(), case["topk_query"].tolist(), strict=True))
     # Only the 100th place may differ (margin 6.7e-5 to the 101st).
-    assert len(ours ^ golden) <= 2, f"top-k pairs differ: ours-only {ours - golden}, golden-only {golden - ours}"
+    assert len(ours ^ golden) <= 2, (
+        f"top-k pairs differ: ours-only {ours - golden}, golden-only {golden - ours}"
+    )
     if ours == golden:
-        for ours_name, golden_name in (("class_scores", "topk_cls_score"), ("mask_scores", "topk_mask_score"),
-                                       ("scores", "topk_score")):
+        for ours_name, golden_name in (
+            ("class_scores", "topk_cls_score"),
+            ("mask_scores", "topk_mask_score"),
+            ("scores", "topk_score"),
+        ):
             difference = np.abs(getattr(topk, ours_name)[order] - case[golden_name]).max()
             assert difference <= CIHP_SCORE_MAX, f"top-k {ours_name} max |diff| {difference:.3g}"
 
@@ -103,7 +110,9 @@ def test_cihp_instances(cihp_run):
     score_difference = np.abs(scores[order] - case["inst_scores"]).max()
     assert score_difference <= CIHP_SCORE_MAX, f"instance scores max |diff| {score_difference:.3g}"
     shape = tuple(case["inst_masks_shape"])
-    golden_masks = np.unpackbits(case["inst_masks_packed"], axis=1, count=shape[1] * shape[2]).reshape(shape)
+    golden_masks = np.unpackbits(
+        case["inst_masks_packed"], axis=1, count=shape[1] * shape[2]
+    ).reshape(shape)
     our_masks = np.stack([instances[index].mask for index in order])
     differing = int((our_masks != golden_masks.astype(bool)).sum())
     assert differing <= CIHP_MASK_PIXEL_FRACTION * golden_masks.size, (
@@ -123,7 +132,9 @@ def test_cihp_semantic_outputs(cihp_run):
 def test_cihp_label_map_is_argmax_of_semantic_map(cihp_run):
     case, inference = cihp_run
     parsing = inference.parsing
-    assert parsing.label_map.shape == case["image"].shape[:2] and parsing.label_map.dtype == np.uint8
+    assert (
+        parsing.label_map.shape == case["image"].shape[:2] and parsing.label_map.dtype == np.uint8
+    )
     np.testing.assert_array_equal(parsing.label_map, parsing.semantic_map.argmax(0))
     # No Human reaches the top-k with these weights (README 3.2): no persons, empty instance map.
     assert parsing.persons == [] and not parsing.instance_map.any()

@@ -36,11 +36,19 @@ def predictions(draw):
     winners = st.one_of(st.just(HUMAN), st.integers(0, NUM_LOGITS - 1))
     for query in range(num_queries):
         class_logits[query, draw(winners)] += draw(st.floats(0, 12, width=32))
-    mask_logits = draw(hnp.arrays(np.float32, (num_queries, mask_height, mask_width), elements=float_elements))
+    mask_logits = draw(
+        hnp.arrays(np.float32, (num_queries, mask_height, mask_width), elements=float_elements)
+    )
     padded_size = (4 * mask_height, 4 * mask_width)
     image_size = (draw(st.integers(1, padded_size[0])), draw(st.integers(1, padded_size[1])))
     output_size = (draw(st.integers(1, 30)), draw(st.integers(1, 30)))
-    return torch.from_numpy(class_logits), torch.from_numpy(mask_logits), padded_size, image_size, output_size
+    return (
+        torch.from_numpy(class_logits),
+        torch.from_numpy(mask_logits),
+        padded_size,
+        image_size,
+        output_size,
+    )
 
 
 def run(prediction, **options):
@@ -79,7 +87,9 @@ def test_chunk_size_does_not_change_the_result(prediction, chunk_size):
     clear_owner = human_margin(prediction, whole) > 1e-4
     compared = same_labels & clear_owner
     np.testing.assert_array_equal(chunked.instance_map[compared], whole.instance_map[compared])
-    assert [(i.category_id, i.query) for i in chunked.instances] == [(i.category_id, i.query) for i in whole.instances]
+    assert [(i.category_id, i.query) for i in chunked.instances] == [
+        (i.category_id, i.query) for i in whole.instances
+    ]
     for ours, reference in zip(chunked.instances, whole.instances, strict=True):
         assert ours.score == pytest.approx(reference.score, abs=1e-6)
         np.testing.assert_array_equal(ours.mask, reference.mask)
@@ -95,7 +105,9 @@ def test_maps_and_persons_are_consistent(prediction):
     assert result.instance_map.shape == output_size and result.instance_map.dtype == np.uint8
     assert int(result.label_map.max()) < NUM_PARSING
     assert int(result.instance_map.max()) <= len(result.persons)
-    assert not (result.instance_map > 0)[result.label_map == 0].any(), "a person pixel is background"
+    assert not (result.instance_map > 0)[result.label_map == 0].any(), (
+        "a person pixel is background"
+    )
     scores = [person["score"] for person in result.persons]
     assert scores == sorted(scores, reverse=True)
     assert [person["index"] for person in result.persons] == list(range(1, len(result.persons) + 1))
@@ -117,7 +129,9 @@ def test_maps_and_persons_are_consistent(prediction):
 def test_semantic_map_equals_reference_formula(prediction):
     class_logits, mask_logits, padded_size, image_size, output_size = prediction
     result = run(prediction, chunk_size=3, keep_semantic_map=True)
-    resized = resize_mask_logits(mask_logits, padded_size, image_size, output_size)  # all queries at once
+    resized = resize_mask_logits(
+        mask_logits, padded_size, image_size, output_size
+    )  # all queries at once
     expected = semantic_inference(class_logits, resized)[:NUM_PARSING].numpy()
     np.testing.assert_allclose(result.semantic_map, expected, rtol=0, atol=1e-5)
 
@@ -130,8 +144,17 @@ def two_people_prediction() -> tuple[torch.Tensor, torch.Tensor]:
     last column), 5 Background (last column), 6 no-object (everywhere).
     """
     class_logits = torch.zeros(7, NUM_LOGITS)
-    for query, (class_id, logit) in enumerate([(HUMAN, 10.0), (HUMAN, 6.0), (13, 10.0), (13, 10.0), (5, 10.0),
-                                                (0, 10.0), (NUM_LOGITS - 1, 10.0)]):
+    for query, (class_id, logit) in enumerate(
+        [
+            (HUMAN, 10.0),
+            (HUMAN, 6.0),
+            (13, 10.0),
+            (13, 10.0),
+            (5, 10.0),
+            (0, 10.0),
+            (NUM_LOGITS - 1, 10.0),
+        ]
+    ):
         class_logits[query, class_id] = logit
     mask_logits = torch.full((7, 4, 8), -5.0)
     mask_logits[0, :, 0:4] = 5.0
@@ -146,7 +169,9 @@ def two_people_prediction() -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_two_people_are_grouped_with_their_parts():
     class_logits, mask_logits = two_people_prediction()
-    result = parse_multi_human(class_logits, mask_logits, (16, 32), (16, 32), (16, 32), CIHP_CLASS_NAMES)
+    result = parse_multi_human(
+        class_logits, mask_logits, (16, 32), (16, 32), (16, 32), CIHP_CLASS_NAMES
+    )
     # Bilinear x4 upsampling of the block logits switches sides exactly at the block edges.
     expected_labels = np.zeros((16, 32), dtype=np.uint8)
     expected_labels[0:8, 0:28] = 13
@@ -161,10 +186,14 @@ def test_two_people_are_grouped_with_their_parts():
     assert first["index"] == 1 and second["index"] == 2 and first["score"] > second["score"] > 0.1
     assert first["box"] == [0, 0, 16, 16] and first["area"] == 256
     assert second["box"] == [16, 0, 28, 16] and second["area"] == 192
-    assert first["parts"] == [{"class_id": 5, "name": "UpperClothes", "area": 128},
-                              {"class_id": 13, "name": "Face", "area": 128}]
-    assert second["parts"] == [{"class_id": 5, "name": "UpperClothes", "area": 96},
-                               {"class_id": 13, "name": "Face", "area": 96}]
+    assert first["parts"] == [
+        {"class_id": 5, "name": "UpperClothes", "area": 128},
+        {"class_id": 13, "name": "Face", "area": 128},
+    ]
+    assert second["parts"] == [
+        {"class_id": 5, "name": "UpperClothes", "area": 96},
+        {"class_id": 13, "name": "Face", "area": 96},
+    ]
     part_owners = sorted((part["class_id"], part["person"]) for part in result.parts)
     assert part_owners == [(5, 1), (13, 1), (13, 2)]  # the shirt spans both, more of it on person 1
 
@@ -172,7 +201,9 @@ def test_two_people_are_grouped_with_their_parts():
 def test_no_human_gives_no_person():
     class_logits, mask_logits = two_people_prediction()
     class_logits[0:2, HUMAN] = -10.0  # the two humans become "nobody"
-    result = parse_multi_human(class_logits, mask_logits, (16, 32), (16, 32), (16, 32), CIHP_CLASS_NAMES)
+    result = parse_multi_human(
+        class_logits, mask_logits, (16, 32), (16, 32), (16, 32), CIHP_CLASS_NAMES
+    )
     assert result.persons == []
     assert not result.instance_map.any()
     assert all(part["person"] == 0 for part in result.parts) and len(result.parts) == 3
@@ -183,7 +214,9 @@ def test_overlapping_humans_split_by_highest_logit():
     class_logits, mask_logits = two_people_prediction()
     mask_logits[0] = 5.0  # human A covers everything, less strongly than B on B's side
     mask_logits[1, :, 4:8] = 8.0
-    result = parse_multi_human(class_logits, mask_logits, (16, 32), (16, 32), (16, 32), CIHP_CLASS_NAMES)
+    result = parse_multi_human(
+        class_logits, mask_logits, (16, 32), (16, 32), (16, 32), CIHP_CLASS_NAMES
+    )
     # At output column 16 the upsampled logits are A 5.0 vs B 3.125; from column 17 on B's are higher.
     assert (result.instance_map[:, 0:17] == 1).all()
     assert (result.instance_map[:, 17:28] == 2).all()
@@ -191,8 +224,13 @@ def test_overlapping_humans_split_by_highest_logit():
 
 def test_persons_are_sorted_by_score_not_by_query():
     class_logits, mask_logits = two_people_prediction()
-    class_logits[0, HUMAN], class_logits[1, HUMAN] = 6.0, 10.0  # now the right-hand human scores higher
-    result = parse_multi_human(class_logits, mask_logits, (16, 32), (16, 32), (16, 32), CIHP_CLASS_NAMES)
+    class_logits[0, HUMAN], class_logits[1, HUMAN] = (
+        6.0,
+        10.0,
+    )  # now the right-hand human scores higher
+    result = parse_multi_human(
+        class_logits, mask_logits, (16, 32), (16, 32), (16, 32), CIHP_CLASS_NAMES
+    )
     assert result.persons[0]["box"] == [16, 0, 28, 16]
     assert (result.instance_map[:, 0:16] == 2).all() and (result.instance_map[:, 16:28] == 1).all()
 
@@ -219,19 +257,36 @@ def test_single_human_background_only_has_no_person():
     class_logits = torch.zeros(2, 21)
     class_logits[:, 0] = 10.0
     result = parse_single_human(
-        class_logits, torch.zeros(2, 4, 4), (16, 16), (16, 16), (0, 0, 16, 16), (16, 16), LIP_CLASS_NAMES
+        class_logits,
+        torch.zeros(2, 4, 4),
+        (16, 16),
+        (16, 16),
+        (0, 0, 16, 16),
+        (16, 16),
+        LIP_CLASS_NAMES,
     )
     assert result.persons == [] and result.parts == [] and not result.instance_map.any()
 
 
 def test_shape_errors_name_the_values():
     with pytest.raises(ValueError, match=r"\(3, 22\)"):
-        parse_multi_human(torch.zeros(3, 22), torch.zeros(4, 2, 2), (8, 8), (8, 8), (8, 8), CIHP_CLASS_NAMES)
+        parse_multi_human(
+            torch.zeros(3, 22), torch.zeros(4, 2, 2), (8, 8), (8, 8), (8, 8), CIHP_CLASS_NAMES
+        )
     with pytest.raises(ValueError, match="chunk_size"):
-        parse_multi_human(torch.zeros(3, 22), torch.zeros(3, 2, 2), (8, 8), (8, 8), (8, 8), CIHP_CLASS_NAMES,
-                          chunk_size=0)
+        parse_multi_human(
+            torch.zeros(3, 22),
+            torch.zeros(3, 2, 2),
+            (8, 8),
+            (8, 8),
+            (8, 8),
+            CIHP_CLASS_NAMES,
+            chunk_size=0,
+        )
     with pytest.raises(ValueError, match="output_size"):
-        parse_multi_human(torch.zeros(3, 22), torch.zeros(3, 2, 2), (8, 8), (8, 8), (0, 8), CIHP_CLASS_NAMES)
+        parse_multi_human(
+            torch.zeros(3, 22), torch.zeros(3, 2, 2), (8, 8), (8, 8), (0, 8), CIHP_CLASS_NAMES
+        )
 
 
 def test_box_helpers():
@@ -240,4 +295,9 @@ def test_box_helpers():
     mask[1:3, 2:5] = True
     assert mask_box(mask) == [2, 1, 5, 3]
     assert scale_box([2, 1, 5, 3], 2.0, 3.0, 12, 15) == [4, 3, 10, 9]
-    assert scale_box([1, 1, 3, 3], 1.5, 1.5, 4, 4) == [1, 1, 4, 4]  # rounds outwards, clips to the image
+    assert scale_box([1, 1, 3, 3], 1.5, 1.5, 4, 4) == [
+        1,
+        1,
+        4,
+        4,
+    ]  # rounds outwards, clips to the image

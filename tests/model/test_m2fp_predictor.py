@@ -23,7 +23,11 @@ MAX_SIDE = 64
 # Smaller network inputs than the real 640-pixel / 384x512 preprocessing keep these tests fast.
 TINY_FAST = TINY.replace(min_size_test=160, max_size_test=320)
 TINY_SINGLE_HUMAN = TINY.replace(
-    name="tiny-lip", single_human=True, num_classes=20, class_names=LIP_CLASS_NAMES, single_human_input_size=(96, 128)
+    name="tiny-lip",
+    single_human=True,
+    num_classes=20,
+    class_names=LIP_CLASS_NAMES,
+    single_human_input_size=(96, 128),
 )
 
 
@@ -40,7 +44,9 @@ def tiny_predictor() -> Predictor:
 
 @pytest.fixture(scope="module")
 def fast_predictor() -> Predictor:
-    return Predictor.from_model(build_untrained_model(TINY_FAST).eval(), untrained=True, max_side=MAX_SIDE)
+    return Predictor.from_model(
+        build_untrained_model(TINY_FAST).eval(), untrained=True, max_side=MAX_SIDE
+    )
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +60,9 @@ def crowded_predictor() -> Predictor:
 
 @pytest.fixture(scope="module")
 def single_human_predictor() -> Predictor:
-    return Predictor.from_model(build_untrained_model(TINY_SINGLE_HUMAN).eval(), untrained=True, max_side=MAX_SIDE)
+    return Predictor.from_model(
+        build_untrained_model(TINY_SINGLE_HUMAN).eval(), untrained=True, max_side=MAX_SIDE
+    )
 
 
 def check_result(result, height: int, width: int) -> None:
@@ -126,7 +134,9 @@ def test_single_human_batch_equals_single_images(single_human_predictor):
     for image, batched in zip(images, batch, strict=True):
         alone = single_human_predictor.predict(image)
         np.testing.assert_array_equal(batched.label_map, alone.label_map)
-        assert [person["area"] for person in batched.persons] == [person["area"] for person in alone.persons]
+        assert [person["area"] for person in batched.persons] == [
+            person["area"] for person in alone.persons
+        ]
         # Batched matmuls round differently: scores agree to float precision.
         for batched_person, alone_person in zip(batched.persons, alone.persons, strict=True):
             assert batched_person["score"] == pytest.approx(alone_person["score"], abs=1e-5)
@@ -158,7 +168,9 @@ def test_resize_helpers():
     assert downsize_to_max_side(image, 100) is image
     assert downsize_to_max_side(image, 40).shape == (40, 20, 3)
     small = np.arange(6, dtype=np.uint8).reshape(2, 3)
-    np.testing.assert_array_equal(upscale_nearest(small, 4, 6), np.repeat(np.repeat(small, 2, 0), 2, 1))
+    np.testing.assert_array_equal(
+        upscale_nearest(small, 4, 6), np.repeat(np.repeat(small, 2, 0), 2, 1)
+    )
 
 
 def run_cli(*arguments: str) -> subprocess.CompletedProcess:
@@ -166,7 +178,11 @@ def run_cli(*arguments: str) -> subprocess.CompletedProcess:
     environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [sys.executable, "-m", "worker.m2fp", *arguments],
-        cwd=REPO, env=environment, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -175,9 +191,19 @@ def test_cli_writes_three_files_per_image_and_reports_broken_ones(tmp_path):
     Image.fromarray(random_image(33, 81, seed=2)).save(tmp_path / "second.jpg", quality=90)
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
     out = tmp_path / "out"
-    completed = run_cli("--weights", "random", "--variant", "tiny", "--max-side", "64",
-                        str(tmp_path / "first.png"), str(tmp_path / "broken.jpg"), str(tmp_path / "second.jpg"),
-                        "--out", str(out))
+    completed = run_cli(
+        "--weights",
+        "random",
+        "--variant",
+        "tiny",
+        "--max-side",
+        "64",
+        str(tmp_path / "first.png"),
+        str(tmp_path / "broken.jpg"),
+        str(tmp_path / "second.jpg"),
+        "--out",
+        str(out),
+    )
     assert completed.returncode == 1, completed.stderr
     assert "UNTRAINED" in completed.stderr
     error_lines = [line for line in completed.stderr.splitlines() if line.startswith("error:")]
@@ -196,6 +222,10 @@ def test_cli_writes_three_files_per_image_and_reports_broken_ones(tmp_path):
 
 def test_cli_help_and_bad_variant():
     completed = run_cli("--help")
-    assert completed.returncode == 0 and "--weights" in completed.stdout and "tiny" not in completed.stdout
+    assert (
+        completed.returncode == 0
+        and "--weights" in completed.stdout
+        and "tiny" not in completed.stdout
+    )
     completed = run_cli("--weights", "random", "--variant", "huge", "x.png", "--out", "o")
     assert completed.returncode == 2 and "invalid choice" in completed.stderr

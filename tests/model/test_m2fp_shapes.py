@@ -25,7 +25,8 @@ def random_images(sizes: list[tuple[int, int]], seed: int = 0) -> list[torch.Ten
     """uint8 RGB (3, H, W) images."""
     generator = torch.Generator().manual_seed(seed)
     return [
-        torch.randint(0, 256, (3, height, width), generator=generator, dtype=torch.uint8) for height, width in sizes
+        torch.randint(0, 256, (3, height, width), generator=generator, dtype=torch.uint8)
+        for height, width in sizes
     ]
 
 
@@ -60,8 +61,15 @@ def test_tiny_forward_intermediates(tiny_model: M2FP) -> None:
     with torch.inference_mode():
         output = tiny_model(padded, return_intermediates=True)
     assert isinstance(output, M2FPOutput)
-    expected_backbone = {"res2": (64, 16, 24), "res3": (128, 8, 12), "res4": (256, 4, 6), "res5": (512, 2, 3)}
-    assert {name: tuple(t.shape[1:]) for name, t in output.backbone_features.items()} == expected_backbone
+    expected_backbone = {
+        "res2": (64, 16, 24),
+        "res3": (128, 8, 12),
+        "res4": (256, 4, 6),
+        "res5": (512, 2, 3),
+    }
+    assert {
+        name: tuple(t.shape[1:]) for name, t in output.backbone_features.items()
+    } == expected_backbone
     assert tuple(output.mask_features.shape) == (2, TINY.mask_dim, 16, 24)
     assert [tuple(t.shape[2:]) for t in output.multi_scale_features] == [(2, 3), (4, 6), (8, 12)]
     assert len(output.aux_pred_logits) == len(output.aux_pred_masks) == TINY.decoder_layers
@@ -86,16 +94,28 @@ def test_forward_is_device_agnostic() -> None:
     """On the `meta` device any tensor created on a hard-coded device (or a host sync) would fail."""
     with torch.device("meta"):
         model = M2FP(TINY).eval()
-    padded, sizes = model.normalize_and_pad(torch.zeros(2, 3, 50, 60, dtype=torch.uint8))  # CPU input moved
+    padded, sizes = model.normalize_and_pad(
+        torch.zeros(2, 3, 50, 60, dtype=torch.uint8)
+    )  # CPU input moved
     assert padded.device.type == "meta" and sizes == [(50, 60), (50, 60)]
     with torch.inference_mode():
         output = model(padded, return_intermediates=True)
-    assert output.pred_masks.device.type == "meta" and tuple(output.pred_masks.shape) == (2, 10, 16, 16)
+    assert output.pred_masks.device.type == "meta" and tuple(output.pred_masks.shape) == (
+        2,
+        10,
+        16,
+        16,
+    )
 
 
 @pytest.mark.parametrize(
     "bad_input",
-    [torch.zeros(1, 3, 50, 64), torch.zeros(1, 1, 64, 64), torch.zeros(3, 64, 64), torch.zeros(1, 3, 64, 64).long()],
+    [
+        torch.zeros(1, 3, 50, 64),
+        torch.zeros(1, 1, 64, 64),
+        torch.zeros(3, 64, 64),
+        torch.zeros(1, 3, 64, 64).long(),
+    ],
 )
 def test_forward_rejects_bad_input(tiny_model: M2FP, bad_input: torch.Tensor) -> None:
     with pytest.raises(ValueError):
@@ -109,7 +129,9 @@ def test_normalize_and_pad_values() -> None:
     mean = torch.tensor(CIHP.pixel_mean).view(3, 1, 1)
     std = torch.tensor(CIHP.pixel_std).view(3, 1, 1)
     torch.testing.assert_close(padded[0, :, :1, :2], (image.float() - mean) / std)
-    assert padded[0, :, 1:, :].abs().sum() == 0 and padded[0, :, :, 2:].abs().sum() == 0  # zero padding
+    assert (
+        padded[0, :, 1:, :].abs().sum() == 0 and padded[0, :, :, 2:].abs().sum() == 0
+    )  # zero padding
     float_padded, _ = normalize_and_pad(image.float())
     torch.testing.assert_close(float_padded, padded, rtol=0, atol=0)
     with pytest.raises(ValueError):
@@ -160,7 +182,9 @@ def identity_attention(embed_dim: int, num_heads: int, num_levels: int, num_poin
 
 def flatten_levels(levels: list[np.ndarray]) -> torch.Tensor:
     """[(C, H_l, W_l)] -> (1, sum H_l*W_l, C)."""
-    return torch.from_numpy(np.concatenate([level.reshape(level.shape[0], -1).T for level in levels])[None]).float()
+    return torch.from_numpy(
+        np.concatenate([level.reshape(level.shape[0], -1).T for level in levels])[None]
+    ).float()
 
 
 def test_deformable_attention_zero_offsets_is_bilinear_sampling_at_reference() -> None:
@@ -171,9 +195,13 @@ def test_deformable_attention_zero_offsets_is_bilinear_sampling_at_reference() -
     # normalised reference points: generic, on a pixel centre, the top-left corner, partly outside
     references = [(0.37, 0.61), (2.5 / 7, 1.5 / 5), (0.0, 0.0), (0.98, 0.03)]
     reference_points = torch.tensor(references, dtype=torch.float32).view(1, len(references), 1, 2)
-    query = torch.randn(1, len(references), embed_dim)  # irrelevant: offset and attention weights are zero
+    query = torch.randn(
+        1, len(references), embed_dim
+    )  # irrelevant: offset and attention weights are zero
     with torch.no_grad():
-        output = attention(query, reference_points, flatten_levels([feature_map]), [(height, width)])
+        output = attention(
+            query, reference_points, flatten_levels([feature_map]), [(height, width)]
+        )
     for index, (x, y) in enumerate(references):
         # normalised x in [0, 1] covers pixels [-0.5, W - 0.5]: pixel coordinate = x * W - 0.5
         expected = bilinear_sample(feature_map, x * width - 0.5, y * height - 0.5)
@@ -190,7 +218,9 @@ def test_deformable_attention_head_major_offsets_and_weights() -> None:
     shapes = [(6, 8), (3, 4)]
     levels = [generator.standard_normal((embed_dim, h, w)).astype(np.float32) for h, w in shapes]
     attention = identity_attention(embed_dim, num_heads, num_levels, num_points)
-    offsets = generator.uniform(-1.5, 1.5, (num_heads, num_levels, num_points, 2)).astype(np.float32)
+    offsets = generator.uniform(-1.5, 1.5, (num_heads, num_levels, num_points, 2)).astype(
+        np.float32
+    )
     chosen = [(0, 2), (1, 0), (1, 2), (0, 1)]  # (level, point) each head attends to
     logits = np.full((num_heads, num_levels, num_points), -30.0, dtype=np.float32)
     for head, (level, point) in enumerate(chosen):
@@ -201,10 +231,14 @@ def test_deformable_attention_head_major_offsets_and_weights() -> None:
     reference = (0.41, 0.58)
     reference_points = torch.tensor(reference).view(1, 1, 1, 2).expand(1, 1, num_levels, 2)
     with torch.no_grad():
-        output = attention(torch.zeros(1, 1, embed_dim), reference_points, flatten_levels(levels), shapes)
+        output = attention(
+            torch.zeros(1, 1, embed_dim), reference_points, flatten_levels(levels), shapes
+        )
     for head, (level, point) in enumerate(chosen):
         height, width = shapes[level]
-        x = reference[0] * width - 0.5 + offsets[head, level, point, 0]  # offsets are in pixels of the level
+        x = (
+            reference[0] * width - 0.5 + offsets[head, level, point, 0]
+        )  # offsets are in pixels of the level
         y = reference[1] * height - 0.5 + offsets[head, level, point, 1]
         channels = slice(head * head_dim, (head + 1) * head_dim)
         expected = bilinear_sample(levels[level][channels], x, y)
@@ -227,8 +261,12 @@ def test_deformable_attention_matches_naive_loop() -> None:
     with torch.no_grad():
         output = attention(query, reference_points, value_input, shapes).numpy()
         value = attention.value_proj(value_input).numpy()
-        offsets = attention.sampling_offsets(query).view(batch, num_queries, num_heads, num_levels, num_points, 2)
-        weights = attention.attention_weights(query).view(batch, num_queries, num_heads, num_levels * num_points)
+        offsets = attention.sampling_offsets(query).view(
+            batch, num_queries, num_heads, num_levels, num_points, 2
+        )
+        weights = attention.attention_weights(query).view(
+            batch, num_queries, num_heads, num_levels * num_points
+        )
         weights = weights.softmax(-1).view(batch, num_queries, num_heads, num_levels, num_points)
     starts = np.cumsum([0] + [h * w for h, w in shapes])
     expected = np.zeros((batch, num_queries, embed_dim))
@@ -237,21 +275,30 @@ def test_deformable_attention_matches_naive_loop() -> None:
             for m in range(num_heads):
                 channels = slice(m * head_dim, (m + 1) * head_dim)
                 for level, (height, width) in enumerate(shapes):
-                    level_map = value[b, starts[level] : starts[level + 1], channels].T.reshape(head_dim, height, width)
+                    level_map = value[b, starts[level] : starts[level + 1], channels].T.reshape(
+                        head_dim, height, width
+                    )
                     reference_x, reference_y = reference_points[b, q, level].tolist()
                     for p in range(num_points):
                         offset_x, offset_y = offsets[b, q, m, level, p].tolist()
                         x = reference_x * width - 0.5 + offset_x  # pixel coordinates of the level
                         y = reference_y * height - 0.5 + offset_y
-                        expected[b, q, channels] += float(weights[b, q, m, level, p]) * bilinear_sample(level_map, x, y)
-    expected = expected @ attention.output_proj.weight.detach().numpy().T + attention.output_proj.bias.detach().numpy()
+                        expected[b, q, channels] += float(
+                            weights[b, q, m, level, p]
+                        ) * bilinear_sample(level_map, x, y)
+    expected = (
+        expected @ attention.output_proj.weight.detach().numpy().T
+        + attention.output_proj.bias.detach().numpy()
+    )
     np.testing.assert_allclose(output, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_deformable_attention_rejects_inconsistent_shapes() -> None:
     attention = MultiScaleDeformableAttention(16, 4, 2, 2)
     with pytest.raises(ValueError):
-        attention(torch.zeros(1, 3, 16), torch.zeros(1, 3, 2, 2), torch.zeros(1, 10, 16), [(2, 2), (2, 2)])
+        attention(
+            torch.zeros(1, 3, 16), torch.zeros(1, 3, 2, 2), torch.zeros(1, 10, 16), [(2, 2), (2, 2)]
+        )
     with pytest.raises(ValueError):
         MultiScaleDeformableAttention(30, 8)
 
@@ -273,8 +320,12 @@ def test_position_embedding_known_values() -> None:
     # channels 2k and 2k+1 share frequency 10000 ** (2k / 128)
     y = 3 / (4 + 1e-6) * 2 * math.pi
     frequency = 10000 ** (2 * 5 / 128)
-    torch.testing.assert_close(embedding[0, 10, 2, 0], torch.tensor(math.sin(y / frequency)), atol=1e-5, rtol=0)
-    torch.testing.assert_close(embedding[0, 11, 2, 0], torch.tensor(math.cos(y / frequency)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        embedding[0, 10, 2, 0], torch.tensor(math.sin(y / frequency)), atol=1e-5, rtol=0
+    )
+    torch.testing.assert_close(
+        embedding[0, 11, 2, 0], torch.tensor(math.cos(y / frequency)), atol=1e-5, rtol=0
+    )
 
 
 # --------------------------------------------------------------------------- config
@@ -282,7 +333,9 @@ def test_position_embedding_known_values() -> None:
 
 def test_presets() -> None:
     assert get_config("cihp") is CIHP and get_config("LIP") is LIP and get_config("tiny") is TINY
-    assert CIHP.num_classes == 21 and len(CIHP.class_names) == 21 and CIHP.class_names[20] == "Human"
+    assert (
+        CIHP.num_classes == 21 and len(CIHP.class_names) == 21 and CIHP.class_names[20] == "Human"
+    )
     assert CIHP.human_class_id == 20 and not CIHP.single_human
     assert LIP.num_classes == 20 and LIP.class_names[10] == "Jumpsuits" and LIP.single_human
     assert LIP.human_class_id is None

@@ -10,6 +10,7 @@ forced, the fallback path), and the Predictor / CLI choosing the path from M2FP_
 from __future__ import annotations
 
 import io
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -59,36 +60,49 @@ def make_inputs(
     num_values = sum(height * width for height, width in shapes)
     levels = len(shapes)
     value = torch.randn(batch, num_values, heads, head_dim, generator=generator)
-    locations = torch.rand(batch, queries, heads, levels, points, 2, generator=generator) * (1 + 2 * spread) - spread
+    locations = (
+        torch.rand(batch, queries, heads, levels, points, 2, generator=generator) * (1 + 2 * spread)
+        - spread
+    )
     weights = torch.randn(batch, queries, heads, levels * points, generator=generator).softmax(-1)
     return value, locations, weights.view(batch, queries, heads, levels, points)
 
 
-def assert_matches_reference(value, shapes, locations, weights, relative: float = FP32_RELATIVE) -> None:
+def assert_matches_reference(
+    value, shapes, locations, weights, relative: float = FP32_RELATIVE
+) -> None:
     """Op output equals the reference within `relative` * max|reference| everywhere."""
-    expected = multi_scale_deformable_attention_reference(value.float(), shapes, locations.float(), weights.float())
+    expected = multi_scale_deformable_attention_reference(
+        value.float(), shapes, locations.float(), weights.float()
+    )
     actual = ops.ms_deform_attn(value, shapes, locations, weights)
     assert actual.shape == expected.shape and actual.dtype == value.dtype
     scale = max(float(expected.abs().max()), 1e-6)
     worst = float((actual.float() - expected).abs().max())
-    assert worst <= relative * scale, f"max|op - reference| = {worst:.3e} > {relative} * {scale:.3e}"
+    assert worst <= relative * scale, (
+        f"max|op - reference| = {worst:.3e} > {relative} * {scale:.3e}"
+    )
 
 
 def test_op_is_built_and_loaded() -> None:
     status = ops.status()
-    assert status["loaded"], f"the compiled op is not usable: {status['reason']} (make install builds it)"
-    assert "openmp=" in status["build_info"] and "none" not in status["build_info"].split("openmp=")[1]
+    assert status["loaded"], (
+        f"the compiled op is not usable: {status['reason']} (make install builds it)"
+    )
+    assert (
+        "openmp=" in status["build_info"] and "none" not in status["build_info"].split("openmp=")[1]
+    )
     assert ops.describe() in ("op", "reference: forced by M2FP_DEFORM_ATTN=reference")
 
 
 @pytest.mark.parametrize(
     ("shapes", "batch", "heads", "head_dim", "points"),
     [
-        ([(1, 1), (3, 5), (7, 2)], 1, 8, 32, 4),      # odd and degenerate level sizes
-        ([(3, 5), (1, 1), (7, 2)], 2, 8, 32, 4),      # batch > 1, the 1x1 level in the middle
-        ([(5, 6), (2, 3)], 3, 2, 16, 1),              # two levels, one point
+        ([(1, 1), (3, 5), (7, 2)], 1, 8, 32, 4),  # odd and degenerate level sizes
+        ([(3, 5), (1, 1), (7, 2)], 2, 8, 32, 4),  # batch > 1, the 1x1 level in the middle
+        ([(5, 6), (2, 3)], 3, 2, 16, 1),  # two levels, one point
         ([(4, 4), (3, 7), (2, 2), (1, 3)], 1, 4, 64, 3),
-        ([(6, 5)], 2, 1, 5, 2),                       # one level, a head dim with no specialised kernel
+        ([(6, 5)], 2, 1, 5, 2),  # one level, a head dim with no specialised kernel
         ([(9, 11), (5, 6), (3, 3)], 1, 3, 48, 5),
         ([(20, 27), (10, 14), (5, 7)], 1, 8, 32, 4),  # the model's layout at a smaller size
     ],
@@ -109,16 +123,39 @@ def test_op_matches_reference_float32(shapes, batch, heads, head_dim, points) ->
     spread=st.sampled_from([0.0, 0.3, 1.5]),
     seed=st.integers(0, 2**16),
 )
-def test_op_matches_reference_on_random_shapes(shapes, batch, heads, head_dim, points, queries, spread, seed):
-    value, locations, weights = make_inputs(shapes, batch, heads, head_dim, points, queries, spread, seed)
+def test_op_matches_reference_on_random_shapes(
+    shapes, batch, heads, head_dim, points, queries, spread, seed
+):
+    value, locations, weights = make_inputs(
+        shapes, batch, heads, head_dim, points, queries, spread, seed
+    )
     assert_matches_reference(value, shapes, locations, weights)
 
 
 def border_coordinates(size: int) -> list[float]:
     """Normalised coordinates on, just inside and beyond both borders, on pixel centres and edges."""
     half = 0.5 / size
-    return [-1e6, -3.0, -1.0, -2 * half, -half, -half / 2, 0.0, half / 3, half, 3 * half,
-            1 - half, 1 - half / 4, 1.0, 1 + half / 2, 1 + half, 1 + 2 * half, 1.5, 2.0, 1e6]
+    return [
+        -1e6,
+        -3.0,
+        -1.0,
+        -2 * half,
+        -half,
+        -half / 2,
+        0.0,
+        half / 3,
+        half,
+        3 * half,
+        1 - half,
+        1 - half / 4,
+        1.0,
+        1 + half / 2,
+        1 + half,
+        1 + 2 * half,
+        1.5,
+        2.0,
+        1e6,
+    ]
 
 
 @pytest.mark.parametrize("shapes", [[(1, 1), (3, 5), (7, 2)], [(4, 6)]])
@@ -133,7 +170,9 @@ def test_op_matches_reference_on_and_beyond_borders(shapes) -> None:
         grids.append(torch.stack((grid_x.reshape(-1), grid_y.reshape(-1)), dim=-1))  # (N, 2)
     queries = grids[0].shape[0]
     # (Q, L, 2) -> (1, Q, M, L, P, 2)
-    locations = torch.stack(grids, dim=1)[None, :, None, :, None, :].expand(1, queries, heads, len(shapes), points, 2)
+    locations = torch.stack(grids, dim=1)[None, :, None, :, None, :].expand(
+        1, queries, heads, len(shapes), points, 2
+    )
     value, _, weights = make_inputs(shapes, 1, heads, 32, points, queries=queries)
     assert_matches_reference(value, shapes, locations.contiguous(), weights)
     output = ops.ms_deform_attn(value, shapes, locations.contiguous(), weights)
@@ -161,10 +200,14 @@ def test_op_bfloat16_matches_reference_of_the_rounded_inputs(rounded_locations: 
     value = value.bfloat16()
     if rounded_locations:
         locations, weights = locations.bfloat16(), weights.bfloat16()
-    expected = multi_scale_deformable_attention_reference(value.float(), shapes, locations.float(), weights.float())
+    expected = multi_scale_deformable_attention_reference(
+        value.float(), shapes, locations.float(), weights.float()
+    )
     actual = ops.ms_deform_attn(value, shapes, locations, weights)
     assert actual.dtype == torch.bfloat16
-    torch.testing.assert_close(actual.float(), expected, rtol=2**-7, atol=2**-7 * float(expected.abs().max()))
+    torch.testing.assert_close(
+        actual.float(), expected, rtol=2**-7, atol=2**-7 * float(expected.abs().max())
+    )
 
 
 def test_op_rejects_inconsistent_inputs() -> None:
@@ -183,8 +226,11 @@ def test_dispatch_uses_op_unless_reference_is_forced(monkeypatch) -> None:
     calls: list[str] = []
     real_op, real_reference = ops.ms_deform_attn, multi_scale_deformable_attention_reference
     monkeypatch.setattr(ops, "ms_deform_attn", lambda *args: calls.append("op") or real_op(*args))
-    monkeypatch.setattr(deformable_attention, "multi_scale_deformable_attention_reference",
-                        lambda *args: calls.append("reference") or real_reference(*args))
+    monkeypatch.setattr(
+        deformable_attention,
+        "multi_scale_deformable_attention_reference",
+        lambda *args: calls.append("reference") or real_reference(*args),
+    )
     assert ops.configure("auto") == "op"
     multi_scale_deformable_attention(value, shapes, locations, weights)
     assert ops.configure("op") == "op"
@@ -194,18 +240,28 @@ def test_dispatch_uses_op_unless_reference_is_forced(monkeypatch) -> None:
     assert calls == ["op", "op", "reference"]
     ops.configure("auto")
     calls.clear()
-    multi_scale_deformable_attention(value.double(), shapes, locations.double(), weights.double())  # no kernel
-    multi_scale_deformable_attention(value.requires_grad_(), shapes, locations, weights)  # forward-only op
+    multi_scale_deformable_attention(
+        value.double(), shapes, locations.double(), weights.double()
+    )  # no kernel
+    multi_scale_deformable_attention(
+        value.requires_grad_(), shapes, locations, weights
+    )  # forward-only op
     assert calls == ["reference", "reference"]
 
 
 def test_configure_op_fails_when_the_op_is_unavailable(monkeypatch) -> None:
-    monkeypatch.setattr(ops, "_status", {"loaded": False, "path": "x", "reason": "not built (test)", "build_info": None})
+    monkeypatch.setattr(
+        ops,
+        "_status",
+        {"loaded": False, "path": "x", "reason": "not built (test)", "build_info": None},
+    )
     with pytest.raises(RuntimeError, match="not built"):
         ops.configure("op")
     assert ops.configure("auto") == "reference: not built (test)"
     value, locations, weights = make_inputs([(3, 5)], queries=3)
-    monkeypatch.setattr(ops, "ms_deform_attn", lambda *args: pytest.fail("op called although unavailable"))
+    monkeypatch.setattr(
+        ops, "ms_deform_attn", lambda *args: pytest.fail("op called although unavailable")
+    )
     multi_scale_deformable_attention(value, [(3, 5)], locations, weights)
     with pytest.raises(ValueError, match="mode"):
         ops.configure("fast")
@@ -230,7 +286,9 @@ def golden_models() -> dict[str, M2FP]:
 
 @pytest.mark.parametrize("mode", ["op", "reference"])
 @pytest.mark.parametrize(("case", "variant"), NET_CASES)
-def test_network_matches_golden_with_each_path(case, variant, mode, golden_models, monkeypatch) -> None:
+def test_network_matches_golden_with_each_path(
+    case, variant, mode, golden_models, monkeypatch
+) -> None:
     """The golden parity with the op forced on (the reference must not run) and with the fallback forced."""
     ops.configure(mode)
     if mode == "op":
@@ -240,40 +298,79 @@ def test_network_matches_golden_with_each_path(case, variant, mode, golden_model
     monkeypatch.setattr(*unused, lambda *args: pytest.fail(f"{unused[1]} called in mode {mode}"))
     arrays = load_case(case)
     with torch.inference_mode():
-        output = golden_models[variant](torch.from_numpy(arrays["model_input"]),
-                                        return_intermediates="aux_pred_logits" in arrays)
-    failures = compare_with_golden(f"{case}@{mode}", arrays, flatten_outputs(output), REL_TOLERANCE, {})
+        output = golden_models[variant](
+            torch.from_numpy(arrays["model_input"]),
+            return_intermediates="aux_pred_logits" in arrays,
+        )
+    failures = compare_with_golden(
+        f"{case}@{mode}", arrays, flatten_outputs(output), REL_TOLERANCE, {}
+    )
     assert not failures, f"{case} ({mode}): " + "; ".join(failures)
 
 
 def test_predictor_takes_its_path_from_the_environment(monkeypatch) -> None:
-    from worker.m2fp.predictor import Predictor  # noqa: PLC0415
+    from worker.m2fp.predictor import Predictor
 
     monkeypatch.setenv("M2FP_DEFORM_ATTN", "reference")
-    assert Predictor("random", variant="tiny").deform_attn == "reference: forced by M2FP_DEFORM_ATTN=reference"
+    assert (
+        Predictor("random", variant="tiny").deform_attn
+        == "reference: forced by M2FP_DEFORM_ATTN=reference"
+    )
     assert ops.mode() == "reference"
     monkeypatch.setenv("M2FP_DEFORM_ATTN", "auto")
     assert Predictor("random", variant="tiny").deform_attn == "op"
-    assert Predictor("random", variant="tiny", deform_attn="op").deform_attn == "op"  # explicit wins
+    assert (
+        Predictor("random", variant="tiny", deform_attn="op").deform_attn == "op"
+    )  # explicit wins
 
 
 def test_cli_refuses_an_invalid_mode(monkeypatch, tmp_path, capsys) -> None:
-    from worker.m2fp.__main__ import main  # noqa: PLC0415
+    from worker.m2fp.__main__ import main
 
     monkeypatch.setenv("M2FP_DEFORM_ATTN", "fastest")
-    assert main(["--weights", "random", "--variant", "tiny", str(tmp_path / "x.png"), "--out", str(tmp_path)]) == 2
+    assert (
+        main(
+            [
+                "--weights",
+                "random",
+                "--variant",
+                "tiny",
+                str(tmp_path / "x.png"),
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
     assert "M2FP_DEFORM_ATTN" in capsys.readouterr().err
 
 
 def test_cli_honours_the_forced_reference(monkeypatch, tmp_path) -> None:
-    from PIL import Image  # noqa: PLC0415
+    from PIL import Image
 
-    from worker.m2fp import __main__ as cli  # noqa: PLC0415
+    from worker.m2fp import __main__ as cli
 
-    progress = cli.Progress  # its default stream is the sys.stderr of import time, which pytest may have closed
+    progress = (
+        cli.Progress
+    )  # its default stream is the sys.stderr of import time, which pytest may have closed
     monkeypatch.setattr(cli, "Progress", lambda total: progress(total, stream=io.StringIO()))
     Image.new("RGB", (40, 30), (120, 80, 60)).save(tmp_path / "photo.png")
     monkeypatch.setenv("M2FP_DEFORM_ATTN", "reference")
-    monkeypatch.setattr(ops, "ms_deform_attn", lambda *args: pytest.fail("op called although reference forced"))
-    assert cli.main(["--weights", "random", "--variant", "tiny", str(tmp_path / "photo.png"), "--out", str(tmp_path)]) == 0
+    monkeypatch.setattr(
+        ops, "ms_deform_attn", lambda *args: pytest.fail("op called although reference forced")
+    )
+    assert (
+        cli.main(
+            [
+                "--weights",
+                "random",
+                "--variant",
+                "tiny",
+                str(tmp_path / "photo.png"),
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     assert ops.mode() == "reference" and (tmp_path / "photo.labels.png").is_file()

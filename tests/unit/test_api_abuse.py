@@ -49,7 +49,9 @@ def test_poll_limit_is_separate(make_app):
 
 def test_limits_are_shared_by_every_app_on_the_same_redis(make_app):
     """Two gateway processes (here: two apps) count against one limit: storage is Redis."""
-    keys = f"k1:{generate_key()}"   # gateways of one deployment share the keyring (and so pseudonyms)
+    keys = (
+        f"k1:{generate_key()}"  # gateways of one deployment share the keyring (and so pseudonyms)
+    )
     first = make_app(M2FP_SUBMIT_LIMIT="1/minute", M2FP_DATA_KEYS=keys).test_client()
     second = make_app(M2FP_SUBMIT_LIMIT="1/minute", M2FP_DATA_KEYS=keys).test_client()
     assert upload(first, png_bytes()).status_code == 202
@@ -111,7 +113,9 @@ def test_forwarded_for_is_honoured_for_trusted_hops(make_app):
     peer = {"REMOTE_ADDR": "10.0.0.7"}  # the proxy
 
     def send(forwarded):
-        return upload(client, png_bytes(), headers={"X-Forwarded-For": forwarded}, environ_base=peer)
+        return upload(
+            client, png_bytes(), headers={"X-Forwarded-For": forwarded}, environ_base=peer
+        )
 
     assert send("1.1.1.1").status_code == 202
     assert send("2.2.2.2").status_code == 202
@@ -122,12 +126,24 @@ def test_forwarded_for_is_honoured_for_trusted_hops(make_app):
 def test_ban_follows_the_forwarded_client(make_app):
     client = make_app(M2FP_TRUSTED_PROXIES="1", M2FP_BAN_AFTER="1").test_client()
     peer = {"REMOTE_ADDR": "10.0.0.7"}
-    assert upload(client, b"junk", "x.png", headers={"X-Forwarded-For": "1.1.1.1"},
-                  environ_base=peer).status_code == 415
-    assert upload(client, png_bytes(), headers={"X-Forwarded-For": "1.1.1.1"},
-                  environ_base=peer).status_code == 403
-    assert upload(client, png_bytes(), headers={"X-Forwarded-For": "3.3.3.3"},
-                  environ_base=peer).status_code == 202
+    assert (
+        upload(
+            client, b"junk", "x.png", headers={"X-Forwarded-For": "1.1.1.1"}, environ_base=peer
+        ).status_code
+        == 415
+    )
+    assert (
+        upload(
+            client, png_bytes(), headers={"X-Forwarded-For": "1.1.1.1"}, environ_base=peer
+        ).status_code
+        == 403
+    )
+    assert (
+        upload(
+            client, png_bytes(), headers={"X-Forwarded-For": "3.3.3.3"}, environ_base=peer
+        ).status_code
+        == 202
+    )
 
 
 def test_queue_full_gives_503_with_retry_after(make_app):
@@ -143,8 +159,11 @@ def test_queue_full_gives_503_with_retry_after(make_app):
 def test_redis_unreachable_is_a_quick_503_never_a_500(ban_after):
     from api import create_app
 
-    env = {"M2FP_REDIS_URL": f"redis://:pw@127.0.0.1:{free_port()}/0",
-           "M2FP_DATA_KEYS": f"k1:{generate_key()}", "M2FP_BAN_AFTER": ban_after}
+    env = {
+        "M2FP_REDIS_URL": f"redis://:pw@127.0.0.1:{free_port()}/0",
+        "M2FP_DATA_KEYS": f"k1:{generate_key()}",
+        "M2FP_BAN_AFTER": ban_after,
+    }
     client = create_app(load_settings(env)).test_client()
     started = time.monotonic()
     responses = [
@@ -155,8 +174,10 @@ def test_redis_unreachable_is_a_quick_503_never_a_500(ban_after):
     ]
     for response in responses:
         assert response.status_code == 503, response.get_json()
-        assert response.get_json() == {"error": "unavailable",
-                                       "message": "The service is temporarily unavailable; retry shortly."}
+        assert response.get_json() == {
+            "error": "unavailable",
+            "message": "The service is temporarily unavailable; retry shortly.",
+        }
         assert int(response.headers["Retry-After"]) > 0
     ready = client.get("/readyz")
     assert ready.status_code == 503 and ready.get_json()["status"] == "unavailable"
@@ -175,7 +196,9 @@ def test_readyz_needs_a_live_worker_and_warns_when_untrained(client, clean_redis
     ready = client.get("/readyz")
     assert ready.status_code == 200
     assert ready.get_json() == {"status": "ready", "workers": 1, "untrained": False, "warnings": []}
-    heartbeat.beat(clean_redis, heartbeat.Heartbeat("w2@host", variant="cihp", device="cuda", untrained=True))
+    heartbeat.beat(
+        clean_redis, heartbeat.Heartbeat("w2@host", variant="cihp", device="cuda", untrained=True)
+    )
     body = client.get("/readyz").get_json()
     assert body["workers"] == 2 and body["untrained"] is True
     assert any("UNTRAINED" in warning for warning in body["warnings"])
@@ -189,7 +212,7 @@ def test_readyz_needs_a_live_worker_and_warns_when_untrained(client, clean_redis
 
 
 def test_readyz_reads_the_index_not_the_keyspace(client, clean_redis, monkeypatch):
-    import redis as redis_module  # noqa: PLC0415
+    import redis as redis_module
 
     heartbeat.beat(clean_redis, heartbeat.Heartbeat("w1@host"))
     with clean_redis.pipeline(transaction=False) as pipe:
@@ -224,12 +247,12 @@ def test_metrics_count_requests_rejections_and_jobs(make_app):
 def test_strikes_survive_a_valid_upload_that_is_then_refused(make_app, clean_redis):
     """junk, junk, a tiny valid PNG refused with 429, junk: that is three strikes, a ban."""
     client = make_app(M2FP_BAN_AFTER="3", M2FP_SUBMIT_LIMIT="1/minute").test_client()
-    assert upload(client, png_bytes()).status_code == 202          # spends the one submit
+    assert upload(client, png_bytes()).status_code == 202  # spends the one submit
     assert upload(client, b"junk", "x.png").status_code == 415
     assert upload(client, b"junk", "x.png").status_code == 415
     refused = upload(client, png_bytes())
-    assert refused.status_code == 429                               # valid, but not admitted
-    assert upload(client, b"junk", "x.png").status_code == 415     # third strike
+    assert refused.status_code == 429  # valid, but not admitted
+    assert upload(client, b"junk", "x.png").status_code == 415  # third strike
     banned = upload(client, png_bytes())
     assert banned.status_code == 403 and banned.get_json()["error"] == "banned"
 
@@ -242,20 +265,33 @@ def test_an_admitted_job_clears_the_strikes(make_app, clean_redis):
     assert not list(clean_redis.scan_iter(f"{STRIKES_PREFIX}:*"))
 
 
-@pytest.mark.parametrize(("prefix", "expected"), [("64", [202, 202, 429, 202]), ("128", [202, 202, 202, 202])])
+@pytest.mark.parametrize(
+    ("prefix", "expected"), [("64", [202, 202, 429, 202]), ("128", [202, 202, 202, 202])]
+)
 def test_ipv6_peers_share_a_limit_per_prefix(make_app, prefix, expected):
     client = make_app(M2FP_SUBMIT_LIMIT="2/minute", M2FP_IPV6_PREFIX=prefix).test_client()
     peers = ["2001:db8:a:b::1", "2001:db8:a:b:ffff:1:2:3", "2001:db8:a:b::3", "2001:db8:a:c::1"]
-    statuses = [upload(client, png_bytes(), environ_base={"REMOTE_ADDR": peer}).status_code for peer in peers]
+    statuses = [
+        upload(client, png_bytes(), environ_base={"REMOTE_ADDR": peer}).status_code
+        for peer in peers
+    ]
     assert statuses == expected
 
 
 def test_ipv6_peers_of_one_prefix_share_a_ban(make_app):
     client = make_app(M2FP_BAN_AFTER="2").test_client()
     for peer in ("2001:db8:1:2::a", "2001:db8:1:2::b"):
-        assert upload(client, b"junk", "x.png", environ_base={"REMOTE_ADDR": peer}).status_code == 415
-    assert upload(client, png_bytes(), environ_base={"REMOTE_ADDR": "2001:db8:1:2::c"}).status_code == 403
-    assert upload(client, png_bytes(), environ_base={"REMOTE_ADDR": "2001:db8:1:3::c"}).status_code == 202
+        assert (
+            upload(client, b"junk", "x.png", environ_base={"REMOTE_ADDR": peer}).status_code == 415
+        )
+    assert (
+        upload(client, png_bytes(), environ_base={"REMOTE_ADDR": "2001:db8:1:2::c"}).status_code
+        == 403
+    )
+    assert (
+        upload(client, png_bytes(), environ_base={"REMOTE_ADDR": "2001:db8:1:3::c"}).status_code
+        == 202
+    )
 
 
 def test_submit_attempts_are_metered_before_validation(make_app):
@@ -288,8 +324,8 @@ def test_jobs_in_flight_are_capped_per_client(make_app, clean_redis):
     assert upload(client, png_bytes()).status_code == 202
     assert upload(client, png_bytes()).status_code == 429
     inflight = list(clean_redis.scan_iter("m2fp:inflight:*"))
-    assert inflight and all(0 < clean_redis.ttl(key) for key in inflight)
-    assert all(b"127.0.0.1" not in key for key in inflight)   # a pseudonym, not the address
+    assert inflight and all(clean_redis.ttl(key) > 0 for key in inflight)
+    assert all(b"127.0.0.1" not in key for key in inflight)  # a pseudonym, not the address
 
 
 def test_jobs_in_flight_cap_zero_disables_it(make_app):
@@ -298,13 +334,16 @@ def test_jobs_in_flight_cap_zero_disables_it(make_app):
 
 
 def test_untrusted_forwarded_for_is_counted_and_warned_once(make_app, caplog, monkeypatch):
-    from api import abuse  # noqa: PLC0415
+    from api import abuse
 
     monkeypatch.setattr(abuse, "_warned_untrusted_forwarded_for", False)
     client = make_app(M2FP_TRUSTED_PROXIES="0").test_client()
     with caplog.at_level("WARNING", logger="api.abuse"):
         for _ in range(3):
-            assert client.get("/healthz", headers={"X-Forwarded-For": "198.51.100.1"}).status_code == 200
+            assert (
+                client.get("/healthz", headers={"X-Forwarded-For": "198.51.100.1"}).status_code
+                == 200
+            )
         client.get("/healthz")
     warnings = [r for r in caplog.records if r.getMessage() == "untrusted_forwarded_for"]
     assert len(warnings) == 1
@@ -313,7 +352,7 @@ def test_untrusted_forwarded_for_is_counted_and_warned_once(make_app, caplog, mo
 
 
 def test_trusted_proxies_raise_no_forwarded_for_warning(make_app, caplog, monkeypatch):
-    from api import abuse  # noqa: PLC0415
+    from api import abuse
 
     monkeypatch.setattr(abuse, "_warned_untrusted_forwarded_for", False)
     client = make_app(M2FP_TRUSTED_PROXIES="1").test_client()
@@ -327,7 +366,7 @@ def test_redis_and_logs_carry_no_client_address(make_app, clean_redis, capsys):
     client = make_app(M2FP_BAN_AFTER="1", M2FP_MAX_JOBS_PER_CLIENT="1").test_client()
     peer = {"REMOTE_ADDR": "198.51.100.77"}
     assert upload(client, png_bytes(), environ_base=peer).status_code == 202
-    assert upload(client, png_bytes(), environ_base=peer).status_code == 429     # in-flight cap
+    assert upload(client, png_bytes(), environ_base=peer).status_code == 429  # in-flight cap
     assert upload(client, b"junk", "x.png", environ_base=peer).status_code == 415  # strike, ban
     assert upload(client, png_bytes(), environ_base=peer).status_code == 403
     keys = [key.decode() for key in clean_redis.scan_iter("*")]

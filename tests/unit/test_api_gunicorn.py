@@ -28,12 +28,30 @@ def gateway_process(service_env, clean_redis, tmp_path):
     prometheus_dir = tmp_path / "prometheus"
     prometheus_dir.mkdir()
     # No jobs complete here (no worker), so the per-client in-flight cap must not mask the rate limit.
-    env = dict(service_env, M2FP_PORT=str(port), PROMETHEUS_MULTIPROC_DIR=str(prometheus_dir),
-               M2FP_MAX_JOBS_PER_CLIENT="10")
+    env = dict(
+        service_env,
+        M2FP_PORT=str(port),
+        PROMETHEUS_MULTIPROC_DIR=str(prometheus_dir),
+        M2FP_MAX_JOBS_PER_CLIENT="10",
+    )
     log_path = tmp_path / "gunicorn.log"
     with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "api/gunicorn_conf.py", "-w", "2",
-                                 "api.wsgi:app"], cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "-c",
+                "api/gunicorn_conf.py",
+                "-w",
+                "2",
+                "api.wsgi:app",
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
     base = f"http://127.0.0.1:{port}"
 
     def up():
@@ -67,12 +85,19 @@ def raw_headers(port: int, method: str, path: str) -> list[tuple[str, str]]:
 
 def test_no_server_header_and_no_version_anywhere(gateway_process):
     base, _, port, _ = gateway_process
-    for method, path in (("GET", "/healthz"), ("GET", "/nope"), ("DELETE", "/healthz"), ("GET", "/openapi.json")):
+    for method, path in (
+        ("GET", "/healthz"),
+        ("GET", "/nope"),
+        ("DELETE", "/healthz"),
+        ("GET", "/openapi.json"),
+    ):
         headers = raw_headers(port, method, path)
         names = [name.lower() for name, _ in headers]
         assert "server" not in names, headers
         text = " ".join(f"{name}: {value}" for name, value in headers).lower()
-        assert "gunicorn" not in text and gunicorn.__version__ not in text and "werkzeug" not in text
+        assert (
+            "gunicorn" not in text and gunicorn.__version__ not in text and "werkzeug" not in text
+        )
     # gunicorn's own error page for a request it cannot parse carries no version either.
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         sock.sendall(b"NOT-HTTP\r\n\r\n")
@@ -82,25 +107,50 @@ def test_no_server_header_and_no_version_anywhere(gateway_process):
 
 def test_submit_status_and_access_log_without_secrets(gateway_process):
     base, log_path, _, _ = gateway_process
-    response = requests.post(f"{base}/v1/jobs", files={"image": ("private-name.png", png_bytes(), "image/png")},
-                             timeout=10)
+    response = requests.post(
+        f"{base}/v1/jobs",
+        files={"image": ("private-name.png", png_bytes(), "image/png")},
+        timeout=10,
+    )
     assert response.status_code == 202, response.text
     job = response.json()
-    status = requests.get(f"{base}{job['status_url']}?secret=query-secret-value",
-                          headers={"Authorization": f"Bearer {job['token']}", "User-Agent": "agent-secret"},
-                          timeout=10)
+    status = requests.get(
+        f"{base}{job['status_url']}?secret=query-secret-value",
+        headers={"Authorization": f"Bearer {job['token']}", "User-Agent": "agent-secret"},
+        timeout=10,
+    )
     assert status.status_code == 200 and status.json()["status"] == "queued"
-    wait_for(lambda: log_path.read_text().count('"event":"http_request"') >= 3, 10, what="access log lines")
+    wait_for(
+        lambda: log_path.read_text().count('"event":"http_request"') >= 3,
+        10,
+        what="access log lines",
+    )
     log = log_path.read_text()
-    for secret in ("query-secret-value", job["token"], "private-name", "agent-secret", "127.0.0.1 -"):
+    for secret in (
+        "query-secret-value",
+        job["token"],
+        "private-name",
+        "agent-secret",
+        "127.0.0.1 -",
+    ):
         assert secret not in log, secret
     access = [json.loads(line) for line in log.splitlines() if '"event":"http_request"' in line]
     submit_line = next(line for line in access if line["method"] == "POST")
     assert submit_line["path"] == "/v1/jobs" and submit_line["status"] == 202
     assert submit_line["request_id"] == response.headers["X-Request-ID"]
     status_line = next(line for line in access if line["path"] == job["status_url"])
-    assert set(status_line) == {"ts", "level", "logger", "event", "method", "path", "status", "bytes",
-                                "seconds", "request_id"}
+    assert set(status_line) == {
+        "ts",
+        "level",
+        "logger",
+        "event",
+        "method",
+        "path",
+        "status",
+        "bytes",
+        "seconds",
+        "request_id",
+    }
 
 
 def test_metrics_merge_every_worker_process(gateway_process):
@@ -111,7 +161,9 @@ def test_metrics_merge_every_worker_process(gateway_process):
         slow.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: test\r\n")
         time.sleep(0.5)
         for _ in range(count):
-            response = requests.get(f"{base}/openapi.json", headers={"Connection": "close"}, timeout=5)
+            response = requests.get(
+                f"{base}/openapi.json", headers={"Connection": "close"}, timeout=5
+            )
             assert response.status_code == 200
         slow.sendall(b"Connection: close\r\n\r\n")
         reply = b""
@@ -121,8 +173,13 @@ def test_metrics_merge_every_worker_process(gateway_process):
     assert len(list(prometheus_dir.glob("counter_*.db"))) == 2  # both processes counted requests
     for _ in range(4):  # whichever process answers the scrape reports the total of both
         text = requests.get(f"{base}/metrics", headers={"Connection": "close"}, timeout=5).text
-        line = next(line for line in text.splitlines()
-                    if line.startswith('m2fp_http_requests_total{method="GET",route="/openapi.json",status="200"}'))
+        line = next(
+            line
+            for line in text.splitlines()
+            if line.startswith(
+                'm2fp_http_requests_total{method="GET",route="/openapi.json",status="200"}'
+            )
+        )
         assert float(line.split()[-1]) == count + 1
     assert "m2fp_queue_depth 0.0" in text and "m2fp_redis_up 1.0" in text
 
@@ -132,7 +189,11 @@ def test_spoofed_forwarded_for_changes_nothing_behind_gunicorn(gateway_process):
     base, _, _, _ = gateway_process
     statuses = []
     for index in range(6):  # the default submit limit is 5 a minute
-        response = requests.post(f"{base}/v1/jobs", files={"image": ("a.png", png_bytes(), "image/png")},
-                                 headers={"X-Forwarded-For": f"198.51.100.{index}"}, timeout=10)
+        response = requests.post(
+            f"{base}/v1/jobs",
+            files={"image": ("a.png", png_bytes(), "image/png")},
+            headers={"X-Forwarded-For": f"198.51.100.{index}"},
+            timeout=10,
+        )
         statuses.append(response.status_code)
     assert statuses == [202] * 5 + [429]

@@ -46,20 +46,34 @@ def jpeg_bytes(width: int = 64, height: int = 48) -> bytes:
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    return (
+        struct.pack(">I", len(data))
+        + kind
+        + data
+        + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    )
 
 
 def bomb_png(width: int = 50_000, height: int = 50_000) -> bytes:
     """A ~50 KB PNG whose header declares width x height 8-bit grey pixels (a decompression bomb)."""
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     idat = zlib.compress(b"\0" * (width + 1) * 1000, 9)
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", header)
+        + _chunk(b"IDAT", idat)
+        + _chunk(b"IEND", b"")
+    )
 
 
 def upload(client, data: bytes, name: str = "photo.png", **kwargs):
     """POST /v1/jobs with `data` as the multipart field `image`."""
-    return client.post("/v1/jobs", data={"image": (io.BytesIO(data), name)},
-                       content_type="multipart/form-data", **kwargs)
+    return client.post(
+        "/v1/jobs",
+        data={"image": (io.BytesIO(data), name)},
+        content_type="multipart/form-data",
+        **kwargs,
+    )
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -85,8 +99,15 @@ def play_worker(app, job_id: str) -> bytes:
     with Image.open(io.BytesIO(image)) as decoded:
         width, height = decoded.size
     empty = base64.b64encode(label_map_png(width, height)).decode()
-    document = {"job_id": job_id, "width": width, "height": height, "label_map_png": empty,
-                "instance_map_png": empty, "persons": [], "classes": {"0": "Background"}}
+    document = {
+        "job_id": job_id,
+        "width": width,
+        "height": height,
+        "label_map_png": empty,
+        "instance_map_png": empty,
+        "persons": [],
+        "classes": {"0": "Background"},
+    }
     sealed = encrypt_payload(data_key, job_id, "out", json.dumps(document).encode())
     assert gw.store.store_result(job_id, sealed)
     return image
@@ -98,9 +119,14 @@ def make_app(redis_url, clean_redis):
     made = []
 
     def factory(**overrides: str):
-        env = {"M2FP_REDIS_URL": redis_url, "M2FP_DATA_KEYS": f"k1:{generate_key()}",
-               "M2FP_SUBMIT_LIMIT": "1000/minute", "M2FP_POLL_LIMIT": "1000/minute",
-               "M2FP_SUBMIT_ATTEMPT_LIMIT": "1000/minute", "M2FP_BAN_AFTER": "0"}
+        env = {
+            "M2FP_REDIS_URL": redis_url,
+            "M2FP_DATA_KEYS": f"k1:{generate_key()}",
+            "M2FP_SUBMIT_LIMIT": "1000/minute",
+            "M2FP_POLL_LIMIT": "1000/minute",
+            "M2FP_SUBMIT_ATTEMPT_LIMIT": "1000/minute",
+            "M2FP_BAN_AFTER": "0",
+        }
         env.update(overrides)
         settings = load_settings(env)
         celery_app = make_celery(settings)

@@ -89,7 +89,7 @@ def test_redis_never_holds_the_plaintext_image(client, clean_redis):
     values = b"\n".join(all_redis_values(clean_redis))
     for image in (photo, jpeg):
         middle = len(image) // 2
-        assert image[middle:middle + 48] not in values
+        assert image[middle : middle + 48] not in values
         assert base64.b64encode(image[:48]) not in values
     assert b"\x89PNG" not in values and b"\xff\xd8\xff" not in values
     assert b"iVBORw0KGgo" not in values  # base64 of the PNG signature
@@ -128,7 +128,7 @@ def test_palette_format(app, client):
     with Image.open(io.BytesIO(response.data)) as image:
         assert image.mode == "P" and image.size == (20, 10)
         palette = image.getpalette()[:60]
-        assert [tuple(palette[i:i + 3]) for i in range(0, 60, 3)] == list(PALETTE)
+        assert [tuple(palette[i : i + 3]) for i in range(0, 60, 3)] == list(PALETTE)
         assert list(image.tobytes()[:21]) == [i % 20 for i in range(21)]
 
 
@@ -147,7 +147,10 @@ def test_result_before_done_is_409_with_status(app, client):
     assert response.get_json()["error"] == "not_ready"
     assert response.get_json()["status"] == "queued"
     app.extensions["m2fp"].store.claim(job["job_id"], "w")
-    assert client.get(job["result_url"], headers=bearer(job["token"])).get_json()["status"] == "running"
+    assert (
+        client.get(job["result_url"], headers=bearer(job["token"])).get_json()["status"]
+        == "running"
+    )
 
 
 def test_wrong_token_is_the_same_404_as_an_unknown_id(client):
@@ -180,8 +183,11 @@ def test_expired_input_shows_expired_with_its_error(client, clean_redis):
     job = submit(client)
     clean_redis.delete(input_key(job["job_id"]))  # what the input TTL does
     body = client.get(job["status_url"], headers=bearer(job["token"])).get_json()
-    assert body == {"job_id": job["job_id"], "status": "expired",
-                    "error": {"code": "expired", "message": JOB_ERRORS["expired"]}}
+    assert body == {
+        "job_id": job["job_id"],
+        "status": "expired",
+        "error": {"code": "expired", "message": JOB_ERRORS["expired"]},
+    }
     assert client.get(job["result_url"], headers=bearer(job["token"])).status_code == 410
 
 
@@ -193,7 +199,10 @@ def test_failed_job_shows_public_error_only(app, client, clean_redis):
     clean_redis.hset(job_key(job["job_id"]), "error_message", "/srv/secret/path.py line 3")
     body = client.get(job["status_url"], headers=bearer(job["token"])).get_json()
     assert body["status"] == "failed"
-    assert body["error"] == {"code": "undecodable_image", "message": JOB_ERRORS["undecodable_image"]}
+    assert body["error"] == {
+        "code": "undecodable_image",
+        "message": JOB_ERRORS["undecodable_image"],
+    }
     result = client.get(job["result_url"], headers=bearer(job["token"]))
     assert result.status_code == 409 and result.get_json()["status"] == "failed"
 
@@ -213,7 +222,9 @@ def test_logs_hold_ids_and_numbers_but_no_client_text(make_app, capsys):
     assert submitted["job_id"] == job["job_id"]
     assert (submitted["width"], submitted["height"]) == (33, 22) and submitted["bytes"] > 0
     assert any(line["event"] == "result_fetched" for line in lines)
-    assert any(line["event"] == "upload_rejected" and line["code"] == "type_mismatch" for line in lines)
+    assert any(
+        line["event"] == "upload_rejected" and line["code"] == "type_mismatch" for line in lines
+    )
     assert "secret-family-photo" not in logs and "another-secret-name" not in logs
     assert job["token"] not in logs and "127.0.0.1" not in logs
 
@@ -229,14 +240,18 @@ def test_a_failed_enqueue_withdraws_the_job_and_gives_503(client, clean_redis, m
     assert response.status_code == 503
     assert response.get_json()["error"] == "unavailable" and "Retry-After" in response.headers
     assert "10.0.0.5" not in response.get_data(as_text=True)
-    assert not list(clean_redis.scan_iter("m2fp:job:*")) and not list(clean_redis.scan_iter("m2fp:in:*"))
+    assert not list(clean_redis.scan_iter("m2fp:job:*")) and not list(
+        clean_redis.scan_iter("m2fp:in:*")
+    )
 
 
 @pytest.mark.parametrize("failure", ["decrypt", "render"])
-def test_a_failed_delivery_leaves_the_result_fetchable(app, client, clean_redis, monkeypatch, failure):
+def test_a_failed_delivery_leaves_the_result_fetchable(
+    app, client, clean_redis, monkeypatch, failure
+):
     """Decrypt and render first, delete only then: a server-side failure destroys nothing."""
-    from api import routes  # noqa: PLC0415
-    from shared.errors import DecryptionError  # noqa: PLC0415
+    from api import routes
+    from shared.errors import DecryptionError
 
     job = submit(client, png_bytes(20, 10))
     play_worker(app, job["job_id"])

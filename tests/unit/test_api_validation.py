@@ -28,19 +28,47 @@ from tests.unit.test_api_helpers import (  # noqa: F401  (fixtures)
 
 
 # --- pure functions (no Redis) ---------------------------------------------------------------
-@pytest.mark.parametrize("name, extension", [
-    ("photo.jpg", "jpg"), ("PHOTO.JPEG", "jpeg"), ("x.Png", "png"), ("holiday.2024.jpg", "jpg"),
-    ("фото.png", "png"), ("a b (1).jpeg", "jpeg"),
-])
+@pytest.mark.parametrize(
+    "name, extension",
+    [
+        ("photo.jpg", "jpg"),
+        ("PHOTO.JPEG", "jpeg"),
+        ("x.Png", "png"),
+        ("holiday.2024.jpg", "jpg"),
+        ("фото.png", "png"),
+        ("a b (1).jpeg", "jpeg"),
+    ],
+)
 def test_allowed_names(name, extension):
     assert check_filename(name) == extension
 
 
-@pytest.mark.parametrize("name", [
-    "photo.gif", "photo", "photo.", ".png", "x.png.", "x.png ", "x.jpg.php", "x.php.jpg",
-    "x.PHTML.png", "x.svg.png", "x.png\x00.jpg", "x\x00.png", "../x.png", "..\\x.png",
-    "/etc/x.png", "C:\\x\\y.jpg", "x\n.png", "x\x7f.png", "a" * 300 + ".png", "x.jpe", "x.webp",
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "photo.gif",
+        "photo",
+        "photo.",
+        ".png",
+        "x.png.",
+        "x.png ",
+        "x.jpg.php",
+        "x.php.jpg",
+        "x.PHTML.png",
+        "x.svg.png",
+        "x.png\x00.jpg",
+        "x\x00.png",
+        "../x.png",
+        "..\\x.png",
+        "/etc/x.png",
+        "C:\\x\\y.jpg",
+        "x\n.png",
+        "x\x7f.png",
+        "a" * 300 + ".png",
+        "x.jpe",
+        "x.webp",
+    ],
+)
 def test_refused_names(name):
     with pytest.raises(UnsupportedType):
         check_filename(name)
@@ -49,8 +77,13 @@ def test_refused_names(name):
 def test_magic_must_match_the_extension():
     assert check_magic(png_bytes(), "png") == "image/png"
     assert check_magic(jpeg_bytes(), "jpeg") == "image/jpeg"
-    for data, extension in [(png_bytes(), "jpg"), (jpeg_bytes(), "png"), (b"GIF89a" + b"\0" * 64, "png"),
-                            (b"<?php echo 1; ?>", "jpg"), (b"%PDF-1.4\n", "png")]:
+    for data, extension in [
+        (png_bytes(), "jpg"),
+        (jpeg_bytes(), "png"),
+        (b"GIF89a" + b"\0" * 64, "png"),
+        (b"<?php echo 1; ?>", "jpg"),
+        (b"%PDF-1.4\n", "png"),
+    ]:
         with pytest.raises(TypeMismatch):
             check_magic(data, extension)
 
@@ -60,14 +93,24 @@ def test_dimensions_come_from_the_header(settings):
     assert read_dimensions(jpeg_bytes(30, 20), "image/jpeg", settings) == (30, 20)
 
 
-@pytest.mark.parametrize("width, height", [(50_000, 50_000), (12_000, 12_000), (9_000, 9_000), (10_001, 10)])
+@pytest.mark.parametrize(
+    "width, height", [(50_000, 50_000), (12_000, 12_000), (9_000, 9_000), (10_001, 10)]
+)
 def test_oversized_headers_are_refused(settings, width, height):
     with pytest.raises(TooManyPixels):
         read_dimensions(bomb_png(width, height), "image/png", settings)
 
 
-@pytest.mark.parametrize("data", [png_bytes()[:20], png_bytes()[:30], jpeg_bytes()[:4], jpeg_bytes()[:100],
-                                  b"\x89PNG\r\n\x1a\n" + b"\0" * 40])
+@pytest.mark.parametrize(
+    "data",
+    [
+        png_bytes()[:20],
+        png_bytes()[:30],
+        jpeg_bytes()[:4],
+        jpeg_bytes()[:100],
+        b"\x89PNG\r\n\x1a\n" + b"\0" * 40,
+    ],
+)
 def test_truncated_headers_are_undecodable(settings, data):
     with pytest.raises(UndecodableImage):
         read_dimensions(data, "image/jpeg" if data.startswith(b"\xff") else "image/png", settings)
@@ -86,7 +129,9 @@ def test_multipart_files_stay_in_memory():
     """Werkzeug would spool a 2 MB part to a temporary file; the gateway's request class does not."""
     big = png_bytes(900, 800, noise=True)
     assert len(big) > 2_000_000
-    builder = EnvironBuilder(method="POST", path="/v1/jobs", data={"image": (io.BytesIO(big), "big.png")})
+    builder = EnvironBuilder(
+        method="POST", path="/v1/jobs", data={"image": (io.BytesIO(big), "big.png")}
+    )
     request = InMemoryRequest(builder.get_environ())
     stream = request.files["image"].stream
     assert isinstance(stream, io.BytesIO) and stream.getvalue() == big
@@ -98,7 +143,13 @@ def test_a_2mb_upload_never_creates_a_temporary_file(client, monkeypatch):
     def no_disk(*args, **kwargs):
         raise AssertionError("a temporary file was requested for an upload")
 
-    for name in ("SpooledTemporaryFile", "TemporaryFile", "NamedTemporaryFile", "mkstemp", "mkdtemp"):
+    for name in (
+        "SpooledTemporaryFile",
+        "TemporaryFile",
+        "NamedTemporaryFile",
+        "mkstemp",
+        "mkdtemp",
+    ):
         monkeypatch.setattr(tempfile, name, no_disk)
     monkeypatch.setattr("werkzeug.formparser.SpooledTemporaryFile", no_disk)
     big = png_bytes(900, 800, noise=True)
@@ -107,22 +158,25 @@ def test_a_2mb_upload_never_creates_a_temporary_file(client, monkeypatch):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("case, status, code", [
-    ("no field", 400, "missing_image"),
-    ("text field", 400, "missing_image"),
-    ("empty name", 400, "missing_image"),
-    ("empty file", 400, "missing_image"),
-    ("two files", 400, "bad_request"),
-    ("too many bytes", 413, "payload_too_large"),
-    ("bomb", 413, "image_too_large"),
-    ("long side", 413, "image_too_large"),
-    ("gif extension", 415, "unsupported_type"),
-    ("double extension", 415, "unsupported_type"),
-    ("png named jpg", 415, "type_mismatch"),
-    ("text named png", 415, "type_mismatch"),
-    ("truncated png", 422, "undecodable_image"),
-    ("truncated jpeg", 422, "undecodable_image"),
-])
+@pytest.mark.parametrize(
+    "case, status, code",
+    [
+        ("no field", 400, "missing_image"),
+        ("text field", 400, "missing_image"),
+        ("empty name", 400, "missing_image"),
+        ("empty file", 400, "missing_image"),
+        ("two files", 400, "bad_request"),
+        ("too many bytes", 413, "payload_too_large"),
+        ("bomb", 413, "image_too_large"),
+        ("long side", 413, "image_too_large"),
+        ("gif extension", 415, "unsupported_type"),
+        ("double extension", 415, "unsupported_type"),
+        ("png named jpg", 415, "type_mismatch"),
+        ("text named png", 415, "type_mismatch"),
+        ("truncated png", 422, "undecodable_image"),
+        ("truncated jpeg", 422, "undecodable_image"),
+    ],
+)
 def test_each_validation_step_has_its_code(make_app, case, status, code):
     client = make_app(M2FP_MAX_UPLOAD_BYTES="200000").test_client()
     image = png_bytes()
@@ -152,7 +206,10 @@ def test_each_validation_step_has_its_code(make_app, case, status, code):
 def test_checks_run_cheapest_first(make_app):
     client = make_app(M2FP_MAX_UPLOAD_BYTES="200000").test_client()
     # bytes before extension; extension before magic; magic before dimensions.
-    assert upload(client, png_bytes(300, 300, noise=True), "x.gif").get_json()["error"] == "payload_too_large"
+    assert (
+        upload(client, png_bytes(300, 300, noise=True), "x.gif").get_json()["error"]
+        == "payload_too_large"
+    )
     assert upload(client, b"junk", "x.gif").get_json()["error"] == "unsupported_type"
     assert upload(client, bomb_png(), "x.jpg").get_json()["error"] == "type_mismatch"
 
@@ -202,8 +259,14 @@ def test_a_50k_bomb_is_refused_fast_with_little_memory(service_env, clean_redis)
     if not os.access("/proc/self/clear_refs", os.W_OK):
         pytest.skip("needs Linux /proc/self/clear_refs to measure peak RSS of one request")
     env = {k: v for k, v in service_env.items() if k.startswith("M2FP_")}
-    proc = subprocess.run([sys.executable, "-c", BOMB_SCRIPT, json.dumps(env)], cwd=REPO,
-                          env=service_env, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", BOMB_SCRIPT, json.dumps(env)],
+        cwd=REPO,
+        env=service_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["size"] < 60_000

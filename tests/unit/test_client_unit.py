@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from m2fp_client import (
     PALETTE,
     Banned,
@@ -41,8 +43,6 @@ from m2fp_client import (
 from m2fp_client.client import connection_not_established, parse_retry_after
 from m2fp_client.errors import BadRequest, M2FPError, NotFound, error_for
 from m2fp_client.results import colorize, grey_png, palette_png
-from PIL import Image
-
 from shared import constants
 from tests.conftest import free_port
 
@@ -58,8 +58,11 @@ class Scripted:
 
     def next(self):
         with self.lock:
-            return self.responses.pop(0) if self.responses else (500, {}, {"error": "internal_error",
-                                                                             "message": "script exhausted"})
+            return (
+                self.responses.pop(0)
+                if self.responses
+                else (500, {}, {"error": "internal_error", "message": "script exhausted"})
+            )
 
 
 def make_handler(script: Scripted):
@@ -77,7 +80,9 @@ def make_handler(script: Scripted):
             status, headers, body = reply
             payload = body if isinstance(body, bytes) else json.dumps(body).encode()
             self.send_response(status)
-            self.send_header("Content-Type", "application/json" if not isinstance(body, bytes) else "image/png")
+            self.send_header(
+                "Content-Type", "application/json" if not isinstance(body, bytes) else "image/png"
+            )
             self.send_header("Content-Length", str(len(payload)))
             for name, value in headers.items():
                 self.send_header(name, value)
@@ -96,7 +101,9 @@ def make_handler(script: Scripted):
 def server():
     script = Scripted()
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(script))
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread = threading.Thread(
+        target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+    )
     thread.start()
     script.url = f"http://127.0.0.1:{httpd.server_address[1]}"
     yield script
@@ -122,19 +129,39 @@ def result_document(width: int = 6, height: int = 4) -> dict:
     labels[1:3, 1:3], labels[0, 5] = 13, 2
     instances = (labels > 0).astype(np.uint8)
     return {
-        "job_id": "j" * 24, "width": width, "height": height,
-        "label_map_png": png_b64(labels), "instance_map_png": png_b64(instances),
-        "persons": [{"index": 1, "score": 0.9, "box": [1, 0, 6, 3], "area": 5,
-                     "parts": [{"class_id": 2, "name": "Hair", "area": 1},
-                               {"class_id": 13, "name": "Face", "area": 4}]}],
-        "parts": [], "classes": {str(i): n for i, n in enumerate(constants.CIHP_CLASSES)},
-        "classes_present": [0, 2, 13], "untrained": True, "warnings": ["UNTRAINED MODEL"],
+        "job_id": "j" * 24,
+        "width": width,
+        "height": height,
+        "label_map_png": png_b64(labels),
+        "instance_map_png": png_b64(instances),
+        "persons": [
+            {
+                "index": 1,
+                "score": 0.9,
+                "box": [1, 0, 6, 3],
+                "area": 5,
+                "parts": [
+                    {"class_id": 2, "name": "Hair", "area": 1},
+                    {"class_id": 13, "name": "Face", "area": 4},
+                ],
+            }
+        ],
+        "parts": [],
+        "classes": {str(i): n for i, n in enumerate(constants.CIHP_CLASSES)},
+        "classes_present": [0, 2, 13],
+        "untrained": True,
+        "warnings": ["UNTRAINED MODEL"],
         "timings": {"inference": 0.5},
     }
 
 
-JOB = {"job_id": "A" * 24, "token": "T" * 43, "status_url": f"/v1/jobs/{'A' * 24}",
-       "result_url": f"/v1/jobs/{'A' * 24}/result", "expires_in": 1200}
+JOB = {
+    "job_id": "A" * 24,
+    "token": "T" * 43,
+    "status_url": f"/v1/jobs/{'A' * 24}",
+    "result_url": f"/v1/jobs/{'A' * 24}/result",
+    "expires_in": 1200,
+}
 
 
 # --- Retry-After and backoff -------------------------------------------------------------------
@@ -148,8 +175,10 @@ def test_parse_retry_after_seconds_dates_and_garbage():
 
 
 def test_429_is_retried_after_retry_after(server, sleeps):
-    server.responses = [(429, {"Retry-After": "3"}, {"error": "rate_limited", "message": "slow down"}),
-                        (202, {}, JOB)]
+    server.responses = [
+        (429, {"Retry-After": "3"}, {"error": "rate_limited", "message": "slow down"}),
+        (202, {}, JOB),
+    ]
     job = make_client(server.url, sleeps).submit(b"\xff\xd8\xff fake jpeg", filename="a.jpg")
     assert sleeps == [3.0]
     assert len(server.requests) == 2 and job.job_id == JOB["job_id"]
@@ -161,12 +190,16 @@ def test_503_queue_full_is_retried_then_raised_when_retries_run_out(server, slee
     server.responses = [busy] * 3
     with pytest.raises(ServerUnavailable) as info:
         make_client(server.url, sleeps, max_retries=2).submit(b"\x89PNG\r\n\x1a\nxx")
-    assert info.value.code == "queue_full" and info.value.status == 503 and info.value.retry_after == 2
+    assert (
+        info.value.code == "queue_full" and info.value.status == 503 and info.value.retry_after == 2
+    )
     assert sleeps == [2.0, 2.0] and len(server.requests) == 3
 
 
 def test_retry_after_beyond_the_cap_is_raised_at_once(server, sleeps):
-    server.responses = [(429, {"Retry-After": "3600"}, {"error": "rate_limited", "message": "later"})]
+    server.responses = [
+        (429, {"Retry-After": "3600"}, {"error": "rate_limited", "message": "later"})
+    ]
     with pytest.raises(RateLimited) as info:
         make_client(server.url, sleeps, max_retry_wait=60).submit(b"x", filename="a.jpg")
     assert sleeps == [] and info.value.retry_after == 3600
@@ -179,11 +212,13 @@ def test_503_without_retry_after_backs_off_exponentially(server, sleeps):
     assert client.status(client.job("j", "t" * 20)).status == "queued"
     assert len(sleeps) == 3
     for attempt, delay in enumerate(sleeps):
-        assert 0.5 * 2 ** attempt <= delay <= 2 ** attempt
+        assert 0.5 * 2**attempt <= delay <= 2**attempt
 
 
 def test_connection_refused_is_retried_with_backoff_then_raised(sleeps):
-    client = make_client(f"http://127.0.0.1:{free_port()}", sleeps, max_retries=3, backoff=0.5, max_backoff=1.0)
+    client = make_client(
+        f"http://127.0.0.1:{free_port()}", sleeps, max_retries=3, backoff=0.5, max_backoff=1.0
+    )
     with pytest.raises(ConnectionFailed) as info:
         client.submit(b"x", filename="a.jpg")  # never reached the server: safe to retry a POST
     assert info.value.code == "connection_error" and info.value.status is None
@@ -222,19 +257,34 @@ def test_connection_not_established_recognises_refusals_only():
 
 
 # --- error mapping ------------------------------------------------------------------------------
-@pytest.mark.parametrize(("status", "code", "cls"), [
-    (400, "missing_image", BadRequest), (401, "unauthorized", Unauthorized), (403, "banned", Banned),
-    (404, "not_found", NotFound), (409, "not_ready", NotReady), (410, "result_gone", ResultGone),
-    (413, "payload_too_large", InvalidImage), (413, "image_too_large", InvalidImage),
-    (415, "unsupported_type", InvalidImage), (415, "type_mismatch", InvalidImage),
-    (422, "undecodable_image", InvalidImage), (429, "rate_limited", RateLimited),
-    (503, "queue_full", ServerUnavailable), (503, "unavailable", ServerUnavailable),
-])
+@pytest.mark.parametrize(
+    ("status", "code", "cls"),
+    [
+        (400, "missing_image", BadRequest),
+        (401, "unauthorized", Unauthorized),
+        (403, "banned", Banned),
+        (404, "not_found", NotFound),
+        (409, "not_ready", NotReady),
+        (410, "result_gone", ResultGone),
+        (413, "payload_too_large", InvalidImage),
+        (413, "image_too_large", InvalidImage),
+        (415, "unsupported_type", InvalidImage),
+        (415, "type_mismatch", InvalidImage),
+        (422, "undecodable_image", InvalidImage),
+        (429, "rate_limited", RateLimited),
+        (503, "queue_full", ServerUnavailable),
+        (503, "unavailable", ServerUnavailable),
+    ],
+)
 def test_every_contract_error_maps_to_its_class(server, sleeps, status, code, cls):
     server.responses = [(status, {}, {"error": code, "message": f"the {code} sentence"})]
     with pytest.raises(cls) as info:
         make_client(server.url, sleeps, max_retries=0).submit(b"x", filename="a.jpg")
-    assert (info.value.code, info.value.status, info.value.message) == (code, status, f"the {code} sentence")
+    assert (info.value.code, info.value.status, info.value.message) == (
+        code,
+        status,
+        f"the {code} sentence",
+    )
 
 
 def test_unknown_codes_fall_back_on_the_status():
@@ -271,18 +321,34 @@ def test_job_urls_on_another_origin_are_not_trusted(server, sleeps):
 def test_wait_polls_until_done_and_raises_job_errors(server, sleeps):
     client = make_client(server.url, sleeps)
     job = client.job("j", "t" * 20)
-    server.responses = [(200, {}, {"job_id": "j", "status": s}) for s in ("queued", "running", "done")]
+    server.responses = [
+        (200, {}, {"job_id": "j", "status": s}) for s in ("queued", "running", "done")
+    ]
     assert client.wait(job, poll_interval=0.2).status == "done"
     assert sleeps == pytest.approx([0.2, 0.3])
 
-    server.responses = [(200, {}, {"job_id": "j", "status": "failed",
-                                   "error": {"code": "undecodable_image", "message": "corrupt"}})]
+    server.responses = [
+        (
+            200,
+            {},
+            {
+                "job_id": "j",
+                "status": "failed",
+                "error": {"code": "undecodable_image", "message": "corrupt"},
+            },
+        )
+    ]
     with pytest.raises(JobFailed) as info:
         client.wait(job)
     assert info.value.code == "undecodable_image" and info.value.message == "corrupt"
 
-    server.responses = [(200, {}, {"job_id": "j", "status": "expired",
-                                   "error": {"code": "expired", "message": "gone"}})]
+    server.responses = [
+        (
+            200,
+            {},
+            {"job_id": "j", "status": "expired", "error": {"code": "expired", "message": "gone"}},
+        )
+    ]
     with pytest.raises(JobExpired):
         client.wait(job)
 
@@ -302,8 +368,12 @@ def test_wait_times_out_with_a_fake_clock(server):
 
 def test_parse_withdraws_a_job_that_timed_out(server):
     now = [0.0]
-    client = Client(server.url, sleep=lambda s: now.__setitem__(0, now[0] + s), clock=lambda: now[0])
-    server.responses = [(202, {}, JOB)] + [(200, {}, {"job_id": "j", "status": "queued"})] * 5 + [(204, {}, b"")]
+    client = Client(
+        server.url, sleep=lambda s: now.__setitem__(0, now[0] + s), clock=lambda: now[0]
+    )
+    server.responses = (
+        [(202, {}, JOB)] + [(200, {}, {"job_id": "j", "status": "queued"})] * 5 + [(204, {}, b"")]
+    )
     with pytest.raises(WaitTimeout):
         client.parse(b"\xff\xd8\xffx", timeout=2)
     assert server.requests[-1][0] == "DELETE"
@@ -324,12 +394,17 @@ def test_result_palette_format_returns_bytes(server, sleeps):
     png = palette_png(np.zeros((2, 3), np.uint8))
     server.responses = [(200, {}, png)]
     client = make_client(server.url, sleeps)
-    assert client.result(Job("j", "t" * 20, server.url + "/s", server.url + "/r"), format="palette") == png
+    assert (
+        client.result(Job("j", "t" * 20, server.url + "/s", server.url + "/r"), format="palette")
+        == png
+    )
     assert server.requests[0][1] == "/r?format=palette"
 
 
 def test_ready_returns_the_body_even_when_not_ready(server, sleeps):
-    server.responses = [(503, {"Retry-After": "10"}, {"status": "no_workers", "workers": 0, "warnings": ["none"]})]
+    server.responses = [
+        (503, {"Retry-After": "10"}, {"status": "no_workers", "workers": 0, "warnings": ["none"]})
+    ]
     assert make_client(server.url, sleeps).ready()["status"] == "no_workers"
     assert sleeps == []
 
@@ -383,7 +458,9 @@ def test_expand_inputs_takes_images_from_directories(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "d.jpg").write_bytes(b"x")
     explicit = tmp_path / "notes.txt"
-    files, missing = cli.expand_inputs([tmp_path, explicit, tmp_path / "a.png", tmp_path / "nope.jpg"])
+    files, missing = cli.expand_inputs(
+        [tmp_path, explicit, tmp_path / "a.png", tmp_path / "nope.jpg"]
+    )
     assert [f.name for f in files] == ["a.png", "b.JPG", "c.jpeg", "notes.txt"]
     assert missing == [tmp_path / "nope.jpg"]
     files, _ = cli.expand_inputs([tmp_path], recursive=True)
@@ -391,8 +468,9 @@ def test_expand_inputs_takes_images_from_directories(tmp_path):
 
 
 def test_output_stems_are_unique():
-    assert cli.output_stems([Path("a/x.jpg"), Path("b/x.png"), Path("y.jpg"), Path("c/x.jpeg")]) == [
-        "x", "x-2", "y", "x-3"]
+    assert cli.output_stems(
+        [Path("a/x.jpg"), Path("b/x.png"), Path("y.jpg"), Path("c/x.jpeg")]
+    ) == ["x", "x-2", "y", "x-3"]
 
 
 def test_parser_requires_inputs_and_a_command(capsys):
@@ -401,8 +479,15 @@ def test_parser_requires_inputs_and_a_command(capsys):
     assert info.value.code == 2
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args([])
-    args = cli.build_parser().parse_args(["parse", "a.jpg", "dir", "--server", "http://h:1", "-o", "out", "--palette"])
-    assert (args.inputs, args.server, args.output, args.palette) == (["a.jpg", "dir"], "http://h:1", "out", True)
+    args = cli.build_parser().parse_args(
+        ["parse", "a.jpg", "dir", "--server", "http://h:1", "-o", "out", "--palette"]
+    )
+    assert (args.inputs, args.server, args.output, args.palette) == (
+        ["a.jpg", "dir"],
+        "http://h:1",
+        "out",
+        True,
+    )
 
 
 def test_api_key_comes_from_a_file_or_the_environment(tmp_path, monkeypatch):
@@ -465,20 +550,36 @@ def test_run_parse_writes_outputs_and_reports_failures(tmp_path):
     status = cli.run_parse(parse_args(str(photos), "-o", str(out)), stub, stderr)
     assert status == 1 and stub.calls == ["a.jpg", "b.png", "c.jpg"]
     assert sorted(p.name for p in out.iterdir()) == [
-        "a.instances.png", "a.json", "a.labels.png", "c.instances.png", "c.json", "c.labels.png"]
+        "a.instances.png",
+        "a.json",
+        "a.labels.png",
+        "c.instances.png",
+        "c.json",
+        "c.labels.png",
+    ]
     log = stderr.getvalue()
     assert "FAILED b.png: undecodable_image: The image is corrupt." in log
     assert "2 of 3 parsed, 1 failed" in log and "WARNING: UNTRAINED MODEL" in log
     labels = np.array(Image.open(out / "a.labels.png"))
     assert labels.shape == (4, 6) and labels[1, 1] == 13
     summary = json.loads((out / "a.json").read_text())
-    assert summary["source"] == "a.jpg" and summary["classes_present"] == {"0": "Background", "2": "Hair", "13": "Face"}
+    assert summary["source"] == "a.jpg" and summary["classes_present"] == {
+        "0": "Background",
+        "2": "Hair",
+        "13": "Face",
+    }
 
 
 def test_run_parse_palette_keeps_class_ids(tmp_path):
     (tmp_path / "a.jpg").write_bytes(b"x")
-    assert cli.run_parse(parse_args(str(tmp_path / "a.jpg"), "-o", str(tmp_path), "--palette"),
-                         StubClient(), io.StringIO()) == 0
+    assert (
+        cli.run_parse(
+            parse_args(str(tmp_path / "a.jpg"), "-o", str(tmp_path), "--palette"),
+            StubClient(),
+            io.StringIO(),
+        )
+        == 0
+    )
     with Image.open(tmp_path / "a.labels.png") as image:
         assert image.mode == "P" and np.array(image)[1, 1] == 13
 
@@ -490,7 +591,10 @@ def test_run_parse_stops_on_errors_every_file_would_hit(tmp_path):
     stderr = io.StringIO()
     assert cli.run_parse(parse_args(str(tmp_path), "-o", str(tmp_path / "o")), stub, stderr) == 1
     assert stub.calls == ["a.jpg"]
-    assert "2 remaining file(s) not sent" in stderr.getvalue() and "0 of 3 parsed, 3 failed" in stderr.getvalue()
+    assert (
+        "2 remaining file(s) not sent" in stderr.getvalue()
+        and "0 of 3 parsed, 3 failed" in stderr.getvalue()
+    )
 
 
 def test_run_parse_counts_missing_paths_and_empty_inputs(tmp_path):

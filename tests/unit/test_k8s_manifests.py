@@ -48,10 +48,24 @@ KUBERNETES_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
 # Where the KEDA CRDs may lie: the steering repo's shared/ (beside the checkout, in CI too).
 KEDA_CRD_DIRS = (REPO.parent / "shared" / "keda", REPO / "tests" / "data" / "keda")
 # Keys the KEDA Redis list scaler reads from a trigger's metadata (keda.sh/docs, scaler "redis").
-REDIS_SCALER_KEYS = {"address", "addressFromEnv", "host", "hostFromEnv", "port", "portFromEnv",
-                     "username", "usernameFromEnv", "password", "passwordFromEnv", "listName",
-                     "listLength", "activationListLength", "databaseIndex", "enableTLS",
-                     "unsafeSsl"}
+REDIS_SCALER_KEYS = {
+    "address",
+    "addressFromEnv",
+    "host",
+    "hostFromEnv",
+    "port",
+    "portFromEnv",
+    "username",
+    "usernameFromEnv",
+    "password",
+    "passwordFromEnv",
+    "listName",
+    "listLength",
+    "activationListLength",
+    "databaseIndex",
+    "enableTLS",
+    "unsafeSsl",
+}
 REDIS_AUTH_PARAMETERS = {"username", "password", "tls", "ca", "cert", "key", "keyPassword"}
 # Checkov policies skipped, each for a reason that holds for this project.
 CHECKOV_SKIPS = {
@@ -75,8 +89,13 @@ def kubectl() -> str:
 
 def render(path: Path) -> list[dict]:
     """`kubectl kustomize path`, parsed; fails the test with kubectl's message."""
-    proc = subprocess.run([kubectl(), "kustomize", str(path)], capture_output=True, text=True,
-                          timeout=120, check=False)
+    proc = subprocess.run(
+        [kubectl(), "kustomize", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     if proc.returncode != 0:
         pytest.fail(f"kubectl kustomize {path} failed:\n{proc.stderr[-3000:]}")
     return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
@@ -94,15 +113,30 @@ def credentials(tmp_path_factory) -> dict[str, dict[str, bytes]]:
     scratch = tmp_path_factory.mktemp("k8s-credentials")
     (scratch / "scripts").mkdir()
     shutil.copy(REPO / "scripts" / "make_secrets.sh", scratch / "scripts")
-    subprocess.run(["bash", str(scratch / "scripts" / "make_secrets.sh")], check=True,
-                   capture_output=True, timeout=60)
+    subprocess.run(
+        ["bash", str(scratch / "scripts" / "make_secrets.sh")],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     (scratch / "creds").mkdir()
     shutil.copy(K8S / "credentials" / "kustomization.yaml", scratch / "creds")
-    subprocess.run(["bash", str(REPO / "scripts" / "k8s_secrets.sh"), str(scratch / "secrets"),
-                    str(scratch / "creds" / "secrets")], check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [
+            "bash",
+            str(REPO / "scripts" / "k8s_secrets.sh"),
+            str(scratch / "secrets"),
+            str(scratch / "creds" / "secrets"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     secrets = {}
     for doc in render(scratch / "creds"):
-        assert doc["kind"] == "Secret" and doc["metadata"]["namespace"] == NAMESPACE, doc["metadata"]
+        assert doc["kind"] == "Secret" and doc["metadata"]["namespace"] == NAMESPACE, doc[
+            "metadata"
+        ]
         secrets[doc["metadata"]["name"]] = {k: base64.b64decode(v) for k, v in doc["data"].items()}
     secrets["_acl"] = {"users.acl": (scratch / "secrets" / "users.acl").read_bytes()}
     return secrets
@@ -117,17 +151,27 @@ def find(docs: list[dict], kind: str, name: str) -> dict:
 
 def pod_specs(docs: list[dict]) -> list[tuple[str, dict]]:
     """(name, pod spec) of every workload."""
-    specs = [(d["metadata"]["name"], d["spec"]["template"]["spec"]) for d in docs
-             if d["kind"] in WORKLOAD_KINDS]
+    specs = [
+        (d["metadata"]["name"], d["spec"]["template"]["spec"])
+        for d in docs
+        if d["kind"] in WORKLOAD_KINDS
+    ]
     specs += [(d["metadata"]["name"], d["spec"]) for d in docs if d["kind"] == "Pod"]
-    specs += [(d["metadata"]["name"], d["spec"]["jobTemplate"]["spec"]["template"]["spec"])
-              for d in docs if d["kind"] == "CronJob"]
+    specs += [
+        (d["metadata"]["name"], d["spec"]["jobTemplate"]["spec"]["template"]["spec"])
+        for d in docs
+        if d["kind"] == "CronJob"
+    ]
     return specs
 
 
 def containers(spec: dict) -> list[dict]:
     """Every container of a pod spec, init and ephemeral ones included."""
-    return [*spec.get("initContainers", []), *spec["containers"], *spec.get("ephemeralContainers", [])]
+    return [
+        *spec.get("initContainers", []),
+        *spec["containers"],
+        *spec.get("ephemeralContainers", []),
+    ]
 
 
 def env_of(docs: list[dict], container: dict) -> dict[str, str]:
@@ -146,7 +190,9 @@ def config_variables() -> set[str]:
     """Every variable name shared/config.py reads, with the *_FILE forms of its secrets."""
     source = (REPO / "shared" / "config.py").read_text()
     names = set(re.findall(r'"(M2FP_[A-Z0-9_]+)"', source))
-    names |= {f"{name}_FILE" for name in re.findall(r'_read_secret\(env, "(M2FP_[A-Z0-9_]+)"\)', source)}
+    names |= {
+        f"{name}_FILE" for name in re.findall(r'_read_secret\(env, "(M2FP_[A-Z0-9_]+)"\)', source)
+    }
     return names
 
 
@@ -154,11 +200,20 @@ def config_variables() -> set[str]:
 def test_overlay_renders_the_whole_stack(rendered, overlay):
     docs = rendered[overlay]
     kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
-    for expected in [("Namespace", NAMESPACE), ("Deployment", "m2fp-gateway"), ("Service", "m2fp-gateway"),
-                     ("HorizontalPodAutoscaler", "m2fp-gateway"), ("Deployment", "m2fp-worker"),
-                     ("ScaledObject", "m2fp-worker"), ("TriggerAuthentication", "m2fp-keda-redis"),
-                     ("Deployment", "m2fp-flower"), ("Service", "m2fp-flower"), ("Deployment", "redis"),
-                     ("Service", "redis"), ("NetworkPolicy", "default-deny")]:
+    for expected in [
+        ("Namespace", NAMESPACE),
+        ("Deployment", "m2fp-gateway"),
+        ("Service", "m2fp-gateway"),
+        ("HorizontalPodAutoscaler", "m2fp-gateway"),
+        ("Deployment", "m2fp-worker"),
+        ("ScaledObject", "m2fp-worker"),
+        ("TriggerAuthentication", "m2fp-keda-redis"),
+        ("Deployment", "m2fp-flower"),
+        ("Service", "m2fp-flower"),
+        ("Deployment", "redis"),
+        ("Service", "redis"),
+        ("NetworkPolicy", "default-deny"),
+    ]:
         assert expected in kinds, f"{overlay}: {expected} missing"
     for doc in docs:
         if doc["kind"] != "Namespace":
@@ -178,14 +233,18 @@ def test_core_objects_match_kubernetes_schemas(rendered, overlay, version):
         try:
             kubernetes_validate.validate(doc, version, strict=True)
         except kubernetes_validate.ValidationError as exc:
-            errors.append(f"{doc['kind']}/{doc['metadata']['name']}: {exc.message} at {list(exc.path)}")
+            errors.append(
+                f"{doc['kind']}/{doc['metadata']['name']}: {exc.message} at {list(exc.path)}"
+            )
     assert not errors, "\n".join(errors)
 
 
 def test_schema_validation_catches_a_misspelt_field(rendered):
     """The strict schemas reject an unknown field: the check above is not vacuous."""
     doc = json.loads(json.dumps(find(rendered["cpu"], "Deployment", "m2fp-worker")))
-    doc["spec"]["template"]["spec"]["containers"][0]["securityContext"]["readOnlyRootFileSystem"] = True
+    doc["spec"]["template"]["spec"]["containers"][0]["securityContext"][
+        "readOnlyRootFileSystem"
+    ] = True
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(doc, KUBERNETES_VERSIONS[-1], strict=True)
 
@@ -198,23 +257,30 @@ def strict(schema):
     if not isinstance(schema, dict):
         return schema
     out = {key: strict(value) for key, value in schema.items()}
-    if ("properties" in out and "additionalProperties" not in out
-            and not out.get("x-kubernetes-preserve-unknown-fields")):
+    if (
+        "properties" in out
+        and "additionalProperties" not in out
+        and not out.get("x-kubernetes-preserve-unknown-fields")
+    ):
         out["additionalProperties"] = False
     return out
 
 
 def keda_crd_schema(kind: str) -> dict:
     """The v1alpha1 schema of a KEDA CRD, or a loud skip naming where it is expected."""
-    filename = {"ScaledObject": "keda.sh_scaledobjects.yaml",
-                "TriggerAuthentication": "keda.sh_triggerauthentications.yaml"}[kind]
+    filename = {
+        "ScaledObject": "keda.sh_scaledobjects.yaml",
+        "TriggerAuthentication": "keda.sh_triggerauthentications.yaml",
+    }[kind]
     for folder in KEDA_CRD_DIRS:
         if (folder / filename).is_file():
             crd = next(d for d in yaml.safe_load_all((folder / filename).read_text()) if d)
             version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1")
             return strict(version["schema"]["openAPIV3Schema"])
-    pytest.skip(f"KEDA's CRD {filename} is not in {' or '.join(map(str, KEDA_CRD_DIRS))}: "
-                "the CRD schema check did not run (test_keda_objects_work_with_the_redis_scaler did)")
+    pytest.skip(
+        f"KEDA's CRD {filename} is not in {' or '.join(map(str, KEDA_CRD_DIRS))}: "
+        "the CRD schema check did not run (test_keda_objects_work_with_the_redis_scaler did)"
+    )
 
 
 @pytest.mark.parametrize("kind", sorted(KEDA_KINDS))
@@ -225,8 +291,10 @@ def test_keda_objects_match_keda_crd(rendered, overlay, kind):
     assert objects
     for doc in objects:
         assert doc["apiVersion"] == "keda.sh/v1alpha1"
-        errors = [f"{'/'.join(map(str, e.path))}: {e.message}"
-                  for e in jsonschema.Draft7Validator(schema).iter_errors(doc)]
+        errors = [
+            f"{'/'.join(map(str, e.path))}: {e.message}"
+            for e in jsonschema.Draft7Validator(schema).iter_errors(doc)
+        ]
         assert not errors, f"{kind}/{doc['metadata']['name']}:\n" + "\n".join(errors)
 
 
@@ -245,7 +313,9 @@ def test_keda_objects_work_with_the_redis_scaler(rendered, credentials, overlay)
     assert trigger["type"] == "redis"
     meta = trigger["metadata"]
     assert set(meta) <= REDIS_SCALER_KEYS, set(meta) - REDIS_SCALER_KEYS
-    assert all(isinstance(value, str) for value in meta.values()), "KEDA metadata values are strings"
+    assert all(isinstance(value, str) for value in meta.values()), (
+        "KEDA metadata values are strings"
+    )
     assert meta["listName"] == QUEUE
     assert int(meta["listLength"]) >= 1 and int(meta["activationListLength"]) == 0
     host, port = meta["address"].rsplit(":", 1)
@@ -266,7 +336,11 @@ def test_keda_logs_in_as_the_read_only_flower_user(credentials):
     acl = credentials["_acl"]["users.acl"].decode()
     flower_line = next(line for line in acl.splitlines() if line.startswith("user flower "))
     assert f">{keda['password'].decode()} " in flower_line
-    assert "~m2fp " in flower_line + " " and "+@write" not in flower_line and "+@all" not in flower_line
+    assert (
+        "~m2fp " in flower_line + " "
+        and "+@write" not in flower_line
+        and "+@all" not in flower_line
+    )
     assert "+llen" in flower_line or "+@read" in flower_line, "KEDA needs LLEN on the queue"
     assert not keda["password"].endswith(b"\n")
 
@@ -309,7 +383,9 @@ def test_tmp_is_memory_backed_and_bounded(rendered, overlay):
             assert empty_dir.get("sizeLimit"), f"{name}: /tmp has a size limit"
         for volume in volumes.values():
             if "emptyDir" in volume:
-                assert volume["emptyDir"].get("medium") == "Memory", f"{name}/{volume['name']}: no disk"
+                assert volume["emptyDir"].get("medium") == "Memory", (
+                    f"{name}/{volume['name']}: no disk"
+                )
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -336,7 +412,9 @@ def test_gateway_and_worker_probes(rendered, overlay):
     # /readyz needs a live worker: as readiness it would, with workers at zero, take every
     # gateway out of the Service, so no job could arrive to wake a worker.
     min_workers = find(docs, "ScaledObject", "m2fp-worker")["spec"]["minReplicaCount"]
-    assert probe_path(gateway, "readinessProbe") in (("/healthz", "/readyz") if min_workers else ("/healthz",))
+    assert probe_path(gateway, "readinessProbe") in (
+        ("/healthz", "/readyz") if min_workers else ("/healthz",)
+    )
     worker = find(docs, "Deployment", "m2fp-worker")["spec"]["template"]["spec"]["containers"][0]
     env = env_of(docs, worker)
     ports = {p["name"]: p["containerPort"] for p in worker["ports"]}
@@ -361,7 +439,8 @@ def test_worker_threads_fit_its_cpu_request(rendered, overlay):
     worker = find(docs, "Deployment", "m2fp-worker")["spec"]["template"]["spec"]["containers"][0]
     env = env_of(docs, worker)
     cpus = float(str(worker["resources"]["requests"]["cpu"]).removesuffix("m")) / (
-        1000 if str(worker["resources"]["requests"]["cpu"]).endswith("m") else 1)
+        1000 if str(worker["resources"]["requests"]["cpu"]).endswith("m") else 1
+    )
     assert int(env["M2FP_WORKER_CONCURRENCY"]) * int(env["M2FP_TORCH_THREADS"]) <= max(cpus, 1)
 
 
@@ -371,7 +450,9 @@ SECRETISH = re.compile(r"KEY|PASSWORD|PASS|TOKEN|SECRET|AUTH|URL", re.I)
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_no_secret_values_in_the_manifests(rendered, overlay):
     docs = rendered[overlay]
-    assert not [d for d in docs if d["kind"] == "Secret"], "Secrets come from deploy/k8s/credentials"
+    assert not [d for d in docs if d["kind"] == "Secret"], (
+        "Secrets come from deploy/k8s/credentials"
+    )
     for name, spec in pod_specs(docs):
         for container in containers(spec):
             for item in container.get("env", []):
@@ -379,26 +460,40 @@ def test_no_secret_values_in_the_manifests(rendered, overlay):
                     assert "value" not in item, f"{name}: {item['name']} has a literal value"
             for var, value in env_of(docs, container).items():
                 assert not re.search(r"rediss?://[^/@\s]*:[^/@\s]+@", value), f"{name}: {var}"
-    text = "\n".join(p.read_text() for p in K8S.rglob("*") if p.is_file() and "secrets" not in p.parts)
+    text = "\n".join(
+        p.read_text() for p in K8S.rglob("*") if p.is_file() and "secrets" not in p.parts
+    )
     assert not re.search(r"rediss?://[^/@\s]*:[^/@\s]+@", text), "a Redis URL with a password"
     assert not re.search(r"^\s*(literals|stringData):", text, re.M), "secret literals"
-    assert not [d for p in K8S.rglob("*.yaml") for d in yaml.safe_load_all(p.read_text())
-                if d and d.get("kind") == "Secret"], "a Secret manifest in the repo"
+    assert not [
+        d
+        for p in K8S.rglob("*.yaml")
+        for d in yaml.safe_load_all(p.read_text())
+        if d and d.get("kind") == "Secret"
+    ], "a Secret manifest in the repo"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_secret_reference_resolves(rendered, credentials, overlay):
     for name, spec in pod_specs(rendered[overlay]):
         for volume in spec.get("volumes", []):
-            sources = [volume["secret"] | {"name": volume["secret"]["secretName"]}] if "secret" in volume else []
-            sources += [s["secret"] for s in volume.get("projected", {}).get("sources", []) if "secret" in s]
+            sources = (
+                [volume["secret"] | {"name": volume["secret"]["secretName"]}]
+                if "secret" in volume
+                else []
+            )
+            sources += [
+                s["secret"] for s in volume.get("projected", {}).get("sources", []) if "secret" in s
+            ]
             for source in sources:
                 assert source["name"] in credentials, f"{name}: Secret {source['name']}"
                 for item in source.get("items", []):
                     assert item["key"] in credentials[source["name"]], f"{name}: {item['key']}"
     for secret in ("m2fp-gateway", "m2fp-worker", "m2fp-flower"):
         url = urlparse(credentials[secret]["redis_url"].decode().strip())
-        assert url.hostname == "redis" and url.password, f"{secret}: the Service named redis, with a password"
+        assert url.hostname == "redis" and url.password, (
+            f"{secret}: the Service named redis, with a password"
+        )
 
 
 def selects(selector: dict, labels: dict) -> bool:
@@ -407,16 +502,23 @@ def selects(selector: dict, labels: dict) -> bool:
         return False
     for expr in selector.get("matchExpressions", []):
         value = labels.get(expr["key"])
-        ok = {"In": value in expr.get("values", []), "NotIn": value not in expr.get("values", []),
-              "Exists": expr["key"] in labels, "DoesNotExist": expr["key"] not in labels}[expr["operator"]]
+        ok = {
+            "In": value in expr.get("values", []),
+            "NotIn": value not in expr.get("values", []),
+            "Exists": expr["key"] in labels,
+            "DoesNotExist": expr["key"] not in labels,
+        }[expr["operator"]]
         if not ok:
             return False
     return True
 
 
 def pod_labels(docs: list[dict]) -> dict[str, dict]:
-    return {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"]
-            for d in docs if d["kind"] in WORKLOAD_KINDS}
+    return {
+        d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"]
+        for d in docs
+        if d["kind"] in WORKLOAD_KINDS
+    }
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -427,7 +529,9 @@ def test_network_policies_let_only_the_service_reach_redis(rendered, overlay):
     labels = pod_labels(docs)
     allowed_in: set[str] = set()
     for policy in policies:
-        if "Ingress" not in policy["policyTypes"] or not selects(policy["podSelector"], labels["redis"]):
+        if "Ingress" not in policy["policyTypes"] or not selects(
+            policy["podSelector"], labels["redis"]
+        ):
             continue
         for rule in policy.get("ingress", []):
             assert rule.get("from"), "an ingress rule to Redis without `from` admits everyone"
@@ -435,11 +539,15 @@ def test_network_policies_let_only_the_service_reach_redis(rendered, overlay):
             for peer in rule["from"]:
                 assert "ipBlock" not in peer, peer
                 if "namespaceSelector" in peer:
-                    assert peer["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "keda"}}
+                    assert peer["namespaceSelector"] == {
+                        "matchLabels": {"kubernetes.io/metadata.name": "keda"}
+                    }
                     assert "podSelector" not in peer or peer["podSelector"], peer
                     allowed_in.add("namespace:keda")
                 else:
-                    allowed_in |= {n for n, lab in labels.items() if selects(peer["podSelector"], lab)}
+                    allowed_in |= {
+                        n for n, lab in labels.items() if selects(peer["podSelector"], lab)
+                    }
     assert allowed_in == {"m2fp-gateway", "m2fp-worker", "m2fp-flower", "namespace:keda"}
     # Egress to Redis for exactly those three; nobody may leave the cluster.
     allowed_out = set()
@@ -448,10 +556,17 @@ def test_network_policies_let_only_the_service_reach_redis(rendered, overlay):
             for peer in rule.get("to", []):
                 assert "ipBlock" not in peer, "no egress outside the cluster"
                 if "podSelector" in peer and selects(peer["podSelector"], labels["redis"]):
-                    allowed_out |= {n for n, lab in labels.items() if selects(policy["podSelector"], lab)}
+                    allowed_out |= {
+                        n for n, lab in labels.items() if selects(policy["podSelector"], lab)
+                    }
     assert allowed_out == {"m2fp-gateway", "m2fp-worker", "m2fp-flower"}
-    gateway_ports = {p["port"] for policy in policies if selects(policy["podSelector"], labels["m2fp-gateway"])
-                     for rule in policy.get("ingress", []) for p in rule.get("ports", [])}
+    gateway_ports = {
+        p["port"]
+        for policy in policies
+        if selects(policy["podSelector"], labels["m2fp-gateway"])
+        for rule in policy.get("ingress", [])
+        for p in rule.get("ports", [])
+    }
     assert gateway_ports == {8000}
 
 
@@ -460,13 +575,17 @@ def test_flower_is_internal_only(rendered, overlay):
     docs = rendered[overlay]
     assert find(docs, "Service", "m2fp-flower")["spec"]["type"] == "ClusterIP"
     assert not [d for d in docs if d["kind"] in ("Ingress", "Route", "Gateway", "HTTPRoute")]
-    assert all(d["spec"].get("type", "ClusterIP") == "ClusterIP" for d in docs if d["kind"] == "Service")
+    assert all(
+        d["spec"].get("type", "ClusterIP") == "ClusterIP" for d in docs if d["kind"] == "Service"
+    )
 
 
 def test_gpu_overlay_asks_for_a_gpu_and_cuda(rendered):
     def worker(overlay):
         docs = rendered[overlay]
-        container = find(docs, "Deployment", "m2fp-worker")["spec"]["template"]["spec"]["containers"][0]
+        container = find(docs, "Deployment", "m2fp-worker")["spec"]["template"]["spec"][
+            "containers"
+        ][0]
         return container, env_of(docs, container)
 
     gpu, gpu_env = worker("gpu")
@@ -475,7 +594,9 @@ def test_gpu_overlay_asks_for_a_gpu_and_cuda(rendered):
     assert "cuda" in gpu["image"]
     for overlay in ("cpu", "dev"):
         cpu, cpu_env = worker(overlay)
-        assert "nvidia.com/gpu" not in cpu["resources"]["limits"] and cpu_env["M2FP_DEVICE"] == "cpu"
+        assert (
+            "nvidia.com/gpu" not in cpu["resources"]["limits"] and cpu_env["M2FP_DEVICE"] == "cpu"
+        )
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -501,8 +622,9 @@ def test_every_variable_is_one_the_config_reads_and_accepts(rendered, overlay, t
 
 
 def test_redis_conf_is_the_deploy_one():
-    assert (K8S / "base" / "redis.conf").read_text() == (REPO / "deploy" / "redis.conf").read_text(), \
-        "deploy/k8s/base/redis.conf is a copy of deploy/redis.conf: copy it again"
+    assert (K8S / "base" / "redis.conf").read_text() == (
+        REPO / "deploy" / "redis.conf"
+    ).read_text(), "deploy/k8s/base/redis.conf is a copy of deploy/redis.conf: copy it again"
 
 
 def checkov() -> str:
@@ -519,19 +641,43 @@ def test_checkov_kubernetes_policies_pass(rendered, tmp_path):
         path = tmp_path / f"{overlay}.yaml"
         path.write_text(yaml.safe_dump_all(docs))
         files += ["-f", str(path)]
-    command = [checkov(), *files, "--framework", "kubernetes", "--skip-download", "--quiet",
-               "--compact", "--output", "json", "--skip-check", ",".join(CHECKOV_SKIPS)]
+    command = [
+        checkov(),
+        *files,
+        "--framework",
+        "kubernetes",
+        "--skip-download",
+        "--quiet",
+        "--compact",
+        "--output",
+        "json",
+        "--skip-check",
+        ",".join(CHECKOV_SKIPS),
+    ]
     # No network in its own namespace where we may make one (root, as in CI); offline anyway.
-    if shutil.which("unshare") and subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0:
+    if (
+        shutil.which("unshare")
+        and subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0
+    ):
         command = ["unshare", "-n", *command]
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "CKV_SKIP_PACKAGE_UPDATE_CHECK": "true",
-           "BC_SKIP_MAPPING": "TRUE", "LOG_LEVEL": "WARNING"}
-    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "CKV_SKIP_PACKAGE_UPDATE_CHECK": "true",
+        "BC_SKIP_MAPPING": "TRUE",
+        "LOG_LEVEL": "WARNING",
+    }
+    proc = subprocess.run(
+        command, capture_output=True, text=True, env=env, timeout=300, check=False
+    )
     assert proc.stdout.strip(), proc.stderr[-3000:]
     reports = json.loads(proc.stdout)
     reports = reports if isinstance(reports, list) else [reports]
-    failed = [f"{c['check_id']} {c['check_name']}: {c['resource']} ({Path(c['file_path']).name})"
-              for report in reports for c in report["results"]["failed_checks"]]
+    failed = [
+        f"{c['check_id']} {c['check_name']}: {c['resource']} ({Path(c['file_path']).name})"
+        for report in reports
+        for c in report["results"]["failed_checks"]
+    ]
     assert not failed, "\n".join(failed)
     summary = reports[0]["summary"]
     assert summary["passed"] > 100 and summary["parsing_errors"] == 0, summary

@@ -46,12 +46,21 @@ def test_secret_files(settings_env, tmp_path):
         load_settings(settings_env)
 
 
-@pytest.mark.parametrize("name,value", [
-    ("M2FP_PORT", "eighty"), ("M2FP_SUBMIT_LIMIT", "lots"), ("M2FP_BAN_AFTER", "-1"),
-    ("M2FP_VARIANT", "coco"), ("M2FP_DEVICE", "tpu"), ("M2FP_WEIGHTS_SHA256", "abc"),
-    ("M2FP_CORS_ORIGINS", "*"), ("M2FP_MEMORY_ALERT_PERCENT", "150"), ("M2FP_LOG_LEVEL", "LOUD"),
-    ("M2FP_DEV_MODE", "maybe"),
-])
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("M2FP_PORT", "eighty"),
+        ("M2FP_SUBMIT_LIMIT", "lots"),
+        ("M2FP_BAN_AFTER", "-1"),
+        ("M2FP_VARIANT", "coco"),
+        ("M2FP_DEVICE", "tpu"),
+        ("M2FP_WEIGHTS_SHA256", "abc"),
+        ("M2FP_CORS_ORIGINS", "*"),
+        ("M2FP_MEMORY_ALERT_PERCENT", "150"),
+        ("M2FP_LOG_LEVEL", "LOUD"),
+        ("M2FP_DEV_MODE", "maybe"),
+    ],
+)
 def test_invalid_values_are_named(settings_env, name, value):
     settings_env[name] = value
     with pytest.raises(ConfigError, match=name):

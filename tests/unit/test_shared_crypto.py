@@ -5,8 +5,15 @@ import base64
 import pytest
 
 from shared.crypto import (
-    Keyring, decrypt_payload, encrypt_payload, generate_key, hash_secret, new_data_key,
-    new_job_id, new_token, secret_matches,
+    Keyring,
+    decrypt_payload,
+    encrypt_payload,
+    generate_key,
+    hash_secret,
+    new_data_key,
+    new_job_id,
+    new_token,
+    secret_matches,
 )
 from shared.errors import ConfigError, DecryptionError
 
@@ -62,12 +69,12 @@ def test_keyring_rotation_newest_wraps_all_unwrap():
     dek = new_data_key()
     kid, wrapped = old.wrap(JOB, dek)
     assert kid == "k1"
-    assert rotated.unwrap(JOB, kid, wrapped) == dek       # old jobs still readable
+    assert rotated.unwrap(JOB, kid, wrapped) == dek  # old jobs still readable
     kid2, wrapped2 = rotated.wrap(JOB, dek)
     assert kid2 == "k2"
-    with pytest.raises(DecryptionError):                  # the old ring cannot read new jobs
+    with pytest.raises(DecryptionError):  # the old ring cannot read new jobs
         old.unwrap(JOB, kid2, wrapped2)
-    with pytest.raises(DecryptionError):                  # the wrapped key is bound to its job
+    with pytest.raises(DecryptionError):  # the wrapped key is bound to its job
         rotated.unwrap("job-cccccccccccccccccccc", kid2, wrapped2)
 
 
@@ -78,8 +85,17 @@ def test_key_rotated_out_cannot_unwrap():
         Keyring.parse(f"k9:{generate_key()}").unwrap(JOB, kid, wrapped)
 
 
-@pytest.mark.parametrize("text", ["", "nocolon", "k1:notbase64!!", f"k1:{base64.b64encode(b'short').decode()}",
-                                  f"k1:{generate_key()},k1:{generate_key()}", f"bad id:{generate_key()}"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "nocolon",
+        "k1:notbase64!!",
+        f"k1:{base64.b64encode(b'short').decode()}",
+        f"k1:{generate_key()},k1:{generate_key()}",
+        f"bad id:{generate_key()}",
+    ],
+)
 def test_bad_keyrings_fail_fast(text):
     with pytest.raises(ConfigError):
         Keyring.parse(text)
@@ -96,16 +112,18 @@ def test_tokens_and_ids_are_unguessable_and_hashed():
 
 
 def test_client_pseudonyms_are_keyed_stable_and_irreversible_without_the_key():
-    import hashlib  # noqa: PLC0415
+    import hashlib
 
-    from shared.crypto import Keyring, generate_key  # noqa: PLC0415
+    from shared.crypto import Keyring, generate_key
 
     key_a, key_b = generate_key(), generate_key()
     ring = Keyring.parse(f"a:{key_a},b:{key_b}")
     tag = ring.pseudonym("ip:192.0.2.7")
-    assert tag == Keyring.parse(f"a:{key_a}").pseudonym("ip:192.0.2.7")      # every gateway agrees
+    assert tag == Keyring.parse(f"a:{key_a}").pseudonym("ip:192.0.2.7")  # every gateway agrees
     assert len(tag) == 32 and tag != ring.pseudonym("ip:192.0.2.8")
     # Not the bare hash anyone could compute by enumerating IPv4 addresses:
     assert tag not in hashlib.sha256(b"ip:192.0.2.7").hexdigest()
     assert "192.0.2.7" not in tag
-    assert Keyring.parse(f"b:{key_b},a:{key_a}").pseudonym("ip:192.0.2.7") != tag   # rotation: new tags
+    assert (
+        Keyring.parse(f"b:{key_b},a:{key_a}").pseudonym("ip:192.0.2.7") != tag
+    )  # rotation: new tags

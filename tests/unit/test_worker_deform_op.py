@@ -28,11 +28,18 @@ def restore_mode():
 
 @pytest.mark.parametrize(
     ("mode", "expected"),
-    [("auto", "op"), ("op", "op"), ("reference", "reference: forced by M2FP_DEFORM_ATTN=reference")],
+    [
+        ("auto", "op"),
+        ("op", "op"),
+        ("reference", "reference: forced by M2FP_DEFORM_ATTN=reference"),
+    ],
 )
-def test_worker_logs_and_heartbeats_its_deform_attn_path(mode, expected, settings_env, clean_redis, caplog) -> None:
-    settings = dataclasses.replace(load_settings({**settings_env, "M2FP_DEFORM_ATTN": mode}),
-                                   weights="random", variant="tiny")
+def test_worker_logs_and_heartbeats_its_deform_attn_path(
+    mode, expected, settings_env, clean_redis, caplog
+) -> None:
+    settings = dataclasses.replace(
+        load_settings({**settings_env, "M2FP_DEFORM_ATTN": mode}), weights="random", variant="tiny"
+    )
     assert settings.deform_attn == mode
     process = WorkerProcess(settings)
     process.store = JobStore.from_settings(settings, client=clean_redis)
@@ -42,7 +49,9 @@ def test_worker_logs_and_heartbeats_its_deform_attn_path(mode, expected, setting
         assert process.load_error is None, process.load_error
         loaded = [record for record in caplog.records if record.getMessage() == "model_loaded"]
         assert loaded and loaded[0].fields["deform_op"] == expected
-        fields = wait_for(lambda: clean_redis.hgetall(worker_key(process.name)), timeout=10, what="the heartbeat")
+        fields = wait_for(
+            lambda: clean_redis.hgetall(worker_key(process.name)), timeout=10, what="the heartbeat"
+        )
         assert fields[b"deform_op"].decode() == expected
     finally:
         process.stop()
@@ -54,4 +63,7 @@ def test_invalid_mode_is_refused_by_settings(settings_env) -> None:
     with pytest.raises(ConfigError, match="M2FP_DEFORM_ATTN"):
         load_settings({**settings_env, "M2FP_DEFORM_ATTN": "gpu"})
     assert load_settings(settings_env).deform_attn == "auto"
-    assert load_settings({**settings_env, "M2FP_DEFORM_ATTN": " Reference "}).deform_attn == "reference"
+    assert (
+        load_settings({**settings_env, "M2FP_DEFORM_ATTN": " Reference "}).deform_attn
+        == "reference"
+    )

@@ -43,19 +43,21 @@ def test_rgb_png_exact():
 def test_png_modes(mode):
     source = Image.fromarray(gradient())
     if mode == "I;16":
-        grey = (np.asarray(source.convert("L"), dtype=np.uint16) * 257)
+        grey = np.asarray(source.convert("L"), dtype=np.uint16) * 257
         image = Image.fromarray(grey)
         assert image.mode.startswith("I;16")
     else:
         image = source.convert(mode)
     out = decode_image(encode(image, "PNG"), max_pixels=LIMIT)
     assert out.shape == (30, 40, 3) and out.dtype == np.uint8
-    if mode == "I;16":   # 16-bit scaled down, not clipped to white
-        assert np.abs(out[:, :, 0].astype(int) - np.asarray(source.convert("L"), dtype=int)).max() <= 1
+    if mode == "I;16":  # 16-bit scaled down, not clipped to white
+        assert (
+            np.abs(out[:, :, 0].astype(int) - np.asarray(source.convert("L"), dtype=int)).max() <= 1
+        )
 
 
 def test_16bit_rgb_png_via_opencv():
-    rgb16 = (gradient().astype(np.uint16) * 257)
+    rgb16 = gradient().astype(np.uint16) * 257
     ok, data = cv2.imencode(".png", rgb16[:, :, ::-1])
     assert ok
     out = decode_image(data.tobytes(), max_pixels=LIMIT)
@@ -86,15 +88,24 @@ def test_exif_orientation_applied():
     assert out.shape == (40, 30, 3)
 
 
-@pytest.mark.parametrize("data", [b"", b"not an image at all", b"\x89PNG\r\n\x1a\n" + b"\0" * 40,
-                                  b"\xff\xd8\xff\xe0" + b"\x00" * 100])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"not an image at all",
+        b"\x89PNG\r\n\x1a\n" + b"\0" * 40,
+        b"\xff\xd8\xff\xe0" + b"\x00" * 100,
+    ],
+)
 def test_garbage_is_undecodable(data):
     with pytest.raises(UndecodableImage):
         decode_image(data, max_pixels=LIMIT)
 
 
 def test_truncated_jpeg_and_png_are_undecodable():
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8))
+    image = Image.fromarray(
+        np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8)
+    )
     for fmt in ("JPEG", "PNG"):
         data = encode(image, fmt)
         with pytest.raises(UndecodableImage):
@@ -110,10 +121,19 @@ def test_other_formats_are_refused():
 
 def png_declaring(width: int, height: int) -> bytes:
     """A tiny PNG whose header declares a huge image (a decompression bomb's shape)."""
+
     def chunk(kind, body):
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 1000))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_pixel_bomb_refused_before_decoding():

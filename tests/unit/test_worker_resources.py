@@ -34,9 +34,15 @@ def png_header_only(width: int, height: int, bit_depth: int, colour_type: int) -
     raw = zlib.compress(row * height, 9)
 
     def chunk(kind: bytes, body: bytes) -> bytes:
-        return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+        return (
+            len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+        )
 
-    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([bit_depth, colour_type, 0, 0, 0])
+    ihdr = (
+        width.to_bytes(4, "big")
+        + height.to_bytes(4, "big")
+        + bytes([bit_depth, colour_type, 0, 0, 0])
+    )
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
 
 
@@ -70,16 +76,24 @@ def test_a_small_rgba_png_that_decodes_to_160_mb_is_refused_from_its_header():
     path.parent.mkdir(exist_ok=True)
     path.write_bytes(data)
     try:
-        out = subprocess.run([sys.executable, "-c", code, str(path)], cwd=REPO, capture_output=True,
-                             text=True, timeout=60, check=True).stdout.split()
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(path)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout.split()
     finally:
         path.unlink()
     assert out[0] == "refused"
-    assert int(out[1]) < 30 * 1024          # KiB: nothing near the 160 MB of pixels was allocated
+    assert int(out[1]) < 30 * 1024  # KiB: nothing near the 160 MB of pixels was allocated
 
 
-@pytest.mark.parametrize(("bit_depth", "colour_type", "per_pixel"), [(8, 0, 1), (16, 0, 2), (8, 2, 3),
-                                                                      (16, 2, 6), (8, 4, 2), (8, 6, 4), (16, 6, 8)])
+@pytest.mark.parametrize(
+    ("bit_depth", "colour_type", "per_pixel"),
+    [(8, 0, 1), (16, 0, 2), (8, 2, 3), (16, 2, 6), (8, 4, 2), (8, 6, 4), (16, 6, 8)],
+)
 def test_decode_cost_is_channels_times_bit_depth_times_pixels(bit_depth, colour_type, per_pixel):
     data = png_header_only(64, 32, bit_depth, colour_type)
     with Image.open(io.BytesIO(data)) as image:
@@ -87,20 +101,28 @@ def test_decode_cost_is_channels_times_bit_depth_times_pixels(bit_depth, colour_
 
 
 def test_the_budget_is_a_limit_not_a_guess():
-    data = png_header_only(1000, 1000, 8, 6)                # 4 MB decoded
+    data = png_header_only(1000, 1000, 8, 6)  # 4 MB decoded
     with pytest.raises(DecodeTooLarge):
         decode_upload(data, max_pixels=MP40, max_decode_bytes=4_000_000 - 1)
-    assert decode_upload(data, max_pixels=MP40, max_decode_bytes=4_000_000).rgb.shape == (1000, 1000, 3)
+    assert decode_upload(data, max_pixels=MP40, max_decode_bytes=4_000_000).rgb.shape == (
+        1000,
+        1000,
+        3,
+    )
     assert DecodeTooLarge.code in JOB_ERRORS
 
 
 def test_large_jpeg_decodes_with_draft_down_to_but_not_below_the_inference_size():
     decoded = decode_upload(jpeg(4000, 3000), max_pixels=MP40, target_side=1920)
     assert (decoded.width, decoded.height) == (4000, 3000)
-    assert decoded.rgb.shape == (1500, 2000, 3)              # 1/2: 1/4 would be under 1920
+    assert decoded.rgb.shape == (1500, 2000, 3)  # 1/2: 1/4 would be under 1920
     small = decode_upload(jpeg(4000, 3000), max_pixels=MP40, target_side=500)
-    assert small.rgb.shape == (375, 500, 3)                  # 1/8: exactly the inference size
-    assert decode_upload(jpeg(800, 600), max_pixels=MP40, target_side=1920).rgb.shape == (600, 800, 3)
+    assert small.rgb.shape == (375, 500, 3)  # 1/8: exactly the inference size
+    assert decode_upload(jpeg(800, 600), max_pixels=MP40, target_side=1920).rgb.shape == (
+        600,
+        800,
+        3,
+    )
 
 
 def test_draft_keeps_the_upright_upload_size_of_a_rotated_jpeg():
@@ -110,10 +132,15 @@ def test_draft_keeps_the_upright_upload_size_of_a_rotated_jpeg():
 
 
 def test_drafted_jpeg_cost_is_counted_at_the_drafted_size():
-    data = jpeg(4000, 3000)                                  # 36 MB full, 2.25 MB at 1/8
+    data = jpeg(4000, 3000)  # 36 MB full, 2.25 MB at 1/8
     with pytest.raises(DecodeTooLarge):
         decode_upload(data, max_pixels=MP40, max_decode_bytes=10_000_000)
-    assert decode_upload(data, max_pixels=MP40, max_decode_bytes=10_000_000, target_side=500).rgb.shape[1] == 500
+    assert (
+        decode_upload(
+            data, max_pixels=MP40, max_decode_bytes=10_000_000, target_side=500
+        ).rgb.shape[1]
+        == 500
+    )
 
 
 def test_maps_come_back_at_upload_size_when_the_jpeg_was_drafted():
@@ -121,8 +148,15 @@ def test_maps_come_back_at_upload_size_when_the_jpeg_was_drafted():
     from worker.pipeline import JobContext, _parse_and_seal
 
     predictor = Predictor("random", max_side=128)
-    ctx = JobContext(store=None, keyring=None, predictor=lambda: predictor, worker_name="t",
-                     max_pixels=MP40, max_decode_bytes=BUDGET, infer_max_side=128)
+    ctx = JobContext(
+        store=None,
+        keyring=None,
+        predictor=lambda: predictor,
+        worker_name="t",
+        max_pixels=MP40,
+        max_decode_bytes=BUDGET,
+        infer_max_side=128,
+    )
     key = new_data_key()
     sealed, timings = _parse_and_seal(ctx, "job-draft-0000000001", jpeg(1024, 768), key)
     document = json.loads(decrypt_payload(key, "job-draft-0000000001", "out", sealed))
@@ -146,8 +180,14 @@ def test_child_memory_limit_turns_an_outlier_into_a_memory_error_not_an_oom_kill
         small = np.ones(64 << 20, dtype=np.uint8)   # the process goes on
         print("alive", small.sum() == 64 << 20)
     """)
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                         timeout=60, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.split()
     assert out == ["memory_error", "alive", "True"]
 
 
@@ -155,8 +195,12 @@ def test_out_of_memory_is_its_own_job_code():
     from worker.pipeline import is_out_of_memory
 
     assert is_out_of_memory(MemoryError())
-    assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: "
-                                         "can't allocate memory: you tried to allocate 67108864 bytes"))
+    assert is_out_of_memory(
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: "
+            "can't allocate memory: you tried to allocate 67108864 bytes"
+        )
+    )
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
     assert "out_of_memory" in JOB_ERRORS
 
@@ -169,14 +213,22 @@ def test_core_dumps_off_and_not_dumpable():
         disable_core_dumps()
         print(before, is_dumpable(), resource.getrlimit(resource.RLIMIT_CORE))
     """)
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                         timeout=60, check=True).stdout.strip()
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.strip()
     assert out == "True False (0, 0)"
 
 
 def test_hardening_imports_neither_flask_nor_torch():
     code = "import sys, shared.hardening; print('flask' in sys.modules, 'torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
     assert out.stdout.strip() == "False False"
 
 
@@ -196,9 +248,17 @@ def test_redis_error_mid_job_requeues_the_message_instead_of_acking_it(settings,
     app = celery_app.create_worker_app(settings)
     process = app.m2fp_process
     process.store = _BrokenStore()
-    monkeypatch.setattr(process, "context", lambda: JobContext(
-        store=process.store, keyring=settings.keyring, predictor=lambda: None, worker_name="t",
-        max_pixels=MP40))
+    monkeypatch.setattr(
+        process,
+        "context",
+        lambda: JobContext(
+            store=process.store,
+            keyring=settings.keyring,
+            predictor=lambda: None,
+            worker_name="t",
+            max_pixels=MP40,
+        ),
+    )
     task = app.tasks[TASK_PARSE]
     with pytest.raises(Reject) as rejected:
         task.run("A" * 24)

@@ -29,14 +29,26 @@ def tiny_checkpoint(tmp_path):
 def test_encrypt_then_load_in_memory(tiny_checkpoint, tmp_path, capsys):
     model_dir, key, model = tiny_checkpoint
     plaintext = (model_dir / "pytorch_model.pt").read_bytes()
-    assert main(["encrypt", "--key-file", str(key), str(model_dir), str(model_dir / "pytorch_model.pt.enc")]) == 0
+    assert (
+        main(
+            [
+                "encrypt",
+                "--key-file",
+                str(key),
+                str(model_dir),
+                str(model_dir / "pytorch_model.pt.enc"),
+            ]
+        )
+        == 0
+    )
     digest = capsys.readouterr().out.strip()
     assert digest == hashlib.sha256(plaintext).hexdigest()
     sealed = (model_dir / "pytorch_model.pt.enc").read_bytes()
     assert plaintext[:64] not in sealed and b"backbone" not in sealed
-    (model_dir / "pytorch_model.pt").unlink()           # only the encrypted file is at rest
-    predictor = load_predictor(str(model_dir), variant="tiny", device="cpu", max_side=256,
-                               sha256=digest, key_file=str(key))
+    (model_dir / "pytorch_model.pt").unlink()  # only the encrypted file is at rest
+    predictor = load_predictor(
+        str(model_dir), variant="tiny", device="cpu", max_side=256, sha256=digest, key_file=str(key)
+    )
     assert not predictor.untrained
     for name, tensor in predictor.model.state_dict().items():
         assert torch.equal(tensor, model.state_dict()[name]), name
@@ -52,7 +64,9 @@ def test_pin_mismatch_refuses(tiny_checkpoint):
 
 def test_wrong_key_refuses(tiny_checkpoint, tmp_path):
     model_dir, key, _ = tiny_checkpoint
-    main(["encrypt", "--key-file", str(key), str(model_dir), str(model_dir / "pytorch_model.pt.enc")])
+    main(
+        ["encrypt", "--key-file", str(key), str(model_dir), str(model_dir / "pytorch_model.pt.enc")]
+    )
     other = tmp_path / "other.key"
     other.write_text(generate_key())
     with pytest.raises(WeightsError, match="cannot be decrypted"):
@@ -66,16 +80,34 @@ def test_missing_checkpoint_is_named(tmp_path):
 
 def test_worker_refuses_to_start_on_pin_mismatch(tiny_checkpoint, settings_env):
     model_dir, _, _ = tiny_checkpoint
-    env = {**settings_env, "M2FP_WEIGHTS": str(model_dir), "M2FP_VARIANT": "cihp",
-           "M2FP_WEIGHTS_SHA256": "1" * 64, "PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run([sys.executable, "-m", "worker"], env=env, cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    env = {
+        **settings_env,
+        "M2FP_WEIGHTS": str(model_dir),
+        "M2FP_VARIANT": "cihp",
+        "M2FP_WEIGHTS_SHA256": "1" * 64,
+        "PYTHONPATH": str(REPO),
+        "PATH": "/usr/bin:/bin",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert "SHA-256 mismatch" in proc.stderr and "not starting" in proc.stderr
 
 
 def test_worker_refuses_to_start_without_weights(settings_env, tmp_path):
     env = {**settings_env, "PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run([sys.executable, "-m", "worker"], env=env, cwd=tmp_path, capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2 and "M2FP_WEIGHTS" in proc.stderr

@@ -38,20 +38,41 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         "NAME.instances.png (person index per pixel, 0 = none) and NAME.json for every IMAGE.",
     )
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, ...)")
-    parser.add_argument("--weights", required=True, metavar="PATH|random",
-                        help="checkpoint file or ModelScope model directory (pytorch_model.pt), or 'random' for "
-                        "an untrained model (for testing the tooling only)")
-    parser.add_argument("--variant", default="cihp", type=str.lower, metavar="{cihp,lip}",
-                        help="cihp: multi-person model (default); lip: single-person model")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
-    parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (created if missing)")
-    parser.add_argument("--max-side", type=int, default=1920,
-                        help="images with a longer side are shrunk for inference; outputs keep the input size "
-                        "(default: 1920)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--weights",
+        required=True,
+        metavar="PATH|random",
+        help="checkpoint file or ModelScope model directory (pytorch_model.pt), or 'random' for "
+        "an untrained model (for testing the tooling only)",
+    )
+    parser.add_argument(
+        "--variant",
+        default="cihp",
+        type=str.lower,
+        metavar="{cihp,lip}",
+        help="cihp: multi-person model (default); lip: single-person model",
+    )
+    parser.add_argument(
+        "--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)"
+    )
+    parser.add_argument(
+        "--out", required=True, type=Path, metavar="DIR", help="output folder (created if missing)"
+    )
+    parser.add_argument(
+        "--max-side",
+        type=int,
+        default=1920,
+        help="images with a longer side are shrunk for inference; outputs keep the input size "
+        "(default: 1920)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
     arguments = parser.parse_args(argv)
     if arguments.variant not in PUBLIC_VARIANTS + HIDDEN_VARIANTS:
-        parser.error(f"argument --variant: invalid choice {arguments.variant!r} (choose from cihp, lip)")
+        parser.error(
+            f"argument --variant: invalid choice {arguments.variant!r} (choose from cihp, lip)"
+        )
     return arguments
 
 
@@ -78,7 +99,9 @@ def write_png(path: Path, array: np.ndarray) -> None:
     Image.fromarray(array, mode="L").save(path, format="PNG")
 
 
-def result_document(result: object, class_names: Sequence[str], variant: str, untrained: bool) -> dict:
+def result_document(
+    result: object, class_names: Sequence[str], variant: str, untrained: bool
+) -> dict:
     """The JSON document of one parsed image."""
     height, width = result.label_map.shape
     return {
@@ -88,7 +111,8 @@ def result_document(result: object, class_names: Sequence[str], variant: str, un
         "untrained": untrained,
         "classes": {str(class_id): name for class_id, name in enumerate(class_names)},
         "classes_present": [
-            {"class_id": class_id, "name": class_names[class_id]} for class_id in result.classes_present
+            {"class_id": class_id, "name": class_names[class_id]}
+            for class_id in result.classes_present
         ],
         "persons": result.persons,
         "parts": result.parts,
@@ -109,8 +133,10 @@ class Progress:
         """Show that `done` of `total` images are finished, the last being `name`."""
         elapsed = time.monotonic() - self.started
         eta = elapsed / done * (self.total - done) if done else 0.0
-        line = (f"[{done}/{self.total}] {100 * done // self.total:3d}%  elapsed {format_seconds(elapsed)}  "
-                f"ETA {format_seconds(eta)}  {name}")
+        line = (
+            f"[{done}/{self.total}] {100 * done // self.total:3d}%  elapsed {format_seconds(elapsed)}  "
+            f"ETA {format_seconds(eta)}  {name}"
+        )
         if self.interactive:
             self.stream.write("\r\033[K" + line + ("\n" if done == self.total else ""))
         else:
@@ -151,8 +177,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from worker.m2fp.predictor import Predictor  # torch import: only once the arguments are valid
 
     try:
-        predictor = Predictor(arguments.weights, variant=arguments.variant, device=arguments.device,
-                              max_side=arguments.max_side, threads=arguments.threads, deform_attn=deform_attn)
+        predictor = Predictor(
+            arguments.weights,
+            variant=arguments.variant,
+            device=arguments.device,
+            max_side=arguments.max_side,
+            threads=arguments.threads,
+            deform_attn=deform_attn,
+        )
     except (ValueError, OSError, RuntimeError) as exc:
         print(f"error: cannot load the model: {exc}", file=sys.stderr)
         return 2
@@ -173,8 +205,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = predictor.predict(image)
             write_png(arguments.out / f"{stem}.labels.png", result.label_map)
             write_png(arguments.out / f"{stem}.instances.png", result.instance_map)
-            document = result_document(result, predictor.class_names, predictor.variant, predictor.untrained)
-            (arguments.out / f"{stem}.json").write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
+            document = result_document(
+                result, predictor.class_names, predictor.variant, predictor.untrained
+            )
+            (arguments.out / f"{stem}.json").write_text(
+                json.dumps(document, indent=1) + "\n", encoding="utf-8"
+            )
         except (ValueError, OSError, RuntimeError) as exc:
             failures += 1
             progress.message(f"error: cannot parse {path}: {type(exc).__name__}: {exc}")
@@ -182,7 +218,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if failures:
         print(f"{failures} of {len(paths)} images failed", file=sys.stderr)
     if predictor.untrained:
-        print("reminder: these results come from an UNTRAINED model (--weights random)", file=sys.stderr)
+        print(
+            "reminder: these results come from an UNTRAINED model (--weights random)",
+            file=sys.stderr,
+        )
     return 1 if failures else 0
 
 

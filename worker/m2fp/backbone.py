@@ -54,7 +54,9 @@ class Conv2dNormActivation(nn.Conv2d):
         norm: nn.Module | None = None,
         relu: bool = False,
     ) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias)
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias
+        )
         self.norm = norm
         self.relu = relu
 
@@ -77,7 +79,9 @@ class DeepLabStem(nn.Module):
         self.conv1 = Conv2dNormActivation(
             in_channels, half, 3, stride=2, padding=1, norm=FrozenBatchNorm2d(half, eps), relu=True
         )
-        self.conv2 = Conv2dNormActivation(half, half, 3, padding=1, norm=FrozenBatchNorm2d(half, eps), relu=True)
+        self.conv2 = Conv2dNormActivation(
+            half, half, 3, padding=1, norm=FrozenBatchNorm2d(half, eps), relu=True
+        )
         self.conv3 = Conv2dNormActivation(
             half, out_channels, 3, padding=1, norm=FrozenBatchNorm2d(out_channels, eps), relu=True
         )
@@ -97,14 +101,22 @@ class BottleneckBlock(nn.Module):
         super().__init__()
         if in_channels != out_channels:
             self.shortcut = Conv2dNormActivation(
-                in_channels, out_channels, 1, stride=stride, norm=FrozenBatchNorm2d(out_channels, eps)
+                in_channels,
+                out_channels,
+                1,
+                stride=stride,
+                norm=FrozenBatchNorm2d(out_channels, eps),
             )
         else:
             if stride != 1:
                 raise ValueError(f"an identity shortcut needs stride 1, but got stride {stride}")
             self.shortcut = None
         self.conv1 = Conv2dNormActivation(
-            in_channels, bottleneck_channels, 1, norm=FrozenBatchNorm2d(bottleneck_channels, eps), relu=True
+            in_channels,
+            bottleneck_channels,
+            1,
+            norm=FrozenBatchNorm2d(bottleneck_channels, eps),
+            relu=True,
         )
         self.conv2 = Conv2dNormActivation(
             bottleneck_channels,
@@ -139,7 +151,9 @@ class DeepLabResNet(nn.Module):
         out_channels = config.res2_out_channels
         bottleneck_channels = config.bottleneck_channels
         self.out_channels: dict[str, int] = {}
-        for stage_index, (stage_name, num_blocks) in enumerate(zip(self.stage_names, config.backbone_stage_blocks)):
+        for stage_index, (stage_name, num_blocks) in enumerate(
+            zip(self.stage_names, config.backbone_stage_blocks)
+        ):
             first_stride = 1 if stage_index == 0 else 2
             blocks = []
             for block_index in range(num_blocks):

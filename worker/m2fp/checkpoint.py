@@ -68,7 +68,9 @@ def _unwrap_state_dict(loaded: object, source: str) -> dict[str, torch.Tensor]:
     if isinstance(loaded, Mapping) and isinstance(loaded.get("model"), Mapping):
         loaded = loaded["model"]
     if not isinstance(loaded, Mapping):
-        raise CheckpointError(f"checkpoint {source} holds a {type(loaded).__name__}, not a state_dict")
+        raise CheckpointError(
+            f"checkpoint {source} holds a {type(loaded).__name__}, not a state_dict"
+        )
     state_dict: dict[str, torch.Tensor] = {}
     for key, value in loaded.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
@@ -85,7 +87,9 @@ def _torch_load(file: str | os.PathLike[str] | io.BytesIO, source: str) -> dict[
         loaded = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt zip, refused pickle global, truncated file, ...
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise CheckpointError(f"cannot load checkpoint {source}: {type(exc).__name__}: {first_line}") from exc
+        raise CheckpointError(
+            f"cannot load checkpoint {source}: {type(exc).__name__}: {first_line}"
+        ) from exc
     return _unwrap_state_dict(loaded, source)
 
 
@@ -108,7 +112,9 @@ def read_model_configuration(model_dir: str | os.PathLike[str]) -> dict[str, obj
     if not configuration_path.is_file():
         return None
     if configuration_path.stat().st_size > MAX_CONFIGURATION_BYTES:
-        raise CheckpointError(f"{str(configuration_path)!r} is larger than {MAX_CONFIGURATION_BYTES} bytes")
+        raise CheckpointError(
+            f"{str(configuration_path)!r} is larger than {MAX_CONFIGURATION_BYTES} bytes"
+        )
     try:
         configuration = json.loads(configuration_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -161,7 +167,9 @@ def load_into(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) ->
                 f"shape mismatch for {key!r}: checkpoint {tuple(tensor.shape)} vs model {tuple(target.shape)}"
             )
         elif target.is_floating_point() and not tensor.is_floating_point():
-            problems.append(f"dtype mismatch for {key!r}: checkpoint {tensor.dtype} vs model {target.dtype}")
+            problems.append(
+                f"dtype mismatch for {key!r}: checkpoint {tensor.dtype} vs model {target.dtype}"
+            )
         elif tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             problems.append(f"non-finite values in {key!r}")
     ignored = []
@@ -176,7 +184,9 @@ def load_into(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) ->
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
         raise CheckpointError(f"checkpoint does not match the model: {problems[0]}{more}")
 
-    incompatible = model.load_state_dict({key: state_dict[key] for key in expected if key in state_dict}, strict=False)
+    incompatible = model.load_state_dict(
+        {key: state_dict[key] for key in expected if key in state_dict}, strict=False
+    )
     missing = [key for key in incompatible.missing_keys if not key.endswith(".num_batches_tracked")]
     if missing or incompatible.unexpected_keys:
         raise CheckpointError(
@@ -262,8 +272,13 @@ def build_model(
             check_model_configuration(model_section, config)
     checkpoint_path = resolve_checkpoint_path(weights)
     state_dict = load_state_dict_file(checkpoint_path)
-    model, info = build_model_from_state_dict(state_dict, config.name, device, source=str(checkpoint_path))
+    model, info = build_model_from_state_dict(
+        state_dict, config.name, device, source=str(checkpoint_path)
+    )
     logger.info(
-        "loaded M2FP %s weights from %s (%d ignored keys)", config.name, checkpoint_path, len(info.ignored_keys)
+        "loaded M2FP %s weights from %s (%d ignored keys)",
+        config.name,
+        checkpoint_path,
+        len(info.ignored_keys),
     )
     return model, info

@@ -82,7 +82,9 @@ class M2FPConfig:
     decoder_feedforward_dim: int = 2048
     num_queries: int = 100
     # Classes.
-    num_classes: int = 21  # background + 19 parts + Human; the classifier adds one "no object" logit
+    num_classes: int = (
+        21  # background + 19 parts + Human; the classifier adds one "no object" logit
+    )
     num_parsing: int = 20  # background + 19 parts
     single_human: bool = False
     class_names: tuple[str, ...] = CIHP_CLASS_NAMES
@@ -136,8 +138,16 @@ class M2FPConfig:
                 f"pixel_mean/pixel_std must be 3 values with std > 0, but got {self.pixel_mean} and {self.pixel_std}"
             )
         if self.size_divisibility < 32 or self.size_divisibility % 32 != 0:
-            raise ValueError(f"size_divisibility must be a positive multiple of 32, but got {self.size_divisibility}")
-        for field_name in ("encoder_layers", "decoder_layers", "num_queries", "encoder_points", "mask_dim"):
+            raise ValueError(
+                f"size_divisibility must be a positive multiple of 32, but got {self.size_divisibility}"
+            )
+        for field_name in (
+            "encoder_layers",
+            "decoder_layers",
+            "num_queries",
+            "encoder_points",
+            "mask_dim",
+        ):
             if getattr(self, field_name) < 1:
                 raise ValueError(f"{field_name} must be >= 1, but got {getattr(self, field_name)}")
 

@@ -25,7 +25,9 @@ def multi_scale_deformable_attention(
     """As `multi_scale_deformable_attention_reference`, on the compiled op where `ops.use_op` allows."""
     if ops.use_op(value, sampling_locations, attention_weights):
         return ops.ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights)
-    return multi_scale_deformable_attention_reference(value, spatial_shapes, sampling_locations, attention_weights)
+    return multi_scale_deformable_attention_reference(
+        value, spatial_shapes, sampling_locations, attention_weights
+    )
 
 
 def multi_scale_deformable_attention_reference(
@@ -49,7 +51,9 @@ def multi_scale_deformable_attention_reference(
     batch_size, _, num_heads, head_dim = value.shape
     _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
     value_per_level = value.split([height * width for height, width in spatial_shapes], dim=1)
-    sampling_grids = 2 * sampling_locations - 1  # [0, 1] -> [-1, 1] for grid_sample (align_corners=False)
+    sampling_grids = (
+        2 * sampling_locations - 1
+    )  # [0, 1] -> [-1, 1] for grid_sample (align_corners=False)
     # (B, Lq, M, L, P) -> (B, M, Lq, L, P) -> (B*M, 1, Lq, L, P)
     attention_weights = attention_weights.transpose(1, 2).reshape(
         batch_size * num_heads, 1, num_queries, num_levels, num_points
@@ -58,7 +62,10 @@ def multi_scale_deformable_attention_reference(
     for level, (height, width) in enumerate(spatial_shapes):
         # (B, H*W, M, D) -> (B, H*W, M*D) -> (B, M*D, H*W) -> (B*M, D, H, W)
         value_level = (
-            value_per_level[level].flatten(2).transpose(1, 2).reshape(batch_size * num_heads, head_dim, height, width)
+            value_per_level[level]
+            .flatten(2)
+            .transpose(1, 2)
+            .reshape(batch_size * num_heads, head_dim, height, width)
         )
         # (B, Lq, M, P, 2) -> (B, M, Lq, P, 2) -> (B*M, Lq, P, 2)
         grid_level = sampling_grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
@@ -75,10 +82,14 @@ def multi_scale_deformable_attention_reference(
 class MultiScaleDeformableAttention(nn.Module):
     """Each query attends to `num_points` learned offsets around its reference point on every level and head."""
 
-    def __init__(self, embed_dim: int = 256, num_heads: int = 8, num_levels: int = 3, num_points: int = 4) -> None:
+    def __init__(
+        self, embed_dim: int = 256, num_heads: int = 8, num_levels: int = 3, num_points: int = 4
+    ) -> None:
         super().__init__()
         if embed_dim % num_heads != 0:
-            raise ValueError(f"embed_dim must be divisible by num_heads, but got {embed_dim} and {num_heads}")
+            raise ValueError(
+                f"embed_dim must be divisible by num_heads, but got {embed_dim} and {num_heads}"
+            )
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.num_levels = num_levels
@@ -93,7 +104,9 @@ class MultiScaleDeformableAttention(nn.Module):
     def reset_parameters(self) -> None:
         """Initialise as in Deformable DETR: offsets start on rays around the reference, uniform attention."""
         nn.init.zeros_(self.sampling_offsets.weight)
-        angles = torch.arange(self.num_heads, dtype=torch.float32) * (2.0 * math.pi / self.num_heads)
+        angles = torch.arange(self.num_heads, dtype=torch.float32) * (
+            2.0 * math.pi / self.num_heads
+        )
         directions = torch.stack((angles.cos(), angles.sin()), dim=-1)  # (M, 2)
         directions = directions / directions.abs().max(dim=-1, keepdim=True).values
         point_scale = torch.arange(1, self.num_points + 1, dtype=torch.float32)  # (P,)
@@ -130,17 +143,23 @@ class MultiScaleDeformableAttention(nn.Module):
         batch_size, num_queries, _ = query.shape
         num_values = value_input.shape[1]
         if len(spatial_shapes) != self.num_levels:
-            raise ValueError(f"expected {self.num_levels} levels, but got spatial_shapes {spatial_shapes}")
+            raise ValueError(
+                f"expected {self.num_levels} levels, but got spatial_shapes {spatial_shapes}"
+            )
         if sum(height * width for height, width in spatial_shapes) != num_values:
             raise ValueError(
                 f"value_input has {num_values} positions but spatial_shapes {spatial_shapes} "
                 f"sum to {sum(h * w for h, w in spatial_shapes)}"
             )
         if reference_points.shape[-1] != 2:
-            raise ValueError(f"reference_points must end in (x, y), but got shape {tuple(reference_points.shape)}")
+            raise ValueError(
+                f"reference_points must end in (x, y), but got shape {tuple(reference_points.shape)}"
+            )
         head_dim = self.embed_dim // self.num_heads
 
-        value = self.value_proj(value_input).view(batch_size, num_values, self.num_heads, head_dim)  # (B, S, M, D)
+        value = self.value_proj(value_input).view(
+            batch_size, num_values, self.num_heads, head_dim
+        )  # (B, S, M, D)
         sampling_offsets = self.sampling_offsets(query).view(
             batch_size, num_queries, self.num_heads, self.num_levels, self.num_points, 2
         )  # (B, Lq, M, L, P, 2) in pixels of each level
@@ -152,12 +171,16 @@ class MultiScaleDeformableAttention(nn.Module):
         )  # (B, Lq, M, L, P)
         # (L, 2) as (W_l, H_l): turns pixel offsets into normalised offsets
         offset_normalizer = torch.tensor(
-            [[width, height] for height, width in spatial_shapes], dtype=query.dtype, device=query.device
+            [[width, height] for height, width in spatial_shapes],
+            dtype=query.dtype,
+            device=query.device,
         )
         # (B, Lq, 1, L, 1, 2) + (B, Lq, M, L, P, 2) / (1, 1, 1, L, 1, 2) -> (B, Lq, M, L, P, 2)
         sampling_locations = (
             reference_points[:, :, None, :, None, :]
             + sampling_offsets / offset_normalizer[None, None, None, :, None, :]
         )
-        output = multi_scale_deformable_attention(value, spatial_shapes, sampling_locations, attention_weights)
+        output = multi_scale_deformable_attention(
+            value, spatial_shapes, sampling_locations, attention_weights
+        )
         return self.output_proj(output)

@@ -40,7 +40,9 @@ def read_keys_file(keys_file: str | Path) -> list[tuple[str, tuple[int, ...], st
             continue
         parts = line.split("\t")
         if len(parts) != 3:
-            raise ValueError(f"{keys_file}:{line_number}: expected key<TAB>shape<TAB>dtype, but got {line!r}")
+            raise ValueError(
+                f"{keys_file}:{line_number}: expected key<TAB>shape<TAB>dtype, but got {line!r}"
+            )
         key, shape_text, dtype = parts
         shape_text = shape_text.strip().strip("()")
         shape = tuple(int(size) for size in shape_text.split(",") if size.strip())
@@ -48,20 +50,32 @@ def read_keys_file(keys_file: str | Path) -> list[tuple[str, tuple[int, ...], st
     return entries
 
 
-def _float_key_shapes(config: M2FPConfig | None, keys_file: str | Path | None) -> dict[str, tuple[int, ...]]:
+def _float_key_shapes(
+    config: M2FPConfig | None, keys_file: str | Path | None
+) -> dict[str, tuple[int, ...]]:
     """The floating-point state_dict keys and shapes, from a keys file or from the model built on `meta`."""
     if keys_file is not None:
-        return {key: shape for key, shape, dtype in read_keys_file(keys_file) if dtype.startswith("float")}
+        return {
+            key: shape
+            for key, shape, dtype in read_keys_file(keys_file)
+            if dtype.startswith("float")
+        }
     if config is None:
         raise ValueError("golden_state_dict needs a config or a keys_file, but got neither")
     from worker.m2fp.model import M2FP  # local import: model imports nothing from here
 
     with torch.device("meta"):
         model = M2FP(config)
-    return {key: tuple(tensor.shape) for key, tensor in model.state_dict().items() if tensor.is_floating_point()}
+    return {
+        key: tuple(tensor.shape)
+        for key, tensor in model.state_dict().items()
+        if tensor.is_floating_point()
+    }
 
 
-def golden_tensor(key: str, shape: tuple[int, ...], index: int, seed: int = GOLDEN_SEED) -> torch.Tensor:
+def golden_tensor(
+    key: str, shape: tuple[int, ...], index: int, seed: int = GOLDEN_SEED
+) -> torch.Tensor:
     """The recipe's tensor for `key`, the `index`-th float key in sorted order."""
     generator = torch.Generator().manual_seed(seed * SEED_STRIDE + index)
     dtype = torch.float32
@@ -94,7 +108,10 @@ def golden_state_dict(
         key -> float32 tensor, in sorted key order (no `num_batches_tracked`).
     """
     key_shapes = _float_key_shapes(config, keys_file)
-    return {key: golden_tensor(key, key_shapes[key], index, seed) for index, key in enumerate(sorted(key_shapes))}
+    return {
+        key: golden_tensor(key, key_shapes[key], index, seed)
+        for index, key in enumerate(sorted(key_shapes))
+    }
 
 
 def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:

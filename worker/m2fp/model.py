@@ -76,7 +76,9 @@ def normalize_and_pad(
         if images.dim() == 3:
             images = images.unsqueeze(0)
         if images.dim() != 4:
-            raise ValueError(f"images must be (B, 3, H, W) or (3, H, W), but got shape {tuple(images.shape)}")
+            raise ValueError(
+                f"images must be (B, 3, H, W) or (3, H, W), but got shape {tuple(images.shape)}"
+            )
         image_list = list(images.unbind(0))
     else:
         image_list = list(images)
@@ -84,7 +86,9 @@ def normalize_and_pad(
         raise ValueError("images is empty")
     for image in image_list:
         if image.dim() != 3 or image.shape[0] != 3 or image.shape[1] < 1 or image.shape[2] < 1:
-            raise ValueError(f"every image must be (3, H, W) with H, W >= 1, but got shape {tuple(image.shape)}")
+            raise ValueError(
+                f"every image must be (3, H, W) with H, W >= 1, but got shape {tuple(image.shape)}"
+            )
         if image.is_complex() or image.dtype == torch.bool:
             raise ValueError(f"images must be uint8 or float, but got dtype {image.dtype}")
 
@@ -92,12 +96,20 @@ def normalize_and_pad(
     mean = torch.as_tensor(pixel_mean, dtype=torch.float32, device=device).view(3, 1, 1)
     std = torch.as_tensor(pixel_std, dtype=torch.float32, device=device).view(3, 1, 1)
     image_sizes = [(int(image.shape[1]), int(image.shape[2])) for image in image_list]
-    padded_height = math.ceil(max(height for height, _ in image_sizes) / size_divisibility) * size_divisibility
-    padded_width = math.ceil(max(width for _, width in image_sizes) / size_divisibility) * size_divisibility
-    padded = torch.zeros((len(image_list), 3, padded_height, padded_width), dtype=torch.float32, device=device)
+    padded_height = (
+        math.ceil(max(height for height, _ in image_sizes) / size_divisibility) * size_divisibility
+    )
+    padded_width = (
+        math.ceil(max(width for _, width in image_sizes) / size_divisibility) * size_divisibility
+    )
+    padded = torch.zeros(
+        (len(image_list), 3, padded_height, padded_width), dtype=torch.float32, device=device
+    )
     for index, image in enumerate(image_list):
         height, width = image_sizes[index]
-        padded[index, :, :height, :width] = (image.to(device=device, dtype=torch.float32) - mean) / std
+        padded[index, :, :height, :width] = (
+            image.to(device=device, dtype=torch.float32) - mean
+        ) / std
     return padded, image_sizes
 
 
@@ -123,10 +135,14 @@ class M2FP(nn.Module):
         self.backbone = DeepLabResNet(config)
         self.sem_seg_head = M2FPHead(config, self.backbone.out_channels)
         self.register_buffer(
-            "pixel_mean", torch.tensor(config.pixel_mean, dtype=torch.float32).view(3, 1, 1), persistent=False
+            "pixel_mean",
+            torch.tensor(config.pixel_mean, dtype=torch.float32).view(3, 1, 1),
+            persistent=False,
         )
         self.register_buffer(
-            "pixel_std", torch.tensor(config.pixel_std, dtype=torch.float32).view(3, 1, 1), persistent=False
+            "pixel_std",
+            torch.tensor(config.pixel_std, dtype=torch.float32).view(3, 1, 1),
+            persistent=False,
         )
 
     def normalize_and_pad(
@@ -138,7 +154,9 @@ class M2FP(nn.Module):
             images = images.to(device)
         else:
             images = [image.to(device) for image in images]
-        divisibility = self.config.size_divisibility if size_divisibility is None else size_divisibility
+        divisibility = (
+            self.config.size_divisibility if size_divisibility is None else size_divisibility
+        )
         return normalize_and_pad(images, self.pixel_mean, self.pixel_std, divisibility)
 
     def forward(self, images: torch.Tensor, return_intermediates: bool = False) -> M2FPOutput:
@@ -160,10 +178,14 @@ class M2FP(nn.Module):
                 f"but got {tuple(images.shape[2:])}"
             )
         if not images.is_floating_point():
-            raise ValueError(f"images must be a normalised float tensor, but got dtype {images.dtype}")
+            raise ValueError(
+                f"images must be a normalised float tensor, but got dtype {images.dtype}"
+            )
         backbone_features = self.backbone(images)
         mask_features, multi_scale_features = self.sem_seg_head.pixel_decoder(backbone_features)
-        all_class_logits, all_mask_logits = self.sem_seg_head.predictor(multi_scale_features, mask_features)
+        all_class_logits, all_mask_logits = self.sem_seg_head.predictor(
+            multi_scale_features, mask_features
+        )
         output = M2FPOutput(pred_logits=all_class_logits[-1], pred_masks=all_mask_logits[-1])
         if return_intermediates:
             output.aux_pred_logits = all_class_logits[:-1]
@@ -177,4 +199,3 @@ class M2FP(nn.Module):
 def count_trainable_parameters(model: nn.Module) -> int:
     """Number of parameter elements (frozen batch-norm buffers are not parameters)."""
     return sum(parameter.numel() for parameter in model.parameters())
-

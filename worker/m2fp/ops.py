@@ -64,14 +64,18 @@ def _load() -> dict:
     except OSError:
         built_for = ""
     if built_for != build_key():
-        status["reason"] = "stale build (sources, flags or torch changed since; `make install` rebuilds it)"
+        status["reason"] = (
+            "stale build (sources, flags or torch changed since; `make install` rebuilds it)"
+        )
         return status
     try:
         torch.ops.load_library(str(LIBRARY_PATH))
         status["build_info"] = torch.ops.m2fp.build_info()
         _register_fake()
     except (OSError, RuntimeError, AttributeError) as exc:
-        status["reason"] = f"cannot load {LIBRARY_PATH.name}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+        status["reason"] = (
+            f"cannot load {LIBRARY_PATH.name}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+        )
         return status
     status["loaded"] = True
     return status
@@ -125,10 +129,14 @@ def configure(mode: str) -> str:
     """
     global _mode
     if mode not in DEFORM_ATTN_MODES:
-        raise ValueError(f"deformable-attention mode must be one of {DEFORM_ATTN_MODES}, but got {mode!r}")
+        raise ValueError(
+            f"deformable-attention mode must be one of {DEFORM_ATTN_MODES}, but got {mode!r}"
+        )
     current = status()
     if mode == "op" and not current["loaded"]:
-        raise RuntimeError(f"M2FP_DEFORM_ATTN=op but the compiled op is unavailable: {current['reason']}")
+        raise RuntimeError(
+            f"M2FP_DEFORM_ATTN=op but the compiled op is unavailable: {current['reason']}"
+        )
     with _lock:
         _mode = mode
     return describe()
@@ -158,6 +166,8 @@ def ms_deform_attn(
     if _status is None or not _status["loaded"]:
         current = status()
         if not current["loaded"]:
-            raise RuntimeError(f"the compiled deformable-attention op is unavailable: {current['reason']}")
+            raise RuntimeError(
+                f"the compiled deformable-attention op is unavailable: {current['reason']}"
+            )
     flat_shapes = [int(size) for shape in spatial_shapes for size in shape]
     return torch.ops.m2fp.ms_deform_attn(value, flat_shapes, sampling_locations, attention_weights)

@@ -19,7 +19,9 @@ from worker.m2fp import ops
 def up_to_date() -> bool:
     """Whether the library exists and was built from the current sources, flags and torch."""
     try:
-        return ops.LIBRARY_PATH.is_file() and ops.BUILD_KEY_PATH.read_text().strip() == ops.build_key()
+        return (
+            ops.LIBRARY_PATH.is_file() and ops.BUILD_KEY_PATH.read_text().strip() == ops.build_key()
+        )
     except OSError:
         return False
 
@@ -29,7 +31,7 @@ def build(force: bool = False, verbose: bool = False) -> bool:
     if not force and up_to_date():
         ops.LIBRARY_PATH.touch()  # newer than its inputs again: bootstrap's mtime check skips python next time
         return False
-    from torch.utils import cpp_extension  # noqa: PLC0415
+    from torch.utils import cpp_extension
 
     ops.BUILD_DIR.mkdir(parents=True, exist_ok=True)
     ops.BUILD_KEY_PATH.unlink(missing_ok=True)
@@ -47,7 +49,9 @@ def build(force: bool = False, verbose: bool = False) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     """Build if needed, then load the result to prove it works."""
-    parser = argparse.ArgumentParser(prog="python -m worker.m2fp.ops_build", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m worker.m2fp.ops_build", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--force", action="store_true", help="rebuild even when up to date")
     parser.add_argument("--verbose", action="store_true", help="show the compiler commands")
     arguments = parser.parse_args(argv)

@@ -72,8 +72,12 @@ def region_statistics(
     if num_persons == 0:
         return counts, boxes
     # Person present per row / per column: (bins, H) and (bins, W) occupancy from one bincount each.
-    row_counts = np.bincount((people * height + np.arange(height)[:, None]).ravel(), minlength=bins * height)
-    column_counts = np.bincount((people * width + np.arange(width)[None, :]).ravel(), minlength=bins * width)
+    row_counts = np.bincount(
+        (people * height + np.arange(height)[:, None]).ravel(), minlength=bins * height
+    )
+    column_counts = np.bincount(
+        (people * width + np.arange(width)[None, :]).ravel(), minlength=bins * width
+    )
     row_present = row_counts.reshape(bins, height)[1:] > 0  # (N, H)
     column_present = column_counts.reshape(bins, width)[1:] > 0  # (N, W)
     present = row_present.any(axis=1)  # (N,) persons owning at least one pixel
@@ -101,13 +105,23 @@ def describe_persons(
     persons = []
     for index, score in enumerate(scores, start=1):
         area = int(counts[index].sum())
-        box = [int(value) for value in boxes[index]] if area else [int(value) for value in fallback_boxes[index - 1]]
+        box = (
+            [int(value) for value in boxes[index]]
+            if area
+            else [int(value) for value in fallback_boxes[index - 1]]
+        )
         parts = [
-            {"class_id": class_id, "name": class_names[class_id], "area": int(counts[index, class_id])}
+            {
+                "class_id": class_id,
+                "name": class_names[class_id],
+                "area": int(counts[index, class_id]),
+            }
             for class_id in range(1, num_labels)
             if counts[index, class_id] > 0
         ]
-        persons.append({"index": index, "score": float(score), "box": box, "area": area, "parts": parts})
+        persons.append(
+            {"index": index, "score": float(score), "box": box, "area": area, "parts": parts}
+        )
     return persons
 
 
@@ -142,14 +156,18 @@ def group_persons(
     instance_map = np.zeros(label_map.shape, dtype=np.uint8)
     if not humans or winner is None:
         return instance_map, []
-    person_of_query = np.zeros(int(winner.max()) + 2, dtype=np.uint8)  # shifted by 1 so -1 maps to 0
+    person_of_query = np.zeros(
+        int(winner.max()) + 2, dtype=np.uint8
+    )  # shifted by 1 so -1 maps to 0
     for index, human in enumerate(humans, start=1):
         if human.query + 1 < person_of_query.size:
             person_of_query[human.query + 1] = index
     instance_map = person_of_query[winner + 1]
     instance_map[label_map == 0] = 0
     fallback_boxes = [mask_box(human.mask) for human in humans]
-    persons = describe_persons(label_map, instance_map, [human.score for human in humans], fallback_boxes, class_names)
+    persons = describe_persons(
+        label_map, instance_map, [human.score for human in humans], fallback_boxes, class_names
+    )
     return instance_map, persons
 
 
@@ -192,11 +210,16 @@ def single_human_persons(
     if not foreground.any():
         return instance_map, []
     person_score = float(winning[foreground].sum() / (foreground.sum() + 1.0))
-    return instance_map, describe_persons(label_map, instance_map, [person_score], [[0, 0, 0, 0]], class_names)
+    return instance_map, describe_persons(
+        label_map, instance_map, [person_score], [[0, 0, 0, 0]], class_names
+    )
 
 
 def single_human_parts(
-    label_map: np.ndarray, class_ids: np.ndarray, class_scores: np.ndarray, class_names: Sequence[str]
+    label_map: np.ndarray,
+    class_ids: np.ndarray,
+    class_scores: np.ndarray,
+    class_names: Sequence[str],
 ) -> list[dict]:
     """One part dict per foreground class present in the single-human label map, by descending score."""
     parts = []
@@ -217,7 +240,9 @@ def single_human_parts(
     return sorted(parts, key=lambda part: -part["score"])
 
 
-def scale_box(box: Sequence[int], scale_x: float, scale_y: float, width: int, height: int) -> list[int]:
+def scale_box(
+    box: Sequence[int], scale_x: float, scale_y: float, width: int, height: int
+) -> list[int]:
     """Scale an exclusive [x0, y0, x1, y1] box, rounding outwards and clipping to (width, height)."""
     x0, y0, x1, y1 = box
     if x1 <= x0 or y1 <= y0:

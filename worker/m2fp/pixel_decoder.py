@@ -18,7 +18,9 @@ TRANSFORMER_IN_FEATURES = ("res5", "res4", "res3")
 class DeformableEncoderLayer(nn.Module):
     """Post-norm encoder layer: deformable self-attention then a ReLU FFN, each with a residual."""
 
-    def __init__(self, embed_dim: int, num_heads: int, num_levels: int, num_points: int, feedforward_dim: int) -> None:
+    def __init__(
+        self, embed_dim: int, num_heads: int, num_levels: int, num_points: int, feedforward_dim: int
+    ) -> None:
         super().__init__()
         self.self_attn = MultiScaleDeformableAttention(embed_dim, num_heads, num_levels, num_points)
         self.norm1 = nn.LayerNorm(embed_dim)
@@ -45,7 +47,9 @@ class DeformableEncoder(nn.Module):
 
     def __init__(self, num_layers: int, **layer_kwargs: int) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(DeformableEncoderLayer(**layer_kwargs) for _ in range(num_layers))
+        self.layers = nn.ModuleList(
+            DeformableEncoderLayer(**layer_kwargs) for _ in range(num_layers)
+        )
 
     def forward(
         self,
@@ -66,10 +70,16 @@ def encoder_reference_points(
     """Normalised pixel centres ((j + 0.5) / W, (i + 0.5) / H) of every level, as (B, S, L, 2)."""
     points_per_level = []
     for height, width in spatial_shapes:
-        row_centres = (torch.arange(height, dtype=torch.float32, device=device) + 0.5) / height  # (H,)
-        column_centres = (torch.arange(width, dtype=torch.float32, device=device) + 0.5) / width  # (W,)
+        row_centres = (
+            torch.arange(height, dtype=torch.float32, device=device) + 0.5
+        ) / height  # (H,)
+        column_centres = (
+            torch.arange(width, dtype=torch.float32, device=device) + 0.5
+        ) / width  # (W,)
         grid_y, grid_x = torch.meshgrid(row_centres, column_centres, indexing="ij")  # (H, W) each
-        points_per_level.append(torch.stack((grid_x.reshape(-1), grid_y.reshape(-1)), dim=-1))  # (H*W, 2)
+        points_per_level.append(
+            torch.stack((grid_x.reshape(-1), grid_y.reshape(-1)), dim=-1)
+        )  # (H*W, 2)
     reference_points = torch.cat(points_per_level, dim=0)  # (S, 2)
     # the same point is the reference on every level (no padding, valid ratios are 1)
     # (S, 2) -> (B, S, L, 2)
@@ -93,7 +103,9 @@ class MSDeformAttnTransformerEncoder(nn.Module):
         )
         nn.init.normal_(self.level_embed)
 
-    def forward(self, sources: list[torch.Tensor], positions: list[torch.Tensor]) -> list[torch.Tensor]:
+    def forward(
+        self, sources: list[torch.Tensor], positions: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
         """Encode per-level (B, C, H_l, W_l) features jointly; returns them in the same shapes and order."""
         spatial_shapes = [(source.shape[2], source.shape[3]) for source in sources]
         batch_size = sources[0].shape[0]
@@ -107,10 +119,13 @@ class MSDeformAttnTransformerEncoder(nn.Module):
             dim=1,
         )
         reference_points = encoder_reference_points(spatial_shapes, batch_size, flat_sources.device)
-        memory = self.encoder(flat_sources, flat_positions, reference_points, spatial_shapes)  # (B, S, C)
+        memory = self.encoder(
+            flat_sources, flat_positions, reference_points, spatial_shapes
+        )  # (B, S, C)
         outputs = []
         for level_memory, (height, width) in zip(
-            memory.split([height * width for height, width in spatial_shapes], dim=1), spatial_shapes
+            memory.split([height * width for height, width in spatial_shapes], dim=1),
+            spatial_shapes,
         ):
             # (B, H*W, C) -> (B, C, H*W) -> (B, C, H, W)
             outputs.append(level_memory.transpose(1, 2).reshape(batch_size, -1, height, width))
@@ -138,7 +153,12 @@ class MSDeformAttnPixelDecoder(nn.Module):
             backbone_channels["res2"], conv_dim, 1, norm=nn.GroupNorm(config.norm_groups, conv_dim)
         )
         self.layer_1 = Conv2dNormActivation(
-            conv_dim, conv_dim, 3, padding=1, norm=nn.GroupNorm(config.norm_groups, conv_dim), relu=True
+            conv_dim,
+            conv_dim,
+            3,
+            padding=1,
+            norm=nn.GroupNorm(config.norm_groups, conv_dim),
+            relu=True,
         )
 
     def forward(self, features: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:

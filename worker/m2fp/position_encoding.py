@@ -33,11 +33,17 @@ class PositionEmbeddingSine(nn.Module):
         x_embed = x_embed / (x_embed[:, :, -1:] + epsilon) * self.scale
 
         feature_index = torch.arange(self.num_pos_feats, dtype=torch.float32, device=device)
-        frequencies = self.temperature ** (2 * torch.div(feature_index, 2, rounding_mode="floor") / self.num_pos_feats)
+        frequencies = self.temperature ** (
+            2 * torch.div(feature_index, 2, rounding_mode="floor") / self.num_pos_feats
+        )
 
         position_x = x_embed[:, :, :, None] / frequencies  # (B, H, W, F)
         position_y = y_embed[:, :, :, None] / frequencies  # (B, H, W, F)
         # interleave sin (even channels) and cos (odd channels): (B, H, W, F/2, 2) -> (B, H, W, F)
-        position_x = torch.stack((position_x[..., 0::2].sin(), position_x[..., 1::2].cos()), dim=4).flatten(3)
-        position_y = torch.stack((position_y[..., 0::2].sin(), position_y[..., 1::2].cos()), dim=4).flatten(3)
+        position_x = torch.stack(
+            (position_x[..., 0::2].sin(), position_x[..., 1::2].cos()), dim=4
+        ).flatten(3)
+        position_y = torch.stack(
+            (position_y[..., 0::2].sin(), position_y[..., 1::2].cos()), dim=4
+        ).flatten(3)
         return torch.cat((position_y, position_x), dim=3).permute(0, 3, 1, 2)  # (B, 2F, H, W)

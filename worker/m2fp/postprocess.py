@@ -39,12 +39,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from worker.m2fp.persons import describe_parts, group_persons, single_human_persons, single_human_parts
+from worker.m2fp.persons import (
+    describe_parts,
+    group_persons,
+    single_human_parts,
+    single_human_persons,
+)
 
 HUMAN_SCORE_THRESHOLD = 0.1  # humans kept if score > this
 PART_SCORE_THRESHOLD = 0.1  # parts kept if score >= this
 MASK_SCORE_EPSILON = 1e-6
-CHUNK_MEMORY_BUDGET_BYTES = 192 * 1024 * 1024  # per-chunk working memory when chunk_size is automatic
+CHUNK_MEMORY_BUDGET_BYTES = (
+    192 * 1024 * 1024
+)  # per-chunk working memory when chunk_size is automatic
 
 
 @dataclass
@@ -69,7 +76,11 @@ class Instance:
     def mask(self) -> np.ndarray:
         """The (H, W) boolean mask."""
         height, width = self.mask_shape
-        return np.unpackbits(self.packed_mask, count=height * width).reshape(height, width).astype(bool)
+        return (
+            np.unpackbits(self.packed_mask, count=height * width)
+            .reshape(height, width)
+            .astype(bool)
+        )
 
 
 @dataclass
@@ -94,7 +105,9 @@ class MultiHumanParsing:
     instances: list[Instance]  # kept parts and humans, by descending score
     topk: TopK
     semantic_map: np.ndarray | None = None  # (num_parsing, H, W) float32, only if requested
-    semantic_outputs: np.ndarray | None = None  # (num_parsing, H, W) float32 pasted instances, only if requested
+    semantic_outputs: np.ndarray | None = (
+        None  # (num_parsing, H, W) float32 pasted instances, only if requested
+    )
 
 
 @dataclass
@@ -143,17 +156,23 @@ def resize_mask_logits(
     Returns:
         (Q, H, W) float tensor.
     """
-    maps = F.interpolate(mask_logits[None], size=tuple(padded_size), mode="bilinear", align_corners=False)[0]
+    maps = F.interpolate(
+        mask_logits[None], size=tuple(padded_size), mode="bilinear", align_corners=False
+    )[0]
     maps = maps[:, : image_size[0], : image_size[1]]  # (Q, h_img, w_img)
     if crop_box is not None:
         x0, y0, x1, y1 = (int(value) for value in crop_box)
         maps = maps[:, y0:y1, x0:x1]  # (Q, y1-y0, x1-x0)
     if tuple(maps.shape[-2:]) != tuple(output_size):
-        maps = F.interpolate(maps[None], size=tuple(output_size), mode="bilinear", align_corners=False)[0]
+        maps = F.interpolate(
+            maps[None], size=tuple(output_size), mode="bilinear", align_corners=False
+        )[0]
     return maps
 
 
-def automatic_chunk_size(num_queries: int, padded_size: tuple[int, int], output_size: tuple[int, int]) -> int:
+def automatic_chunk_size(
+    num_queries: int, padded_size: tuple[int, int], output_size: tuple[int, int]
+) -> int:
     """Queries per chunk so that one chunk's working tensors stay within CHUNK_MEMORY_BUDGET_BYTES."""
     # Per query: the padded-size resize (float32), then logits and sigmoid (float32) and mask (bool) at
     # output size, plus some slack for the allocator.
@@ -163,7 +182,11 @@ def automatic_chunk_size(num_queries: int, padded_size: tuple[int, int], output_
 
 def check_prediction(class_logits: torch.Tensor, mask_logits: torch.Tensor) -> None:
     """Raise ValueError unless class logits are (Q, C+1) and mask logits (Q, h, w) with the same Q."""
-    if class_logits.dim() != 2 or mask_logits.dim() != 3 or class_logits.shape[0] != mask_logits.shape[0]:
+    if (
+        class_logits.dim() != 2
+        or mask_logits.dim() != 3
+        or class_logits.shape[0] != mask_logits.shape[0]
+    ):
         raise ValueError(
             f"expected class_logits (Q, C+1) and mask_logits (Q, h, w), "
             f"but got {tuple(class_logits.shape)} and {tuple(mask_logits.shape)}"
@@ -190,13 +213,25 @@ class _MultiHumanReadout:
     ) -> None:
         height, width = output_size
         device = class_logits.device
-        self.num_parsing, self.output_size, self.paste_threshold = num_parsing, output_size, paste_threshold
-        self.class_probabilities = F.softmax(class_logits, dim=-1)[:, :num_parsing]  # (Q, num_parsing)
+        self.num_parsing, self.output_size, self.paste_threshold = (
+            num_parsing,
+            output_size,
+            paste_threshold,
+        )
+        self.class_probabilities = F.softmax(class_logits, dim=-1)[
+            :, :num_parsing
+        ]  # (Q, num_parsing)
         self.top_scores, self.top_labels, self.top_queries = select_topk(class_logits, topk)
         self.mask_scores = torch.zeros(class_logits.shape[0], dtype=torch.float32, device=device)
-        self.semantic = torch.zeros((num_parsing, height * width), dtype=torch.float32, device=device)
-        self.best_human_logit: torch.Tensor | None = None  # (H, W) running max of kept human logits (> 0)
-        self.best_human_query: torch.Tensor | None = None  # (H, W) query holding that max, -1 = none
+        self.semantic = torch.zeros(
+            (num_parsing, height * width), dtype=torch.float32, device=device
+        )
+        self.best_human_logit: torch.Tensor | None = (
+            None  # (H, W) running max of kept human logits (> 0)
+        )
+        self.best_human_query: torch.Tensor | None = (
+            None  # (H, W) query holding that max, -1 = none
+        )
         paste = paste_threshold is not None
         self.pasted = torch.zeros_like(self.semantic) if paste else None
         self.paste_counts = torch.zeros_like(self.semantic) if paste else None
@@ -211,31 +246,47 @@ class _MultiHumanReadout:
         stop = start + logits.shape[0]
         probabilities = logits.sigmoid()  # (q, H*W)
         positive = logits > 0  # (q, H*W)
-        self.semantic.addmm_(self.class_probabilities[start:stop].T, probabilities)  # (C, q) @ (q, HW)
+        self.semantic.addmm_(
+            self.class_probabilities[start:stop].T, probabilities
+        )  # (C, q) @ (q, HW)
         # From here on `probabilities` holds sigmoid(m) * [m > 0] (in place: no extra chunk-sized tensor).
         probabilities.masked_fill_(positive.logical_not(), 0.0)
-        positive_counts = torch.count_nonzero(positive, dim=1).to(torch.float32)  # exact below 2**24 pixels
+        positive_counts = torch.count_nonzero(positive, dim=1).to(
+            torch.float32
+        )  # exact below 2**24 pixels
         self.mask_scores[start:stop] = probabilities.sum(1) / (positive_counts + MASK_SCORE_EPSILON)
         newly_kept = []
         for offset, query in enumerate(range(start, stop)):
             for entry in self.entries_by_query.get(query, ()):
                 if self._read_entry(entry, query, logits[offset], probabilities[offset]):
                     newly_kept.append(offset)
-        offsets = sorted({offset for offset in newly_kept if start + offset not in self.packed_masks})
-        if offsets:  # one transfer and one packbits for the chunk; rows pack as each mask alone would
+        offsets = sorted(
+            {offset for offset in newly_kept if start + offset not in self.packed_masks}
+        )
+        if (
+            offsets
+        ):  # one transfer and one packbits for the chunk; rows pack as each mask alone would
             packed = np.packbits(positive[offsets].cpu().numpy(), axis=1)
             for row, offset in enumerate(offsets):
                 self.packed_masks[start + offset] = packed[row]
 
-    def _read_entry(self, entry: int, query: int, logits: torch.Tensor, probabilities: torch.Tensor) -> bool:
+    def _read_entry(
+        self, entry: int, query: int, logits: torch.Tensor, probabilities: torch.Tensor
+    ) -> bool:
         """Score one top-k entry, paste it if asked; True if it is kept (its mask must then be stored)."""
         label = int(self.top_labels[entry])
         score = self.top_scores[entry] * self.mask_scores[query]  # float32, as the reference
         is_human = label == self.num_parsing
-        keep = bool(score > HUMAN_SCORE_THRESHOLD) if is_human else (
-            label != 0 and bool(score >= PART_SCORE_THRESHOLD)
+        keep = (
+            bool(score > HUMAN_SCORE_THRESHOLD)
+            if is_human
+            else (label != 0 and bool(score >= PART_SCORE_THRESHOLD))
         )
-        if self.paste_threshold is not None and label < self.num_parsing and bool(score >= self.paste_threshold):
+        if (
+            self.paste_threshold is not None
+            and label < self.num_parsing
+            and bool(score >= self.paste_threshold)
+        ):
             self._paste(label, float(score), probabilities)
         if not keep:
             return False
@@ -247,8 +298,12 @@ class _MultiHumanReadout:
     def _add_human(self, query: int, logits: torch.Tensor) -> None:
         """Let a kept human's (H, W) logits claim the pixels where they beat every earlier human and 0."""
         if self.best_human_logit is None:
-            self.best_human_logit = torch.zeros(self.output_size, dtype=torch.float32, device=logits.device)
-            self.best_human_query = torch.full(self.output_size, -1, dtype=torch.int32, device=logits.device)
+            self.best_human_logit = torch.zeros(
+                self.output_size, dtype=torch.float32, device=logits.device
+            )
+            self.best_human_query = torch.full(
+                self.output_size, -1, dtype=torch.int32, device=logits.device
+            )
         better = logits > self.best_human_logit  # strict: ties keep the lower (earlier) query
         self.best_human_logit = torch.where(better, logits, self.best_human_logit)
         self.best_human_query.masked_fill_(better, query)
@@ -269,7 +324,9 @@ class _MultiHumanReadout:
         for entry, score in sorted(self.kept_entries, key=lambda item: (-item[1], item[0])):
             query = int(self.top_queries[entry])
             label = int(self.top_labels[entry])
-            instances.append(Instance(label, score, query, self.packed_masks[query], self.output_size))
+            instances.append(
+                Instance(label, score, query, self.packed_masks[query], self.output_size)
+            )
         return instances
 
     def topk(self) -> TopK:
@@ -295,7 +352,9 @@ class _MultiHumanReadout:
         return None if self.best_human_query is None else self.best_human_query.cpu().numpy()
 
 
-def select_topk(class_logits: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def select_topk(
+    class_logits: torch.Tensor, topk: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k (query, class) pairs of softmax(class_logits)[:, :-1] flattened: scores, labels, queries."""
     class_scores = F.softmax(class_logits, dim=-1)[:, :-1]  # (Q, C)
     num_classes = class_scores.shape[1]
@@ -305,7 +364,10 @@ def select_topk(class_logits: torch.Tensor, topk: int) -> tuple[torch.Tensor, to
 
 
 def check_multi_human(
-    class_logits: torch.Tensor, mask_logits: torch.Tensor, num_parsing: int, class_names: Sequence[str]
+    class_logits: torch.Tensor,
+    mask_logits: torch.Tensor,
+    num_parsing: int,
+    class_names: Sequence[str],
 ) -> None:
     """Raise ValueError unless the logits are those of a multi-human model with `num_parsing` classes."""
     check_prediction(class_logits, mask_logits)
@@ -315,7 +377,9 @@ def check_multi_human(
             f"but got {class_logits.shape[1]}"
         )
     if len(class_names) < num_parsing:
-        raise ValueError(f"class_names must name the {num_parsing} parsing classes, but got {len(class_names)}")
+        raise ValueError(
+            f"class_names must name the {num_parsing} parsing classes, but got {len(class_names)}"
+        )
 
 
 def check_chunk_size(chunk_size: int | None, num_queries: int, padded_size, output_size) -> int:
@@ -361,21 +425,30 @@ def parse_multi_human(
     """
     check_multi_human(class_logits, mask_logits, num_parsing, class_names)
     output_size = check_size("output_size", output_size)
-    padded_size, image_size = check_size("padded_size", padded_size), check_size("image_size", image_size)
+    padded_size, image_size = (
+        check_size("padded_size", padded_size),
+        check_size("image_size", image_size),
+    )
     num_queries = class_logits.shape[0]
     chunk_size = check_chunk_size(chunk_size, num_queries, padded_size, output_size)
     mask_logits = mask_logits.float()
-    readout = _MultiHumanReadout(class_logits.float(), topk, num_parsing, output_size, paste_threshold)
+    readout = _MultiHumanReadout(
+        class_logits.float(), topk, num_parsing, output_size, paste_threshold
+    )
     for start in range(0, num_queries, chunk_size):
         stop = min(start + chunk_size, num_queries)
-        logits = resize_mask_logits(mask_logits[start:stop], padded_size, image_size, output_size)  # (q, H, W)
+        logits = resize_mask_logits(
+            mask_logits[start:stop], padded_size, image_size, output_size
+        )  # (q, H, W)
         readout.add_chunk(start, logits.reshape(stop - start, -1))  # (q, H*W)
         del logits
     semantic = readout.semantic.reshape(num_parsing, *output_size)  # (C, H, W)
     label_map = semantic.argmax(0).to(torch.uint8).cpu().numpy()
     instances = readout.instances()
     names = class_names[:num_parsing]
-    instance_map, persons = group_persons(label_map, instances, readout.winner(), num_parsing, names)
+    instance_map, persons = group_persons(
+        label_map, instances, readout.winner(), num_parsing, names
+    )
     return MultiHumanParsing(
         label_map=label_map,
         instance_map=instance_map,
@@ -389,17 +462,26 @@ def parse_multi_human(
 
 
 def single_human_semantic(
-    class_logits: torch.Tensor, mask_logits: torch.Tensor, padded_size: tuple[int, int], chunk_size: int
+    class_logits: torch.Tensor,
+    mask_logits: torch.Tensor,
+    padded_size: tuple[int, int],
+    chunk_size: int,
 ) -> torch.Tensor:
     """The (C, Hp, Wp) semantic map at the padded input size, upsampling `chunk_size` queries at once."""
     num_queries, num_classes = class_logits.shape[0], class_logits.shape[1] - 1
     class_probabilities = F.softmax(class_logits.float(), dim=-1)[:, :-1]  # (Q, C)
-    semantic = torch.zeros((num_classes, padded_size[0] * padded_size[1]), device=class_logits.device)
+    semantic = torch.zeros(
+        (num_classes, padded_size[0] * padded_size[1]), device=class_logits.device
+    )
     for start in range(0, num_queries, chunk_size):
         stop = min(start + chunk_size, num_queries)
         chunk = mask_logits[start:stop].float()[None]  # (1, q, h, w)
-        upsampled = F.interpolate(chunk, size=padded_size, mode="bilinear", align_corners=False)[0]  # (q, Hp, Wp)
-        semantic.addmm_(class_probabilities[start:stop].T, upsampled.reshape(stop - start, -1).sigmoid())
+        upsampled = F.interpolate(chunk, size=padded_size, mode="bilinear", align_corners=False)[
+            0
+        ]  # (q, Hp, Wp)
+        semantic.addmm_(
+            class_probabilities[start:stop].T, upsampled.reshape(stop - start, -1).sigmoid()
+        )
     return semantic.reshape(num_classes, *padded_size)
 
 
@@ -432,17 +514,28 @@ def parse_single_human(
     """
     check_prediction(class_logits, mask_logits)
     output_size = check_size("output_size", output_size)
-    padded_size, image_size = check_size("padded_size", padded_size), check_size("image_size", image_size)
+    padded_size, image_size = (
+        check_size("padded_size", padded_size),
+        check_size("image_size", image_size),
+    )
     num_queries, num_classes = class_logits.shape[0], class_logits.shape[1] - 1
     if len(class_names) < num_classes:
-        raise ValueError(f"class_names must name the {num_classes} classes, but got {len(class_names)}")
+        raise ValueError(
+            f"class_names must name the {num_classes} classes, but got {len(class_names)}"
+        )
     chunk_size = check_chunk_size(chunk_size, num_queries, padded_size, padded_size)
-    semantic = single_human_semantic(class_logits, mask_logits, padded_size, chunk_size)  # (C, Hp, Wp)
-    sem_seg = resize_mask_logits(semantic, padded_size, image_size, output_size, crop_box)  # (C, H, W)
+    semantic = single_human_semantic(
+        class_logits, mask_logits, padded_size, chunk_size
+    )  # (C, Hp, Wp)
+    sem_seg = resize_mask_logits(
+        semantic, padded_size, image_size, output_size, crop_box
+    )  # (C, H, W)
     # The map is already at padded size: resize_mask_logits' first resize is the identity there.
     label_map = sem_seg.argmax(0).to(torch.uint8).cpu().numpy()
     label_tensor = torch.from_numpy(label_map.astype(np.int64)).to(sem_seg.device)
-    winning = torch.gather(sem_seg, 0, label_tensor[None]).sigmoid()[0].double().cpu().numpy()  # (H, W)
+    winning = (
+        torch.gather(sem_seg, 0, label_tensor[None]).sigmoid()[0].double().cpu().numpy()
+    )  # (H, W)
     sums = np.bincount(label_map.ravel(), weights=winning.ravel(), minlength=num_classes)
     counts = np.bincount(label_map.ravel(), minlength=num_classes)
     class_ids = np.flatnonzero(counts).astype(np.int64)

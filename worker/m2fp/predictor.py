@@ -24,7 +24,12 @@ from worker.m2fp import ops
 from worker.m2fp.checkpoint import build_model
 from worker.m2fp.model import M2FP
 from worker.m2fp.persons import describe_persons, scale_box
-from worker.m2fp.postprocess import MultiHumanParsing, SingleHumanParsing, parse_multi_human, parse_single_human
+from worker.m2fp.postprocess import (
+    MultiHumanParsing,
+    SingleHumanParsing,
+    parse_multi_human,
+    parse_single_human,
+)
 from worker.m2fp.preprocess import PreprocessedImage, check_rgb_image, preprocess_image
 
 logger = logging.getLogger(__name__)
@@ -52,7 +57,10 @@ class ParsingResult:
     @property
     def classes_present(self) -> list[int]:
         """Class ids that occur in `label_map`, ascending."""
-        return [int(class_id) for class_id in np.flatnonzero(np.bincount(self.label_map.ravel(), minlength=1))]
+        return [
+            int(class_id)
+            for class_id in np.flatnonzero(np.bincount(self.label_map.ravel(), minlength=1))
+        ]
 
 
 @dataclass
@@ -92,8 +100,12 @@ def downsize_to_max_side(image: np.ndarray, max_side: int) -> np.ndarray:
 def upscale_nearest(array: np.ndarray, height: int, width: int) -> np.ndarray:
     """Nearest-neighbour resize of a (h, w) map to (height, width), sampling at pixel centres."""
     source_height, source_width = array.shape
-    rows = np.minimum(((np.arange(height) + 0.5) * source_height / height).astype(np.int64), source_height - 1)
-    columns = np.minimum(((np.arange(width) + 0.5) * source_width / width).astype(np.int64), source_width - 1)
+    rows = np.minimum(
+        ((np.arange(height) + 0.5) * source_height / height).astype(np.int64), source_height - 1
+    )
+    columns = np.minimum(
+        ((np.arange(width) + 0.5) * source_width / width).astype(np.int64), source_width - 1
+    )
     return array[rows[:, None], columns[None, :]]  # (height, width)
 
 
@@ -122,7 +134,11 @@ class Predictor:
 
     @classmethod
     def from_model(
-        cls, model: M2FP, untrained: bool = False, max_side: int = 1920, deform_attn: str | None = None
+        cls,
+        model: M2FP,
+        untrained: bool = False,
+        max_side: int = 1920,
+        deform_attn: str | None = None,
     ) -> Predictor:
         """Wrap an already built model (eval mode), e.g. one loaded from an in-memory state_dict."""
         predictor = cls.__new__(cls)
@@ -134,10 +150,12 @@ class Predictor:
         if max_side < 32:
             raise ValueError(f"max_side must be >= 32, but got {max_side}")
         if deform_attn is None:  # M2FP_DEFORM_ATTN, read where all settings are read
-            from shared.config import deform_attn_mode  # noqa: PLC0415
+            from shared.config import deform_attn_mode
 
             deform_attn = deform_attn_mode()
-        path = ops.configure(deform_attn)  # process-wide; raises for "op" when the op cannot be loaded
+        path = ops.configure(
+            deform_attn
+        )  # process-wide; raises for "op" when the op cannot be loaded
         if not str(model.pixel_mean.device).startswith("cpu"):
             path = "reference: the compiled op is CPU-only"
         self.deform_attn = path  # "op" or "reference: <reason>"
@@ -147,7 +165,9 @@ class Predictor:
         self.variant = model.config.name
         self.device = str(model.pixel_mean.device)
         self.max_side = max_side
-        self.class_names: tuple[str, ...] = tuple(model.config.class_names[: model.config.num_parsing])
+        self.class_names: tuple[str, ...] = tuple(
+            model.config.class_names[: model.config.num_parsing]
+        )
         if untrained:
             logger.warning("Predictor uses UNTRAINED random weights: its results are meaningless")
 
@@ -155,16 +175,31 @@ class Predictor:
         """Run the variant's preprocessing (resize or centre-pad) on an RGB uint8 image."""
         config = self.config
         return preprocess_image(
-            image, config.single_human, config.min_size_test, config.max_size_test, config.single_human_input_size
+            image,
+            config.single_human,
+            config.min_size_test,
+            config.max_size_test,
+            config.single_human_input_size,
         )
 
-    def _forward(self, preprocessed: Sequence[PreprocessedImage]) -> tuple[torch.Tensor, torch.Tensor, list, tuple]:
+    def _forward(
+        self, preprocessed: Sequence[PreprocessedImage]
+    ) -> tuple[torch.Tensor, torch.Tensor, list, tuple]:
         """Run the network on preprocessed images; returns logits, masks, unpadded sizes, padded size."""
-        arrays = [item.image if item.image.flags.writeable else item.image.copy() for item in preprocessed]
-        tensors = [torch.from_numpy(array).permute(2, 0, 1) for array in arrays]  # (h, w, 3) -> (3, h, w) each
+        arrays = [
+            item.image if item.image.flags.writeable else item.image.copy() for item in preprocessed
+        ]
+        tensors = [
+            torch.from_numpy(array).permute(2, 0, 1) for array in arrays
+        ]  # (h, w, 3) -> (3, h, w) each
         padded, image_sizes = self.model.normalize_and_pad(tensors)  # (B, 3, Hp, Wp)
         output = self.model(padded)
-        return output.pred_logits, output.pred_masks, image_sizes, (int(padded.shape[2]), int(padded.shape[3]))
+        return (
+            output.pred_logits,
+            output.pred_masks,
+            image_sizes,
+            (int(padded.shape[2]), int(padded.shape[3])),
+        )
 
     def _postprocess(
         self,
@@ -179,12 +214,25 @@ class Predictor:
         config = self.config
         if config.single_human:
             return parse_single_human(
-                class_logits, mask_logits, padded_size, image_size, preprocessed.crop_box,
-                preprocessed.original_size, config.class_names, **options,
+                class_logits,
+                mask_logits,
+                padded_size,
+                image_size,
+                preprocessed.crop_box,
+                preprocessed.original_size,
+                config.class_names,
+                **options,
             )
         return parse_multi_human(
-            class_logits, mask_logits, padded_size, image_size, preprocessed.original_size, config.class_names,
-            num_parsing=config.num_parsing, topk=config.test_topk_per_image, **options,
+            class_logits,
+            mask_logits,
+            padded_size,
+            image_size,
+            preprocessed.original_size,
+            config.class_names,
+            num_parsing=config.num_parsing,
+            topk=config.test_topk_per_image,
+            **options,
         )
 
     def infer(self, image: np.ndarray, **postprocess_options: object) -> Inference:
@@ -201,7 +249,12 @@ class Predictor:
             self._synchronize()
             post_started = time.perf_counter()
             parsing = self._postprocess(
-                preprocessed, class_logits[0], mask_logits[0], padded_size, image_sizes[0], **postprocess_options
+                preprocessed,
+                class_logits[0],
+                mask_logits[0],
+                padded_size,
+                image_sizes[0],
+                **postprocess_options,
             )
             finished = time.perf_counter()
         timings = {
@@ -209,7 +262,15 @@ class Predictor:
             "forward": post_started - forward_started,
             "postprocess": finished - post_started,
         }
-        return Inference(preprocessed, padded_size, image_sizes[0], class_logits[0], mask_logits[0], parsing, timings)
+        return Inference(
+            preprocessed,
+            padded_size,
+            image_sizes[0],
+            class_logits[0],
+            mask_logits[0],
+            parsing,
+            timings,
+        )
 
     def predict(self, image_rgb: np.ndarray) -> ParsingResult:
         """Parse one (H, W, 3) uint8 RGB image; every output is at (H, W)."""
@@ -246,7 +307,9 @@ class Predictor:
             check_rgb_image(image)
         with torch.inference_mode():
             started = time.perf_counter()
-            preprocessed = [self.preprocess(downsize_to_max_side(image, self.max_side)) for image in images]
+            preprocessed = [
+                self.preprocess(downsize_to_max_side(image, self.max_side)) for image in images
+            ]
             groups: dict[tuple[int, int], list[int]] = {}
             for index, item in enumerate(preprocessed):
                 groups.setdefault(self.padded_size(item), []).append(index)
@@ -255,14 +318,22 @@ class Predictor:
             forward_started = time.perf_counter()
             for indices in groups.values():
                 group_started = time.perf_counter()
-                class_logits, mask_logits, image_sizes, padded_size = self._forward([preprocessed[i] for i in indices])
+                class_logits, mask_logits, image_sizes, padded_size = self._forward(
+                    [preprocessed[i] for i in indices]
+                )
                 self._synchronize()
                 post_started = time.perf_counter()
                 for row, index in enumerate(indices):
                     parsing = self._postprocess(
-                        preprocessed[index], class_logits[row], mask_logits[row], padded_size, image_sizes[row]
+                        preprocessed[index],
+                        class_logits[row],
+                        mask_logits[row],
+                        padded_size,
+                        image_sizes[row],
                     )
-                    results[index] = self._to_input_size(parsing, images[index].shape[0], images[index].shape[1])
+                    results[index] = self._to_input_size(
+                        parsing, images[index].shape[0], images[index].shape[1]
+                    )
                 forward_seconds += post_started - group_started
                 post_seconds += time.perf_counter() - post_started
         count = len(images)
@@ -279,17 +350,27 @@ class Predictor:
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    def _to_input_size(self, parsing: MultiHumanParsing | SingleHumanParsing, height: int, width: int) -> ParsingResult:
+    def _to_input_size(
+        self, parsing: MultiHumanParsing | SingleHumanParsing, height: int, width: int
+    ) -> ParsingResult:
         """Scale a working-size parsing back to the input size (nearest maps, recomputed persons)."""
         working_height, working_width = parsing.label_map.shape
         if (working_height, working_width) == (height, width):
-            return ParsingResult(parsing.label_map, parsing.instance_map, parsing.persons, parsing.parts)
+            return ParsingResult(
+                parsing.label_map, parsing.instance_map, parsing.persons, parsing.parts
+            )
         scale_x, scale_y = width / working_width, height / working_height
         label_map = upscale_nearest(parsing.label_map, height, width)
         instance_map = upscale_nearest(parsing.instance_map, height, width)
-        fallback_boxes = [scale_box(person["box"], scale_x, scale_y, width, height) for person in parsing.persons]
+        fallback_boxes = [
+            scale_box(person["box"], scale_x, scale_y, width, height) for person in parsing.persons
+        ]
         persons = describe_persons(
-            label_map, instance_map, [person["score"] for person in parsing.persons], fallback_boxes, self.class_names
+            label_map,
+            instance_map,
+            [person["score"] for person in parsing.persons],
+            fallback_boxes,
+            self.class_names,
         )
         parts = [
             {

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-SINGLE_HUMAN_PAD_VALUE = 128  # grey the single-human image is centre-padded with (before normalisation)
+SINGLE_HUMAN_PAD_VALUE = (
+    128  # grey the single-human image is centre-padded with (before normalisation)
+)
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,9 @@ def check_rgb_image(image: np.ndarray) -> None:
         raise ValueError(f"image must be at least 1x1 pixels, but got {image.shape}")
 
 
-def shortest_edge_size(height: int, width: int, min_size: int = 640, max_size: int = 1333) -> tuple[int, int]:
+def shortest_edge_size(
+    height: int, width: int, min_size: int = 640, max_size: int = 1333
+) -> tuple[int, int]:
     """Return (new_height, new_width): the shortest side scaled to `min_size`, the longest capped at `max_size`.
 
     Same arithmetic (float scale, then `int(x + 0.5)`) as detectron2's ResizeShortestEdge used by ModelScope,
@@ -71,7 +75,9 @@ def pil_resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.array(resized)  # writable copy (torch.from_numpy warns on read-only arrays)
 
 
-def resize_shortest_edge(image: np.ndarray, min_size: int = 640, max_size: int = 1333) -> np.ndarray:
+def resize_shortest_edge(
+    image: np.ndarray, min_size: int = 640, max_size: int = 1333
+) -> np.ndarray:
     """Multi-human preprocessing: resize so the shortest side is `min_size` (longest at most `max_size`)."""
     check_rgb_image(image)
     new_height, new_width = shortest_edge_size(image.shape[0], image.shape[1], min_size, max_size)
@@ -88,7 +94,9 @@ def fit_within(height: int, width: int, target_height: int, target_width: int) -
     return max(1, new_height), max(1, new_width)
 
 
-def _fit_within_truncated(height: int, width: int, target_height: int, target_width: int) -> tuple[int, int]:
+def _fit_within_truncated(
+    height: int, width: int, target_height: int, target_width: int
+) -> tuple[int, int]:
     """The reference's fitting arithmetic (may give 0 for extreme aspect ratios)."""
     # Integer floor division equals int(a * b / c) for these magnitudes (exact integer product, positive).
     if height > target_height and width > target_width:
@@ -108,7 +116,9 @@ def _fit_within_truncated(height: int, width: int, target_height: int, target_wi
     return height, width
 
 
-def center_to_target_size(image: np.ndarray, target_size: tuple[int, int] = (384, 512)) -> PreprocessedImage:
+def center_to_target_size(
+    image: np.ndarray, target_size: tuple[int, int] = (384, 512)
+) -> PreprocessedImage:
     """Single-human preprocessing: shrink to fit `target_size` (width, height), then centre-pad with grey 128.
 
     Reproduces a quirk of the reference: when the left and top padding are both 0 (the image is at most one

@@ -50,7 +50,9 @@ class SelfAttentionLayer(nn.Module):
     def forward(self, queries: torch.Tensor, query_position: torch.Tensor) -> torch.Tensor:
         """Update the (Q, B, C) queries."""
         queries_with_position = queries + query_position
-        attended = self.self_attn(queries_with_position, queries_with_position, queries, need_weights=False)[0]
+        attended = self.self_attn(
+            queries_with_position, queries_with_position, queries, need_weights=False
+        )[0]
         return self.norm(queries + attended)
 
 
@@ -74,7 +76,9 @@ class MLP(nn.Module):
     def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> None:
         super().__init__()
         dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
-        self.layers = nn.ModuleList(nn.Linear(d_in, d_out) for d_in, d_out in zip(dims[:-1], dims[1:]))
+        self.layers = nn.ModuleList(
+            nn.Linear(d_in, d_out) for d_in, d_out in zip(dims[:-1], dims[1:])
+        )
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """Apply the layers to (..., input_dim) inputs."""
@@ -95,23 +99,31 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         self.num_layers = config.decoder_layers
         self.position_embedding = PositionEmbeddingSine(hidden_dim // 2)
         self.transformer_self_attention_layers = nn.ModuleList(
-            SelfAttentionLayer(hidden_dim, config.decoder_heads) for _ in range(config.decoder_layers)
+            SelfAttentionLayer(hidden_dim, config.decoder_heads)
+            for _ in range(config.decoder_layers)
         )
         self.transformer_cross_attention_layers = nn.ModuleList(
-            CrossAttentionLayer(hidden_dim, config.decoder_heads) for _ in range(config.decoder_layers)
+            CrossAttentionLayer(hidden_dim, config.decoder_heads)
+            for _ in range(config.decoder_layers)
         )
         self.transformer_ffn_layers = nn.ModuleList(
-            FeedForwardLayer(hidden_dim, config.decoder_feedforward_dim) for _ in range(config.decoder_layers)
+            FeedForwardLayer(hidden_dim, config.decoder_feedforward_dim)
+            for _ in range(config.decoder_layers)
         )
         self.decoder_norm = nn.LayerNorm(hidden_dim)
         self.query_feat = nn.Embedding(config.num_queries, hidden_dim)  # initial query features
-        self.query_embed = nn.Embedding(config.num_queries, hidden_dim)  # query positional embeddings
+        self.query_embed = nn.Embedding(
+            config.num_queries, hidden_dim
+        )  # query positional embeddings
         self.level_embed = nn.Embedding(NUM_FEATURE_LEVELS, hidden_dim)
         self.class_embed = nn.Linear(hidden_dim, config.num_classes + 1)  # + "no object"
         self.mask_embed = MLP(hidden_dim, hidden_dim, config.mask_dim, 3)
 
     def prediction_heads(
-        self, queries: torch.Tensor, mask_features: torch.Tensor, attention_mask_size: tuple[int, int]
+        self,
+        queries: torch.Tensor,
+        mask_features: torch.Tensor,
+        attention_mask_size: tuple[int, int],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Class logits (B, Q, C+1), mask logits (B, Q, H/4, W/4) and the next attention mask.
 
@@ -121,11 +133,20 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         decoded = self.decoder_norm(queries).transpose(0, 1)  # (Q, B, C) -> (B, Q, C)
         class_logits = self.class_embed(decoded)  # (B, Q, C+1)
         mask_embeddings = self.mask_embed(decoded)  # (B, Q, mask_dim)
-        mask_logits = torch.einsum("bqc,bchw->bqhw", mask_embeddings, mask_features)  # (B, Q, H/4, W/4)
-        resized = F.interpolate(mask_logits, size=attention_mask_size, mode="bilinear", align_corners=False)
+        mask_logits = torch.einsum(
+            "bqc,bchw->bqhw", mask_embeddings, mask_features
+        )  # (B, Q, H/4, W/4)
+        resized = F.interpolate(
+            mask_logits, size=attention_mask_size, mode="bilinear", align_corners=False
+        )
         # (B, Q, h, w) -> (B, Q, h*w) -> (B, heads, Q, h*w) -> (B*heads, Q, h*w)
         attention_mask = (
-            resized.sigmoid().flatten(2).unsqueeze(1).expand(-1, self.num_heads, -1, -1).flatten(0, 1) < 0.5
+            resized.sigmoid()
+            .flatten(2)
+            .unsqueeze(1)
+            .expand(-1, self.num_heads, -1, -1)
+            .flatten(0, 1)
+            < 0.5
         )
         return class_logits, mask_logits, attention_mask.detach()
 
@@ -154,7 +175,11 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             attention_mask_sizes.append((features.shape[2], features.shape[3]))
             # (B, C, H, W) -> (B, C, HW) -> (HW, B, C)
             memory_positions.append(self.position_embedding(features).flatten(2).permute(2, 0, 1))
-            memories.append((features.flatten(2) + self.level_embed.weight[level][None, :, None]).permute(2, 0, 1))
+            memories.append(
+                (features.flatten(2) + self.level_embed.weight[level][None, :, None]).permute(
+                    2, 0, 1
+                )
+            )
 
         # (Q, C) -> (Q, B, C)
         query_position = self.query_embed.weight.unsqueeze(1).expand(-1, batch_size, -1)
