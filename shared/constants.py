@@ -19,6 +19,19 @@ FLOWER_ACL_RULES = (
     "+script|load +script|exists"
 )
 
+# The weights: M2FP_WEIGHTS names a ModelScope model directory (CHECKPOINT_FILE, optional
+# CONFIGURATION_FILE), a checkpoint file, or RANDOM_WEIGHTS for an explicitly untrained model.
+RANDOM_WEIGHTS = "random"
+CHECKPOINT_FILE = "pytorch_model.pt"  # ModelScope's ModelFile.TORCH_MODEL_FILE
+ENCRYPTED_CHECKPOINT_FILE = f"{CHECKPOINT_FILE}.enc"  # `python -m worker.weights encrypt`
+CONFIGURATION_FILE = "configuration.json"
+# The one untrained-model warning: in every result, /readyz, the worker's start banner and logs,
+# and the offline CLI, whenever the weights are RANDOM_WEIGHTS.
+UNTRAINED_WARNING = (
+    "UNTRAINED MODEL: M2FP runs with random weights (M2FP_WEIGHTS=random); "
+    "results have the right shape but no meaning."
+)
+
 KEY_PREFIX = "m2fp"
 LIMITER_PREFIX = "m2fp:limiter"
 
