@@ -38,7 +38,7 @@ import redis
 from flask_limiter import Limiter
 
 from shared.config import Settings
-from shared.constants import BAN_PREFIX, LIMITER_PREFIX, QUEUE, STRIKES_PREFIX
+from shared.constants import LIMITER_PREFIX, QUEUE, ban_key, strikes_key
 from shared.errors import Banned, QueueFull, TooManyJobs
 from shared.jobstore import JobStore
 from shared.logging import event
@@ -155,11 +155,11 @@ def retry_after(limiter: Limiter) -> int:
 
 
 def _ban_key(client: str) -> str:
-    return f"{BAN_PREFIX}:{client_tag(client)}"
+    return ban_key(client_tag(client))
 
 
 def _strikes_key(client: str) -> str:
-    return f"{STRIKES_PREFIX}:{client_tag(client)}"
+    return strikes_key(client_tag(client))
 
 
 def refuse_banned(client_redis: redis.Redis, settings: Settings, client: str) -> None:

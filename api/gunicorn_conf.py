@@ -29,6 +29,7 @@ from gunicorn import glogging
 from gunicorn.http import wsgi as gunicorn_wsgi
 
 from shared.config import load_settings
+from shared.constants import REQUEST_ID_RE
 from shared.hardening import disable_core_dumps
 
 # The master reads the settings (keys included) before any worker forks: no core dumps of it either.
@@ -63,9 +64,7 @@ class JsonAccessLogger(glogging.Logger):
             "status": int(status) if str(status).isdigit() else None,
             "bytes": getattr(resp, "sent", None),
             "seconds": round(request_time.total_seconds(), 4),
-            "request_id": request_id
-            if request_id and re.fullmatch(r"[A-Za-z0-9-]{8,64}", request_id)
-            else None,
+            "request_id": request_id if REQUEST_ID_RE.fullmatch(request_id or "") else None,
         }
         self.access_log.info(json.dumps(line, separators=(",", ":")))
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 
-from shared.constants import STATUSES
+from shared.constants import JOB_ID_PATTERN, STATUSES
 from shared.errors import JOB_ERRORS, ServiceError
 
 
@@ -37,7 +37,7 @@ JOB_ID = {
     "in": "path",
     "required": True,
     "description": "The job id returned by POST /v1/jobs (24 URL-safe characters).",
-    "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{24}$"},
+    "schema": {"type": "string", "pattern": f"^{JOB_ID_PATTERN}$"},
 }
 NOT_FOUND = _error(
     "Unknown job, malformed id, or a missing or wrong token (one body for all).", "not_found"

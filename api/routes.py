@@ -1,77 +1,44 @@
-"""The HTTP API (DESIGN §2): submit, status, one-time result, withdraw, health and spec.
+"""The HTTP API's views (DESIGN §2): submit, status, one-time result, withdraw, health and spec.
 
 Each view is thin: abuse checks and validation live in `api.abuse` / `api.validation`, job
-state in `shared.jobstore`, cryptography in `shared.crypto`. An unknown job id, a malformed
-one and a wrong or missing token all give the same 404 body, after the same work (the token
-is hashed and compared against a dummy digest when the id is unknown), so ids cannot be
-enumerated.
+creation and the one-time delivery (cryptography, Redis) in `api.jobs`, job state in
+`shared.jobstore`, heartbeats in `shared.heartbeat`. An unknown job id, a malformed one and a
+wrong or missing token all give the same 404 body, after the same work (the token is hashed and
+compared against a dummy digest when the id is unknown), so ids cannot be enumerated.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import contextlib
-import json
 import logging
 import re
 import time
 from dataclasses import dataclass
-from io import BytesIO
 
 import flask
 import redis
 from celery import Celery
 from flask_limiter import Limiter
-from kombu.exceptions import KombuError
-from PIL import Image, UnidentifiedImageError
 from werkzeug.exceptions import MethodNotAllowed
 
 from api import abuse
-from api.errors import NotReadyWithStatus
+from api.jobs import RESULT_MIMETYPES, create_job, deliver_result
 from api.metrics import Metrics
 from api.openapi import openapi_document
 from api.validation import Upload, validate_upload
 from shared import heartbeat as heartbeats
 from shared.config import Settings
-from shared.constants import PALETTE
-from shared.crypto import (
-    decrypt_payload,
-    encrypt_payload,
-    hash_secret,
-    new_data_key,
-    new_job_id,
-    new_token,
-    secret_matches,
-)
-from shared.errors import (
-    JOB_ERRORS,
-    BadRequest,
-    DecryptionError,
-    JobNotFound,
-    RequestTimeout,
-    ResultGone,
-    ServiceError,
-    StoreUnavailable,
-    TooManyJobs,
-)
-from shared.jobstore import Fetch, JobStore
+from shared.constants import JOB_ID_RE, UNTRAINED_WARNING
+from shared.crypto import hash_secret, secret_matches
+from shared.errors import JOB_ERRORS, BadRequest, JobNotFound, RequestTimeout, ServiceError
+from shared.jobstore import JobStore
 from shared.logging import bind, event
-from shared.queue import enqueue_parse
 
 log = logging.getLogger(__name__)
 
-# shared.crypto.new_job_id() is token_urlsafe(18): exactly 24 URL-safe base64 characters.
-JOB_ID_RE = re.compile(r"[A-Za-z0-9_-]{24}")
 TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{16,128}")
 DUMMY_TOKEN_HASH = hash_secret("m2fp: no such job")
-RESULT_FORMATS = ("json", "palette")
 READY_RETRY_AFTER = 10
 MAX_WORKER_KEYS = 1000
-UNTRAINED_WARNING = (
-    "UNTRAINED MODEL: at least one worker runs M2FP with random weights; "
-    "results have the right shape but no meaning."
-)
 
 bp = flask.Blueprint("api", __name__)
 
@@ -106,22 +73,10 @@ def submit_job() -> flask.Response:
     client = abuse.client_key()
     abuse.refuse_banned(gw.redis, gw.settings, client)
     abuse.enforce_attempt_limit(gw.limiter, gw.settings)
-    try:
-        upload = validate_upload(flask.request, gw.settings)
-    except ServiceError as exc:
-        event(
-            log,
-            "upload_rejected",
-            code=exc.code,
-            status=exc.status_code,
-            client=abuse.client_tag(client),
-        )
-        if exc.status_code != RequestTimeout.status_code:
-            abuse.record_strike(gw.redis, gw.settings, client, exc.code)
-        raise
+    upload = validated_upload(gw, client)
     abuse.enforce_submit_limit(gw.limiter, gw.settings)
     abuse.admit(gw.store, gw.settings)
-    job_id, token = create_job(gw, upload, client)
+    job_id, token = create_job(gw, upload.data, client)
     abuse.clear_strikes(gw.redis, gw.settings, client)
     gw.metrics.jobs_submitted.inc()
     bind(job_id=job_id)
@@ -133,44 +88,39 @@ def submit_job() -> flask.Response:
         height=upload.height,
         seconds=round(time.perf_counter() - started, 4),
     )
+    return accepted(job_id, token, gw.settings.job_ttl)
+
+
+def validated_upload(gw: Gateway, client: str) -> Upload:
+    """The request's upload, validated; a refusal is logged and (unless slow) a strike."""
+    try:
+        return validate_upload(flask.request, gw.settings)
+    except ServiceError as exc:
+        event(
+            log,
+            "upload_rejected",
+            code=exc.code,
+            status=exc.status_code,
+            client=abuse.client_tag(client),
+        )
+        if exc.status_code != RequestTimeout.status_code:
+            abuse.record_strike(gw.redis, gw.settings, client, exc.code)
+        raise
+
+
+def accepted(job_id: str, token: str, expires_in: int) -> flask.Response:
+    """202 with the job's id, token and URLs; Location is the status URL."""
     status_url = flask.url_for("api.job_status", job_id=job_id)
     response = flask.jsonify(
         job_id=job_id,
         token=token,
         status_url=status_url,
         result_url=flask.url_for("api.job_result", job_id=job_id),
-        expires_in=gw.settings.job_ttl,
+        expires_in=expires_in,
     )
     response.status_code = 202
     response.headers["Location"] = status_url
     return response
-
-
-def create_job(gw: Gateway, upload: Upload, client: str) -> tuple[str, str]:
-    """Seal the upload under a fresh data key, record the job, admit it for `client`, enqueue it."""
-    job_id, token, data_key = new_job_id(), new_token(), new_data_key()
-    key_id, wrapped_key = gw.settings.keyring.wrap(job_id, data_key)
-    sealed_input = encrypt_payload(data_key, job_id, "in", upload.data)
-    gw.store.create(
-        job_id,
-        token_hash=hash_secret(token),
-        key_id=key_id,
-        wrapped_key=wrapped_key,
-        sealed_input=sealed_input,
-    )
-    try:
-        abuse.admit_for_client(gw.store, gw.settings, client, job_id)
-        enqueue_parse(gw.celery, job_id)
-    except TooManyJobs:
-        gw.store.delete(job_id)
-        raise
-    except (KombuError, redis.RedisError, OSError) as exc:
-        # A job nobody will ever run must not linger: withdraw it, then report 503.
-        with contextlib.suppress(redis.RedisError):
-            gw.store.delete(job_id)
-        event(log, "enqueue_failed", logging.ERROR, exc_type=type(exc).__name__)
-        raise StoreUnavailable() from exc
-    return job_id, token
 
 
 # --- one job -----------------------------------------------------------------------------
@@ -225,66 +175,11 @@ def job_result(job_id: str) -> flask.Response:
     gw = gateway()
     abuse.enforce_poll_limit(gw.limiter, gw.settings)
     result_format = flask.request.args.get("format", "json")
-    if result_format not in RESULT_FORMATS:
+    if result_format not in RESULT_MIMETYPES:
         raise BadRequest("Unknown result format; use format=json or format=palette.")
     authorized_record(gw, job_id)
-    fetch = gw.store.peek_result(job_id)
-    if fetch.outcome == "not_ready":
-        if fetch.status == "expired":
-            raise ResultGone()
-        raise NotReadyWithStatus(fetch.status)
-    if fetch.outcome == "fetched":
-        raise ResultGone()
-    if fetch.outcome != "ok":
-        raise JobNotFound()
-    # Decrypt and render first: a failure here leaves the result in Redis for the next fetch.
-    result = open_result(gw, job_id, fetch)
-    body = palette_png(result) if result_format == "palette" else result
-    if not gw.store.take_result(job_id, fetch.sealed_result):
-        raise ResultGone()  # a concurrent fetch served it: exactly one response carries it
-    event(log, "result_fetched", format=result_format, bytes=len(result))
-    return flask.Response(
-        body, mimetype="image/png" if result_format == "palette" else "application/json"
-    )
-
-
-def open_result(gw: Gateway, job_id: str, fetch: Fetch) -> bytes:
-    """Unwrap the job's data key and decrypt its sealed result."""
-    try:
-        if not fetch.key_id or not fetch.wrapped_key:
-            raise DecryptionError("the job record has no data key")
-        data_key = gw.settings.keyring.unwrap(job_id, fetch.key_id, fetch.wrapped_key)
-        return decrypt_payload(data_key, job_id, "out", fetch.sealed_result)
-    except DecryptionError as exc:
-        event(log, "result_undecryptable", logging.ERROR)
-        raise ServiceError() from exc
-
-
-def palette_png(result: bytes) -> bytes:
-    """The result's label map as a palette PNG coloured with shared.constants.PALETTE."""
-    try:
-        encoded = json.loads(result)["label_map_png"]
-        with Image.open(
-            BytesIO(base64.b64decode(encoded, validate=True)), formats=["PNG"]
-        ) as labels:
-            if labels.mode not in ("L", "P"):
-                raise ValueError("label map is not single-channel")
-            paletted = Image.frombytes("P", labels.size, labels.tobytes())
-    except (
-        KeyError,
-        TypeError,
-        ValueError,
-        binascii.Error,
-        UnidentifiedImageError,
-        OSError,
-    ) as exc:
-        event(log, "result_not_renderable", logging.ERROR, exc_type=type(exc).__name__)
-        raise ServiceError() from exc
-    flat = [channel for colour in PALETTE for channel in colour]
-    paletted.putpalette(flat + [0] * (768 - len(flat)))
-    buffer = BytesIO()
-    paletted.save(buffer, format="PNG")
-    return buffer.getvalue()
+    body = deliver_result(gw, job_id, result_format)
+    return flask.Response(body, mimetype=RESULT_MIMETYPES[result_format])
 
 
 @bp.delete("/v1/jobs/<job_id>")

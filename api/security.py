@@ -1,7 +1,8 @@
 """Request ids, optional API keys, CORS for an exact allow-list, and security headers.
 
-- Request id: a fresh uuid4 hex, or the client's `X-Request-ID` when it is a plain token
-  (^[A-Za-z0-9-]{8,64}$); bound to every log line of the request and echoed back.
+- Request id: a fresh uuid4 hex, or the client's `X-Request-ID` when it matches the strict
+  `shared.constants.REQUEST_ID_RE` (8..64 letters, digits and inner hyphens); anything else is
+  replaced. Bound to every log line of the request and echoed back.
 - API keys (optional): with `M2FP_API_KEYS_FILE` set, the file holds one SHA-256 hex digest per
   line (`#` comments); every `/v1/*` call must send `X-API-Key` whose digest is listed (compared
   in constant time against every entry) or gets 401. `Authorization` is the job's bearer token.
@@ -13,13 +14,15 @@
   that says `Sec-Fetch-Site: cross-site` without such an Origin, gets a JSON 403
   `cross_origin` before anything else looks at it (no strike, no quota spent). API clients
   send neither header and are unaffected; the service's own page is same-origin.
-- Headers on every response, errors included: CSP, nosniff, no referrer, no framing, CORP, and
+- Headers on every response, errors included (`SECURITY_HEADERS`, the one definition of the
+  CSP; the page's blueprint `api.web` reuses it): CSP, nosniff, no referrer, no framing, CORP, and
   `Cache-Control: no-store` (job data must not sit in any cache; the page's static files get
   `no-cache`, i.e. revalidate with their ETag).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import uuid
@@ -30,12 +33,12 @@ import flask
 
 from shared import logging as slog
 from shared.config import Settings
+from shared.constants import REQUEST_ID_RE
 from shared.crypto import hash_secret, secret_matches
 from shared.errors import ConfigError, CrossOrigin, Unauthorized
 
 log = logging.getLogger(__name__)
 
-REQUEST_ID_RE = re.compile(r"[A-Za-z0-9-]{8,64}")
 API_KEY_RE = re.compile(r"[\x21-\x7e]{16,256}")
 HASH_RE = re.compile(r"[0-9a-f]{64}")
 API_PREFIX = "/v1/"
@@ -95,68 +98,87 @@ def api_key_matches(presented: str, hashes: tuple[str, ...]) -> bool:
 
 
 def init_app(app: flask.Flask, settings: Settings) -> None:
-    """Install the request-id, preflight, API-key and header hooks on `app`."""
+    """Install the request-id, preflight, cross-site, API-key and header hooks on `app`, in order."""
     key_hashes = load_api_key_hashes(settings.api_keys_file)
     origins = frozenset(settings.cors_origins)
+    app.before_request(bind_request_id)
+    app.before_request(functools.partial(answer_preflight, origins))
+    app.before_request(functools.partial(refuse_cross_site, origins))
+    app.before_request(functools.partial(require_api_key, key_hashes))
+    app.after_request(functools.partial(add_headers, origins))
+    app.teardown_request(clear_log_context)
 
-    @app.before_request
-    def bind_request_id() -> None:
-        supplied = flask.request.headers.get("X-Request-ID", "")
-        flask.g.request_id = supplied if REQUEST_ID_RE.fullmatch(supplied) else uuid.uuid4().hex
-        slog.clear()
-        slog.bind(request_id=flask.g.request_id)
 
-    @app.before_request
-    def answer_preflight() -> flask.Response | None:
-        request = flask.request
-        if request.method != "OPTIONS" or "Access-Control-Request-Method" not in request.headers:
-            return None
-        response = flask.current_app.response_class(status=204)
-        origin = request.headers.get("Origin", "")
-        if request.path.startswith(API_PREFIX) and origin in origins:
-            response.headers["Access-Control-Allow-Methods"] = CORS_METHODS
-            response.headers["Access-Control-Allow-Headers"] = CORS_HEADERS
-            response.headers["Access-Control-Max-Age"] = "600"
-        return response
+def request_id(supplied: str) -> str:
+    """The client's X-Request-ID if it matches the strict pattern, else a fresh uuid4 hex."""
+    return supplied if REQUEST_ID_RE.fullmatch(supplied) else uuid.uuid4().hex
 
-    @app.before_request
-    def refuse_cross_site() -> None:
-        request = flask.request
-        if request.method in UNSAFE_METHODS and request.path.startswith(API_PREFIX):
-            if not write_allowed(
-                request.headers.get("Origin"),
-                request.headers.get("Sec-Fetch-Site"),
-                request.host,
-                origins,
-            ):
-                log.warning("cross_origin_refused")
-                raise CrossOrigin()
 
-    @app.before_request
-    def require_api_key() -> None:
-        if not key_hashes or not flask.request.path.startswith(API_PREFIX):
-            return
-        presented = flask.request.headers.get("X-API-Key", "")
-        if not API_KEY_RE.fullmatch(presented) or not api_key_matches(presented, key_hashes):
-            raise Unauthorized()
-        flask.g.api_key_hash = hash_secret(presented)
+def bind_request_id() -> None:
+    """Give the request its id and bind it to every log line."""
+    flask.g.request_id = request_id(flask.request.headers.get("X-Request-ID", ""))
+    slog.clear()
+    slog.bind(request_id=flask.g.request_id)
 
-    @app.after_request
-    def add_headers(response: flask.Response) -> flask.Response:
-        for name, value in SECURITY_HEADERS.items():
-            response.headers[name] = value
-        if flask.request.path.startswith(STATIC_PREFIX) and response.status_code in (200, 304):
-            # The page's own JS/CSS hold no job data; let Flask's revalidation headers stand.
-            response.headers["Cache-Control"] = "no-cache"
-        if flask.request.is_secure:
-            response.headers["Strict-Transport-Security"] = "max-age=31536000"
-        response.headers["X-Request-ID"] = flask.g.get("request_id") or uuid.uuid4().hex
-        add_cors(response, origins)
-        return response
 
-    @app.teardown_request
-    def clear_log_context(_exc: BaseException | None) -> None:
-        slog.clear()
+def answer_preflight(origins: frozenset[str]) -> flask.Response | None:
+    """Answer a CORS preflight here (204); allow methods and headers only to a listed origin."""
+    request = flask.request
+    if request.method != "OPTIONS" or "Access-Control-Request-Method" not in request.headers:
+        return None
+    response = flask.current_app.response_class(status=204)
+    origin = request.headers.get("Origin", "")
+    if request.path.startswith(API_PREFIX) and origin in origins:
+        response.headers["Access-Control-Allow-Methods"] = CORS_METHODS
+        response.headers["Access-Control-Allow-Headers"] = CORS_HEADERS
+        response.headers["Access-Control-Max-Age"] = "600"
+    return response
+
+
+def refuse_cross_site(origins: frozenset[str]) -> None:
+    """403 `cross_origin` for a state-changing /v1/* request from another site's page."""
+    request = flask.request
+    if (
+        request.method in UNSAFE_METHODS
+        and request.path.startswith(API_PREFIX)
+        and not write_allowed(
+            request.headers.get("Origin"),
+            request.headers.get("Sec-Fetch-Site"),
+            request.host,
+            origins,
+        )
+    ):
+        log.warning("cross_origin_refused")
+        raise CrossOrigin()
+
+
+def require_api_key(key_hashes: tuple[str, ...]) -> None:
+    """With API keys configured, 401 for a /v1/* request without a listed `X-API-Key`."""
+    if not key_hashes or not flask.request.path.startswith(API_PREFIX):
+        return
+    presented = flask.request.headers.get("X-API-Key", "")
+    if not API_KEY_RE.fullmatch(presented) or not api_key_matches(presented, key_hashes):
+        raise Unauthorized()
+    flask.g.api_key_hash = hash_secret(presented)
+
+
+def add_headers(origins: frozenset[str], response: flask.Response) -> flask.Response:
+    """The security headers, the request id and (for a listed origin) CORS on every response."""
+    for name, value in SECURITY_HEADERS.items():
+        response.headers[name] = value
+    if flask.request.path.startswith(STATIC_PREFIX) and response.status_code in (200, 304):
+        # The page's own JS/CSS hold no job data; let Flask's revalidation headers stand.
+        response.headers["Cache-Control"] = "no-cache"
+    if flask.request.is_secure:
+        response.headers["Strict-Transport-Security"] = "max-age=31536000"
+    response.headers["X-Request-ID"] = flask.g.get("request_id") or uuid.uuid4().hex
+    add_cors(response, origins)
+    return response
+
+
+def clear_log_context(_exc: BaseException | None) -> None:
+    """Drop the request's bound log fields."""
+    slog.clear()
 
 
 def _netloc(scheme: str, host: str) -> str:

@@ -13,8 +13,9 @@
    `unsupported_type`;
 4. libmagic's MIME type of the first 2 KB must be image/jpeg or image/png and agree with the
    extension -> 415 `type_mismatch` (a filter, not proof: OWASP; Pillow is the next check);
-5. dimensions from the header only: Pillow's lazy `Image.open(..., formats=["JPEG", "PNG"])`
-   parses the header and never allocates pixels (no `.load()`); more than `max_pixels` or a
+5. dimensions from the header only: `shared.imaging.open_untrusted` (Pillow's lazy open of JPEG
+   or PNG under the decompression-bomb guard, the same open as the worker's decode) parses the
+   header and never allocates pixels (no `.load()`); more than `max_pixels` or a
    side longer than `max_image_side` -> 413 `image_too_large`; an unreadable header -> 422
    `undecodable_image`.
 
@@ -25,16 +26,12 @@ only in the worker, under pixel limits of its own.
 from __future__ import annotations
 
 import re
-import struct
-import threading
-import warnings
 from dataclasses import dataclass
 from io import BytesIO
 from typing import IO
 
 import flask
 import magic
-from PIL import Image, UnidentifiedImageError
 from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
 from api.read_deadline import DEADLINES
@@ -49,6 +46,7 @@ from shared.errors import (
     UndecodableImage,
     UnsupportedType,
 )
+from shared.imaging import open_untrusted
 
 FIELD = "image"
 MAGIC_BYTES = 2048
@@ -62,8 +60,6 @@ SCRIPT_EXTENSIONS = frozenset({
     "mjs", "html", "htm", "xhtml", "shtml", "svg", "xml", "swf", "jar", "war", "htaccess",
 })  # fmt: skip
 _BAD_NAME_CHARS = re.compile(r"[\x00-\x1f\x7f/\\]")
-# warnings.catch_warnings() swaps process-global state: one thread at a time (gthread workers).
-_BOMB_GUARD = threading.Lock()
 
 
 class InMemoryRequest(flask.Request):
@@ -159,23 +155,8 @@ def check_magic(data: bytes, extension: str) -> str:
 
 def read_dimensions(data: bytes, mime: str, settings: Settings) -> tuple[int, int]:
     """Width and height from the image header only, refusing oversized images."""
-    try:
-        # Pillow warns between 1x and 2x its own bomb limit; either way the image is too big.
-        with _BOMB_GUARD, warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(BytesIO(data), formats=["JPEG", "PNG"]) as image:
-                width, height, image_format = image.width, image.height, image.format
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise TooManyPixels() from exc
-    except (
-        UnidentifiedImageError,
-        OSError,
-        SyntaxError,
-        ValueError,
-        EOFError,
-        struct.error,
-    ) as exc:
-        raise UndecodableImage() from exc
+    with open_untrusted(data, settings.max_pixels) as image:
+        width, height, image_format = image.width, image.height, image.format
     if image_format not in MIME_FORMATS[mime]:
         raise TypeMismatch()
     if width < 1 or height < 1:

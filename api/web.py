@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import flask
 
+from api.security import SECURITY_HEADERS
 from shared.config import Settings
 
-# The gateway's CSP (api.security sets it on every response); set here too so the page is never
-# served without it, e.g. when the blueprint is mounted on a bare app in a test.
+# The gateway's own CSP and content headers (api.security sets them on every response); set here
+# too so the page is never served without them, e.g. on a bare app in a test.
 PAGE_HEADERS = {
-    "Content-Security-Policy": (
-        "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
-        "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
-    ),
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    name: SECURITY_HEADERS[name]
+    for name in ("Content-Security-Policy", "X-Content-Type-Options", "Referrer-Policy")
 }
 
 bp = flask.Blueprint(

@@ -1,9 +1,13 @@
-"""Names both sides of the queue agree on: task name, queue, Redis key layout, class lists.
+"""Facts both sides of the queue agree on: task name, queue, Redis key layout, id patterns,
+the untrained-model warning, class lists and the palette.
 
-The gateway calls the worker's task by name (`TASK_PARSE`) and never imports worker code.
+The gateway calls the worker's task by name (`TASK_PARSE`) and never imports worker code. Each
+fact has this one copy: the gateway, the worker, the docs' tests and the OpenAPI document import it.
 """
 
 from __future__ import annotations
+
+import re
 
 TASK_PARSE = "m2fp.parse"
 QUEUE = "m2fp"
@@ -27,6 +31,21 @@ ENCRYPTED_CHECKPOINT_FILE = f"{CHECKPOINT_FILE}.enc"  # `python -m worker.weight
 CONFIGURATION_FILE = "configuration.json"
 # The one untrained-model warning: in every result, /readyz, the worker's start banner and logs,
 # and the offline CLI, whenever the weights are RANDOM_WEIGHTS.
+UNTRAINED_WARNING = (
+    "UNTRAINED MODEL: M2FP runs with random weights (M2FP_WEIGHTS=random); "
+    "results have the right shape but no meaning."
+)
+
+# shared.crypto.new_job_id() is token_urlsafe(18): exactly 24 URL-safe base64 characters. The
+# gateway answers 404 for anything else; the worker refuses a task argument that is not one.
+JOB_ID_PATTERN = "[A-Za-z0-9_-]{24}"
+JOB_ID_RE = re.compile(JOB_ID_PATTERN)
+# A client's X-Request-ID is echoed and logged only when it is a plain token: letters, digits and
+# inner hyphens, 8 to 64 characters, starting and ending with a letter or digit (a uuid4, with or
+# without hyphens, fits); anything else is replaced by a fresh uuid4 hex.
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{6,62}[A-Za-z0-9]")
+
+# In every result (and /readyz) of a model running with random weights (M2FP_WEIGHTS=random).
 UNTRAINED_WARNING = (
     "UNTRAINED MODEL: M2FP runs with random weights (M2FP_WEIGHTS=random); "
     "results have the right shape but no meaning."
@@ -67,6 +86,17 @@ def worker_key(name: str) -> str:
 BAN_PREFIX = f"{KEY_PREFIX}:ban"
 STRIKES_PREFIX = f"{KEY_PREFIX}:strikes"
 
+
+def ban_key(client_tag: str) -> str:
+    """Redis string present while a client (by its pseudonym) serves a ban."""
+    return f"{BAN_PREFIX}:{client_tag}"
+
+
+def strikes_key(client_tag: str) -> str:
+    """Redis counter of a client's invalid uploads in a row (expires after the ban length)."""
+    return f"{STRIKES_PREFIX}:{client_tag}"
+
+
 STATUSES = ("queued", "running", "done", "failed", "expired")
 
 # CIHP classes, index = class id in label maps (SPEC §5). 20 = "Human" is an instance class only.
@@ -75,9 +105,7 @@ CIHP_CLASSES = (
     "Socks", "Pants", "Torso-skin", "Scarf", "Skirt", "Face", "Left-arm", "Right-arm",
     "Left-leg", "Right-leg", "Left-shoe", "Right-shoe",
 )  # fmt: skip
-LIP_CLASSES = (
-    CIHP_CLASSES[:3] + ("Glove",) + CIHP_CLASSES[4:10] + ("Jumpsuits",) + CIHP_CLASSES[11:]
-)
+LIP_CLASSES = (*CIHP_CLASSES[:3], "Glove", *CIHP_CLASSES[4:10], "Jumpsuits", *CIHP_CLASSES[11:])
 
 # A colour per class for palette PNGs and the web page (RGB), background black.
 PALETTE = (

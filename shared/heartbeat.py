@@ -87,7 +87,7 @@ def live(client: redis.Redis, limit: int = 1000) -> list[Heartbeat]:
             pipe.hgetall(worker_key(name))
         raws = pipe.execute()
     # A hash that expired (a worker that died) is not a live worker: drop it from the index.
-    gone = [name for name, raw in zip(names, raws) if not raw]
+    gone = [name for name, raw in zip(names, raws, strict=True) if not raw]
     if gone:
         client.zrem(INDEX_KEY, *gone)
-    return [Heartbeat.parse(name, raw) for name, raw in zip(names, raws) if raw]
+    return [Heartbeat.parse(name, raw) for name, raw in zip(names, raws, strict=True) if raw]

@@ -196,7 +196,6 @@ class JobStore:
         key_id: str,
         wrapped_key: bytes,
         sealed_input: bytes,
-        meta: dict[str, str | int] | None = None,
     ) -> None:
         """Record a new queued job and store its sealed input, atomically, with TTLs."""
         record = {
@@ -207,7 +206,6 @@ class JobStore:
             "attempts": 0,
             "created": f"{time.time():.3f}",
         }
-        record.update(meta or {})
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(job_key(job_id), mapping=record)
             pipe.expire(job_key(job_id), self.job_ttl)
@@ -252,7 +250,7 @@ class JobStore:
         )
         if not flat:
             return None
-        record = {_text(k): v for k, v in zip(flat[::2], flat[1::2])}
+        record = {_text(k): v for k, v in zip(flat[::2], flat[1::2], strict=True)}
         return {k: (v if k == "wrapped_dek" else _text(v)) for k, v in record.items()}
 
     def peek_result(self, job_id: str) -> Fetch:

@@ -15,9 +15,12 @@ import logging
 import re
 import sys
 import time
+from collections.abc import Mapping
+from types import MappingProxyType
 
-_context: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar(
-    "m2fp_log_context", default={}
+# The default is read-only: bind() and clear() always set a new mapping, never mutate one.
+_context: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar(
+    "m2fp_log_context", default=MappingProxyType({})
 )
 _SAFE_TEXT = re.compile(r"^[A-Za-z0-9_.:/\-]{0,80}$")
 

@@ -1,8 +1,9 @@
 """Decoding uploaded image bytes in memory, under pixel limits, and encoding result maps.
 
 Owns everything the worker does with image *bytes*: the limits are set before OpenCV is first
-imported (OpenCV reads `OPENCV_IO_MAX_IMAGE_PIXELS` once, at load: RESEARCH §3.2), decoding uses
-Pillow restricted to JPEG and PNG with its decompression-bomb guard turned into an error, the EXIF
+imported (OpenCV reads `OPENCV_IO_MAX_IMAGE_PIXELS` once, at load: RESEARCH §3.2), decoding opens
+the upload with `shared.imaging.open_untrusted` (JPEG and PNG only, the decompression-bomb guard
+an error: the same open as the gateway's header check), the EXIF
 orientation is applied (then all metadata is dropped), and every mode a photo may come in
 (8/16-bit grey, palette, RGBA, CMYK, 16-bit RGB) becomes RGB uint8. Nothing is written to disk.
 Any failure raises `UndecodableImage` / `TooManyPixels`, which end the job, never the worker.
@@ -19,24 +20,21 @@ the network sees the same resolution, and the caller scales the maps back to the
 from __future__ import annotations
 
 import base64
-import io
 import math
 import os
 import struct
-import warnings
 from dataclasses import dataclass
 
 # Must precede the first `import cv2` in the process (this module is the worker's only importer).
+# A setting for OpenCV, written here, not configuration read: shared.config reads the environment.
 os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(64_000_000))
 
 import cv2
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageOps
 
-from shared.errors import DecodeTooLarge, TooManyPixels, UndecodableImage
-
-ImageFile.LOAD_TRUNCATED_IMAGES = False
-ALLOWED_FORMATS = ("JPEG", "PNG")
+from shared.errors import DecodeTooLarge, UndecodableImage
+from shared.imaging import open_untrusted
 
 
 def _to_rgb(image: Image.Image) -> np.ndarray:
@@ -109,32 +107,22 @@ def decode_upload(
     max_decode_bytes: int | None = None,
     target_side: int | None = None,
 ) -> DecodedImage:
-    """Decode JPEG/PNG bytes in memory under the pixel and decode-size limits (see the module doc)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            Image.MAX_IMAGE_PIXELS = max_pixels
-            with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as image:
-                width, height = image.size
-                if width * height > max_pixels:
-                    raise TooManyPixels()
-                upright_width, upright_height = _upright_size(image, width, height)
-                wanted = draft_size(width, height, target_side)
-                if image.format == "JPEG" and wanted is not None:
-                    image.draft(None, wanted)
-                if max_decode_bytes is not None and decode_cost(image, data) > max_decode_bytes:
-                    raise DecodeTooLarge()
-                image.load()
-                upright = ImageOps.exif_transpose(image)
-                rgb = _to_rgb(upright)
-                del upright
-    except (TooManyPixels, UndecodableImage, DecodeTooLarge):
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise TooManyPixels() from exc
-    except (OSError, ValueError, SyntaxError, EOFError, Image.UnidentifiedImageError) as exc:
-        raise UndecodableImage() from exc
-    # MemoryError (the pool child's memory limit) propagates: the job fails `out_of_memory`.
+    """Decode JPEG/PNG bytes in memory under the pixel and decode-size limits (see the module doc).
+
+    MemoryError (the pool child's memory limit) propagates: the job fails `out_of_memory`.
+    """
+    with open_untrusted(data, max_pixels) as image:
+        width, height = image.size
+        upright_width, upright_height = _upright_size(image, width, height)
+        wanted = draft_size(width, height, target_side)
+        if image.format == "JPEG" and wanted is not None:
+            image.draft(None, wanted)
+        if max_decode_bytes is not None and decode_cost(image, data) > max_decode_bytes:
+            raise DecodeTooLarge()
+        image.load()
+        upright = ImageOps.exif_transpose(image)
+        rgb = _to_rgb(upright)
+        del upright
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.shape[0] < 1 or rgb.shape[1] < 1:
         raise UndecodableImage()
     return DecodedImage(np.ascontiguousarray(rgb), upright_width, upright_height)

@@ -22,26 +22,15 @@ from typing import Protocol
 
 import numpy as np
 
-from shared.constants import CIHP_CLASSES, LIP_CLASSES
+from shared.constants import CIHP_CLASSES, LIP_CLASSES, UNTRAINED_WARNING
 from shared.crypto import Keyring, decrypt_payload, encrypt_payload
-from shared.errors import (
-    DecodeTooLarge,
-    DecryptionError,
-    ServiceError,
-    TooManyPixels,
-    UndecodableImage,
-)
+from shared.errors import DecodeTooLarge, DecryptionError, TooManyPixels, UndecodableImage
 from shared.jobstore import JobStore
 from shared.logging import event
 from worker.imaging import decode_upload, png_base64
 from worker.metrics import record_job
 
 log = logging.getLogger(__name__)
-
-UNTRAINED_WARNING = (
-    "UNTRAINED MODEL: this worker runs M2FP with random weights (M2FP_WEIGHTS=random); "
-    "the result has the right shape but no meaning."
-)
 
 
 class SupportsPredict(Protocol):
@@ -177,6 +166,6 @@ def _parse_and_seal(ctx: JobContext, job_id: str, image_bytes: bytes, data_key: 
     return sealed, timings
 
 
-def fail_job(store: JobStore, job_id: str, error: ServiceError | str) -> None:
-    """End a job with a public code from outside `process_job` (time limits, crashes)."""
-    store.fail(job_id, error if isinstance(error, str) else error.code)
+def fail_job(store: JobStore, job_id: str, code: str) -> None:
+    """End a job with a public error code from outside `process_job` (time limits, crashes)."""
+    store.fail(job_id, code)
