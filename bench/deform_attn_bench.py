@@ -23,6 +23,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     from worker.m2fp.checkpoint import build_model_from_state_dict
     from worker.m2fp.config import get_config
     from worker.m2fp.deformable_attention import multi_scale_deformable_attention_reference
-    from worker.m2fp.golden_weights import golden_state_dict
+    from tests.golden_weights import golden_state_dict
 
     status = ops.status()
     if not status["loaded"]:
@@ -166,11 +167,15 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(threads)
             medians = median_seconds(
                 {
-                    "grid_sample": lambda: multi_scale_deformable_attention_reference(
-                        value, shapes, locations, weights
+                    "grid_sample": partial(
+                        multi_scale_deformable_attention_reference,
+                        value,
+                        shapes,
+                        locations,
+                        weights,
                     ),
-                    "op_fp32": lambda: ops.ms_deform_attn(value, shapes, locations, weights),
-                    "op_bf16": lambda: ops.ms_deform_attn(value_bf16, shapes, locations, weights),
+                    "op_fp32": partial(ops.ms_deform_attn, value, shapes, locations, weights),
+                    "op_bf16": partial(ops.ms_deform_attn, value_bf16, shapes, locations, weights),
                 },
                 arguments.op_runs,
             )

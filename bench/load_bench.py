@@ -123,7 +123,8 @@ class Processes:
         self, name: str, argv: list[str], env: dict[str, str], nice: int = 0
     ) -> subprocess.Popen:
         log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115  (the child keeps it)
-        preexec = (lambda: os.nice(nice)) if nice else None
+        if nice:  # nice(1) execs the command: same pid, and no preexec_fn in a threaded parent
+            argv = ["nice", "-n", str(nice), *argv]
         proc = subprocess.Popen(
             argv,
             env=env,
@@ -131,7 +132,6 @@ class Processes:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=preexec,
         )
         self.children.append((name, proc))
         return proc
@@ -557,7 +557,7 @@ async def run_load(
     await asyncio.gather(*drivers, *background)
     # Requests still out get their full time; followed jobs get until the end of the queue's work.
     pending = [t for t in tasks if not t.done()]
-    done, still = (
+    _, still = (
         await asyncio.wait(pending, timeout=REQUEST_TIMEOUT + 5) if pending else (set(), set())
     )
     for task in still:
@@ -571,19 +571,23 @@ def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def milliseconds(seconds: float | None) -> float | None:
+    """Seconds as milliseconds to 0.1, None kept."""
+    return None if seconds is None else round(seconds * 1000, 1)
 
 
 def summarise(name: str, record: Record, seconds: float) -> dict[str, object]:
-    ms = lambda v: None if v is None else round(v * 1000, 1)  # noqa: E731
     return {
         "scenario": name,
         "seconds": seconds,
-        "submit_p50_ms": ms(percentile(record.latencies["submit"], 50)),
-        "submit_p99_ms": ms(percentile(record.latencies["submit"], 99)),
-        "submit_accepted_p99_ms": ms(percentile(record.latencies["submit_ok"], 99)),
-        "healthz_p50_ms": ms(percentile(record.latencies["healthz"], 50)),
-        "healthz_p99_ms": ms(percentile(record.latencies["healthz"], 99)),
+        "submit_p50_ms": milliseconds(percentile(record.latencies["submit"], 50)),
+        "submit_p99_ms": milliseconds(percentile(record.latencies["submit"], 99)),
+        "submit_accepted_p99_ms": milliseconds(percentile(record.latencies["submit_ok"], 99)),
+        "healthz_p50_ms": milliseconds(percentile(record.latencies["healthz"], 50)),
+        "healthz_p99_ms": milliseconds(percentile(record.latencies["healthz"], 99)),
         "completed_jobs": record.completed,
         "job_p50_s": percentile(record.latencies["job"], 50),
         "errors": sum(record.errors.values()),

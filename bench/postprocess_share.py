@@ -54,13 +54,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from worker.m2fp.checkpoint import build_model_from_state_dict
     from worker.m2fp.config import get_config
-    from worker.m2fp.golden_weights import golden_state_dict
+    from tests.golden_weights import golden_state_dict
     from worker.m2fp.postprocess import parse_multi_human
     from worker.m2fp.predictor import Predictor
 
     torch.set_num_threads(arguments.threads)
     model, _ = build_model_from_state_dict(golden_state_dict(get_config("cihp")), variant="cihp")
-    predictor = Predictor.from_model(model)
+    predictor = Predictor(model)
     image = synthetic_image(arguments.height, arguments.width)
     predictor.predict(image)  # warm-up
     stages: dict[str, list[float]] = {"preprocess": [], "forward": [], "postprocess": []}

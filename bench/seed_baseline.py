@@ -27,7 +27,9 @@ from worker.m2fp.predictor import Predictor
 
 app = flask.Flask(__name__)
 # Benchmark-only knob (the service reads its settings in shared/config.py; this is not the service).
-_predictor = Predictor("random", threads=int(os.environ.get("M2FP_BENCH_THREADS", "2")))
+_predictor = Predictor.from_weights(
+    "random", threads=int(os.environ.get("M2FP_BENCH_THREADS", "2"))
+)
 
 
 @app.post("/parse")

@@ -16,11 +16,39 @@ import os
 import subprocess
 import sys
 
-from shared.config import ConfigError, load_settings, resolve_weights
-from shared.constants import QUEUE
+from shared.config import ConfigError, Settings, load_settings, resolve_weights
+from shared.constants import QUEUE, RANDOM_WEIGHTS, UNTRAINED_WARNING
 from shared.hardening import disable_core_dumps
 from shared.logging import configure_logging
 from worker.metrics import serve_metrics
+
+
+def _prepare_children(settings: Settings, weights: str) -> None:
+    """Cap the BLAS/OpenMP pools for the pool children (they read it when torch loads there)."""
+    threads = str(settings.torch_threads_per_child())
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[name] = threads
+    if weights == RANDOM_WEIGHTS:
+        banner = "!" * 78
+        print(f"\n{banner}\n!! {UNTRAINED_WARNING}\n{banner}\n", file=sys.stderr, flush=True)
+
+
+def _celery_argv(settings: Settings, extra: list[str]) -> list[str]:
+    """`celery worker` arguments: prefork pool, the parse queue, task events, no gossip."""
+    return [
+        "worker",
+        "--loglevel",
+        settings.log_level,
+        "--pool",
+        "prefork",
+        "--concurrency",
+        str(settings.worker_concurrency),
+        "--queues",
+        QUEUE,
+        "--task-events",
+        "--without-gossip",
+        *extra,
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,23 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"m2fp worker: configuration error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
-
-    from worker.celery_app import create_worker_app, torch_threads
-
-    threads = str(torch_threads(settings))
-    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[name] = threads
-    if weights == "random":
-        print(
-            "\n"
-            + "!" * 78
-            + "\n!! M2FP_WEIGHTS=random: this worker runs an UNTRAINED model. Results are\n"
-            "!! shaped correctly but meaningless. Point M2FP_WEIGHTS at the official checkpoint.\n"
-            + "!" * 78
-            + "\n",
-            file=sys.stderr,
-            flush=True,
-        )
+    _prepare_children(settings, weights)
     if not args.no_preflight:
         check = subprocess.run([sys.executable, "-m", "worker.preflight"], check=False)
         if check.returncode != 0:
@@ -62,28 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         serve_metrics(settings.worker_metrics_host, settings.worker_metrics_port)
     except OSError as exc:
-        print(
-            f"m2fp worker: cannot serve metrics on {settings.worker_metrics_host}:"
-            f"{settings.worker_metrics_port}: {exc.strerror}",
-            file=sys.stderr,
-        )
+        where = f"{settings.worker_metrics_host}:{settings.worker_metrics_port}"
+        print(f"m2fp worker: cannot serve metrics on {where}: {exc.strerror}", file=sys.stderr)
         return 2
-    app = create_worker_app(settings)
-    celery_argv = [
-        "worker",
-        "--loglevel",
-        settings.log_level,
-        "--pool",
-        "prefork",
-        "--concurrency",
-        str(settings.worker_concurrency),
-        "--queues",
-        QUEUE,
-        "--task-events",
-        "--without-gossip",
-        *args.celery_args,
-    ]
-    app.worker_main(celery_argv)
+    from worker.celery_app import create_worker_app
+
+    create_worker_app(settings).worker_main(_celery_argv(settings, args.celery_args))
     return 0
 
 

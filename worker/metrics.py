@@ -41,7 +41,7 @@ def serve_metrics(host: str, port: int) -> str | None:
 
 def metrics():
     """The children's metric objects (created once per process, lazily)."""
-    global _metrics
+    global _metrics  # noqa: PLW0603 (one set of metric objects per process, made lazily)
     if _metrics is None:
         from prometheus_client import Counter, Histogram
 

@@ -35,6 +35,7 @@ def main() -> int:
             key_file=settings.weights_key_file,
         )
         loaded = time.monotonic() - tic
+        untrained = predictor.untrained
         del predictor
     except ConfigError as exc:
         print(f"m2fp preflight: configuration error: {exc}", file=sys.stderr)
@@ -49,7 +50,7 @@ def main() -> int:
             {
                 "preflight": "ok",
                 "variant": settings.variant,
-                "untrained": weights == "random",
+                "untrained": untrained,
                 "load_seconds": round(loaded, 2),
             }
         ),

@@ -8,8 +8,11 @@
 
 `load_predictor` is what a worker calls: it reads the checkpoint bytes, decrypts them in memory
 when `M2FP_WEIGHTS_KEY_FILE` is set (the plaintext never touches disk), checks the pinned digest
-before unpickling anything (`torch.load(..., weights_only=True)` then reads from memory), and
-refuses to go on with a clear error on any mismatch.
+before unpickling anything, and hands the bytes to `Predictor.from_weights`, i.e. to the same
+`worker.m2fp.checkpoint.build_model` the offline CLI uses (`configuration.json` check included;
+`torch.load(..., weights_only=True)` then reads from memory). Any mismatch is a clear error.
+torch is imported only inside the functions that need it: the worker's parent process never
+imports it.
 """
 
 from __future__ import annotations
@@ -21,11 +24,11 @@ import hashlib
 import sys
 from pathlib import Path
 
+from shared.constants import RANDOM_WEIGHTS
 from shared.crypto import KEY_BYTES, generate_key, open_sealed, seal
 from shared.errors import DecryptionError
 
 WEIGHTS_AAD = b"m2fp:weights"
-ENCRYPTED_NAME = "pytorch_model.pt.enc"
 
 
 class WeightsError(RuntimeError):
@@ -46,13 +49,13 @@ def read_key_file(path: str | Path) -> bytes:
 
 
 def checkpoint_file(weights: str | Path, encrypted: bool) -> Path:
-    """The file behind `weights`: a file as is, or a ModelScope directory's checkpoint."""
-    path = Path(weights)
-    if path.is_dir():
-        path = path / (ENCRYPTED_NAME if encrypted else "pytorch_model.pt")
-    if not path.is_file():
-        raise WeightsError(f"no checkpoint at {path}")
-    return path
+    """The file behind `weights` (`worker.m2fp.checkpoint.resolve_checkpoint_path`), or WeightsError."""
+    from worker.m2fp.checkpoint import CheckpointError, resolve_checkpoint_path
+
+    try:
+        return resolve_checkpoint_path(weights, encrypted=encrypted)
+    except CheckpointError as exc:
+        raise WeightsError(f"no checkpoint: {exc}") from exc
 
 
 def read_checkpoint(
@@ -89,24 +92,24 @@ def load_predictor(
     deform_attn: str | None = None,
 ):
     """Build the worker's Predictor from settings-level inputs (imports torch: children only)."""
-    from worker.m2fp.checkpoint import build_model_from_state_dict, load_state_dict_bytes
     from worker.m2fp.predictor import Predictor
 
-    if weights == "random":
+    data = None
+    if weights == RANDOM_WEIGHTS:
         if sha256 or key_file:
             raise WeightsError(
                 "M2FP_WEIGHTS=random cannot be combined with a digest pin or a weights key"
             )
-        return Predictor(
-            "random", variant=variant, device=device, max_side=max_side, deform_attn=deform_attn
-        )
-    data = read_checkpoint(weights, sha256=sha256, key_file=key_file)
-    state_dict = load_state_dict_bytes(data)
-    del data
-    model, _ = build_model_from_state_dict(
-        state_dict, variant=variant, device=device, source="checkpoint"
+    else:
+        data = read_checkpoint(weights, sha256=sha256, key_file=key_file)
+    return Predictor.from_weights(
+        weights,
+        variant=variant,
+        device=device,
+        max_side=max_side,
+        deform_attn=deform_attn,
+        data=data,
     )
-    return Predictor.from_model(model, untrained=False, max_side=max_side, deform_attn=deform_attn)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,7 @@ import torch
 
 from worker.m2fp.checkpoint import build_untrained_model
 from worker.m2fp.config import TINY
-from worker.m2fp.golden_weights import golden_state_dict
+from tests.golden_weights import golden_state_dict
 from worker.m2fp.predictor import Predictor
 
 TINY_FAST = TINY.replace(min_size_test=160, max_size_test=320)
@@ -52,7 +52,7 @@ def predictor() -> Predictor:
         head.class_embed.bias[1 : TINY_FAST.num_parsing] += 2.0  # parts
         for layer in head.mask_embed.layers:
             layer.weight *= 4.0 ** (1 / 3)
-    return Predictor.from_model(model.eval(), untrained=True, deform_attn="reference")
+    return Predictor(model.eval(), untrained=True, deform_attn="reference")
 
 
 def test_batch_equals_one_image_at_a_time(predictor):

@@ -20,20 +20,19 @@ from worker.m2fp.checkpoint import (
     load_state_dict_file,
 )
 from worker.m2fp.config import TINY, get_config
-from worker.m2fp.golden_weights import golden_state_dict, read_keys_file
+from tests.golden_weights import golden_state_dict, read_keys_file
 from worker.m2fp.model import M2FP, count_trainable_parameters
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 # SPEC 2.5: model card "63.0M" (CIHP); frozen BN affine terms are buffers. LIP has one class fewer: 257 less.
 OFFICIAL_PARAMETER_COUNTS = {"cihp": 63_018_390, "lip": 63_018_390 - 257}
 
-_unpickled_payload_ran = False
+PAYLOAD_RUNS: list[str] = []  # what an unsafe unpickler would have run
 
 
 def _mark_payload_ran() -> None:
     """Side effect an unsafe unpickler would trigger."""
-    global _unpickled_payload_ran
-    _unpickled_payload_ran = True
+    PAYLOAD_RUNS.append("ran")
 
 
 class ArbitraryObject:
@@ -148,7 +147,7 @@ def test_model_directory_with_contradicting_configuration_is_refused(
 def test_missing_file_and_empty_directory(tmp_path) -> None:
     with pytest.raises(CheckpointError, match="not found"):
         build_model(tmp_path / "nope.pt", variant="tiny")
-    with pytest.raises(CheckpointError, match="pytorch_model.pt"):
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.pt"):
         load_state_dict_file(tmp_path)
 
 
@@ -203,7 +202,7 @@ def test_non_finite_and_non_tensor_values_are_refused(tmp_path, tiny_state_dict)
         load_into(M2FP(TINY), broken)
     path = tmp_path / "odd.pt"
     torch.save({"model": {"backbone.stem.conv1.weight": [1, 2, 3]}}, path)
-    with pytest.raises(CheckpointError, match="backbone.stem.conv1.weight"):
+    with pytest.raises(CheckpointError, match=r"backbone\.stem\.conv1\.weight"):
         load_state_dict_file(path)
 
 
@@ -214,7 +213,7 @@ def test_weights_only_refuses_arbitrary_objects(tmp_path, tiny_state_dict) -> No
         load_state_dict_file(path)
     with pytest.raises(CheckpointError):
         load_state_dict_bytes(path.read_bytes())
-    assert not _unpickled_payload_ran
+    assert PAYLOAD_RUNS == []
 
 
 def test_load_from_bytes(tiny_state_dict, tiny_input, tiny_reference_logits) -> None:

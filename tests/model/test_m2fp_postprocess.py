@@ -10,8 +10,6 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from worker.m2fp.config import CIHP_CLASS_NAMES, LIP_CLASS_NAMES
-
-CIHP_HUMAN = CIHP_CLASS_NAMES.index("Human")
 from worker.m2fp.persons import mask_box, scale_box
 from worker.m2fp.postprocess import (
     parse_multi_human,
@@ -19,6 +17,8 @@ from worker.m2fp.postprocess import (
     resize_mask_logits,
     semantic_inference,
 )
+
+CIHP_HUMAN = CIHP_CLASS_NAMES.index("Human")
 
 NUM_PARSING = 20
 HUMAN = 20
@@ -61,7 +61,7 @@ def run(prediction, **options):
 
 def human_margin(prediction, parsing) -> np.ndarray:
     """Per pixel, best minus second-best mask logit among kept humans (and 0); inf with < 2 humans."""
-    class_logits, mask_logits, padded_size, image_size, output_size = prediction
+    _, mask_logits, padded_size, image_size, output_size = prediction
     queries = sorted({i.query for i in parsing.instances if i.category_id == CIHP_HUMAN})
     if len(queries) < 2:
         return np.full(output_size, np.inf)

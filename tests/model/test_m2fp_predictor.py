@@ -39,14 +39,12 @@ def random_image(height: int, width: int, seed: int = 0) -> np.ndarray:
 @pytest.fixture(scope="module")
 def tiny_predictor() -> Predictor:
     """The public constructor's path: `weights="random"`, preset "tiny" (real 640-pixel preprocessing)."""
-    return Predictor("random", variant="tiny", max_side=MAX_SIDE)
+    return Predictor.from_weights("random", variant="tiny", max_side=MAX_SIDE)
 
 
 @pytest.fixture(scope="module")
 def fast_predictor() -> Predictor:
-    return Predictor.from_model(
-        build_untrained_model(TINY_FAST).eval(), untrained=True, max_side=MAX_SIDE
-    )
+    return Predictor(build_untrained_model(TINY_FAST).eval(), untrained=True, max_side=MAX_SIDE)
 
 
 @pytest.fixture(scope="module")
@@ -55,12 +53,12 @@ def crowded_predictor() -> Predictor:
     model = build_untrained_model(TINY_FAST).eval()
     with torch.no_grad():
         model.sem_seg_head.predictor.class_embed.bias[TINY.num_parsing] += 20.0
-    return Predictor.from_model(model, untrained=True, max_side=MAX_SIDE)
+    return Predictor(model, untrained=True, max_side=MAX_SIDE)
 
 
 @pytest.fixture(scope="module")
 def single_human_predictor() -> Predictor:
-    return Predictor.from_model(
+    return Predictor(
         build_untrained_model(TINY_SINGLE_HUMAN).eval(), untrained=True, max_side=MAX_SIDE
     )
 
@@ -158,9 +156,9 @@ def test_invalid_images_are_rejected(tiny_predictor, image, message):
 
 def test_invalid_settings_are_rejected():
     with pytest.raises(ValueError, match="max_side"):
-        Predictor("random", variant="tiny", max_side=8)
+        Predictor.from_weights("random", variant="tiny", max_side=8)
     with pytest.raises(ValueError, match="variant"):
-        Predictor("random", variant="nope")
+        Predictor.from_weights("random", variant="nope")
 
 
 def test_resize_helpers():
@@ -183,6 +181,7 @@ def run_cli(*arguments: str) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         timeout=300,
+        check=False,  # callers assert on the exit status and the output
     )
 
 

@@ -73,10 +73,10 @@ def test_tiny_forward_intermediates(tiny_model: M2FP) -> None:
     assert tuple(output.mask_features.shape) == (2, TINY.mask_dim, 16, 24)
     assert [tuple(t.shape[2:]) for t in output.multi_scale_features] == [(2, 3), (4, 6), (8, 12)]
     assert len(output.aux_pred_logits) == len(output.aux_pred_masks) == TINY.decoder_layers
-    for logits, masks in zip(output.aux_pred_logits, output.aux_pred_masks):
+    for logits, masks in zip(output.aux_pred_logits, output.aux_pred_masks, strict=True):
         assert logits.shape == output.pred_logits.shape and masks.shape == output.pred_masks.shape
     assert output["pred_logits"] is output.pred_logits
-    assert "aux_pred_masks" in output.keys()
+    assert {"pred_logits", "aux_pred_masks"} <= set(output.keys())
     with pytest.raises(KeyError):
         output["nonexistent"]
 
@@ -148,7 +148,7 @@ def test_untrained_model_is_deterministic_and_keeps_global_rng() -> None:
     after = torch.rand(3)
     second = build_untrained_model(TINY)
     torch.testing.assert_close(before, after)
-    for (key, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+    for (key, a), b in zip(first.state_dict().items(), second.state_dict().values(), strict=True):
         assert torch.equal(a, b), key
 
 

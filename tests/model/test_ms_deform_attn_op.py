@@ -31,7 +31,7 @@ from worker.m2fp.deformable_attention import (
     multi_scale_deformable_attention,
     multi_scale_deformable_attention_reference,
 )
-from worker.m2fp.golden_weights import golden_state_dict
+from tests.golden_weights import golden_state_dict
 from worker.m2fp.model import M2FP
 
 FP32_RELATIVE = 1e-5
@@ -313,14 +313,14 @@ def test_predictor_takes_its_path_from_the_environment(monkeypatch) -> None:
 
     monkeypatch.setenv("M2FP_DEFORM_ATTN", "reference")
     assert (
-        Predictor("random", variant="tiny").deform_attn
+        Predictor.from_weights("random", variant="tiny").deform_attn
         == "reference: forced by M2FP_DEFORM_ATTN=reference"
     )
     assert ops.mode() == "reference"
     monkeypatch.setenv("M2FP_DEFORM_ATTN", "auto")
-    assert Predictor("random", variant="tiny").deform_attn == "op"
+    assert Predictor.from_weights("random", variant="tiny").deform_attn == "op"
     assert (
-        Predictor("random", variant="tiny", deform_attn="op").deform_attn == "op"
+        Predictor.from_weights("random", variant="tiny", deform_attn="op").deform_attn == "op"
     )  # explicit wins
 
 

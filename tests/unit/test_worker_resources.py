@@ -147,7 +147,7 @@ def test_maps_come_back_at_upload_size_when_the_jpeg_was_drafted():
     from worker.m2fp.predictor import Predictor
     from worker.pipeline import JobContext, _parse_and_seal
 
-    predictor = Predictor("random", max_side=128)
+    predictor = Predictor.from_weights("random", max_side=128)
     ctx = JobContext(
         store=None,
         keyring=None,
@@ -158,7 +158,7 @@ def test_maps_come_back_at_upload_size_when_the_jpeg_was_drafted():
         infer_max_side=128,
     )
     key = new_data_key()
-    sealed, timings = _parse_and_seal(ctx, "job-draft-0000000001", jpeg(1024, 768), key)
+    sealed, _ = _parse_and_seal(ctx, "job-draft-0000000001", jpeg(1024, 768), key)
     document = json.loads(decrypt_payload(key, "job-draft-0000000001", "out", sealed))
     assert (document["width"], document["height"]) == (1024, 768)
     for name in ("label_map_png", "instance_map_png"):
@@ -240,13 +240,15 @@ class _BrokenStore:
 
 
 def test_redis_error_mid_job_requeues_the_message_instead_of_acking_it(settings, monkeypatch):
-    import worker.celery_app as celery_app
     from shared.constants import TASK_PARSE
+    from worker import tasks
+    from worker.celery_app import create_worker_app
     from worker.pipeline import JobContext
 
-    monkeypatch.setattr(celery_app, "REDIS_ERROR_PAUSE", 0)
-    app = celery_app.create_worker_app(settings)
-    process = app.m2fp_process
+    monkeypatch.setattr(tasks, "REDIS_ERROR_PAUSE", 0)
+    app = create_worker_app(settings)
+    task = app.tasks[TASK_PARSE]
+    process = task.setup(settings)
     process.store = _BrokenStore()
     monkeypatch.setattr(
         process,
@@ -259,7 +261,6 @@ def test_redis_error_mid_job_requeues_the_message_instead_of_acking_it(settings,
             max_pixels=MP40,
         ),
     )
-    task = app.tasks[TASK_PARSE]
     with pytest.raises(Reject) as rejected:
         task.run("A" * 24)
     assert rejected.value.requeue is True

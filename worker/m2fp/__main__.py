@@ -19,15 +19,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from shared.constants import RANDOM_WEIGHTS, UNTRAINED_WARNING
+
 PUBLIC_VARIANTS = ("cihp", "lip")
 HIDDEN_VARIANTS = ("tiny",)  # a tiny random network for fast tests; not shown in --help
 
-RANDOM_WEIGHTS_BANNER = """\
-############################################################################
-#  WARNING: --weights random: the model is UNTRAINED (random weights).     #
-#  Every label map, person and score it writes is MEANINGLESS.             #
-#  Use this only to test the tooling; pass a real checkpoint otherwise.    #
-############################################################################"""
+RANDOM_WEIGHTS_BANNER = "\n".join(("#" * 78, f"# {UNTRAINED_WARNING}", "#" * 78))
 
 
 def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -78,9 +75,9 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def read_rgb_image(path: Path) -> np.ndarray:
     """Decode an image file to (H, W, 3) uint8 RGB, applying its EXIF orientation."""
-    with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image)
-        return np.asarray(image.convert("RGB"))
+    with Image.open(path) as opened:
+        upright = ImageOps.exif_transpose(opened)
+        return np.asarray(upright.convert("RGB"))
 
 
 def output_stems(paths: Sequence[Path]) -> list[str]:
@@ -164,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; returns the exit status."""
     arguments = parse_arguments(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    if arguments.weights == "random":
+    if arguments.weights == RANDOM_WEIGHTS:
         print(RANDOM_WEIGHTS_BANNER, file=sys.stderr)
     from shared.config import deform_attn_mode
     from shared.errors import ConfigError
@@ -177,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from worker.m2fp.predictor import Predictor  # torch import: only once the arguments are valid
 
     try:
-        predictor = Predictor(
+        predictor = Predictor.from_weights(
             arguments.weights,
             variant=arguments.variant,
             device=arguments.device,

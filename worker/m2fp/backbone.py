@@ -152,7 +152,7 @@ class DeepLabResNet(nn.Module):
         bottleneck_channels = config.bottleneck_channels
         self.out_channels: dict[str, int] = {}
         for stage_index, (stage_name, num_blocks) in enumerate(
-            zip(self.stage_names, config.backbone_stage_blocks)
+            zip(self.stage_names, config.backbone_stage_blocks, strict=True)
         ):
             first_stride = 1 if stage_index == 0 else 2
             blocks = []

@@ -12,14 +12,18 @@ from pathlib import Path
 
 import torch
 
+from shared.constants import (
+    CHECKPOINT_FILE,
+    CONFIGURATION_FILE,
+    ENCRYPTED_CHECKPOINT_FILE,
+    RANDOM_WEIGHTS,
+    UNTRAINED_WARNING,
+)
 from worker.m2fp.config import M2FPConfig, get_config
 from worker.m2fp.model import M2FP, count_trainable_parameters
 
 logger = logging.getLogger(__name__)
 
-MODEL_FILE_NAME = "pytorch_model.pt"  # ModelScope's ModelFile.TORCH_MODEL_FILE
-CONFIGURATION_FILE_NAME = "configuration.json"
-RANDOM_WEIGHTS = "random"  # `build_model(weights="random")`: an explicitly untrained model
 UNTRAINED_SEED = 0
 MAX_CONFIGURATION_BYTES = 1 << 20  # configuration.json is small; refuse anything absurd
 
@@ -53,11 +57,15 @@ class ModelInfo:
         return asdict(self)
 
 
-def resolve_checkpoint_path(path: str | os.PathLike[str]) -> Path:
-    """The checkpoint file for a bare file path or a ModelScope model directory (`DIR/pytorch_model.pt`)."""
+def resolve_checkpoint_path(path: str | os.PathLike[str], encrypted: bool = False) -> Path:
+    """The checkpoint file for a bare file path or a ModelScope model directory.
+
+    In a directory it is `pytorch_model.pt`, or `pytorch_model.pt.enc` when `encrypted` (sealed
+    with `python -m worker.weights encrypt`). This is the one resolver of the checkpoint path.
+    """
     candidate = Path(path)
     if candidate.is_dir():
-        candidate = candidate / MODEL_FILE_NAME
+        candidate = candidate / (ENCRYPTED_CHECKPOINT_FILE if encrypted else CHECKPOINT_FILE)
     if not candidate.is_file():
         raise CheckpointError(f"checkpoint file not found: {str(candidate)!r}")
     return candidate
@@ -108,7 +116,7 @@ def load_state_dict_bytes(data: bytes) -> dict[str, torch.Tensor]:
 
 def read_model_configuration(model_dir: str | os.PathLike[str]) -> dict[str, object] | None:
     """The `model` section of `DIR/configuration.json`, or None when the file is absent."""
-    configuration_path = Path(model_dir) / CONFIGURATION_FILE_NAME
+    configuration_path = Path(model_dir) / CONFIGURATION_FILE
     if not configuration_path.is_file():
         return None
     if configuration_path.stat().st_size > MAX_CONFIGURATION_BYTES:
@@ -232,53 +240,69 @@ def build_model_from_state_dict(
     return model, info
 
 
+def build_untrained(variant: str, device: str | torch.device) -> tuple[M2FP, ModelInfo]:
+    """The explicitly untrained model of `weights="random"`, announced with a WARNING."""
+    config = get_config(variant)
+    logger.warning(
+        "%s (building the %s model, seed %d; never use this outside tests and demos)",
+        UNTRAINED_WARNING,
+        config.name,
+        UNTRAINED_SEED,
+    )
+    model = _finish(build_untrained_model(config), device)
+    info = ModelInfo(
+        variant=config.name,
+        source=RANDOM_WEIGHTS,
+        untrained=True,
+        device=str(torch.device(device)),
+        num_parameters=count_trainable_parameters(model),
+    )
+    return model, info
+
+
 def build_model(
-    weights: str | os.PathLike[str], variant: str = "cihp", device: str | torch.device = "cpu"
+    weights: str | os.PathLike[str],
+    variant: str = "cihp",
+    device: str | torch.device = "cpu",
+    *,
+    data: bytes | None = None,
 ) -> tuple[M2FP, ModelInfo]:
-    """Build an inference-ready M2FP.
+    """Build an inference-ready M2FP: the one way the service, the CLI and the tests load weights.
 
     Args:
         weights: a checkpoint file, a ModelScope model directory (`pytorch_model.pt`, optional
-            `configuration.json`, which must agree with `variant`), or "random" for an explicitly untrained
-            model (deterministic seed; logged as a WARNING; `info.untrained` is True).
+            `configuration.json`, which must agree with `variant`), or "random" for an explicitly
+            untrained model (deterministic seed; logged as a WARNING; `info.untrained` is True).
         variant: "cihp" (multi-human), "lip" (single-human) or "tiny" (tests only).
         device: torch device for the model.
+        data: the checkpoint's bytes when the caller already read them (the worker decrypts and
+            checks the digest in memory first); `weights` still names where they came from, and
+            its `configuration.json` is still checked.
 
     Returns:
         The model (eval mode, no gradients) and a `ModelInfo`.
     """
     config = get_config(variant)
     if isinstance(weights, str) and weights == RANDOM_WEIGHTS:
-        logger.warning(
-            "M2FP weights=%r: building an UNTRAINED %s model with random weights (seed %d); "
-            "its predictions are meaningless. Do not use this outside tests and demos.",
-            RANDOM_WEIGHTS,
-            config.name,
-            UNTRAINED_SEED,
-        )
-        model = _finish(build_untrained_model(config), device)
-        info = ModelInfo(
-            variant=config.name,
-            source=RANDOM_WEIGHTS,
-            untrained=True,
-            device=str(torch.device(device)),
-            num_parameters=count_trainable_parameters(model),
-        )
-        return model, info
-
+        if data is not None:
+            raise CheckpointError("weights='random' takes no checkpoint data")
+        return build_untrained(config.name, device)
     if Path(weights).is_dir():
         model_section = read_model_configuration(weights)
         if model_section is not None:
             check_model_configuration(model_section, config)
-    checkpoint_path = resolve_checkpoint_path(weights)
-    state_dict = load_state_dict_file(checkpoint_path)
-    model, info = build_model_from_state_dict(
-        state_dict, config.name, device, source=str(checkpoint_path)
-    )
+    if data is None:
+        source = resolve_checkpoint_path(weights)
+        state_dict = load_state_dict_file(source)
+    else:
+        source = Path(weights)
+        state_dict = load_state_dict_bytes(data)
+    model, info = build_model_from_state_dict(state_dict, config.name, device, source=str(source))
+    del state_dict
     logger.info(
         "loaded M2FP %s weights from %s (%d ignored keys)",
         config.name,
-        checkpoint_path,
+        source,
         len(info.ignored_keys),
     )
     return model, info

@@ -96,7 +96,7 @@ def _register_fake() -> None:
 
 def status() -> dict:
     """`{"loaded", "path", "reason", "build_info", "mode", "active"}`; loads the library on first use."""
-    global _status
+    global _status  # noqa: PLW0603 (process-wide load state, guarded by _lock)
     with _lock:
         if _status is None:
             _status = _load()
@@ -127,7 +127,7 @@ def configure(mode: str) -> str:
 
     Raises RuntimeError for `op` when the op cannot be loaded, ValueError for an unknown mode.
     """
-    global _mode
+    global _mode  # noqa: PLW0603 (process-wide mode, like torch.set_num_threads)
     if mode not in DEFORM_ATTN_MODES:
         raise ValueError(
             f"deformable-attention mode must be one of {DEFORM_ATTN_MODES}, but got {mode!r}"

@@ -126,6 +126,7 @@ class MSDeformAttnTransformerEncoder(nn.Module):
         for level_memory, (height, width) in zip(
             memory.split([height * width for height, width in spatial_shapes], dim=1),
             spatial_shapes,
+            strict=True,
         ):
             # (B, H*W, C) -> (B, C, H*W) -> (B, C, H, W)
             outputs.append(level_memory.transpose(1, 2).reshape(batch_size, -1, height, width))
@@ -165,7 +166,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         """Return `mask_features` (B, mask_dim, H/4, W/4) and [(B, C, H/32, W/32), /16, /8] features."""
         sources = []
         positions = []
-        for projection, name in zip(self.input_proj, TRANSFORMER_IN_FEATURES):
+        for projection, name in zip(self.input_proj, TRANSFORMER_IN_FEATURES, strict=True):
             feature = features[name].float()
             sources.append(projection(feature))
             positions.append(self.position_embedding(feature))

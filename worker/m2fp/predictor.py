@@ -1,6 +1,7 @@
-"""The one inference interface of the worker: `Predictor(weights).predict(rgb_image) -> ParsingResult`.
+"""The one inference interface of the worker: `Predictor(model).predict(rgb_image) -> ParsingResult`.
 
-The model is built once in `__init__`; `predict` takes a decoded RGB uint8 image (H, W, 3) and returns plain
+`Predictor(model)` wraps a built model; `Predictor.from_weights(weights)` builds it first through
+`worker.m2fp.checkpoint.build_model` (the one loader of the service, the CLI and the tests); `predict` takes a decoded RGB uint8 image (H, W, 3) and returns plain
 NumPy arrays and dicts at the input size: a class-id label map, a person-index instance map, the persons
 with their parts, and the kept part instances (see `worker.m2fp.postprocess` for the readout and
 `worker.m2fp.persons` for the grouping). Images whose
@@ -118,58 +119,53 @@ class Predictor:
 
     def __init__(
         self,
-        weights: str,
-        variant: str = "cihp",
-        device: str = "cpu",
-        max_side: int = 1920,
-        threads: int | None = None,
-        deform_attn: str | None = None,
-    ) -> None:
-        if threads is not None:
-            if threads < 1:
-                raise ValueError(f"threads must be >= 1, but got {threads}")
-            torch.set_num_threads(threads)
-        model, info = build_model(weights, variant=variant, device=device)
-        self._setup(model, untrained=info.untrained, max_side=max_side, deform_attn=deform_attn)
-
-    @classmethod
-    def from_model(
-        cls,
         model: M2FP,
+        *,
         untrained: bool = False,
         max_side: int = 1920,
         deform_attn: str | None = None,
-    ) -> Predictor:
-        """Wrap an already built model (eval mode), e.g. one loaded from an in-memory state_dict."""
-        predictor = cls.__new__(cls)
-        predictor._setup(model, untrained=untrained, max_side=max_side, deform_attn=deform_attn)
-        return predictor
-
-    def _setup(self, model: M2FP, untrained: bool, max_side: int, deform_attn: str | None) -> None:
-        """Common initialisation of `__init__` and `from_model`."""
+    ) -> None:
         if max_side < 32:
             raise ValueError(f"max_side must be >= 32, but got {max_side}")
         if deform_attn is None:  # M2FP_DEFORM_ATTN, read where all settings are read
             from shared.config import deform_attn_mode
 
             deform_attn = deform_attn_mode()
-        path = ops.configure(
-            deform_attn
-        )  # process-wide; raises for "op" when the op cannot be loaded
+        # Process-wide; raises for "op" when the op cannot be loaded.
+        path = ops.configure(deform_attn)
         if not str(model.pixel_mean.device).startswith("cpu"):
             path = "reference: the compiled op is CPU-only"
         self.deform_attn = path  # "op" or "reference: <reason>"
         self.model = model.eval()
         self.config = model.config
-        self.untrained = untrained
+        self.untrained = untrained  # build_model already announced it loudly
         self.variant = model.config.name
         self.device = str(model.pixel_mean.device)
         self.max_side = max_side
         self.class_names: tuple[str, ...] = tuple(
             model.config.class_names[: model.config.num_parsing]
         )
-        if untrained:
-            logger.warning("Predictor uses UNTRAINED random weights: its results are meaningless")
+
+    @classmethod
+    def from_weights(
+        cls,
+        weights: str,
+        variant: str = "cihp",
+        device: str = "cpu",
+        max_side: int = 1920,
+        threads: int | None = None,
+        deform_attn: str | None = None,
+        data: bytes | None = None,
+    ) -> Predictor:
+        """Build the model from `weights` (see `build_model`, `data` included) and wrap it."""
+        if threads is not None:
+            if threads < 1:
+                raise ValueError(f"threads must be >= 1, but got {threads}")
+            torch.set_num_threads(threads)
+        if max_side < 32:  # before the (slow) model build
+            raise ValueError(f"max_side must be >= 32, but got {max_side}")
+        model, info = build_model(weights, variant=variant, device=device, data=data)
+        return cls(model, untrained=info.untrained, max_side=max_side, deform_attn=deform_attn)
 
     def preprocess(self, image: np.ndarray) -> PreprocessedImage:
         """Run the variant's preprocessing (resize or centre-pad) on an RGB uint8 image."""
@@ -375,7 +371,7 @@ class Predictor:
         parts = [
             {
                 **part,
-                "area": int(math.floor(part["area"] * scale_x * scale_y + 0.5)),
+                "area": math.floor(part["area"] * scale_x * scale_y + 0.5),
                 "box": scale_box(part["box"], scale_x, scale_y, width, height),
             }
             for part in parsing.parts

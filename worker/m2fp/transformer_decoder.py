@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -77,7 +79,7 @@ class MLP(nn.Module):
         super().__init__()
         dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
         self.layers = nn.ModuleList(
-            nn.Linear(d_in, d_out) for d_in, d_out in zip(dims[:-1], dims[1:])
+            nn.Linear(d_in, d_out) for d_in, d_out in itertools.pairwise(dims)
         )
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:

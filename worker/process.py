@@ -1,0 +1,162 @@
+"""One pool child's state: its Redis store, its model (loaded once) and its heartbeat.
+
+Fork safety (RESEARCH §2.1–2.3): the worker's parent process never imports torch. Each pool
+child, after fork, caps its threads, opens its own Redis connection and loads the model once, in
+a background thread started from `worker_process_init` (whose handlers must return within 4 s);
+the task waits for it (`get_predictor`). Once the model is loaded, a heartbeat thread publishes
+the child through `shared.heartbeat` (variant, device, untrained, deform_op: "op" or
+"reference: <reason>") with a short TTL: that is what the gateway's /readyz reads.
+
+`worker.tasks.ParseTask` owns one `WorkerProcess` per process; `worker.celery_app` wires its
+`start`/`stop` to Celery's process signals.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+
+import redis
+
+from shared import heartbeat as heartbeats
+from shared.config import Settings, resolve_weights
+from shared.constants import UNTRAINED_WARNING
+from shared.heartbeat import HEARTBEAT_SECONDS, Heartbeat
+from shared.jobstore import JobStore
+from shared.logging import event
+from shared.watchdog import MemoryWatchdog
+from worker.pipeline import JobContext
+from worker.weights import load_predictor
+
+log = logging.getLogger(__name__)
+MODEL_LOAD_TIMEOUT = 600
+
+
+class WorkerProcess:
+    """State of one pool child: its store, its model (loaded once) and its heartbeat."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.loaded = threading.Event()
+        self.predictor = None
+        self.load_error: BaseException | None = None
+        self.store: JobStore | None = None
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        """Called in the child right after fork: new connections, model load in background."""
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.store = JobStore.from_settings(self.settings)
+        MemoryWatchdog(
+            self.settings.memory_alert_percent, self.settings.alert_webhook, component="worker"
+        ).start()
+        threading.Thread(target=self._load_model, name="m2fp-model-load", daemon=True).start()
+
+    def _device(self) -> str:
+        import torch
+
+        if self.settings.device != "auto":
+            return self.settings.device
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def _load_model(self) -> None:
+        try:
+            import torch
+
+            torch.set_num_threads(self.settings.torch_threads_per_child())
+            device = self._device()
+            tic = time.monotonic()
+            self.predictor = load_predictor(
+                resolve_weights(self.settings),
+                variant=self.settings.variant,
+                device=device,
+                max_side=self.settings.infer_max_side,
+                sha256=self.settings.weights_sha256,
+                key_file=self.settings.weights_key_file,
+                deform_attn=self.settings.deform_attn,
+            )
+            self._announce(device, time.monotonic() - tic, torch.get_num_threads())
+            threading.Thread(target=self._heartbeat, name="m2fp-heartbeat", daemon=True).start()
+        except BaseException as exc:
+            self.load_error = exc
+            log.critical("model_load_failed", exc_info=True)
+        finally:
+            self.loaded.set()
+
+    def _announce(self, device: str, seconds: float, threads: int) -> None:
+        """The start log: what was loaded, which deformable-attention path, and loud warnings."""
+        predictor = self.predictor
+        event(
+            log,
+            "model_loaded",
+            seconds=round(seconds, 2),
+            device=device,
+            variant=self.settings.variant,
+            untrained=predictor.untrained,
+            threads=threads,
+            deform_op=predictor.deform_attn,
+        )
+        if (
+            predictor.deform_attn != "op"
+            and device == "cpu"
+            and self.settings.deform_attn != "reference"
+        ):
+            event(
+                log,
+                "deform_attn_op_not_used_reference_is_slower",
+                logging.WARNING,
+                mode=self.settings.deform_attn,
+                deform_op=predictor.deform_attn,
+            )
+        if predictor.untrained:
+            event(log, "untrained_model", logging.WARNING, warning=UNTRAINED_WARNING)
+
+    def _heartbeat(self) -> None:
+        heartbeat = Heartbeat(
+            name=self.name,
+            variant=self.settings.variant,
+            device=str(self.predictor.device),
+            untrained=self.predictor.untrained,
+            pid=os.getpid(),
+            deform_op=self.predictor.deform_attn,
+            started=round(time.time()),
+        )
+        while not self._stop.is_set():
+            try:
+                heartbeats.beat(self.store.redis, heartbeat)
+            except redis.RedisError:
+                log.warning("heartbeat_failed")
+            self._stop.wait(HEARTBEAT_SECONDS)
+
+    def stop(self) -> None:
+        """Called in the child before it exits: stop the heartbeat, remove its key."""
+        self._stop.set()
+        if self.store is not None:
+            try:
+                heartbeats.remove(self.store.redis, self.name)
+            except redis.RedisError:
+                pass
+
+    def get_predictor(self):
+        """The loaded predictor (waits for the background load); raises if it failed."""
+        if not self.loaded.wait(MODEL_LOAD_TIMEOUT):
+            raise RuntimeError("model did not load in time")
+        if self.predictor is None:
+            raise RuntimeError("model failed to load") from self.load_error
+        return self.predictor
+
+    def context(self) -> JobContext:
+        """Dependencies for `process_job`."""
+        return JobContext(
+            store=self.store,
+            keyring=self.settings.keyring,
+            predictor=self.get_predictor,
+            worker_name=self.name,
+            max_pixels=self.settings.max_pixels,
+            max_decode_bytes=self.settings.max_decode_mb * 1024 * 1024,
+            infer_max_side=self.settings.infer_max_side,
+        )
