@@ -45,12 +45,6 @@ JOB_ID_RE = re.compile(JOB_ID_PATTERN)
 # without hyphens, fits); anything else is replaced by a fresh uuid4 hex.
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{6,62}[A-Za-z0-9]")
 
-# In every result (and /readyz) of a model running with random weights (M2FP_WEIGHTS=random).
-UNTRAINED_WARNING = (
-    "UNTRAINED MODEL: M2FP runs with random weights (M2FP_WEIGHTS=random); "
-    "results have the right shape but no meaning."
-)
-
 KEY_PREFIX = "m2fp"
 LIMITER_PREFIX = "m2fp:limiter"
 
