@@ -48,26 +48,7 @@ def create_app(
     settings = settings or load_settings()
     configure_logging(settings.log_level)
     app = flask.Flask(__name__, static_folder=None)
-    app.request_class = InMemoryRequest
-    app.config.update(
-        MAX_CONTENT_LENGTH=settings.max_upload_bytes,
-        MAX_FORM_MEMORY_SIZE=MAX_FORM_MEMORY_SIZE,
-        MAX_FORM_PARTS=MAX_FORM_PARTS,
-        TRAP_HTTP_EXCEPTIONS=False,
-        **{abuse.IPV6_PREFIX_CONFIG: settings.ipv6_prefix},
-    )
-    if settings.trusted_proxies:
-        # Only the configured number of proxy hops may rewrite the peer address (RESEARCH §2.9).
-        # X-Forwarded-Proto too: behind the TLS proxy the request was HTTPS, so HSTS is sent.
-        app.wsgi_app = ProxyFix(
-            app.wsgi_app,
-            x_for=settings.trusted_proxies,
-            x_proto=settings.trusted_proxies,
-            x_host=0,
-            x_port=0,
-            x_prefix=0,
-        )
-
+    configure(app, settings)
     client = redis_client or make_redis(settings)
     store = JobStore.from_settings(settings, client)
     metrics = Metrics(store)
@@ -89,6 +70,29 @@ def create_app(
     app.register_blueprint(bp)
     app.register_blueprint(web_bp)
     return app
+
+
+def configure(app: flask.Flask, settings: Settings) -> None:
+    """In-memory uploads under the body limits; ProxyFix for exactly the trusted proxy hops."""
+    app.request_class = InMemoryRequest
+    app.config.update(
+        MAX_CONTENT_LENGTH=settings.max_upload_bytes,
+        MAX_FORM_MEMORY_SIZE=MAX_FORM_MEMORY_SIZE,
+        MAX_FORM_PARTS=MAX_FORM_PARTS,
+        TRAP_HTTP_EXCEPTIONS=False,
+        **{abuse.IPV6_PREFIX_CONFIG: settings.ipv6_prefix},
+    )
+    if settings.trusted_proxies:
+        # Only the configured number of proxy hops may rewrite the peer address (RESEARCH §2.9).
+        # X-Forwarded-Proto too: behind the TLS proxy the request was HTTPS, so HSTS is sent.
+        app.wsgi_app = ProxyFix(
+            app.wsgi_app,
+            x_for=settings.trusted_proxies,
+            x_proto=settings.trusted_proxies,
+            x_host=0,
+            x_port=0,
+            x_prefix=0,
+        )
 
 
 def warm_up(app: flask.Flask) -> None:

@@ -8,6 +8,7 @@ trace, a path, a library version or an exception message in a response.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 
@@ -74,56 +75,70 @@ def error_response(exc: ServiceError) -> flask.Response:
 def register_error_handlers(
     app: flask.Flask, limiter: Limiter, on_reject: Callable[[str], None]
 ) -> None:
-    """Route every exception raised while handling a request to a JSON response."""
+    """Route every exception raised while handling a request to a JSON response.
 
-    @app.errorhandler(ServiceError)
-    def service_error(exc: ServiceError) -> flask.Response:
-        on_reject(exc.code)
-        if exc.status_code >= 500:
-            event(log, "request_refused", logging.WARNING, code=exc.code, status=exc.status_code)
-        return error_response(exc)
-
-    @app.errorhandler(RateLimitExceeded)
-    def rate_limited(_exc: RateLimitExceeded) -> flask.Response:
-        seconds = abuse.retry_after(limiter)
-        event(
-            log,
-            "rate_limited",
-            logging.WARNING,
-            seconds=seconds,
-            client=abuse.client_tag(abuse.client_key()),
-            endpoint=flask.request.endpoint,
-        )
-        on_reject(RateLimited.code)
-        return error_response(RateLimited(retry_after=seconds))
-
-    @app.errorhandler(HTTPException)
-    def http_error(exc: HTTPException) -> flask.Response:
-        status = exc.code or 500
-        known = HTTP_ERRORS.get(status)
-        error = known() if known else ServiceError(GENERIC_CLIENT_ERROR if status < 500 else None)
-        if not known:
-            error.status_code, error.code = (
-                status,
-                "bad_request" if status < 500 else "internal_error",
-            )
-        on_reject(error.code)
-        response = error_response(error)
-        if status == 405 and getattr(exc, "valid_methods", None):
-            response.headers["Allow"] = ", ".join(exc.valid_methods)
-        return response
-
-    def unavailable(exc: Exception) -> flask.Response:
-        event(log, "store_unavailable", logging.ERROR, exc_type=type(exc).__name__)
-        on_reject(StoreUnavailable.code)
-        return error_response(StoreUnavailable())
-
+    `on_reject(code)` counts each refusal (api.metrics); `limiter` says when a limit lets in again.
+    """
+    app.register_error_handler(ServiceError, functools.partial(service_error, on_reject))
+    app.register_error_handler(
+        RateLimitExceeded, functools.partial(rate_limited, limiter, on_reject)
+    )
+    app.register_error_handler(HTTPException, functools.partial(http_error, on_reject))
     for exc_class in UNAVAILABLE_ERRORS:
-        app.register_error_handler(exc_class, unavailable)
+        app.register_error_handler(exc_class, functools.partial(unavailable, on_reject))
+    app.register_error_handler(Exception, functools.partial(unexpected, on_reject))
 
-    @app.errorhandler(Exception)
-    def unexpected(exc: Exception) -> flask.Response:
-        # The type only: an exception's message may hold a path or data (shared.logging).
-        event(log, "unhandled_error", logging.ERROR, exc_type=type(exc).__name__)
-        on_reject(ServiceError.code)
-        return error_response(ServiceError())
+
+def service_error(on_reject: Callable[[str], None], exc: ServiceError) -> flask.Response:
+    """A public error raised by the gateway's own code."""
+    on_reject(exc.code)
+    if exc.status_code >= 500:
+        event(log, "request_refused", logging.WARNING, code=exc.code, status=exc.status_code)
+    return error_response(exc)
+
+
+def rate_limited(
+    limiter: Limiter, on_reject: Callable[[str], None], _exc: RateLimitExceeded
+) -> flask.Response:
+    """429 `rate_limited` with Retry-After from the breached limit."""
+    seconds = abuse.retry_after(limiter)
+    event(
+        log,
+        "rate_limited",
+        logging.WARNING,
+        seconds=seconds,
+        client=abuse.client_tag(abuse.client_key()),
+        endpoint=flask.request.endpoint,
+    )
+    on_reject(RateLimited.code)
+    return error_response(RateLimited(retry_after=seconds))
+
+
+def http_error(on_reject: Callable[[str], None], exc: HTTPException) -> flask.Response:
+    """Werkzeug's HTTP errors (404, 405, 413, ...) as our JSON errors."""
+    status = exc.code or 500
+    known = HTTP_ERRORS.get(status)
+    error = known() if known else ServiceError(GENERIC_CLIENT_ERROR if status < 500 else None)
+    if not known:
+        error.status_code = status
+        error.code = "bad_request" if status < 500 else "internal_error"
+    on_reject(error.code)
+    response = error_response(error)
+    if status == 405 and getattr(exc, "valid_methods", None):
+        response.headers["Allow"] = ", ".join(exc.valid_methods)
+    return response
+
+
+def unavailable(on_reject: Callable[[str], None], exc: Exception) -> flask.Response:
+    """Redis or the broker unreachable: 503 `unavailable`."""
+    event(log, "store_unavailable", logging.ERROR, exc_type=type(exc).__name__)
+    on_reject(StoreUnavailable.code)
+    return error_response(StoreUnavailable())
+
+
+def unexpected(on_reject: Callable[[str], None], exc: Exception) -> flask.Response:
+    """Anything else: a bare 500, logged by exception type only."""
+    # The type only: an exception's message may hold a path or data (shared.logging).
+    event(log, "unhandled_error", logging.ERROR, exc_type=type(exc).__name__)
+    on_reject(ServiceError.code)
+    return error_response(ServiceError())

@@ -28,7 +28,7 @@ import time
 from gunicorn import glogging
 from gunicorn.http import wsgi as gunicorn_wsgi
 
-from shared.config import load_settings
+from shared.config import load_settings, prometheus_multiproc_dir
 from shared.constants import REQUEST_ID_RE
 from shared.hardening import disable_core_dumps
 
@@ -82,7 +82,7 @@ gunicorn_wsgi.Response.default_headers = _default_headers_without_server
 
 def on_starting(server) -> None:
     """Wipe stale prometheus_client multiprocess files from an earlier run."""
-    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")  # prometheus_client's own variable
+    directory = prometheus_multiproc_dir()
     if directory and os.path.isdir(directory):
         for pattern in _PROMETHEUS_FILES:
             for path in glob.glob(os.path.join(directory, pattern)):
@@ -98,7 +98,7 @@ def post_worker_init(worker) -> None:
 
 def child_exit(server, worker) -> None:
     """Let prometheus_client forget a dead worker's live gauges."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if prometheus_multiproc_dir():
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(worker.pid)

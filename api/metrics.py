@@ -2,7 +2,7 @@
 
 Counters and the latency histogram live in a per-app registry. When `PROMETHEUS_MULTIPROC_DIR`
 is set (gunicorn with N processes; the variable is prometheus_client's own, read by it at
-import), their values go to per-process files in that directory and `/metrics` merges all of
+import, and by us through `shared.config.prometheus_multiproc_dir`), their values go to per-process files in that directory and `/metrics` merges all of
 them with `MultiProcessCollector`, so any process answers for the whole gateway. The queue
 depth and Redis reachability are read from Redis at scrape time (not a per-process value).
 Labels are route templates (`/v1/jobs/<job_id>`), never raw paths, so ids cannot explode the
@@ -11,7 +11,6 @@ series count.
 
 from __future__ import annotations
 
-import os
 import time
 
 import flask
@@ -26,6 +25,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from shared.config import prometheus_multiproc_dir
 from shared.constants import QUEUE
 from shared.jobstore import JobStore
 
@@ -35,7 +35,7 @@ ALLOWED_METHODS = frozenset({"GET", "POST", "DELETE", "HEAD", "OPTIONS", "PUT", 
 
 def multiprocess_mode() -> bool:
     """Whether prometheus_client writes values to PROMETHEUS_MULTIPROC_DIR (gunicorn, N processes)."""
-    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+    return prometheus_multiproc_dir() is not None
 
 
 class QueueCollector:

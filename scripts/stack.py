@@ -37,6 +37,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
@@ -45,6 +46,16 @@ REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
 sys.path.insert(0, str(REPO))
 BACKOFF_FIRST, BACKOFF_MAX, HEALTHY_AFTER = 1.0, 30.0, 60.0
+
+# After the path insert: `python scripts/stack.py` finds the repository's packages.
+from shared.config import (  # noqa: E402  (needs the sys.path entry above)
+    StackSettings,
+    environment,
+    find_weights,
+    load_stack_settings,
+    torch_threads_per_child,
+)
+from shared.constants import RANDOM_WEIGHTS  # noqa: E402  (as above)
 
 
 def banner(lines: list[str], char: str = "=") -> None:
@@ -181,188 +192,188 @@ class Stack:
                 child.proc.wait()
 
 
-def start_redis(stack: Stack, env: dict[str, str]) -> tuple[str, str]:
-    """Own Redis, config on stdin (not argv, so `ps` shows no password), no persistence.
+# Lines make run adds to scripts/redis_server.py's config: Flower's read-only ACL user, a memory
+# cap and no CONFIG/DEBUG (the tests' servers keep CONFIG, to simulate a full Redis).
+REDIS_HARDENING = (
+    "protected-mode yes",
+    "maxmemory 1gb",
+    'rename-command CONFIG ""',
+    'rename-command DEBUG ""',
+)
+
+
+def start_redis(stack: Stack, settings: StackSettings, env: dict[str, str]) -> tuple[str, str]:
+    """Own Redis through scripts/redis_server.py (the tests' helper), supervised by `stack`.
 
     Returns the URL of the services' user and the URL of Flower's read-only ACL user.
     """
-    binary = shutil.which("redis-server")
-    if binary is None:
-        sys.exit(
-            "stack: redis-server is not installed; run `make install` as root or apt-get install redis-server"
-        )
-    port = pick_port(int(env.get("M2FP_REDIS_PORT", "6380")))
+    from scripts import redis_server
     from shared.constants import FLOWER_ACL_RULES
 
-    password, flower_password = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
-    config = (
-        "\n".join(
-            [
-                f"port {port}",
-                "bind 127.0.0.1",
-                "protected-mode yes",
-                f'requirepass "{password}"',
+    flower_password = secrets.token_urlsafe(24)
+    try:
+        server = redis_server.start(
+            Path("/tmp"),
+            port=pick_port(settings.redis_port),
+            password=secrets.token_urlsafe(24),
+            extra_config=(
+                *REDIS_HARDENING,
                 f"user flower on >{flower_password} {FLOWER_ACL_RULES}",
-                'save ""',
-                "appendonly no",
-                "maxmemory-policy noeviction",
-                "maxmemory 1gb",
-                "dir /tmp",
-                "loglevel warning",
-                'rename-command CONFIG ""',
-                'rename-command DEBUG ""',
-            ]
+            ),
+            spawn=lambda argv, config: stack.start("redis", argv, env, stdin=config),
         )
-        + "\n"
+    except redis_server.RedisServerError as exc:
+        sys.exit(f"stack: {exc}")
+    return server.url, f"redis://flower:{quote(flower_password)}@127.0.0.1:{server.port}/0"
+
+
+def resolve_weights(settings: StackSettings) -> tuple[str, bool]:
+    """M2FP_WEIGHTS, else the default checkpoint (shared.config's resolver), else random weights."""
+    weights = find_weights(settings.weights, REPO) or RANDOM_WEIGHTS
+    return weights, weights == RANDOM_WEIGHTS
+
+
+def service_env(stack: Stack, settings: StackSettings) -> tuple[dict[str, str], str, bool]:
+    """The services' environment (own Redis and keyring when none is given, weights, threads).
+
+    Returns it, Flower's broker URL and whether the model is untrained.
+    """
+    from shared.crypto import generate_key
+
+    env = environment()
+    env["PYTHONPATH"] = str(REPO)
+    flower_broker = settings.redis_url
+    if not settings.redis_url:
+        env["M2FP_REDIS_URL"], flower_broker = start_redis(stack, settings, env)
+    if not settings.has_data_keys:
+        env["M2FP_DATA_KEYS"] = f"run{int(time.time())}:{generate_key()}"
+    weights, untrained = resolve_weights(settings)
+    env["M2FP_WEIGHTS"] = weights
+    threads = torch_threads_per_child(
+        settings.torch_threads, settings.workers * settings.worker_concurrency
     )
-    stack.start("redis", [binary, "-"], env, stdin=config)
-    url = f"redis://:{quote(password)}@127.0.0.1:{port}/0"
-    flower_url = f"redis://flower:{quote(flower_password)}@127.0.0.1:{port}/0"
-    import redis
-
-    client = redis.Redis.from_url(url)
-    for _ in range(100):
-        try:
-            client.ping()
-            return url, flower_url
-        except redis.ConnectionError:
-            time.sleep(0.1)
-    sys.exit("stack: redis-server did not start")
+    env["M2FP_TORCH_THREADS"] = str(threads)
+    env["M2FP_HOST"], env["M2FP_PORT"] = settings.host, str(settings.port)
+    return env, flower_broker, untrained
 
 
-def resolve_weights(env: dict[str, str]) -> tuple[str, bool]:
-    """M2FP_WEIGHTS, else the default checkpoint place (shared.config's), else explicit random weights."""
-    from shared.config import DEFAULT_WEIGHTS_DIR
+def start_workers(stack: Stack, settings: StackSettings, env: dict[str, str]) -> list[int]:
+    """`settings.workers` supervised workers, each with its own metrics port; returns the ports."""
+    metrics_ports = []
+    for index in range(settings.workers):
+        metrics_ports.append(pick_port(settings.worker_metrics_port + index))
+        stack.start(
+            f"worker-{index + 1}",
+            [PY, "-m", "worker", "--", "--hostname", f"worker{index + 1}@%h"],
+            dict(env, M2FP_WORKER_METRICS_PORT=str(metrics_ports[-1])),
+            critical=False,
+        )
+    return metrics_ports
 
-    if env.get("M2FP_WEIGHTS"):
-        return env["M2FP_WEIGHTS"], env["M2FP_WEIGHTS"] == "random"
-    if (REPO / DEFAULT_WEIGHTS_DIR / "pytorch_model.pt").is_file():
-        return DEFAULT_WEIGHTS_DIR, False
-    return "random", True
+
+def start_gateway(stack: Stack, env: dict[str, str]) -> Path:
+    """The gateway under gunicorn, its metrics files in memory; returns their directory."""
+    from shared.config import PROMETHEUS_MULTIPROC_VARIABLE, prometheus_multiproc_dir
+
+    prom_dir = Path(prometheus_multiproc_dir(env) or f"/dev/shm/m2fp-prom-{os.getpid()}")
+    env[PROMETHEUS_MULTIPROC_VARIABLE] = str(prom_dir)
+    prom_dir.mkdir(parents=True, exist_ok=True)
+    stack.start(
+        "gateway", [PY, "-m", "gunicorn", "-c", "api/gunicorn_conf.py", "api.wsgi:app"], env
+    )
+    return prom_dir
+
+
+def start_flower(
+    stack: Stack, settings: StackSettings, env: dict[str, str], broker: str
+) -> tuple[int, str]:
+    """Flower on loopback with basic auth, read-only; returns its port and password."""
+    port = pick_port(settings.flower_port)
+    password = settings.flower_password or secrets.token_urlsafe(12)
+    # Flower gets only its read-only Redis user, by environment (never argv), and not the keys.
+    flower_env = {k: v for k, v in env.items() if not k.startswith("M2FP_")}
+    flower_env.update(
+        FLOWER_BASIC_AUTH=f"{settings.flower_user}:{password}",
+        FLOWER_UNAUTHENTICATED_API="false",
+        CELERY_BROKER_URL=broker,
+    )
+    argv = [PY, "-m", "shared.flower_readonly", "flower", "--address=127.0.0.1", f"--port={port}"]
+    argv += ["--purge_offline_workers=60", "--max_tasks=1000", "--natural_time=False"]
+    stack.start("flower", [*argv, "--enable_events=False"], flower_env, critical=False)
+    return port, password
+
+
+UNTRAINED_BANNER = [
+    "UNTRAINED MODEL: no checkpoint found, running M2FP with RANDOM weights.",
+    "Results have the right shape but mean nothing. To use the real model:",
+    "  put the ModelScope checkpoint at weights/cihp/pytorch_model.pt, or",
+    "  set M2FP_WEIGHTS=/path/to/model_dir (see README 'Model weights').",
+]
+
+
+def ready_banner(
+    settings: StackSettings, weights: str, flower: tuple[int, str], metrics_ports: list[int]
+) -> list[str]:
+    """The lines printed once everything is started: URLs, Flower's login, how to submit."""
+    host, port = settings.host, settings.port
+    flower_port, flower_password = flower
+    shown = "RANDOM (untrained)" if weights == RANDOM_WEIGHTS else weights
+    return [
+        f"m2fp-serve is starting: {settings.workers} worker(s), weights: {shown}",
+        f"  web page + API : http://{host}:{port}/   (ready when /readyz says so)",
+        f"  Flower         : http://127.0.0.1:{flower_port}/  user {settings.flower_user}  "
+        f"password {flower_password}",
+        f"  metrics        : http://{host}:{port}/metrics  workers: "
+        + " ".join(f"http://127.0.0.1:{p}/metrics" for p in metrics_ports),
+        f"  submit         : curl -F image=@photo.jpg http://{host}:{port}/v1/jobs",
+        "Ctrl-C stops every process.",
+    ]
+
+
+def supervise_until_stopped(stack: Stack, stopping: Callable[[], bool]) -> None:
+    """Restart what may restart until a signal asks to stop or a critical child exits."""
+    while not stopping():
+        dead = stack.supervise()
+        if dead is not None:
+            banner(
+                [
+                    f"stack: {dead.name} (pid {dead.proc.pid}) exited with status {dead.proc.returncode}.",
+                    "Nothing can be served without it: stopping the whole stack.",
+                ],
+                "!",
+            )
+            return
+        time.sleep(0.5)
 
 
 def main() -> int:
     """Start everything, wait for Ctrl-C/SIGTERM or a child's exit, stop everything."""
+    from shared.config import ConfigError
     from shared.hardening import disable_core_dumps
 
     disable_core_dumps()  # this process holds every generated secret
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO)
-    stack = Stack()
-    stopping = False
-
-    def on_signal(signum, _frame):
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
     try:
-        flower_broker = env.get("M2FP_REDIS_URL")
-        if not env.get("M2FP_REDIS_URL"):
-            env["M2FP_REDIS_URL"], flower_broker = start_redis(stack, env)
-        if not env.get("M2FP_DATA_KEYS") and not env.get("M2FP_DATA_KEYS_FILE"):
-            from shared.crypto import generate_key
-
-            env["M2FP_DATA_KEYS"] = f"run{int(time.time())}:{generate_key()}"
-        weights, untrained = resolve_weights(env)
-        env["M2FP_WEIGHTS"] = weights
-        workers = int(env.get("M2FP_WORKERS", "1"))
-        if workers < 1:
-            sys.exit("stack: M2FP_WORKERS must be >= 1")
-        concurrency = int(env.get("M2FP_WORKER_CONCURRENCY", "1"))
-        env.setdefault(
-            "M2FP_TORCH_THREADS", str(max(1, (os.cpu_count() or 1) // (workers * concurrency)))
-        )
-        host, port = env.setdefault("M2FP_HOST", "127.0.0.1"), env.setdefault("M2FP_PORT", "8000")
-        flower_port = pick_port(int(env.get("M2FP_FLOWER_PORT", "5555")))
-        flower_user = env.get("M2FP_FLOWER_USER", "admin")
-        flower_password = env.get("M2FP_FLOWER_PASSWORD") or secrets.token_urlsafe(12)
-
+        settings = load_stack_settings()
+    except ConfigError as exc:
+        sys.exit(f"stack: {exc}")
+    stack, signalled, prom_dir = Stack(), [], None
+    signal.signal(signal.SIGINT, lambda *_: signalled.append(True))
+    signal.signal(signal.SIGTERM, lambda *_: signalled.append(True))
+    try:
+        env, flower_broker, untrained = service_env(stack, settings)
         if untrained:
-            banner(
-                [
-                    "UNTRAINED MODEL: no checkpoint found, running M2FP with RANDOM weights.",
-                    "Results have the right shape but mean nothing. To use the real model:",
-                    "  put the ModelScope checkpoint at weights/cihp/pytorch_model.pt, or",
-                    "  set M2FP_WEIGHTS=/path/to/model_dir (see README 'Model weights').",
-                ],
-                "!",
-            )
-        metrics_ports = []
-        for index in range(workers):
-            metrics_ports.append(
-                pick_port(int(env.get("M2FP_WORKER_METRICS_PORT", "9100")) + index)
-            )
-            worker_env = dict(env, M2FP_WORKER_METRICS_PORT=str(metrics_ports[-1]))
-            stack.start(
-                f"worker-{index + 1}",
-                [PY, "-m", "worker", "--", "--hostname", f"worker{index + 1}@%h"],
-                worker_env,
-                critical=False,
-            )
-        prom_dir = Path(
-            env.setdefault("PROMETHEUS_MULTIPROC_DIR", f"/dev/shm/m2fp-prom-{os.getpid()}")
-        )
-        prom_dir.mkdir(parents=True, exist_ok=True)
-        stack.start(
-            "gateway", [PY, "-m", "gunicorn", "-c", "api/gunicorn_conf.py", "api.wsgi:app"], env
-        )
-        # Flower gets only its read-only Redis user, by environment (never argv), and not the keys.
-        flower_env = {k: v for k, v in env.items() if not k.startswith("M2FP_")}
-        flower_env.update(
-            FLOWER_BASIC_AUTH=f"{flower_user}:{flower_password}",
-            FLOWER_UNAUTHENTICATED_API="false",
-            CELERY_BROKER_URL=flower_broker,
-        )
-        stack.start(
-            "flower",
-            [
-                PY,
-                "-m",
-                "shared.flower_readonly",
-                "flower",
-                "--address=127.0.0.1",
-                f"--port={flower_port}",
-                "--purge_offline_workers=60",
-                "--max_tasks=1000",
-                "--natural_time=False",
-                "--enable_events=False",
-            ],
-            flower_env,
-            critical=False,
-        )
-        banner(
-            [
-                f"m2fp-serve is starting: {workers} worker(s), weights: "
-                f"{'RANDOM (untrained)' if untrained else weights}",
-                f"  web page + API : http://{host}:{port}/   (ready when /readyz says so)",
-                f"  Flower         : http://127.0.0.1:{flower_port}/  user {flower_user}  "
-                f"password {flower_password}",
-                f"  metrics        : http://{host}:{port}/metrics  workers: "
-                + " ".join(f"http://127.0.0.1:{p}/metrics" for p in metrics_ports),
-                "  submit         : curl -F image=@photo.jpg http://%s:%s/v1/jobs" % (host, port),
-                "Ctrl-C stops every process.",
-            ]
-        )
-        while not stopping:
-            dead = stack.supervise()
-            if dead is not None:
-                banner(
-                    [
-                        f"stack: {dead.name} (pid {dead.proc.pid}) exited with status {dead.proc.returncode}.",
-                        "Nothing can be served without it: stopping the whole stack.",
-                    ],
-                    "!",
-                )
-                break
-            time.sleep(0.5)
+            banner(UNTRAINED_BANNER, "!")
+        metrics_ports = start_workers(stack, settings, env)
+        prom_dir = start_gateway(stack, env)
+        flower = start_flower(stack, settings, env, flower_broker)
+        banner(ready_banner(settings, env["M2FP_WEIGHTS"], flower, metrics_ports))
+        supervise_until_stopped(stack, lambda: bool(signalled))
     finally:
         print("stack: stopping...", file=sys.stderr, flush=True)
         stack.stop()
-        if "prom_dir" in locals():
+        if prom_dir is not None:
             shutil.rmtree(prom_dir, ignore_errors=True)
-    return 0 if stopping else 1
+    return 0 if signalled else 1
 
 
 if __name__ == "__main__":

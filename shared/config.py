@@ -7,7 +7,13 @@ missing or a value is invalid. There are no insecure defaults outside an explici
 
 Secrets may be given inline or, better, as files (`*_FILE` variants, e.g. Docker/Kubernetes
 secrets): `M2FP_DATA_KEYS` / `M2FP_DATA_KEYS_FILE` (the keyring) and `M2FP_REDIS_URL` /
-`M2FP_REDIS_URL_FILE`. Every variable is documented in README.md and `.env.example`.
+`M2FP_REDIS_URL_FILE`. Every variable is documented in README.md and `.env.example`
+(tests/unit/test_shared_env_docs.py checks both lists against what this module reads).
+
+Besides `load_settings()`, three readers that need no Redis or keys: `deform_attn_mode()` (the
+offline CLI and the Predictor), `prometheus_multiproc_dir()` (prometheus_client's own variable,
+for the gateway's /metrics under gunicorn) and `load_stack_settings()` (`make run`, which
+generates the keys and starts the Redis that `load_settings` then requires).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
+from shared.constants import CHECKPOINT_FILE, RANDOM_WEIGHTS
 from shared.crypto import Keyring
 from shared.errors import ConfigError
 
@@ -32,6 +39,16 @@ DEFORM_ATTN_MODES = (
     "reference",
 )  # compiled deformable-attention op or the PyTorch reference
 DEFAULT_WEIGHTS_DIR = "weights/cihp"
+PROMETHEUS_MULTIPROC_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def torch_threads_per_child(torch_threads: int | None, processes: int) -> int:
+    """Torch threads of each of `processes` pool processes on one host: `torch_threads` when
+    set (M2FP_TORCH_THREADS), else the cores shared out so processes x threads <= cores
+    (RESEARCH §2.2)."""
+    if torch_threads:
+        return torch_threads
+    return max(1, (os.cpu_count() or 1) // max(1, processes))
 
 
 @dataclass(frozen=True)
@@ -96,6 +113,31 @@ class Settings:
     def visibility_timeout(self) -> int:
         """Redis broker redelivery timeout: longer than the hard time limit (RESEARCH §2.5)."""
         return self.hard_time_limit + 60
+
+    def torch_threads_per_child(self, workers_on_host: int = 1) -> int:
+        """Torch threads of each pool process, with `workers_on_host` workers of this concurrency."""
+        return torch_threads_per_child(
+            self.torch_threads, workers_on_host * self.worker_concurrency
+        )
+
+
+@dataclass(frozen=True)
+class StackSettings:
+    """What `make run` (scripts/stack.py) needs before the services' own settings can load."""
+
+    workers: int = 1
+    worker_concurrency: int = 1
+    torch_threads: int | None = None
+    redis_url: str | None = field(default=None, repr=False)  # unset: make run starts its own
+    redis_port: int = 6380
+    has_data_keys: bool = False  # unset: make run generates a keyring
+    weights: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    worker_metrics_port: int = 9100
+    flower_port: int = 5555
+    flower_user: str = "admin"
+    flower_password: str | None = field(default=None, repr=False)  # unset: generated
 
 
 def _read_secret(env: Mapping[str, str], name: str) -> str | None:
@@ -171,10 +213,54 @@ def deform_attn_mode(env: Mapping[str, str] | None = None) -> str:
     return value
 
 
+def prometheus_multiproc_dir(env: Mapping[str, str] | None = None) -> str | None:
+    """PROMETHEUS_MULTIPROC_DIR (prometheus_client's own variable, which it also reads at import):
+    where gunicorn's processes write their metric values, or None for one-process metrics."""
+    env = os.environ if env is None else env
+    return env.get(PROMETHEUS_MULTIPROC_VARIABLE) or None
+
+
+def environment() -> dict[str, str]:
+    """A copy of this process's environment, for the children `make run` and the tests start."""
+    return dict(os.environ)
+
+
+def load_stack_settings(env: Mapping[str, str] | None = None) -> StackSettings:
+    """`make run`'s settings: numbers of workers and threads, ports, Flower's login."""
+    env = os.environ if env is None else env
+    return StackSettings(
+        workers=_int(env, "M2FP_WORKERS", 1, 1),
+        worker_concurrency=_int(env, "M2FP_WORKER_CONCURRENCY", 1, 1),
+        torch_threads=_int(env, "M2FP_TORCH_THREADS", 0, 0) or None,
+        redis_url=env.get("M2FP_REDIS_URL") or None,
+        redis_port=_int(env, "M2FP_REDIS_PORT", 6380, 1),
+        has_data_keys=bool(env.get("M2FP_DATA_KEYS") or env.get("M2FP_DATA_KEYS_FILE")),
+        weights=(env.get("M2FP_WEIGHTS") or "").strip() or None,
+        host=env.get("M2FP_HOST", "127.0.0.1").strip(),
+        port=_int(env, "M2FP_PORT", 8000, 1),
+        worker_metrics_port=_int(env, "M2FP_WORKER_METRICS_PORT", 9100, 0),
+        flower_port=_int(env, "M2FP_FLOWER_PORT", 5555, 1),
+        flower_user=env.get("M2FP_FLOWER_USER", "admin").strip() or "admin",
+        flower_password=env.get("M2FP_FLOWER_PASSWORD") or None,
+    )
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Build Settings from the environment, failing fast with the variable's name."""
     env = os.environ if env is None else env
     dev_mode = _bool(env, "M2FP_DEV_MODE")
+    return Settings(
+        **_secrets(env, dev_mode),
+        dev_mode=dev_mode,
+        **_gateway_fields(env),
+        **_lifecycle_fields(env),
+        **_model_fields(env),
+        **_operations_fields(env),
+    )
+
+
+def _secrets(env: Mapping[str, str], dev_mode: bool) -> dict:
+    """The Redis URL (with a password unless dev mode) and the keyring: both required."""
     redis_url = _read_secret(env, "M2FP_REDIS_URL")
     if not redis_url:
         raise ConfigError("M2FP_REDIS_URL (or M2FP_REDIS_URL_FILE) is not set")
@@ -185,8 +271,64 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             "M2FP_DATA_KEYS (or M2FP_DATA_KEYS_FILE) is not set; generate a key with "
             "`python -m shared.keys new`"
         )
-    keyring = Keyring.parse(keys_text)
+    return {"redis_url": redis_url, "keyring": Keyring.parse(keys_text)}
 
+
+def _gateway_fields(env: Mapping[str, str]) -> dict:
+    """Bind address, upload limits, rate limits, bans, admission, gunicorn, API keys, CORS."""
+    return {
+        "host": env.get("M2FP_HOST", "127.0.0.1").strip(),
+        "port": _int(env, "M2FP_PORT", 8000, 1),
+        "max_upload_bytes": _int(env, "M2FP_MAX_UPLOAD_BYTES", 10 * 1024 * 1024, 1024),
+        "max_pixels": _int(env, "M2FP_MAX_PIXELS", 40_000_000, 1),
+        "max_image_side": _int(env, "M2FP_MAX_IMAGE_SIDE", 10_000, 1),
+        "submit_limit": _rate(env, "M2FP_SUBMIT_LIMIT", "5/minute"),
+        "poll_limit": _rate(env, "M2FP_POLL_LIMIT", "120/minute"),
+        "ban_after": _int(env, "M2FP_BAN_AFTER", 3, 0),
+        "ban_seconds": _int(env, "M2FP_BAN_SECONDS", 3600, 1),
+        "max_queue": _int(env, "M2FP_MAX_QUEUE", 100, 1),
+        "max_jobs_per_client": _int(env, "M2FP_MAX_JOBS_PER_CLIENT", 3, 0),
+        "submit_attempt_limit": _rate(env, "M2FP_SUBMIT_ATTEMPT_LIMIT", "30/minute"),
+        "trusted_proxies": _int(env, "M2FP_TRUSTED_PROXIES", 0, 0),
+        "ipv6_prefix": _bounded(env, "M2FP_IPV6_PREFIX", 64, 16, 128),
+        "gateway_workers": _int(env, "M2FP_GATEWAY_WORKERS", 2, 1),
+        "gateway_threads": _int(env, "M2FP_GATEWAY_THREADS", 16, 1),
+        "request_read_timeout": _int(env, "M2FP_REQUEST_READ_TIMEOUT", 30, 1),
+        "api_keys_file": env.get("M2FP_API_KEYS_FILE") or None,
+        "cors_origins": _origins(env),
+    }
+
+
+def _origins(env: Mapping[str, str]) -> tuple[str, ...]:
+    """M2FP_CORS_ORIGINS: exact origins only (no `*`, no path)."""
+    origins = tuple(o.strip() for o in env.get("M2FP_CORS_ORIGINS", "").split(",") if o.strip())
+    for origin in origins:
+        if origin == "*" or not re.fullmatch(r"https?://[^/\s]+", origin):
+            raise ConfigError(
+                f"M2FP_CORS_ORIGINS entries must be exact origins like https://a.example, got {origin!r}"
+            )
+    return origins
+
+
+def _lifecycle_fields(env: Mapping[str, str]) -> dict:
+    """TTLs, attempts and time limits of a job (the hard limit must exceed the soft one)."""
+    soft = _int(env, "M2FP_SOFT_TIME_LIMIT", 300, 1)
+    hard = _int(env, "M2FP_HARD_TIME_LIMIT", soft + 60, 1)
+    if hard <= soft:
+        raise ConfigError(
+            f"M2FP_HARD_TIME_LIMIT ({hard}) must exceed M2FP_SOFT_TIME_LIMIT ({soft})"
+        )
+    return {
+        "input_ttl": _int(env, "M2FP_INPUT_TTL", 600, 1),
+        "result_ttl": _int(env, "M2FP_RESULT_TTL", 600, 1),
+        "max_attempts": _int(env, "M2FP_MAX_ATTEMPTS", 2, 1),
+        "soft_time_limit": soft,
+        "hard_time_limit": hard,
+    }
+
+
+def _model_fields(env: Mapping[str, str]) -> dict:
+    """Checkpoint, variant, device, pool size and threads, memory and decode budgets, metrics."""
     variant = env.get("M2FP_VARIANT", "cihp").strip().lower()
     if variant not in VARIANTS:
         raise ConfigError(f"M2FP_VARIANT must be one of {VARIANTS}, got {variant!r}")
@@ -196,14 +338,26 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     weights_sha = (env.get("M2FP_WEIGHTS_SHA256") or "").strip().lower() or None
     if weights_sha and not re.fullmatch(r"[0-9a-f]{64}", weights_sha):
         raise ConfigError("M2FP_WEIGHTS_SHA256 must be 64 hex digits")
-    soft = _int(env, "M2FP_SOFT_TIME_LIMIT", 300, 1)
-    hard = _int(env, "M2FP_HARD_TIME_LIMIT", soft + 60, 1)
-    if hard <= soft:
-        raise ConfigError(
-            f"M2FP_HARD_TIME_LIMIT ({hard}) must exceed M2FP_SOFT_TIME_LIMIT ({soft})"
-        )
-    threads = _int(env, "M2FP_TORCH_THREADS", 0, 0) or None
-    max_mem = _int(env, "M2FP_MAX_MEMORY_PER_CHILD_MB", 0, 0)
+    return {
+        "weights": (env.get("M2FP_WEIGHTS") or "").strip() or None,
+        "weights_sha256": weights_sha,
+        "weights_key_file": env.get("M2FP_WEIGHTS_KEY_FILE") or None,
+        "variant": variant,
+        "device": device,
+        "worker_concurrency": _int(env, "M2FP_WORKER_CONCURRENCY", 1, 1),
+        "torch_threads": _int(env, "M2FP_TORCH_THREADS", 0, 0) or None,
+        "infer_max_side": _int(env, "M2FP_INFER_MAX_SIDE", 1920, 64),
+        "deform_attn": deform_attn_mode(env),
+        "max_memory_per_child_kb": _int(env, "M2FP_MAX_MEMORY_PER_CHILD_MB", 0, 0) * 1024 or None,
+        "max_decode_mb": _int(env, "M2FP_MAX_DECODE_MB", 128, 1),
+        "child_memory_limit_mb": _int(env, "M2FP_CHILD_MEMORY_LIMIT_MB", 4096, 0) or None,
+        "worker_metrics_host": env.get("M2FP_WORKER_METRICS_HOST", "127.0.0.1").strip(),
+        "worker_metrics_port": _int(env, "M2FP_WORKER_METRICS_PORT", 9100, 0),
+    }
+
+
+def _operations_fields(env: Mapping[str, str]) -> dict:
+    """Log level, memory alert threshold and webhook."""
     alert = env.get("M2FP_MEMORY_ALERT_PERCENT", "90").strip()
     try:
         alert_percent = float(alert)
@@ -216,59 +370,22 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         raise ConfigError(
             f"M2FP_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}"
         )
-    origins = tuple(o.strip() for o in env.get("M2FP_CORS_ORIGINS", "").split(",") if o.strip())
-    for origin in origins:
-        if origin == "*" or not re.fullmatch(r"https?://[^/\s]+", origin):
-            raise ConfigError(
-                f"M2FP_CORS_ORIGINS entries must be exact origins like https://a.example, got {origin!r}"
-            )
+    return {
+        "log_level": log_level,
+        "memory_alert_percent": alert_percent,
+        "alert_webhook": env.get("M2FP_ALERT_WEBHOOK") or None,
+    }
 
-    return Settings(
-        redis_url=redis_url,
-        keyring=keyring,
-        dev_mode=dev_mode,
-        host=env.get("M2FP_HOST", "127.0.0.1").strip(),
-        port=_int(env, "M2FP_PORT", 8000, 1),
-        max_upload_bytes=_int(env, "M2FP_MAX_UPLOAD_BYTES", 10 * 1024 * 1024, 1024),
-        max_pixels=_int(env, "M2FP_MAX_PIXELS", 40_000_000, 1),
-        max_image_side=_int(env, "M2FP_MAX_IMAGE_SIDE", 10_000, 1),
-        submit_limit=_rate(env, "M2FP_SUBMIT_LIMIT", "5/minute"),
-        poll_limit=_rate(env, "M2FP_POLL_LIMIT", "120/minute"),
-        ban_after=_int(env, "M2FP_BAN_AFTER", 3, 0),
-        ban_seconds=_int(env, "M2FP_BAN_SECONDS", 3600, 1),
-        max_queue=_int(env, "M2FP_MAX_QUEUE", 100, 1),
-        max_jobs_per_client=_int(env, "M2FP_MAX_JOBS_PER_CLIENT", 3, 0),
-        submit_attempt_limit=_rate(env, "M2FP_SUBMIT_ATTEMPT_LIMIT", "30/minute"),
-        trusted_proxies=_int(env, "M2FP_TRUSTED_PROXIES", 0, 0),
-        ipv6_prefix=_bounded(env, "M2FP_IPV6_PREFIX", 64, 16, 128),
-        gateway_workers=_int(env, "M2FP_GATEWAY_WORKERS", 2, 1),
-        gateway_threads=_int(env, "M2FP_GATEWAY_THREADS", 16, 1),
-        request_read_timeout=_int(env, "M2FP_REQUEST_READ_TIMEOUT", 30, 1),
-        api_keys_file=env.get("M2FP_API_KEYS_FILE") or None,
-        cors_origins=origins,
-        input_ttl=_int(env, "M2FP_INPUT_TTL", 600, 1),
-        result_ttl=_int(env, "M2FP_RESULT_TTL", 600, 1),
-        max_attempts=_int(env, "M2FP_MAX_ATTEMPTS", 2, 1),
-        soft_time_limit=soft,
-        hard_time_limit=hard,
-        weights=(env.get("M2FP_WEIGHTS") or "").strip() or None,
-        weights_sha256=weights_sha,
-        weights_key_file=env.get("M2FP_WEIGHTS_KEY_FILE") or None,
-        variant=variant,
-        device=device,
-        worker_concurrency=_int(env, "M2FP_WORKER_CONCURRENCY", 1, 1),
-        torch_threads=threads,
-        infer_max_side=_int(env, "M2FP_INFER_MAX_SIDE", 1920, 64),
-        deform_attn=deform_attn_mode(env),
-        max_memory_per_child_kb=max_mem * 1024 or None,
-        max_decode_mb=_int(env, "M2FP_MAX_DECODE_MB", 128, 1),
-        child_memory_limit_mb=_int(env, "M2FP_CHILD_MEMORY_LIMIT_MB", 4096, 0) or None,
-        worker_metrics_host=env.get("M2FP_WORKER_METRICS_HOST", "127.0.0.1").strip(),
-        worker_metrics_port=_int(env, "M2FP_WORKER_METRICS_PORT", 9100, 0),
-        log_level=log_level,
-        memory_alert_percent=alert_percent,
-        alert_webhook=env.get("M2FP_ALERT_WEBHOOK") or None,
-    )
+
+def find_weights(weights: str | None, root: Path | None = None) -> str | None:
+    """M2FP_WEIGHTS when set, else the default directory (under `root`, default the working
+    directory) when it holds a checkpoint, else None. The one resolver of the checkpoint path:
+    the worker (`resolve_weights`) and `make run` (which then asks for random weights) use it."""
+    if weights:
+        return weights
+    if Path(root or ".", DEFAULT_WEIGHTS_DIR, CHECKPOINT_FILE).is_file():
+        return DEFAULT_WEIGHTS_DIR
+    return None
 
 
 def resolve_weights(settings: Settings) -> str:
@@ -277,12 +394,11 @@ def resolve_weights(settings: Settings) -> str:
     Raises ConfigError when neither exists: a worker never silently falls back to random
     weights; `random` must be asked for explicitly (make run does so, loudly).
     """
-    if settings.weights:
-        return settings.weights
-    if Path(DEFAULT_WEIGHTS_DIR, "pytorch_model.pt").is_file():
-        return DEFAULT_WEIGHTS_DIR
+    found = find_weights(settings.weights)
+    if found:
+        return found
     raise ConfigError(
-        f"M2FP_WEIGHTS is not set and no checkpoint is at {DEFAULT_WEIGHTS_DIR}/pytorch_model.pt; "
-        "point M2FP_WEIGHTS at the official ModelScope checkpoint, or set M2FP_WEIGHTS=random "
-        "for an explicitly untrained model"
+        f"M2FP_WEIGHTS is not set and no checkpoint is at {DEFAULT_WEIGHTS_DIR}/{CHECKPOINT_FILE}; "
+        f"point M2FP_WEIGHTS at the official ModelScope checkpoint, or set "
+        f"M2FP_WEIGHTS={RANDOM_WEIGHTS} for an explicitly untrained model"
     )

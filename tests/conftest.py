@@ -9,8 +9,6 @@
 from __future__ import annotations
 
 import os
-import secrets
-import shutil
 import socket
 import subprocess
 import time
@@ -19,6 +17,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from scripts import redis_server as redis_helper
 from shared.config import load_settings
 from shared.crypto import generate_key
 
@@ -72,43 +71,18 @@ def settings(settings_env):
 def start_redis(
     workdir: Path, port: int | None = None, password: str | None = None, *extra: str
 ) -> dict:
-    """Start a real redis-server (password, loopback, no persistence); returns its handles."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail(
-            "redis-server is not installed (apt-get install redis-server); .ci/run installs it"
-        )
-    port, password = port or free_port(), password or secrets.token_hex(16)
-    # The config, password included, goes on stdin: argv is visible to every user in `ps`.
-    config = (
-        f'port {port}\nbind 127.0.0.1\nrequirepass "{password}"\nsave ""\nappendonly no\n'
-        f'maxmemory-policy noeviction\ndir "{workdir}"\nloglevel warning\n'
-    )
-    proc = subprocess.Popen(
-        [binary, "-", *extra],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    proc.stdin.write(config.encode())
-    proc.stdin.close()
-    url = f"redis://:{password}@127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-
-    def ping():
-        try:
-            return client.ping()
-        except redis.ConnectionError:
-            return False
-
-    wait_for(ping, 10, what="redis-server to start")
-    return {"url": url, "port": port, "password": password, "process": proc}
+    """Start a real redis-server with the helper `make run` uses (scripts/redis_server.py):
+    password, loopback, no persistence, config on stdin; `extra` are its arguments."""
+    try:
+        server = redis_helper.start(workdir, port=port, password=password, args=extra)
+    except redis_helper.RedisServerError as exc:
+        pytest.fail(f"{exc}; .ci/run installs it")
+    return server.as_dict()
 
 
 def stop_redis(server: dict) -> None:
     """Stop a server started by start_redis."""
-    server["process"].terminate()
-    server["process"].wait(10)
+    stop_process(server["process"])
 
 
 @pytest.fixture(scope="session")

@@ -70,7 +70,7 @@ def output_stems(files: Sequence[Path]) -> list[str]:
 
 def format_seconds(seconds: float) -> str:
     """H:MM:SS or M:SS."""
-    seconds = int(round(max(0.0, seconds)))
+    seconds = round(max(0.0, seconds))
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
@@ -155,6 +155,9 @@ def read_api_key(path: str | None) -> str | None:
     return os.environ.get("M2FP_API_KEY") or None
 
 
+UNTRAINED_NOTE = "the server runs an UNTRAINED model; results are meaningless"
+
+
 def failure_line(name: str, error: M2FPError) -> str:
     """The one line printed for a file that failed."""
     return f"m2fp: FAILED {name}: {error.code}: {error.message}"
@@ -169,22 +172,29 @@ def run_parse(args: argparse.Namespace, client: Client, stream: TextIO = sys.std
         stream.write("m2fp: no .jpg/.jpeg/.png files to parse\n")
         return 1 if missing else 2
     outdir = Path(args.output)
-    failed = len(missing)
-    warned_untrained = False
-    progress = Progress(len(files), stream)
+    failed = len(missing) + parse_files(args, client, files, Progress(len(files), stream))
+    total = len(files) + len(missing)
+    stream.write(
+        f"m2fp: {total - failed} of {total} parsed, {failed} failed; outputs in {outdir}\n"
+    )
+    return 1 if failed else 0
+
+
+def parse_files(
+    args: argparse.Namespace, client: Client, files: list[Path], progress: Progress
+) -> int:
+    """Parse each file in turn and write its outputs; returns how many failed or were not sent.
+
+    A fatal error (bad API key, banned, ...) stops the run: the remaining files count as failed.
+    """
+    outdir, failed, warned_untrained = Path(args.output), 0, False
     for position, (path, stem) in enumerate(zip(files, output_stems(files), strict=True), start=1):
         progress.show(position, path.name)
         try:
             result = client.parse(path, poll_interval=args.poll_interval, timeout=args.timeout)
             write_outputs(result, outdir, stem, path.name, args.palette)
             if result.untrained and not warned_untrained:
-                progress.message(
-                    "m2fp: WARNING: "
-                    + (
-                        " ".join(result.warnings)
-                        or "the server runs an UNTRAINED model; results are meaningless"
-                    )
-                )
+                progress.message("m2fp: WARNING: " + (" ".join(result.warnings) or UNTRAINED_NOTE))
                 warned_untrained = True
         except M2FPError as error:
             failed += 1
@@ -201,11 +211,7 @@ def run_parse(args: argparse.Namespace, client: Client, stream: TextIO = sys.std
         finally:
             progress.finish_one()
     progress.close()
-    total = len(files) + len(missing)
-    stream.write(
-        f"m2fp: {total - failed} of {total} parsed, {failed} failed; outputs in {outdir}\n"
-    )
-    return 1 if failed else 0
+    return failed
 
 
 def run_health(args: argparse.Namespace, client: Client, stream: TextIO = sys.stdout) -> int:
@@ -225,10 +231,21 @@ def run_health(args: argparse.Namespace, client: Client, stream: TextIO = sys.st
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of `m2fp`."""
+    """The argument parser of `m2fp`: the `parse` and `health` commands."""
     parser = argparse.ArgumentParser(
         prog="m2fp", description="Client of the m2fp-serve human-parsing API."
     )
+    common = common_options()
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_parse_options(
+        commands.add_parser("parse", parents=[common], help="parse photos and write label maps")
+    )
+    commands.add_parser("health", parents=[common], help="show whether the server is ready")
+    return parser
+
+
+def common_options() -> argparse.ArgumentParser:
+    """Options every command takes: server, API key file, HTTP timeout."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--server",
@@ -247,9 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="seconds per HTTP request (default: %(default)s)",
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    return common
 
-    parse = commands.add_parser("parse", parents=[common], help="parse photos and write label maps")
+
+def add_parse_options(parse: argparse.ArgumentParser) -> None:
+    """The `parse` command's inputs, output and polling options."""
     parse.add_argument(
         "inputs", nargs="+", metavar="PATH", help="photos (.jpg/.jpeg/.png) or directories"
     )
@@ -276,9 +295,6 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="first status poll interval; it backs off to 5 s (default: %(default)s)",
     )
-
-    commands.add_parser("health", parents=[common], help="show whether the server is ready")
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
