@@ -18,6 +18,7 @@ import os
 import socket
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import redis
 
@@ -31,6 +32,9 @@ from shared.watchdog import MemoryWatchdog
 from worker.pipeline import JobContext
 from worker.weights import load_predictor
 
+if TYPE_CHECKING:  # torch is imported in pool children only
+    from worker.m2fp.predictor import Predictor
+
 log = logging.getLogger(__name__)
 MODEL_LOAD_TIMEOUT = 600
 
@@ -42,7 +46,7 @@ class WorkerProcess:
         self.settings = settings
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.loaded = threading.Event()
-        self.predictor = None
+        self.predictor: Predictor | None = None
         self.load_error: BaseException | None = None
         self.store: JobStore | None = None
         self._stop = threading.Event()
@@ -70,7 +74,7 @@ class WorkerProcess:
             torch.set_num_threads(self.settings.torch_threads_per_child())
             device = self._device()
             tic = time.monotonic()
-            self.predictor = load_predictor(
+            predictor = load_predictor(
                 resolve_weights(self.settings),
                 variant=self.settings.variant,
                 device=device,
@@ -79,17 +83,28 @@ class WorkerProcess:
                 key_file=self.settings.weights_key_file,
                 deform_attn=self.settings.deform_attn,
             )
-            self._announce(device, time.monotonic() - tic, torch.get_num_threads())
-            threading.Thread(target=self._heartbeat, name="m2fp-heartbeat", daemon=True).start()
+            self.predictor = predictor
+            self._announce(predictor, device, time.monotonic() - tic, torch.get_num_threads())
+            heartbeat = Heartbeat(
+                name=self.name,
+                variant=self.settings.variant,
+                device=str(predictor.device),
+                untrained=predictor.untrained,
+                pid=os.getpid(),
+                deform_op=predictor.deform_attn,
+                started=round(time.time()),
+            )
+            threading.Thread(
+                target=self._heartbeat, args=(heartbeat,), name="m2fp-heartbeat", daemon=True
+            ).start()
         except BaseException as exc:
             self.load_error = exc
             log.critical("model_load_failed", exc_info=True)
         finally:
             self.loaded.set()
 
-    def _announce(self, device: str, seconds: float, threads: int) -> None:
+    def _announce(self, predictor: Predictor, device: str, seconds: float, threads: int) -> None:
         """The start log: what was loaded, which deformable-attention path, and loud warnings."""
-        predictor = self.predictor
         event(
             log,
             "model_loaded",
@@ -115,19 +130,11 @@ class WorkerProcess:
         if predictor.untrained:
             event(log, "untrained_model", logging.WARNING, warning=UNTRAINED_WARNING)
 
-    def _heartbeat(self) -> None:
-        heartbeat = Heartbeat(
-            name=self.name,
-            variant=self.settings.variant,
-            device=str(self.predictor.device),
-            untrained=self.predictor.untrained,
-            pid=os.getpid(),
-            deform_op=self.predictor.deform_attn,
-            started=round(time.time()),
-        )
+    def _heartbeat(self, heartbeat: Heartbeat) -> None:
+        store = self.started_store()
         while not self._stop.is_set():
             try:
-                heartbeats.beat(self.store.redis, heartbeat)
+                heartbeats.beat(store.redis, heartbeat)
             except redis.RedisError:
                 log.warning("heartbeat_failed")
             self._stop.wait(HEARTBEAT_SECONDS)
@@ -141,7 +148,13 @@ class WorkerProcess:
             except redis.RedisError:
                 pass
 
-    def get_predictor(self):
+    def started_store(self) -> JobStore:
+        """The child's job store; `start` must have run."""
+        if self.store is None:
+            raise RuntimeError("WorkerProcess.start() has not run in this process")
+        return self.store
+
+    def get_predictor(self) -> Predictor:
         """The loaded predictor (waits for the background load); raises if it failed."""
         if not self.loaded.wait(MODEL_LOAD_TIMEOUT):
             raise RuntimeError("model did not load in time")
@@ -152,7 +165,7 @@ class WorkerProcess:
     def context(self) -> JobContext:
         """Dependencies for `process_job`."""
         return JobContext(
-            store=self.store,
+            store=self.started_store(),
             keyring=self.settings.keyring,
             predictor=self.get_predictor,
             worker_name=self.name,

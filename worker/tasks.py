@@ -47,11 +47,10 @@ class ParseTask(Task):
     @property
     def process(self) -> WorkerProcess:
         """This process's store, model and heartbeat; started here in a solo pool or a test."""
-        if self._process is None:
-            self.setup(load_settings())
-        if self._process.store is None:  # solo pool or direct call: no pool child was forked
-            self._process.start()
-        return self._process
+        process = self._process or self.setup(load_settings())
+        if process.store is None:  # solo pool or direct call: no pool child was forked
+            process.start()
+        return process
 
     def start_process(self) -> WorkerProcess:
         """Start this process's store, model load and heartbeat now (after a pool child's fork)."""
@@ -65,7 +64,7 @@ class ParseTask(Task):
         """End a job `failed/<code>` from outside the pipeline; Redis errors are logged only."""
         record_job(f"failed_{code}")
         try:
-            fail_job(self.process.store, job_id, code)
+            fail_job(self.process.started_store(), job_id, code)
         except redis.RedisError:
             log.warning("fail_job_redis_error", extra={"code": code})
         return "failed"

@@ -15,11 +15,15 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from shared.constants import RANDOM_WEIGHTS, UNTRAINED_WARNING
+
+if TYPE_CHECKING:  # torch is imported only once the arguments are valid
+    from worker.m2fp.predictor import ParsingResult
 
 PUBLIC_VARIANTS = ("cihp", "lip")
 HIDDEN_VARIANTS = ("tiny",)  # a tiny random network for fast tests; not shown in --help
@@ -97,7 +101,7 @@ def write_png(path: Path, array: np.ndarray) -> None:
 
 
 def result_document(
-    result: object, class_names: Sequence[str], variant: str, untrained: bool
+    result: ParsingResult, class_names: Sequence[str], variant: str, untrained: bool
 ) -> dict:
     """The JSON document of one parsed image."""
     height, width = result.label_map.shape

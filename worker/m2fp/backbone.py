@@ -12,6 +12,11 @@ from worker.m2fp.config import M2FPConfig
 class FrozenBatchNorm2d(nn.Module):
     """Batch norm with fixed statistics and affine terms, all stored as buffers (no num_batches_tracked)."""
 
+    weight: torch.Tensor
+    bias: torch.Tensor
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+
     def __init__(self, num_features: int, eps: float = 1e-5) -> None:
         super().__init__()
         self.num_features = num_features
@@ -100,7 +105,7 @@ class BottleneckBlock(nn.Module):
     ) -> None:
         super().__init__()
         if in_channels != out_channels:
-            self.shortcut = Conv2dNormActivation(
+            self.shortcut: Conv2dNormActivation | None = Conv2dNormActivation(
                 in_channels,
                 out_channels,
                 1,

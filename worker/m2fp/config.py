@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 from shared.constants import CIHP_CLASSES, LIP_CLASSES
 
@@ -161,7 +162,7 @@ class M2FPConfig:
         """Class id of "Human" in the multi-human model, None for the single-human model."""
         return None if self.single_human else self.num_parsing
 
-    def replace(self, **changes: object) -> M2FPConfig:
+    def replace(self, **changes: Any) -> M2FPConfig:
         """Return a copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 

@@ -58,7 +58,7 @@ def multi_scale_deformable_attention_reference(
     attention_weights = attention_weights.transpose(1, 2).reshape(
         batch_size * num_heads, 1, num_queries, num_levels, num_points
     )
-    output = None
+    output: torch.Tensor | None = None
     for level, (height, width) in enumerate(spatial_shapes):
         # (B, H*W, M, D) -> (B, H*W, M*D) -> (B, M*D, H*W) -> (B*M, D, H, W)
         value_level = (
@@ -75,6 +75,8 @@ def multi_scale_deformable_attention_reference(
         # weight the points and sum them: (B*M, D, Lq, P) * (B*M, 1, Lq, P) -> (B*M, D, Lq)
         weighted = (sampled * attention_weights[:, :, :, level]).sum(-1)
         output = weighted if output is None else output + weighted
+    if output is None:
+        raise ValueError("multi-scale deformable attention needs at least one level")
     # (B*M, D, Lq) -> (B, M*D, Lq) -> (B, Lq, M*D)
     return output.view(batch_size, num_heads * head_dim, num_queries).transpose(1, 2).contiguous()
 

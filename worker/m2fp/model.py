@@ -129,6 +129,9 @@ class M2FP(nn.Module):
     the backbone uses frozen batch norms whose affine terms and statistics are buffers).
     """
 
+    pixel_mean: torch.Tensor
+    pixel_std: torch.Tensor
+
     def __init__(self, config: M2FPConfig = CIHP) -> None:
         super().__init__()
         self.config = config

@@ -297,26 +297,30 @@ class _MultiHumanReadout:
 
     def _add_human(self, query: int, logits: torch.Tensor) -> None:
         """Let a kept human's (H, W) logits claim the pixels where they beat every earlier human and 0."""
-        if self.best_human_logit is None:
-            self.best_human_logit = torch.zeros(
-                self.output_size, dtype=torch.float32, device=logits.device
-            )
-            self.best_human_query = torch.full(
-                self.output_size, -1, dtype=torch.int32, device=logits.device
-            )
-        better = logits > self.best_human_logit  # strict: ties keep the lower (earlier) query
-        self.best_human_logit = torch.where(better, logits, self.best_human_logit)
-        self.best_human_query.masked_fill_(better, query)
+        best_logit, best_query = self.best_human_logit, self.best_human_query
+        if best_logit is None or best_query is None:
+            best_logit = torch.zeros(self.output_size, dtype=torch.float32, device=logits.device)
+            best_query = torch.full(self.output_size, -1, dtype=torch.int32, device=logits.device)
+        better = logits > best_logit  # strict: ties keep the lower (earlier) query
+        self.best_human_logit = torch.where(better, logits, best_logit)
+        self.best_human_query = best_query.masked_fill_(better, query)
 
     def _paste(self, class_id: int, score: float, probabilities: torch.Tensor) -> None:
         """Average `sigmoid(mask) * score` into class `class_id` where it exceeds 0.5 (reference's pasting).
 
         `probabilities` may be zeroed where the mask logit is <= 0: such pixels (sigmoid <= 0.5) never paste.
         """
+        pasted, counts = self._paste_buffers()
         weighted = probabilities.reshape(-1) * score  # (H*W,)
         selected = weighted > 0.5
-        self.pasted[class_id] += torch.where(selected, weighted, torch.zeros_like(weighted))
-        self.paste_counts[class_id] += selected.to(torch.float32)
+        pasted[class_id] += torch.where(selected, weighted, torch.zeros_like(weighted))
+        counts[class_id] += selected.to(torch.float32)
+
+    def _paste_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pasted sums and counts (num_parsing, H*W); only when a paste threshold was given."""
+        if self.pasted is None or self.paste_counts is None:
+            raise RuntimeError("pasting needs a paste_threshold")
+        return self.pasted, self.paste_counts
 
     def instances(self) -> list[Instance]:
         """The kept instances, by descending score (ties: earlier top-k entry first)."""
@@ -344,8 +348,13 @@ class _MultiHumanReadout:
         """The reference's pasted `semantic_outputs` (num_parsing, H, W), or None if not asked for."""
         if self.paste_threshold is None:
             return None
-        counts = self.paste_counts.clamp(min=1.0)
-        return (self.pasted / counts).reshape(self.num_parsing, *self.output_size).cpu().numpy()
+        pasted, counts = self._paste_buffers()
+        return (
+            (pasted / counts.clamp(min=1.0))
+            .reshape(self.num_parsing, *self.output_size)
+            .cpu()
+            .numpy()
+        )
 
     def winner(self) -> np.ndarray | None:
         """(H, W) int32 query of the winning kept human per pixel, -1 where none; None if no human was kept."""

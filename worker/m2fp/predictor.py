@@ -16,6 +16,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import cv2
 import numpy as np
@@ -204,11 +205,13 @@ class Predictor:
         mask_logits: torch.Tensor,
         padded_size: tuple[int, int],
         image_size: tuple[int, int],
-        **options: object,
+        **options: Any,
     ) -> MultiHumanParsing | SingleHumanParsing:
         """Run the variant's readout for one image at its working size."""
         config = self.config
         if config.single_human:
+            if preprocessed.crop_box is None:
+                raise ValueError("single-human preprocessing must give a crop box")
             return parse_single_human(
                 class_logits,
                 mask_logits,
@@ -231,7 +234,7 @@ class Predictor:
             **options,
         )
 
-    def infer(self, image: np.ndarray, **postprocess_options: object) -> Inference:
+    def infer(self, image: np.ndarray, **postprocess_options: Any) -> Inference:
         """Preprocess, forward and postprocess one image at its own size (no `max_side` downsizing).
 
         `postprocess_options` go to `parse_multi_human` / `parse_single_human` (e.g. `chunk_size`).
@@ -333,13 +336,14 @@ class Predictor:
                 forward_seconds += post_started - group_started
                 post_seconds += time.perf_counter() - post_started
         count = len(images)
-        for result in results:  # the batch's time, shared equally
+        finished = cast(list[ParsingResult], results)  # each index was in exactly one group
+        for result in finished:  # the batch's time, shared equally
             result.timings = {
                 "preprocess": (forward_started - started) / count,
                 "forward": forward_seconds / count,
                 "postprocess": post_seconds / count,
             }
-        return results
+        return finished
 
     def _synchronize(self) -> None:
         """Wait for queued GPU work so that stage timings are honest."""
