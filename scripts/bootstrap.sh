@@ -36,6 +36,27 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   fi
 fi
 
+# --- Container images (deploy/images/build.sh, tests/integration/test_containers.py) -----------
+# Debian's Docker engine (docker.io), compose (docker-compose v1: bookworm packages no v2 plugin)
+# and debootstrap, which makes the local base image where no image registry is reachable. Root
+# only, nothing started here: the test starts dockerd itself when none runs, and skips saying why
+# where it cannot run. Without root this is only a hint.
+need_containers=()
+command -v dockerd >/dev/null 2>&1 || need_containers+=(docker.io)
+{ docker compose version || docker-compose version; } >/dev/null 2>&1 || need_containers+=(docker-compose)
+command -v debootstrap >/dev/null 2>&1 || need_containers+=(debootstrap)
+if [ ${#need_containers[@]} -gt 0 ]; then
+  if [ "$(id -u)" = "0" ]; then
+    echo "bootstrap: installing Debian packages for the container images: ${need_containers[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${need_containers[@]}" >/dev/null
+  else
+    echo "bootstrap: the container tests skip without: ${need_containers[*]} (as root: apt-get install ${need_containers[*]})" >&2
+  fi
+fi
+# --- end of the container block --------------------------------------------------------------
+
 stamp="$VENV/.m2fp-installed"
 if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
