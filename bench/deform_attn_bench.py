@@ -120,11 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from model_bench import synthetic_image
 
+    from tests.golden_weights import golden_state_dict
     from worker.m2fp import ops
     from worker.m2fp.checkpoint import build_model_from_state_dict
     from worker.m2fp.config import get_config
     from worker.m2fp.deformable_attention import multi_scale_deformable_attention_reference
-    from tests.golden_weights import golden_state_dict
 
     status = ops.status()
     if not status["loaded"]:

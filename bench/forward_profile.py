@@ -149,10 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     from deform_attn_bench import cpu_description
     from model_bench import synthetic_image
 
+    from tests.golden_weights import golden_state_dict
     from worker.m2fp import ops
     from worker.m2fp.checkpoint import build_model_from_state_dict
     from worker.m2fp.config import get_config
-    from tests.golden_weights import golden_state_dict
 
     torch.set_num_threads(arguments.threads)
     cpu = cpu_description()

@@ -93,9 +93,9 @@ def ours_runner(stage: str, image, variant: str, device: str):
     """A zero-argument callable running `stage` of our implementation on `image`."""
     import torch
 
+    from tests.golden_weights import golden_state_dict
     from worker.m2fp.checkpoint import build_model_from_state_dict
     from worker.m2fp.config import get_config
-    from tests.golden_weights import golden_state_dict
     from worker.m2fp.predictor import Predictor
 
     model, _ = build_model_from_state_dict(

@@ -52,9 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from model_bench import synthetic_image
 
+    from tests.golden_weights import golden_state_dict
     from worker.m2fp.checkpoint import build_model_from_state_dict
     from worker.m2fp.config import get_config
-    from tests.golden_weights import golden_state_dict
     from worker.m2fp.postprocess import parse_multi_human
     from worker.m2fp.predictor import Predictor
 

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 import torch
 
+from tests.golden_weights import golden_state_dict
 from worker.m2fp.checkpoint import build_untrained_model
 from worker.m2fp.config import TINY
-from tests.golden_weights import golden_state_dict
 from worker.m2fp.predictor import Predictor
 
 TINY_FAST = TINY.replace(min_size_test=160, max_size_test=320)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.golden_weights import golden_state_dict, read_keys_file
 from worker.m2fp.checkpoint import (
     CheckpointError,
     build_model,
@@ -20,7 +21,6 @@ from worker.m2fp.checkpoint import (
     load_state_dict_file,
 )
 from worker.m2fp.config import TINY, get_config
-from tests.golden_weights import golden_state_dict, read_keys_file
 from worker.m2fp.model import M2FP, count_trainable_parameters
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+from tests.golden_weights import golden_state_dict, state_dict_sha256
 from worker.m2fp.checkpoint import load_into
 from worker.m2fp.config import M2FPConfig, get_config
-from tests.golden_weights import golden_state_dict, state_dict_sha256
 from worker.m2fp.model import M2FP, M2FPOutput
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+from tests.golden_weights import golden_state_dict
 from worker.m2fp.checkpoint import build_model_from_state_dict
 from worker.m2fp.config import get_config
-from tests.golden_weights import golden_state_dict
 from worker.m2fp.predictor import Inference, Predictor
 
 GOLDEN = Path(__file__).resolve().parent.parent / "data" / "golden"

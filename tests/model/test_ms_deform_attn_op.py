@@ -16,6 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.golden_weights import golden_state_dict
 from tests.model.test_m2fp_golden_net import (
     NET_CASES,
     REL_TOLERANCE,
@@ -31,7 +32,6 @@ from worker.m2fp.deformable_attention import (
     multi_scale_deformable_attention,
     multi_scale_deformable_attention_reference,
 )
-from tests.golden_weights import golden_state_dict
 from worker.m2fp.model import M2FP
 
 FP32_RELATIVE = 1e-5

@@ -23,7 +23,7 @@ from PIL import Image, ImageOps
 from shared.constants import RANDOM_WEIGHTS, UNTRAINED_WARNING
 
 if TYPE_CHECKING:  # torch is imported only once the arguments are valid
-    from worker.m2fp.predictor import ParsingResult
+    from worker.m2fp.predictor import ParsingResult, Predictor
 
 PUBLIC_VARIANTS = ("cihp", "lip")
 HIDDEN_VARIANTS = ("tiny",)  # a tiny random network for fast tests; not shown in --help
@@ -31,6 +31,7 @@ HIDDEN_VARIANTS = ("tiny",)  # a tiny random network for fast tests; not shown i
 RANDOM_WEIGHTS_BANNER = "\n".join(("#" * 78, f"# {UNTRAINED_WARNING}", "#" * 78))
 
 
+# long-by-design: the argument table of the CLI, one add_argument per option
 def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse the command line."""
     parser = argparse.ArgumentParser(
@@ -161,31 +162,58 @@ def format_seconds(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m"
 
 
+def load_predictor(arguments: argparse.Namespace) -> Predictor:
+    """The CLI's predictor, through the service's loader (`Predictor.from_weights`).
+
+    Honours M2FP_DEFORM_ATTN (read in `shared.config`); raises ConfigError, ValueError, OSError
+    or RuntimeError with a message for the user.
+    """
+    from shared.config import deform_attn_mode
+    from worker.m2fp.predictor import Predictor  # torch import: only once the arguments are valid
+
+    return Predictor.from_weights(
+        arguments.weights,
+        variant=arguments.variant,
+        device=arguments.device,
+        max_side=arguments.max_side,
+        threads=arguments.threads,
+        deform_attn=deform_attn_mode(),  # M2FP_DEFORM_ATTN: auto | op | reference
+    )
+
+
+def parse_one(predictor: Predictor, path: Path, out: Path, stem: str) -> str | None:
+    """Parse one image file into `out/stem.*`; returns an error message, or None when written."""
+    try:
+        image = read_rgb_image(path)
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else ""
+        return f"error: cannot read {path}: {type(exc).__name__}: {reason}"
+    try:
+        result = predictor.predict(image)
+        write_png(out / f"{stem}.labels.png", result.label_map)
+        write_png(out / f"{stem}.instances.png", result.instance_map)
+        document = result_document(
+            result, predictor.class_names, predictor.variant, predictor.untrained
+        )
+        (out / f"{stem}.json").write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
+    except (ValueError, OSError, RuntimeError) as exc:
+        return f"error: cannot parse {path}: {type(exc).__name__}: {exc}"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; returns the exit status."""
     arguments = parse_arguments(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     if arguments.weights == RANDOM_WEIGHTS:
         print(RANDOM_WEIGHTS_BANNER, file=sys.stderr)
-    from shared.config import deform_attn_mode
     from shared.errors import ConfigError
 
     try:
-        deform_attn = deform_attn_mode()  # M2FP_DEFORM_ATTN: auto | op | reference
+        predictor = load_predictor(arguments)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from worker.m2fp.predictor import Predictor  # torch import: only once the arguments are valid
-
-    try:
-        predictor = Predictor.from_weights(
-            arguments.weights,
-            variant=arguments.variant,
-            device=arguments.device,
-            max_side=arguments.max_side,
-            threads=arguments.threads,
-            deform_attn=deform_attn,
-        )
     except (ValueError, OSError, RuntimeError) as exc:
         print(f"error: cannot load the model: {exc}", file=sys.stderr)
         return 2
@@ -194,35 +222,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     progress = Progress(len(paths))
     failures = 0
     for done, (path, stem) in enumerate(zip(paths, output_stems(paths), strict=True), start=1):
-        try:
-            image = read_rgb_image(path)
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        error = parse_one(predictor, path, arguments.out, stem)
+        if error is not None:
             failures += 1
-            reason = str(exc).splitlines()[0] if str(exc) else ""
-            progress.message(f"error: cannot read {path}: {type(exc).__name__}: {reason}")
-            progress.update(done, path.name)
-            continue
-        try:
-            result = predictor.predict(image)
-            write_png(arguments.out / f"{stem}.labels.png", result.label_map)
-            write_png(arguments.out / f"{stem}.instances.png", result.instance_map)
-            document = result_document(
-                result, predictor.class_names, predictor.variant, predictor.untrained
-            )
-            (arguments.out / f"{stem}.json").write_text(
-                json.dumps(document, indent=1) + "\n", encoding="utf-8"
-            )
-        except (ValueError, OSError, RuntimeError) as exc:
-            failures += 1
-            progress.message(f"error: cannot parse {path}: {type(exc).__name__}: {exc}")
+            progress.message(error)
         progress.update(done, path.name)
     if failures:
         print(f"{failures} of {len(paths)} images failed", file=sys.stderr)
     if predictor.untrained:
-        print(
-            "reminder: these results come from an UNTRAINED model (--weights random)",
-            file=sys.stderr,
-        )
+        print(f"reminder: {UNTRAINED_WARNING}", file=sys.stderr)
     return 1 if failures else 0
 
 

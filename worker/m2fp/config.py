@@ -102,6 +102,11 @@ class M2FPConfig:
 
     def __post_init__(self) -> None:
         """Reject inconsistent hyperparameters with the offending values."""
+        self._check_widths()
+        self._check_classes_and_input()
+
+    def _check_widths(self) -> None:
+        """The backbone stages and the channel widths fit together."""
         if len(self.backbone_stage_blocks) != 4 or min(self.backbone_stage_blocks) < 1:
             raise ValueError(
                 f"backbone_stage_blocks must be 4 positive counts (res2..res5), but got {self.backbone_stage_blocks}"
@@ -125,6 +130,9 @@ class M2FPConfig:
             raise ValueError(
                 f"hidden_dim must be divisible by decoder_heads, but got {self.hidden_dim} and {self.decoder_heads}"
             )
+
+    def _check_classes_and_input(self) -> None:
+        """Class lists, pixel statistics, padding and layer counts are consistent."""
         if len(self.class_names) != self.num_classes:
             raise ValueError(
                 f"class_names must have num_classes={self.num_classes} entries, but got {len(self.class_names)}"

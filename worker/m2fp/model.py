@@ -52,6 +52,30 @@ class M2FPOutput:
         return [field.name for field in fields(self) if getattr(self, field.name) is not None]
 
 
+def checked_image_list(images: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The `(3, H, W)` images of a batch tensor or a sequence, each checked (ValueError)."""
+    if isinstance(images, torch.Tensor):
+        if images.dim() == 3:
+            images = images.unsqueeze(0)
+        if images.dim() != 4:
+            raise ValueError(
+                f"images must be (B, 3, H, W) or (3, H, W), but got shape {tuple(images.shape)}"
+            )
+        image_list = list(images.unbind(0))
+    else:
+        image_list = list(images)
+    if not image_list:
+        raise ValueError("images is empty")
+    for image in image_list:
+        if image.dim() != 3 or image.shape[0] != 3 or image.shape[1] < 1 or image.shape[2] < 1:
+            raise ValueError(
+                f"every image must be (3, H, W) with H, W >= 1, but got shape {tuple(image.shape)}"
+            )
+        if image.is_complex() or image.dtype == torch.bool:
+            raise ValueError(f"images must be uint8 or float, but got dtype {image.dtype}")
+    return image_list
+
+
 def normalize_and_pad(
     images: torch.Tensor | Sequence[torch.Tensor],
     pixel_mean: Sequence[float] | torch.Tensor = PIXEL_MEAN,
@@ -72,26 +96,7 @@ def normalize_and_pad(
     """
     if size_divisibility < 1:
         raise ValueError(f"size_divisibility must be >= 1, but got {size_divisibility}")
-    if isinstance(images, torch.Tensor):
-        if images.dim() == 3:
-            images = images.unsqueeze(0)
-        if images.dim() != 4:
-            raise ValueError(
-                f"images must be (B, 3, H, W) or (3, H, W), but got shape {tuple(images.shape)}"
-            )
-        image_list = list(images.unbind(0))
-    else:
-        image_list = list(images)
-    if not image_list:
-        raise ValueError("images is empty")
-    for image in image_list:
-        if image.dim() != 3 or image.shape[0] != 3 or image.shape[1] < 1 or image.shape[2] < 1:
-            raise ValueError(
-                f"every image must be (3, H, W) with H, W >= 1, but got shape {tuple(image.shape)}"
-            )
-        if image.is_complex() or image.dtype == torch.bool:
-            raise ValueError(f"images must be uint8 or float, but got dtype {image.dtype}")
-
+    image_list = checked_image_list(images)
     device = image_list[0].device
     mean = torch.as_tensor(pixel_mean, dtype=torch.float32, device=device).view(3, 1, 1)
     std = torch.as_tensor(pixel_std, dtype=torch.float32, device=device).view(3, 1, 1)

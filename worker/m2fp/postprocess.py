@@ -400,6 +400,24 @@ def check_chunk_size(chunk_size: int | None, num_queries: int, padded_size, outp
     return chunk_size
 
 
+def read_mask_chunks(
+    readout: _MultiHumanReadout,
+    mask_logits: torch.Tensor,
+    padded_size: tuple[int, int],
+    image_size: tuple[int, int],
+    chunk_size: int,
+) -> None:
+    """Feed the (Q, h, w) mask logits to `readout`, resized to its output size `chunk_size` at once."""
+    num_queries = mask_logits.shape[0]
+    for start in range(0, num_queries, chunk_size):
+        stop = min(start + chunk_size, num_queries)
+        logits = resize_mask_logits(
+            mask_logits[start:stop], padded_size, image_size, readout.output_size
+        )  # (q, H, W)
+        readout.add_chunk(start, logits.reshape(stop - start, -1))  # (q, H*W)
+        del logits
+
+
 def parse_multi_human(
     class_logits: torch.Tensor,
     mask_logits: torch.Tensor,
@@ -438,19 +456,11 @@ def parse_multi_human(
         check_size("padded_size", padded_size),
         check_size("image_size", image_size),
     )
-    num_queries = class_logits.shape[0]
-    chunk_size = check_chunk_size(chunk_size, num_queries, padded_size, output_size)
-    mask_logits = mask_logits.float()
+    chunk_size = check_chunk_size(chunk_size, class_logits.shape[0], padded_size, output_size)
     readout = _MultiHumanReadout(
         class_logits.float(), topk, num_parsing, output_size, paste_threshold
     )
-    for start in range(0, num_queries, chunk_size):
-        stop = min(start + chunk_size, num_queries)
-        logits = resize_mask_logits(
-            mask_logits[start:stop], padded_size, image_size, output_size
-        )  # (q, H, W)
-        readout.add_chunk(start, logits.reshape(stop - start, -1))  # (q, H*W)
-        del logits
+    read_mask_chunks(readout, mask_logits.float(), padded_size, image_size, chunk_size)
     semantic = readout.semantic.reshape(num_parsing, *output_size)  # (C, H, W)
     label_map = semantic.argmax(0).to(torch.uint8).cpu().numpy()
     instances = readout.instances()
@@ -492,6 +502,21 @@ def single_human_semantic(
             class_probabilities[start:stop].T, upsampled.reshape(stop - start, -1).sigmoid()
         )
     return semantic.reshape(num_classes, *padded_size)
+
+
+def single_human_scores(
+    sem_seg: torch.Tensor, num_classes: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Label map, winning probability per pixel, present class ids and their mean scores."""
+    label_map = sem_seg.argmax(0).to(torch.uint8).cpu().numpy()
+    label_tensor = torch.from_numpy(label_map.astype(np.int64)).to(sem_seg.device)
+    winning = (
+        torch.gather(sem_seg, 0, label_tensor[None]).sigmoid()[0].double().cpu().numpy()
+    )  # (H, W)
+    sums = np.bincount(label_map.ravel(), weights=winning.ravel(), minlength=num_classes)
+    counts = np.bincount(label_map.ravel(), minlength=num_classes)
+    class_ids = np.flatnonzero(counts).astype(np.int64)
+    return label_map, winning, class_ids, sums[class_ids] / (counts[class_ids] + 1.0)
 
 
 def parse_single_human(
@@ -540,15 +565,7 @@ def parse_single_human(
         semantic, padded_size, image_size, output_size, crop_box
     )  # (C, H, W)
     # The map is already at padded size: resize_mask_logits' first resize is the identity there.
-    label_map = sem_seg.argmax(0).to(torch.uint8).cpu().numpy()
-    label_tensor = torch.from_numpy(label_map.astype(np.int64)).to(sem_seg.device)
-    winning = (
-        torch.gather(sem_seg, 0, label_tensor[None]).sigmoid()[0].double().cpu().numpy()
-    )  # (H, W)
-    sums = np.bincount(label_map.ravel(), weights=winning.ravel(), minlength=num_classes)
-    counts = np.bincount(label_map.ravel(), minlength=num_classes)
-    class_ids = np.flatnonzero(counts).astype(np.int64)
-    class_scores = sums[class_ids] / (counts[class_ids] + 1.0)
+    label_map, winning, class_ids, class_scores = single_human_scores(sem_seg, num_classes)
     instance_map, persons = single_human_persons(label_map, winning, class_names[:num_classes])
     return SingleHumanParsing(
         label_map=label_map,

@@ -316,25 +316,9 @@ class Predictor:
             results: list[ParsingResult | None] = [None] * len(images)
             forward_started = time.perf_counter()
             for indices in groups.values():
-                group_started = time.perf_counter()
-                class_logits, mask_logits, image_sizes, padded_size = self._forward(
-                    [preprocessed[i] for i in indices]
-                )
-                self._synchronize()
-                post_started = time.perf_counter()
-                for row, index in enumerate(indices):
-                    parsing = self._postprocess(
-                        preprocessed[index],
-                        class_logits[row],
-                        mask_logits[row],
-                        padded_size,
-                        image_sizes[row],
-                    )
-                    results[index] = self._to_input_size(
-                        parsing, images[index].shape[0], images[index].shape[1]
-                    )
-                forward_seconds += post_started - group_started
-                post_seconds += time.perf_counter() - post_started
+                group_forward, group_post = self._run_group(images, preprocessed, indices, results)
+                forward_seconds += group_forward
+                post_seconds += group_post
         count = len(images)
         finished = cast(list[ParsingResult], results)  # each index was in exactly one group
         for result in finished:  # the batch's time, shared equally
@@ -344,6 +328,33 @@ class Predictor:
                 "postprocess": post_seconds / count,
             }
         return finished
+
+    def _run_group(
+        self,
+        images: Sequence[np.ndarray],
+        preprocessed: Sequence[PreprocessedImage],
+        indices: Sequence[int],
+        results: list[ParsingResult | None],
+    ) -> tuple[float, float]:
+        """One forward pass for images of one padded size; fills `results`; (forward, post) s."""
+        group_started = time.perf_counter()
+        class_logits, mask_logits, image_sizes, padded_size = self._forward(
+            [preprocessed[i] for i in indices]
+        )
+        self._synchronize()
+        post_started = time.perf_counter()
+        for row, index in enumerate(indices):
+            parsing = self._postprocess(
+                preprocessed[index],
+                class_logits[row],
+                mask_logits[row],
+                padded_size,
+                image_sizes[row],
+            )
+            results[index] = self._to_input_size(
+                parsing, images[index].shape[0], images[index].shape[1]
+            )
+        return post_started - group_started, time.perf_counter() - post_started
 
     def _synchronize(self) -> None:
         """Wait for queued GPU work so that stage timings are honest."""
