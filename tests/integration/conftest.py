@@ -4,6 +4,11 @@ Nothing is faked: workers are `python -m worker` processes running the real M2FP
 weights, asked for explicitly), the gateway is gunicorn serving `api.wsgi:app`, and they talk
 through the session's real redis-server. `live_stack` is shared by a test module; tests that
 need to stop, kill or delay workers build their own with `StackFactory`.
+
+The gateway without processes: `make_app(**env)` builds the Flask app in this process on the
+session's real Redis with a real Celery producer (`shared.queue.make_celery`), from an env dict
+through `load_settings` (never by hand); `app` and `client` are the default one and its test
+client. Tests drive it with Flask's test client and the helpers of tests/helpers.py.
 """
 
 from __future__ import annotations
@@ -23,6 +28,10 @@ import pytest
 import redis
 import requests
 
+from api import create_app
+from shared.config import load_settings
+from shared.crypto import generate_key
+from shared.queue import make_celery
 from tests.conftest import REPO, free_port, make_service_env, stop_process, wait_for
 
 SHM = "/dev/shm" if os.path.isdir("/dev/shm") else None
@@ -207,6 +216,47 @@ def live_stack(redis_server, tmp_path_factory):
     stack = factory()
     yield stack
     factory.stop_all()
+
+
+# --- the gateway app in this process, on the session's Redis --------------------------------
+@pytest.fixture
+def make_app(redis_url, clean_redis):
+    """Factory: make_app(M2FP_SUBMIT_LIMIT="2/minute", ...) -> a gateway app on the test Redis."""
+    made = []
+
+    def factory(**overrides: str):
+        env = {
+            "M2FP_REDIS_URL": redis_url,
+            "M2FP_DATA_KEYS": f"k1:{generate_key()}",
+            "M2FP_SUBMIT_LIMIT": "1000/minute",
+            "M2FP_POLL_LIMIT": "1000/minute",
+            "M2FP_SUBMIT_ATTEMPT_LIMIT": "1000/minute",
+            "M2FP_BAN_AFTER": "0",
+        }
+        env.update(overrides)
+        settings = load_settings(env)
+        celery_app = make_celery(settings)
+        app = create_app(settings, celery_app=celery_app)
+        made.append(app)
+        return app
+
+    yield factory
+    for app in made:
+        gw = app.extensions["m2fp"]
+        gw.celery.close()
+        gw.redis.close()
+        gw.redis.connection_pool.disconnect()
+
+
+@pytest.fixture
+def app(make_app):
+    """A gateway app (limits raised and bans off, so tests are not throttled)."""
+    return make_app()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
 
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)

@@ -22,8 +22,8 @@ import pytest
 import requests
 
 from tests.conftest import REPO
+from tests.helpers import png_bytes
 from tests.integration.conftest import NGINX, nginx_proxy, photo_jpeg, submit
-from tests.unit.test_api_helpers import png_bytes
 
 pytestmark = pytest.mark.integration
 

@@ -94,3 +94,13 @@ def test_weights_never_default_to_random(settings_env, monkeypatch, tmp_path):
 def test_settings_repr_hides_keys(settings):
     assert "keyring" not in repr(settings)
     assert "secret-password" not in repr(settings)
+
+
+def test_invalid_deform_attn_mode_is_refused_by_settings(settings_env) -> None:
+    with pytest.raises(ConfigError, match="M2FP_DEFORM_ATTN"):
+        load_settings({**settings_env, "M2FP_DEFORM_ATTN": "gpu"})
+    assert load_settings(settings_env).deform_attn == "auto"
+    assert (
+        load_settings({**settings_env, "M2FP_DEFORM_ATTN": " Reference "}).deform_attn
+        == "reference"
+    )

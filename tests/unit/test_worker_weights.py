@@ -1,26 +1,23 @@
-"""worker.weights: encrypted checkpoints decrypt in memory only; the SHA-256 pin is enforced."""
+"""worker.weights: encrypted checkpoints decrypt in memory only; the SHA-256 pin is enforced.
+
+That a real `python -m worker` refuses to start on a bad pin or without weights is in
+tests/integration/test_worker_startup.py."""
 
 import hashlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 from shared.crypto import generate_key
-from tests.conftest import REPO
-from worker.m2fp.checkpoint import build_model
+from tests.helpers import save_tiny_checkpoint
 from worker.weights import WeightsError, load_predictor, main, read_checkpoint
 
 
 @pytest.fixture
 def tiny_checkpoint(tmp_path):
-    model, _ = build_model("random", variant="tiny")
-    sd = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
     model_dir = tmp_path / "model"
-    model_dir.mkdir()
-    torch.save({"model": sd}, model_dir / "pytorch_model.pt")
+    model = save_tiny_checkpoint(model_dir)
     key = tmp_path / "weights.key"
     key.write_text(generate_key())
     return model_dir, key, model
@@ -76,38 +73,3 @@ def test_wrong_key_refuses(tiny_checkpoint, tmp_path):
 def test_missing_checkpoint_is_named(tmp_path):
     with pytest.raises(WeightsError, match="no checkpoint"):
         read_checkpoint(tmp_path)
-
-
-def test_worker_refuses_to_start_on_pin_mismatch(tiny_checkpoint, settings_env):
-    model_dir, _, _ = tiny_checkpoint
-    env = {
-        **settings_env,
-        "M2FP_WEIGHTS": str(model_dir),
-        "M2FP_VARIANT": "cihp",
-        "M2FP_WEIGHTS_SHA256": "1" * 64,
-        "PYTHONPATH": str(REPO),
-        "PATH": "/usr/bin:/bin",
-    }
-    proc = subprocess.run(
-        [sys.executable, "-m", "worker"],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode != 0
-    assert "SHA-256 mismatch" in proc.stderr and "not starting" in proc.stderr
-
-
-def test_worker_refuses_to_start_without_weights(settings_env, tmp_path):
-    env = {**settings_env, "PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "worker"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 2 and "M2FP_WEIGHTS" in proc.stderr

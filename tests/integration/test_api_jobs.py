@@ -11,16 +11,7 @@ from PIL import Image
 
 from shared.constants import PALETTE, QUEUE, input_key, job_key, output_key
 from shared.errors import JOB_ERRORS
-from tests.unit.test_api_helpers import (  # noqa: F401  (fixtures)
-    app,
-    bearer,
-    client,
-    jpeg_bytes,
-    make_app,
-    play_worker,
-    png_bytes,
-    upload,
-)
+from tests.helpers import bearer, jpeg_bytes, play_worker, png_bytes, upload
 
 pytestmark = pytest.mark.integration
 
@@ -235,7 +226,7 @@ def test_a_failed_enqueue_withdraws_the_job_and_gives_503(client, clean_redis, m
     def broker_down(app, job_id):
         raise OperationalError("Error 111 connecting to 10.0.0.5:6379. Connection refused.")
 
-    monkeypatch.setattr("api.routes.enqueue_parse", broker_down)
+    monkeypatch.setattr("api.jobs.enqueue_parse", broker_down)
     response = upload(client, png_bytes())
     assert response.status_code == 503
     assert response.get_json()["error"] == "unavailable" and "Retry-After" in response.headers
@@ -250,7 +241,7 @@ def test_a_failed_delivery_leaves_the_result_fetchable(
     app, client, clean_redis, monkeypatch, failure
 ):
     """Decrypt and render first, delete only then: a server-side failure destroys nothing."""
-    from api import routes
+    from api import jobs
     from shared.errors import DecryptionError
 
     job = submit(client, png_bytes(20, 10))
@@ -261,7 +252,7 @@ def test_a_failed_delivery_leaves_the_result_fetchable(
         raise DecryptionError("injected") if failure == "decrypt" else ValueError("injected")
 
     with monkeypatch.context() as patch:
-        patch.setattr(routes, "decrypt_payload" if failure == "decrypt" else "palette_png", broken)
+        patch.setattr(jobs, "decrypt_payload" if failure == "decrypt" else "palette_png", broken)
         failed = client.get(job["result_url"] + "?format=palette", headers=headers)
     assert failed.status_code == 500 and failed.get_json()["error"] == "internal_error"
     assert clean_redis.exists(output_key(job["job_id"]))

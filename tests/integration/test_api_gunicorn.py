@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import signal
 import socket
 import subprocess
 import sys
@@ -15,8 +14,8 @@ import gunicorn
 import pytest
 import requests
 
-from tests.conftest import REPO, free_port, wait_for
-from tests.unit.test_api_helpers import png_bytes
+from tests.conftest import REPO, free_port, stop_process, wait_for
+from tests.helpers import png_bytes
 
 pytestmark = pytest.mark.integration
 
@@ -66,12 +65,7 @@ def gateway_process(service_env, clean_redis, tmp_path):
         wait_for(up, 30, what="gunicorn to serve /healthz")
         yield base, log_path, port, prometheus_dir
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc, grace=15)
 
 
 def raw_headers(port: int, method: str, path: str) -> list[tuple[str, str]]:
@@ -84,7 +78,7 @@ def raw_headers(port: int, method: str, path: str) -> list[tuple[str, str]]:
 
 
 def test_no_server_header_and_no_version_anywhere(gateway_process):
-    base, _, port, _ = gateway_process
+    _, _, port, _ = gateway_process
     for method, path in (
         ("GET", "/healthz"),
         ("GET", "/nope"),

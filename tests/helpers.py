@@ -1,10 +1,14 @@
-"""Helpers and fixtures for the gateway tests (imported by the other test_api_* modules).
+"""Helpers shared by the gateway tests, unit and integration alike (plain functions, no fixtures).
 
-- `make_app(**env)`: a gateway app on the session's real Redis, with a real Celery producer
-  (`shared.queue.make_celery`), built from an env dict through `load_settings` (never by hand).
-- `png_bytes` / `jpeg_bytes` / `bomb_png`: images made in memory.
+- `png_bytes` / `jpeg_bytes` / `bomb_png` / `label_map_png`: images made in memory.
+- `upload` / `bearer`: a multipart submit through a Flask test client, a job token's header.
+- `assert_secure`: the security headers every response carries, and no internals in its body.
+- `save_tiny_checkpoint`: the tiny random network saved as a ModelScope-style checkpoint.
 - `play_worker`: does what a worker does to a job with the real shared code (claim, decrypt
   the input, seal a result document, store it), so status and result are tested without one.
+
+The gateway fixtures that use them (`make_app`, `app`, `client`: an app on the session's real
+Redis) are in tests/integration/conftest.py.
 """
 
 from __future__ import annotations
@@ -12,23 +16,42 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
+import re
 import struct
 import zlib
+from pathlib import Path
 
-import pytest
 from PIL import Image
 
-from api import create_app
-from shared.config import load_settings
-from shared.crypto import decrypt_payload, encrypt_payload, generate_key
-from shared.queue import make_celery
+from api.security import CSP
+from shared.constants import CHECKPOINT_FILE
+from shared.crypto import decrypt_payload, encrypt_payload
+
+EXPECTED_HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Cross-Origin-Resource-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+
+LEAKS = re.compile(
+    r"Traceback|/work/|\.py\b|site-packages|werkzeug|flask|gunicorn|redis-py|torch", re.I
+)
+
+
+def assert_secure(response) -> None:
+    for name, value in EXPECTED_HEADERS.items():
+        assert response.headers.get(name) == value, name
+    assert "Server" not in response.headers
+    assert not LEAKS.search(response.get_data(as_text=True))
 
 
 def png_bytes(width: int = 64, height: int = 48, noise: bool = False) -> bytes:
     """An RGB PNG; with noise=True it barely compresses (about 3 bytes a pixel)."""
     if noise:
-        import os
-
         image = Image.frombytes("RGB", (width, height), os.urandom(width * height * 3))
     else:
         image = Image.new("RGB", (width, height), (200, 30, 30))
@@ -113,41 +136,16 @@ def play_worker(app, job_id: str) -> bytes:
     return image
 
 
-@pytest.fixture
-def make_app(redis_url, clean_redis):
-    """Factory: make_app(M2FP_SUBMIT_LIMIT="2/minute", ...) -> a gateway app on the test Redis."""
-    made = []
+def save_tiny_checkpoint(model_dir: Path):
+    """Save the tiny random network into `model_dir` as the checkpoint file; returns the model."""
+    import torch
 
-    def factory(**overrides: str):
-        env = {
-            "M2FP_REDIS_URL": redis_url,
-            "M2FP_DATA_KEYS": f"k1:{generate_key()}",
-            "M2FP_SUBMIT_LIMIT": "1000/minute",
-            "M2FP_POLL_LIMIT": "1000/minute",
-            "M2FP_SUBMIT_ATTEMPT_LIMIT": "1000/minute",
-            "M2FP_BAN_AFTER": "0",
-        }
-        env.update(overrides)
-        settings = load_settings(env)
-        celery_app = make_celery(settings)
-        app = create_app(settings, celery_app=celery_app)
-        made.append(app)
-        return app
+    from worker.m2fp.checkpoint import build_model
 
-    yield factory
-    for app in made:
-        gw = app.extensions["m2fp"]
-        gw.celery.close()
-        gw.redis.close()
-        gw.redis.connection_pool.disconnect()
-
-
-@pytest.fixture
-def app(make_app):
-    """A gateway app (limits raised and bans off, so tests are not throttled)."""
-    return make_app()
-
-
-@pytest.fixture
-def client(app):
-    return app.test_client()
+    model, _ = build_model("random", variant="tiny")
+    state_dict = {
+        k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")
+    }
+    model_dir.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": state_dict}, model_dir / CHECKPOINT_FILE)
+    return model

@@ -11,14 +11,7 @@ from shared.config import load_settings
 from shared.constants import BAN_PREFIX, LIMITER_PREFIX, STRIKES_PREFIX, worker_key
 from shared.crypto import generate_key
 from tests.conftest import free_port
-from tests.unit.test_api_helpers import (  # noqa: F401  (fixtures)
-    app,
-    bearer,
-    client,
-    make_app,
-    png_bytes,
-    upload,
-)
+from tests.helpers import bearer, png_bytes, upload
 
 pytestmark = pytest.mark.integration
 
