@@ -33,6 +33,7 @@ RATE_LIMIT_RE = re.compile(
     r"^\s*\d+\s*(/|\s+per\s+)\s*(\d+\s+)?(second|minute|hour|day)s?\s*$", re.I
 )
 VARIANTS = ("cihp", "lip")
+TEST_VARIANTS = ("tiny",)  # test-only network, see _check_variant
 DEFORM_ATTN_MODES = (
     "auto",
     "op",
@@ -327,11 +328,30 @@ def _lifecycle_fields(env: Mapping[str, str]) -> dict:
     }
 
 
+def _check_variant(env: Mapping[str, str], variant: str) -> None:
+    """`cihp` or `lip`; the test-only `tiny` network only when asked for twice, explicitly.
+
+    `tiny` (worker/m2fp/config.py: the CIHP structure with tiny widths, random weights) makes
+    chaos and soak runs practical on 2 cores; it needs M2FP_TEST_NETWORK=1 and
+    M2FP_WEIGHTS=random, and is flagged as untrained everywhere like `random`.
+    """
+    if variant in TEST_VARIANTS:
+        if not _bool(env, "M2FP_TEST_NETWORK"):
+            raise ConfigError(
+                f"M2FP_VARIANT={variant} is the test-only network: set M2FP_TEST_NETWORK=1 "
+                "to run it (never in production; its results are meaningless)"
+            )
+        if (env.get("M2FP_WEIGHTS") or "").strip() != RANDOM_WEIGHTS:
+            raise ConfigError(f"M2FP_VARIANT={variant} runs only with M2FP_WEIGHTS=random")
+        return
+    if variant not in VARIANTS:
+        raise ConfigError(f"M2FP_VARIANT must be one of {VARIANTS}, got {variant!r}")
+
+
 def _model_fields(env: Mapping[str, str]) -> dict:
     """Checkpoint, variant, device, pool size and threads, memory and decode budgets, metrics."""
     variant = env.get("M2FP_VARIANT", "cihp").strip().lower()
-    if variant not in VARIANTS:
-        raise ConfigError(f"M2FP_VARIANT must be one of {VARIANTS}, got {variant!r}")
+    _check_variant(env, variant)
     device = env.get("M2FP_DEVICE", "auto").strip().lower()
     if device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", device):
         raise ConfigError(f"M2FP_DEVICE must be auto, cpu, cuda or cuda:N, got {device!r}")
