@@ -72,9 +72,21 @@ def output_key(job_id: str) -> str:
     return f"{KEY_PREFIX}:out:{job_id}"
 
 
+WORKER_KEY_PREFIX = f"{KEY_PREFIX}:worker:"
+
+
 def worker_key(name: str) -> str:
     """Redis hash a live worker process refreshes (heartbeat with a short TTL)."""
-    return f"{KEY_PREFIX}:worker:{name}"
+    return f"{WORKER_KEY_PREFIX}{name}"
+
+
+CLAIMED_KEY_PREFIX = f"{KEY_PREFIX}:claimed:"
+CLAIMERS_KEY = f"{KEY_PREFIX}:claimers"  # set of worker names that have a claimed set
+
+
+def claimed_key(worker: str) -> str:
+    """Redis set of the job ids a worker process has claimed and not yet ended (the reaper's)."""
+    return f"{CLAIMED_KEY_PREFIX}{worker}"
 
 
 BAN_PREFIX = f"{KEY_PREFIX}:ban"

@@ -8,6 +8,13 @@ Layout (DESIGN.md §3), every key with a TTL:
                    the gateway peeks, decrypts and renders, then takes it only if it is still there).
 - `m2fp:inflight:{client tag}`  sorted set of a client's admitted job ids (score: when the
                    entry lapses at the latest), for the per-client cap on jobs in flight.
+- `m2fp:claimed:{worker}`  set of the jobs a worker process claimed and has not ended, and
+                   `m2fp:claimers` the set of such workers: the reaper's view. A worker whose
+                   heartbeat (`shared.heartbeat`) lapsed has its `running` jobs put back to
+                   `queued` by `reap` (run by every live worker), and their messages re-sent, so
+                   a dead worker host costs its jobs about a heartbeat TTL, not Redis's
+                   visibility timeout. A claim on a job `running` under another live worker is
+                   refused (`busy`), so a late redelivery never runs a job twice at once.
 
 State machine: queued -> running -> done | failed | expired. Transitions that must not race
 (a worker storing a result while the client withdraws the job, two fetches at once, a poll
@@ -22,15 +29,35 @@ import time
 from dataclasses import dataclass
 
 import redis
+from redis.typing import EncodableT, FieldT
 
-from shared.constants import JOB_KEY_PREFIX, inflight_key, input_key, job_key, output_key
+from shared.constants import (
+    CLAIMED_KEY_PREFIX,
+    CLAIMERS_KEY,
+    JOB_KEY_PREFIX,
+    WORKER_KEY_PREFIX,
+    claimed_key,
+    inflight_key,
+    input_key,
+    job_key,
+    output_key,
+)
 
-# KEYS: job, in. ARGV: max_attempts, now, worker, min_input_ttl.
-# Returns {"ok", kid, wrapped_dek, input} | {"gone"} | {"final", status} | {"expired"} | {"worker_lost"}.
+REAP_GRACE_SECONDS = 10.0  # a claim younger than this is never reaped (the heartbeat may lag)
+
+# KEYS: job, in, claimed set of this worker, claimers. ARGV: max_attempts, now, worker,
+# min_input_ttl, job id, worker key prefix, claimed key prefix, claimed set TTL.
+# Returns {"ok", kid, wrapped_dek, input} | {"gone"} | {"final", status} | {"expired"}
+# | {"worker_lost"} | {"busy"} (running on another worker whose heartbeat is live).
 _CLAIM = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return {'gone'} end
 if status ~= 'queued' and status ~= 'running' then return {'final', status} end
+local owner = redis.call('HGET', KEYS[1], 'worker')
+if status == 'running' and owner and owner ~= ARGV[3]
+   and redis.call('EXISTS', ARGV[6] .. owner) == 1 then
+  return {'busy'}
+end
 local payload = redis.call('GET', KEYS[2])
 if not payload then
   redis.call('HSET', KEYS[1], 'status', 'expired', 'error_code', 'expired', 'finished', ARGV[2])
@@ -45,28 +72,87 @@ if attempts > tonumber(ARGV[1]) then
   return {'worker_lost'}
 end
 redis.call('HSET', KEYS[1], 'status', 'running', 'started', ARGV[2], 'worker', ARGV[3])
+if owner and owner ~= ARGV[3] then redis.call('SREM', ARGV[7] .. owner, ARGV[5]) end
+redis.call('SADD', KEYS[3], ARGV[5])
+redis.call('EXPIRE', KEYS[3], ARGV[8])
+redis.call('SADD', KEYS[4], ARGV[3])
+redis.call('EXPIRE', KEYS[4], ARGV[8])
 if redis.call('TTL', KEYS[2]) < tonumber(ARGV[4]) then redis.call('EXPIRE', KEYS[2], ARGV[4]) end
 return {'ok', redis.call('HGET', KEYS[1], 'kid'), redis.call('HGET', KEYS[1], 'wrapped_dek'), payload}
 """
 
-# KEYS: job, in, out. ARGV: result blob, result_ttl, now. Returns 1 stored | 0 discarded.
-_STORE = """
+# Both end a claim: the job leaves its worker's claimed set (ARGV: ..., job id, claimed prefix).
+_UNCLAIM = """
+local owner = redis.call('HGET', KEYS[1], 'worker')
+if owner then redis.call('SREM', ARGV[5] .. owner, ARGV[4]) end
+"""
+
+# KEYS: job, in, out. ARGV: result blob, result_ttl, now, job id, claimed prefix.
+# Returns 1 stored | 0 discarded.
+_STORE = (
+    """
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+"""
+    + _UNCLAIM
+    + """
 redis.call('SET', KEYS[3], ARGV[1], 'EX', ARGV[2])
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[1], 'status', 'done', 'finished', ARGV[3])
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]) + 300)
 return 1
 """
+)
 
-# KEYS: job, in. ARGV: code, now. Returns 1 | 0 (job gone or already final).
-_FAIL = """
+# KEYS: job, in. ARGV: code, now, (unused), job id, claimed prefix.
+# Returns 1 | 0 (job gone or already final).
+_FAIL = (
+    """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'queued' and status ~= 'running' then return 0 end
+"""
+    + _UNCLAIM
+    + """
 redis.call('HSET', KEYS[1], 'status', 'failed', 'error_code', ARGV[1], 'finished', ARGV[2])
 redis.call('HDEL', KEYS[1], 'wrapped_dek')
 redis.call('DEL', KEYS[2])
 return 1
+"""
+)
+
+# KEYS: claimers. ARGV: now, grace, worker key prefix, claimed key prefix, job key prefix.
+# For each claimer without a live heartbeat: its jobs still `running` under its name (and
+# started more than `grace` seconds ago) go back to `queued`; returns their ids. Atomic, so
+# when several reapers run at once each job is requeued once.
+_REAP = """
+local requeued = {}
+local cutoff = tonumber(ARGV[1]) - tonumber(ARGV[2])
+for _, name in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if redis.call('EXISTS', ARGV[3] .. name) == 0 then
+    local claimed = ARGV[4] .. name
+    local kept = 0
+    for _, id in ipairs(redis.call('SMEMBERS', claimed)) do
+      local job = ARGV[5] .. id
+      local fields = redis.call('HMGET', job, 'status', 'worker', 'started')
+      if fields[1] == 'running' and fields[2] == name then
+        if tonumber(fields[3] or '0') < cutoff then
+          redis.call('HSET', job, 'status', 'queued', 'requeued', ARGV[1])
+          redis.call('HDEL', job, 'worker')
+          redis.call('SREM', claimed, id)
+          table.insert(requeued, id)
+        else
+          kept = kept + 1
+        end
+      else
+        redis.call('SREM', claimed, id)
+      end
+    end
+    if kept == 0 then
+      redis.call('DEL', claimed)
+      redis.call('SREM', KEYS[1], name)
+    end
+  end
+end
+return requeued
 """
 
 # KEYS: job, in, out. ARGV: now. Marks lost data as expired, then returns the record as a flat list.
@@ -128,7 +214,7 @@ return 1
 class Claim:
     """What a worker gets when it claims a job: the wrapped data key and the sealed input."""
 
-    outcome: str  # "ok", "gone", "final", "expired", "worker_lost"
+    outcome: str  # "ok", "gone", "final", "expired", "worker_lost", "busy"
     key_id: str = ""
     wrapped_key: bytes = b""
     sealed_input: bytes = b""
@@ -167,6 +253,7 @@ class JobStore:
         self.input_ttl, self.result_ttl, self.job_ttl = input_ttl, result_ttl, job_ttl
         self.max_attempts, self.claim_input_ttl = max_attempts, claim_input_ttl
         self._claim = client.register_script(_CLAIM)
+        self._reap = client.register_script(_REAP)
         self._store = client.register_script(_STORE)
         self._fail = client.register_script(_FAIL)
         self._status = client.register_script(_STATUS)
@@ -198,7 +285,7 @@ class JobStore:
         sealed_input: bytes,
     ) -> None:
         """Record a new queued job and store its sealed input, atomically, with TTLs."""
-        record = {
+        record: dict[FieldT, EncodableT] = {
             "status": "queued",
             "token_hash": token_hash,
             "kid": key_id,
@@ -287,8 +374,17 @@ class JobStore:
     def claim(self, job_id: str, worker: str) -> Claim:
         """Start (or restart) a job: count the attempt, give up past max_attempts, return input."""
         reply = self._claim(
-            keys=[job_key(job_id), input_key(job_id)],
-            args=[self.max_attempts, f"{time.time():.3f}", worker, self.claim_input_ttl],
+            keys=[job_key(job_id), input_key(job_id), claimed_key(worker), CLAIMERS_KEY],
+            args=[
+                self.max_attempts,
+                f"{time.time():.3f}",
+                worker,
+                self.claim_input_ttl,
+                job_id,
+                WORKER_KEY_PREFIX,
+                CLAIMED_KEY_PREFIX,
+                self.job_ttl,
+            ],
         )
         outcome = _text(reply[0])
         if outcome != "ok":
@@ -301,15 +397,42 @@ class JobStore:
         return bool(
             self._store(
                 keys=[job_key(job_id), input_key(job_id), output_key(job_id)],
-                args=[sealed_result, self.result_ttl, f"{time.time():.3f}"],
+                args=[
+                    sealed_result,
+                    self.result_ttl,
+                    f"{time.time():.3f}",
+                    job_id,
+                    CLAIMED_KEY_PREFIX,
+                ],
             )
         )
 
     def fail(self, job_id: str, code: str) -> bool:
         """End a job as failed with a public error code; deletes its input."""
         return bool(
-            self._fail(keys=[job_key(job_id), input_key(job_id)], args=[code, f"{time.time():.3f}"])
+            self._fail(
+                keys=[job_key(job_id), input_key(job_id)],
+                args=[code, f"{time.time():.3f}", "", job_id, CLAIMED_KEY_PREFIX],
+            )
         )
+
+    def reap(self, grace: float = REAP_GRACE_SECONDS) -> list[str]:
+        """Requeue (status `queued`) the running jobs of workers whose heartbeat lapsed.
+
+        Returns the job ids; the caller re-sends their messages (`shared.queue.enqueue_parse`).
+        A job a worker claimed less than `grace` seconds ago is left for the next pass.
+        """
+        reply = self._reap(
+            keys=[CLAIMERS_KEY],
+            args=[
+                f"{time.time():.3f}",
+                grace,
+                WORKER_KEY_PREFIX,
+                CLAIMED_KEY_PREFIX,
+                JOB_KEY_PREFIX,
+            ],
+        )
+        return [_text(job_id) for job_id in reply]
 
     def queue_depth(self, queue: str) -> int:
         """Messages waiting in the Celery queue (the broker's Redis list)."""

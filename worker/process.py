@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import redis
+from kombu.exceptions import KombuError
 
 from shared import heartbeat as heartbeats
 from shared.config import Settings, resolve_weights
@@ -29,6 +32,7 @@ from shared.heartbeat import HEARTBEAT_SECONDS, Heartbeat
 from shared.jobstore import JobStore
 from shared.logging import event
 from shared.watchdog import MemoryWatchdog
+from worker.metrics import record_job
 from worker.pipeline import JobContext
 from worker.weights import load_predictor
 
@@ -37,13 +41,15 @@ if TYPE_CHECKING:  # torch is imported in pool children only
 
 log = logging.getLogger(__name__)
 MODEL_LOAD_TIMEOUT = 600
+REAP_SECONDS = 5.0  # how often each live worker looks for dead workers' jobs (jittered)
 
 
 class WorkerProcess:
     """State of one pool child: its store, its model (loaded once) and its heartbeat."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, requeue: Callable[[str], None] | None = None):
         self.settings = settings
+        self.requeue = requeue  # re-sends a job's message (the reaper's); None: no reaper
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.loaded = threading.Event()
         self.predictor: Predictor | None = None
@@ -97,6 +103,8 @@ class WorkerProcess:
             threading.Thread(
                 target=self._heartbeat, args=(heartbeat,), name="m2fp-heartbeat", daemon=True
             ).start()
+            if self.requeue is not None:
+                threading.Thread(target=self._reaper, name="m2fp-reaper", daemon=True).start()
         except BaseException as exc:
             self.load_error = exc
             log.critical("model_load_failed", exc_info=True)
@@ -138,6 +146,26 @@ class WorkerProcess:
             except redis.RedisError:
                 log.warning("heartbeat_failed")
             self._stop.wait(HEARTBEAT_SECONDS)
+
+    def _reaper(self) -> None:
+        """Every few seconds: requeue the jobs of workers whose heartbeat lapsed."""
+        store = self.started_store()
+        while not self._stop.wait(REAP_SECONDS * random.uniform(0.8, 1.2)):
+            try:
+                self.reap_once(store)
+            except (redis.RedisError, OSError, KombuError):
+                log.warning("reaper_failed", exc_info=True)
+
+    def reap_once(self, store: JobStore) -> list[str]:
+        """One pass: the jobs put back in the queue (their messages re-sent)."""
+        job_ids = store.reap()
+        for job_id in job_ids:
+            if self.requeue is not None:
+                self.requeue(job_id)
+        if job_ids:
+            event(log, "jobs_of_dead_workers_requeued", logging.WARNING, count=len(job_ids))
+            record_job("requeued_dead_worker")
+        return job_ids
 
     def stop(self) -> None:
         """Called in the child before it exits: stop the heartbeat, remove its key."""

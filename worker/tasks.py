@@ -26,6 +26,7 @@ from celery.exceptions import Reject, SoftTimeLimitExceeded
 from shared.config import Settings, load_settings
 from shared.constants import JOB_ID_RE, TASK_PARSE
 from shared.logging import bind, clear, event
+from shared.queue import enqueue_parse
 from worker.metrics import record_job
 from worker.pipeline import fail_job, process_job
 from worker.process import WorkerProcess
@@ -41,8 +42,12 @@ class ParseTask(Task):
 
     def setup(self, settings: Settings) -> WorkerProcess:
         """Use `settings` for this process (the app factory calls it; else they are loaded)."""
-        self._process = WorkerProcess(settings)
+        self._process = WorkerProcess(settings, requeue=self.requeue)
         return self._process
+
+    def requeue(self, job_id: str) -> None:
+        """Send job `job_id`'s message again, by name, like the gateway does."""
+        enqueue_parse(self.app, job_id)
 
     @property
     def process(self) -> WorkerProcess:
@@ -86,6 +91,9 @@ def parse(self: ParseTask, job_id: str) -> str:
     process = self.process
     bind(job_id=job_id, task_id=self.request.id)
     try:
+        # Claim only once the model is loaded: the heartbeat that tells the reaper this process
+        # is alive starts then, so a job is never claimed by a process that looks dead.
+        process.get_predictor()
         return process_job(job_id, process.context())
     except SoftTimeLimitExceeded:
         event(log, "job_failed", logging.WARNING, code="timeout")

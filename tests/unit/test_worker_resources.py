@@ -250,6 +250,8 @@ def test_redis_error_mid_job_requeues_the_message_instead_of_acking_it(settings,
     task = app.tasks[TASK_PARSE]
     process = task.setup(settings)
     process.store = _BrokenStore()
+    process.predictor = object()  # "loaded": the task claims only once its model is there
+    process.loaded.set()
     monkeypatch.setattr(
         process,
         "context",

@@ -1,0 +1,118 @@
+"""The reaper: a dead worker's claimed jobs go back to the queue within a heartbeat TTL.
+
+Store level (real Redis): `claim` records the claim, `store_result`/`fail` end it, `reap`
+requeues only the running jobs of workers without a live heartbeat (and not fresh claims), a
+claim on a job running under a live worker is refused `busy`. Process level: two real workers,
+the one running a job is SIGKILLed with its whole process tree; the other requeues and
+finishes the job, within 60 s of the kill for the requeue.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import redis
+
+from shared import heartbeat
+from shared.constants import CLAIMERS_KEY, claimed_key, job_key
+from shared.crypto import hash_secret, new_job_id
+from shared.jobstore import JobStore
+from tests.conftest import wait_for
+from tests.integration.conftest import photo_jpeg, poll_until, submit
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def store(clean_redis):
+    return JobStore(
+        clean_redis, input_ttl=60, result_ttl=60, job_ttl=300, max_attempts=3, claim_input_ttl=120
+    )
+
+
+def create(store: JobStore) -> str:
+    job_id = new_job_id()
+    store.create(
+        job_id,
+        token_hash=hash_secret("tok"),
+        key_id="k1",
+        wrapped_key=b"W" * 60,
+        sealed_input=b"SEALED",
+    )
+    return job_id
+
+
+def backdate(client: redis.Redis, job_id: str, seconds: float) -> None:
+    """Pretend the job was claimed `seconds` ago."""
+    client.hset(job_key(job_id), "started", f"{time.time() - seconds:.3f}")
+
+
+def test_claims_are_recorded_and_ended_by_result_or_failure(store, clean_redis):
+    done, failed = create(store), create(store)
+    assert store.claim(done, "host:1").outcome == "ok"
+    assert store.claim(failed, "host:1").outcome == "ok"
+    assert clean_redis.smembers(claimed_key("host:1")) == {done.encode(), failed.encode()}
+    assert clean_redis.sismember(CLAIMERS_KEY, "host:1")
+    assert store.store_result(done, b"RESULT")
+    assert store.fail(failed, "undecodable_image")
+    assert not clean_redis.exists(claimed_key("host:1"))
+
+
+def test_reap_requeues_only_the_jobs_of_dead_workers(store, clean_redis):
+    orphan, alive, fresh = create(store), create(store), create(store)
+    store.claim(orphan, "dead:1")
+    store.claim(fresh, "dead:1")
+    store.claim(alive, "live:2")
+    heartbeat.beat(clean_redis, heartbeat.Heartbeat(name="live:2"))
+    for job_id in (orphan, alive):
+        backdate(clean_redis, job_id, 60)
+    assert store.reap() == [orphan]  # `fresh` was claimed < grace ago: left for the next pass
+    assert store.status(orphan)["status"] == "queued"
+    assert store.status(alive)["status"] == store.status(fresh)["status"] == "running"
+    assert store.reap() == []  # atomic: requeued once
+    backdate(clean_redis, fresh, 60)
+    assert store.reap() == [fresh]
+    assert not clean_redis.sismember(CLAIMERS_KEY, "dead:1")
+    second = store.claim(orphan, "live:2")  # the re-sent message
+    assert (second.outcome, second.attempts) == ("ok", 2)
+
+
+def test_a_job_running_on_a_live_worker_is_not_claimed_again(store, clean_redis):
+    job_id = create(store)
+    store.claim(job_id, "live:1")
+    heartbeat.beat(clean_redis, heartbeat.Heartbeat(name="live:1"))
+    assert store.claim(job_id, "other:2").outcome == "busy"
+    assert int(clean_redis.hget(job_key(job_id), "attempts")) == 1  # busy costs no attempt
+    heartbeat.remove(clean_redis, "live:1")  # its owner died: a redelivery may take it over
+    assert store.claim(job_id, "other:2").outcome == "ok"
+    assert not clean_redis.sismember(claimed_key("live:1"), job_id)
+
+
+@pytest.mark.slow
+def test_a_killed_worker_host_loses_no_job(stack_factory):
+    stack = stack_factory(workers=2, M2FP_TORCH_THREADS="1", M2FP_INFER_MAX_SIDE="1920")
+    client = redis.Redis.from_url(stack.env["M2FP_REDIS_URL"])
+    job = submit(stack, photo_jpeg(1600, 1200, seed=3)).json()
+    job_id = job["job_id"]
+
+    def owner() -> str | None:
+        fields = client.hmget(job_key(job_id), "status", "worker")
+        return fields[1].decode() if fields[0] == b"running" and fields[1] else None
+
+    name = wait_for(owner, 60, interval=0.05, what="the job to start")
+    pgid = os.getpgid(int(name.rsplit(":", 1)[1]))
+    victim = next(proc for proc in stack.workers if proc.pid == pgid)
+    os.killpg(pgid, signal.SIGKILL)  # the worker and its pool child, like a host going away
+    killed = time.time()
+    victim.wait(10)
+    requeued = wait_for(
+        lambda: client.hget(job_key(job_id), "requeued"), 75, interval=0.2, what="the requeue"
+    )
+    assert float(requeued) - killed <= 60
+    final = poll_until(stack, job, timeout=240)
+    assert final["status"] == "done", final
+    assert int(client.hget(job_key(job_id), "attempts")) == 2
+    assert "jobs_of_dead_workers_requeued" in stack.all_logs()
