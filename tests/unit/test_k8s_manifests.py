@@ -657,7 +657,8 @@ def test_checkov_kubernetes_policies_pass(rendered, tmp_path):
     # No network in its own namespace where we may make one (root, as in CI); offline anyway.
     if (
         shutil.which("unshare")
-        and subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0
+        and subprocess.run(["unshare", "-n", "true"], capture_output=True, check=False).returncode
+        == 0
     ):
         command = ["unshare", "-n", *command]
     env = {
@@ -681,3 +682,16 @@ def test_checkov_kubernetes_policies_pass(rendered, tmp_path):
     assert not failed, "\n".join(failed)
     summary = reports[0]["summary"]
     assert summary["passed"] > 100 and summary["parsing_errors"] == 0, summary
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_secret_reaches_a_command_line(rendered, overlay):
+    """A secret read at start goes into the environment, never into argv (visible in `ps`)."""
+    for name, spec in pod_specs(rendered[overlay]):
+        for container in containers(spec):
+            line = " ".join([*container.get("command", []), *container.get("args", [])])
+            assert not re.search(r"rediss?://|--broker", line), f"{name}: a broker URL in argv"
+            for read in re.finditer(r"\$\(cat /run/secrets/[^)]*\)", line):
+                assert re.search(r'export [A-Z_]+="?$', line[: read.start()]), (
+                    f"{name}: secret file read into an argument: {read.group(0)}"
+                )
