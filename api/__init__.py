@@ -85,7 +85,7 @@ def configure(app: flask.Flask, settings: Settings) -> None:
     if settings.trusted_proxies:
         # Only the configured number of proxy hops may rewrite the peer address (RESEARCH §2.9).
         # X-Forwarded-Proto too: behind the TLS proxy the request was HTTPS, so HSTS is sent.
-        app.wsgi_app = ProxyFix(
+        app.wsgi_app = ProxyFix(  # type: ignore[method-assign]  # Flask's middleware pattern
             app.wsgi_app,
             x_for=settings.trusted_proxies,
             x_proto=settings.trusted_proxies,

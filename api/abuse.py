@@ -108,17 +108,22 @@ def client_tag(client: str) -> str:
     return tags[client]
 
 
+def limit_key() -> str:
+    """What rate limits count by: the client's pseudonym, so Redis keys carry no address."""
+    return client_tag(client_key())
+
+
 def make_limiter(app: flask.Flask, settings: Settings, client: redis.Redis) -> Limiter:
     """Flask-Limiter bound to `app`, counting in the service's Redis through `client`'s pool."""
     # The URI only selects limits' Redis storage class; connections come from the shared pool,
     # so the limiter uses the same server, credentials and timeouts as the job store.
     scheme = "rediss" if settings.redis_url.startswith("rediss://") else "redis"
+    # Flask-Limiter types storage options as str | int; `limits` takes the pool object as it is.
+    options: dict = {"connection_pool": client.connection_pool, "key_prefix": LIMITER_PREFIX}
     limiter = Limiter(
-        lambda: client_tag(
-            client_key()
-        ),  # limit keys in Redis carry the pseudonym, not the address
+        limit_key,
         storage_uri=f"{scheme}://",
-        storage_options={"connection_pool": client.connection_pool, "key_prefix": LIMITER_PREFIX},
+        storage_options=options,
         strategy="moving-window",
         swallow_errors=False,
         in_memory_fallback_enabled=False,
@@ -175,11 +180,15 @@ def record_strike(client_redis: redis.Redis, settings: Settings, client: str, co
         return False
     strikes_key = _strikes_key(client)
     with client_redis.pipeline(transaction=True) as pipe:
-        strikes, _ = pipe.incr(strikes_key).expire(strikes_key, settings.ban_seconds).execute()
+        pipe.incr(strikes_key)
+        pipe.expire(strikes_key, settings.ban_seconds)
+        strikes, _ = pipe.execute()
     if strikes < settings.ban_after:
         return False
     with client_redis.pipeline(transaction=True) as pipe:
-        pipe.set(_ban_key(client), "1", ex=settings.ban_seconds).delete(strikes_key).execute()
+        pipe.set(_ban_key(client), "1", ex=settings.ban_seconds)
+        pipe.delete(strikes_key)
+        pipe.execute()
     event(
         log,
         "client_banned",

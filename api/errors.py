@@ -63,8 +63,7 @@ class NotReadyWithStatus(JobNotReady):
 
 def error_response(exc: ServiceError) -> flask.Response:
     """The JSON response for a ServiceError, with Retry-After where it has one."""
-    body: dict[str, object] = exc.to_dict()
-    body.update(getattr(exc, "extra", {}))
+    body: dict[str, object] = {**exc.to_dict(), **getattr(exc, "extra", {})}
     response = flask.jsonify(body)
     response.status_code = exc.status_code
     if exc.retry_after is not None:
@@ -124,8 +123,9 @@ def http_error(on_reject: Callable[[str], None], exc: HTTPException) -> flask.Re
         error.code = "bad_request" if status < 500 else "internal_error"
     on_reject(error.code)
     response = error_response(error)
-    if status == 405 and getattr(exc, "valid_methods", None):
-        response.headers["Allow"] = ", ".join(exc.valid_methods)
+    valid_methods = getattr(exc, "valid_methods", None)  # MethodNotAllowed's
+    if status == 405 and valid_methods:
+        response.headers["Allow"] = ", ".join(valid_methods)
     return response
 
 

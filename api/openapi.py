@@ -53,7 +53,7 @@ CROSS_ORIGIN = _error(
     "cross_origin",
 )
 INTERNAL = _error("Unexpected failure; no detail is given.", "internal_error")
-JOB_SECURITY = [{"jobToken": [], "apiKey": []}, {"jobToken": []}]
+JOB_SECURITY: list[dict[str, list[str]]] = [{"jobToken": [], "apiKey": []}, {"jobToken": []}]
 
 _DOCUMENT: dict = {
     "openapi": "3.1.0",

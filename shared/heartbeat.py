@@ -15,6 +15,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import redis
+from redis.typing import EncodableT, FieldT
 
 from shared.constants import KEY_PREFIX, worker_key
 
@@ -34,7 +35,7 @@ class Heartbeat:
     deform_op: str = ""
     started: float = 0.0
 
-    def fields(self) -> dict[str, str]:
+    def fields(self) -> dict[FieldT, EncodableT]:
         """The hash fields as Redis stores them."""
         values = asdict(self)
         values.pop("name")
@@ -59,27 +60,33 @@ class Heartbeat:
         )
 
 
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def beat(client: redis.Redis, heartbeat: Heartbeat, ttl: int = HEARTBEAT_TTL) -> None:
     """Refresh a worker's heartbeat and its place in the index."""
     key = worker_key(heartbeat.name)
     with client.pipeline(transaction=True) as pipe:
-        pipe.hset(key, mapping=heartbeat.fields()).expire(key, ttl)
-        pipe.zadd(INDEX_KEY, {heartbeat.name: time.time() + ttl}).expire(INDEX_KEY, ttl * 4)
+        pipe.hset(key, mapping=heartbeat.fields())
+        pipe.expire(key, ttl)
+        pipe.zadd(INDEX_KEY, {heartbeat.name: time.time() + ttl})
+        pipe.expire(INDEX_KEY, ttl * 4)
         pipe.execute()
 
 
 def remove(client: redis.Redis, name: str) -> None:
     """A worker stopping cleanly: its heartbeat is gone at once."""
     with client.pipeline(transaction=True) as pipe:
-        pipe.delete(worker_key(name)).zrem(INDEX_KEY, name).execute()
+        pipe.delete(worker_key(name))
+        pipe.zrem(INDEX_KEY, name)
+        pipe.execute()
 
 
 def live(client: redis.Redis, limit: int = 1000) -> list[Heartbeat]:
     """The heartbeats of live workers (at most `limit`), read through the index."""
     client.zremrangebyscore(INDEX_KEY, "-inf", time.time())
-    names = [
-        n.decode() if isinstance(n, bytes) else n for n in client.zrange(INDEX_KEY, 0, limit - 1)
-    ]
+    names = [_text(n) for n in client.zrange(INDEX_KEY, 0, limit - 1)]
     if not names:
         return []
     with client.pipeline(transaction=False) as pipe:

@@ -41,8 +41,8 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
     """Any Pillow mode -> (H, W, 3) uint8 RGB; 16-bit data is scaled, not clipped."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         grey = np.asarray(image, dtype=np.uint32)
-        grey = (grey >> 8) if grey.max(initial=0) > 255 else grey
-        return np.repeat(grey.astype(np.uint8)[:, :, None], 3, axis=2)
+        scaled = (grey >> 8) if grey.max(initial=0) > 255 else grey
+        return np.repeat(scaled.astype(np.uint8)[:, :, None], 3, axis=2)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         # Composite on white: transparent pixels otherwise keep arbitrary hidden colours.
         rgba = image.convert("RGBA")

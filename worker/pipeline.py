@@ -41,6 +41,9 @@ class SupportsPredict(Protocol):
 
     def predict(self, image_rgb: np.ndarray): ...
 
+    # Scales a parsing made at the working size back to the upload's (Predictor's own helper).
+    def _to_input_size(self, parsing, height: int, width: int): ...
+
 
 @dataclass
 class JobContext:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Literal, overload
 from urllib.parse import urljoin, urlsplit
 
 import requests
@@ -177,6 +177,10 @@ class Client:
         response = self._request("GET", job.status_url, idempotent=True, headers=self._bearer(job))
         return JobStatus.from_json(self._json(response))
 
+    @overload
+    def result(self, job: Job, format: Literal["json"] = "json") -> ParsingResult: ...
+    @overload
+    def result(self, job: Job, format: str) -> ParsingResult | bytes: ...
     def result(self, job: Job, format: str = "json") -> ParsingResult | bytes:
         """Fetch the result, which the server then deletes: a second call raises ResultGone.
 
@@ -219,6 +223,18 @@ class Client:
             self._sleep(min(interval, remaining))
             interval = min(max_interval, interval * 1.5)
 
+    @overload
+    def parse(
+        self,
+        path: ImageSource,
+        wait: Literal[True] = True,
+        poll_interval: float = 0.5,
+        timeout: float = 300,
+    ) -> ParsingResult: ...
+    @overload
+    def parse(
+        self, path: ImageSource, wait: bool, poll_interval: float = 0.5, timeout: float = 300
+    ) -> ParsingResult | Job: ...
     def parse(
         self, path: ImageSource, wait: bool = True, poll_interval: float = 0.5, timeout: float = 300
     ) -> ParsingResult | Job:

@@ -76,11 +76,11 @@ class Person:
     @classmethod
     def from_json(cls, document: dict[str, Any]) -> Person:
         """Build from one entry of the result's `persons` list."""
-        box = tuple(int(v) for v in document.get("box", (0, 0, 0, 0)))
+        x0, y0, x1, y1 = (int(v) for v in document.get("box", (0, 0, 0, 0)))
         return cls(
             index=int(document["index"]),
             score=float(document.get("score", 0.0)),
-            box=box,
+            box=(x0, y0, x1, y1),
             area=int(document.get("area", 0)),
             parts=list(document.get("parts", [])),
         )

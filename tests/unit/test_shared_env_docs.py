@@ -1,7 +1,8 @@
 """The documented variables are exactly the ones shared/config.py reads, so the lists cannot drift.
 
 What the code reads is observed, not listed by hand: every loader of shared/config.py runs on an
-environment that records each name looked up. README's configuration table must name exactly
+environment that records each name looked up (the `*_FILE` names it composes included), and the
+names it spells out are added (a variable read on one branch only, e.g. M2FP_TEST_NETWORK). README's configuration table must name exactly
 those; `.env.example` too, plus only names that docker-compose.yml interpolates (compose reads
 `.env` to fill in its images and published ports); docs/OPERATIONS.md may mention only names of
 either kind.
@@ -49,7 +50,8 @@ def variables_read() -> set[str]:
     config.load_stack_settings(env)
     config.prometheus_multiproc_dir(env)
     config.deform_attn_mode(env)
-    return env.asked
+    spelled = NAME.findall((REPO / "shared" / "config.py").read_text())
+    return env.asked | set(spelled)
 
 
 def readme_table() -> set[str]:
