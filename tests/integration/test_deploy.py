@@ -125,14 +125,17 @@ def test_redis_acl_roles(acl_redis):
     with pytest.raises(redis.AuthenticationError):  # a role's name with a wrong password
         redis.Redis(port=port, username="gateway", password="guess").ping()
     gateway, worker = redis.Redis.from_url(url("api")), redis.Redis.from_url(url("worker"))
-    store = lambda client: JobStore(
-        client,
-        input_ttl=60,
-        result_ttl=60,
-        job_ttl=300,
-        max_attempts=2,
-        claim_input_ttl=120,
-    )
+
+    def store(client):
+        return JobStore(
+            client,
+            input_ttl=60,
+            result_ttl=60,
+            job_ttl=300,
+            max_attempts=2,
+            claim_input_ttl=120,
+        )
+
     job_id = new_job_id()
     store(gateway).create(
         job_id, token_hash=hash_secret("t"), key_id="k", wrapped_key=b"w", sealed_input=b"sealed"
@@ -182,7 +185,7 @@ def test_compose_limits_every_service_and_keeps_secrets_off_command_lines():
 
 
 def test_flower_acl_is_read_only_for_real(acl_redis):
-    port, url, secrets = acl_redis
+    _, url, secrets = acl_redis
     line = next(
         line
         for line in (secrets / "users.acl").read_text().splitlines()
@@ -227,11 +230,11 @@ def test_flower_acl_is_read_only_for_real(acl_redis):
 def test_real_flower_sees_worker_events_with_its_read_only_user(acl_redis, tmp_path):
     from celery import Celery
 
-    port, url, secrets = acl_redis
+    _, url, _ = acl_redis
     flower_port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("M2FP_", "CELERY_"))}
     env.update(CELERY_BROKER_URL=url("flower"), FLOWER_BASIC_AUTH="ops:pw", PYTHONPATH=str(REPO))
-    log = open(tmp_path / "flower.log", "wb")  # noqa: SIM115
+    log = open(tmp_path / "flower.log", "wb")  # noqa: SIM115  (closed in the finally below)
     proc = subprocess.Popen(
         [
             sys.executable,

@@ -36,7 +36,7 @@ def test_stack_runs_and_stops_cleanly(tmp_path, stop_signal):
         M2FP_WORKERS="1",
         PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "prom"),
     )
-    log = open(tmp_path / "stack.log", "wb")  # noqa: SIM115
+    log = open(tmp_path / "stack.log", "wb")  # noqa: SIM115  (closed in the finally below)
     proc = subprocess.Popen(
         [sys.executable, "scripts/stack.py"],
         cwd=REPO,
@@ -71,7 +71,7 @@ def test_stack_runs_and_stops_cleanly(tmp_path, stop_signal):
         assert "UNTRAINED MODEL" in output and "password" in output
         proc.send_signal(stop_signal)
         assert proc.wait(60) == 0
-        gone, alive = psutil.wait_procs(children, timeout=30)
+        _, alive = psutil.wait_procs(children, timeout=30)
         assert alive == [], [" ".join(p.cmdline()) for p in alive]
     finally:
         if proc.poll() is None:
@@ -97,19 +97,20 @@ def _start_stack(tmp_path, **extra: str):
         **extra,
     )
     log = open(tmp_path / "stack.log", "wb")  # noqa: SIM115  (closed by the caller)
-
-    def core_allowed():
-        _, hard = resource.getrlimit(resource.RLIMIT_CORE)
-        resource.setrlimit(resource.RLIMIT_CORE, (hard, hard))
-
-    proc = subprocess.Popen(
-        [sys.executable, "scripts/stack.py"],
-        cwd=REPO,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        preexec_fn=core_allowed,
-    )
+    # The child inherits the limit at fork: lift ours around the spawn (no preexec_fn, which is
+    # unsafe in a process with threads), then put it back.
+    soft, hard = resource.getrlimit(resource.RLIMIT_CORE)
+    resource.setrlimit(resource.RLIMIT_CORE, (hard, hard))
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "scripts/stack.py"],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    finally:
+        resource.setrlimit(resource.RLIMIT_CORE, (soft, hard))
     return proc, env, f"http://127.0.0.1:{port}", log
 
 
@@ -195,7 +196,7 @@ def test_no_secret_on_a_command_line_no_core_dumps_and_a_dead_worker_is_restarte
         assert proc.wait(90) == 1
         output = (tmp_path / "stack.log").read_text()
         assert "redis" in output and "stopping the whole stack" in output
-        gone, alive = psutil.wait_procs(children, timeout=30)
+        _, alive = psutil.wait_procs(children, timeout=30)
         assert [p for p in alive if p.is_running()] == []
     finally:
         if proc.poll() is None:
