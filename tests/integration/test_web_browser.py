@@ -335,7 +335,6 @@ def open_page(driver, base_url: str) -> None:
 @pytest.mark.integration
 def test_upload_shows_overlay_legend_persons_and_fetches_once(live_stack, browser, tmp_path):
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
 
     page = requests.get(live_stack.base_url + "/", timeout=10)
     assert "script-src 'self'" in page.headers.get("Content-Security-Policy", ""), (
@@ -374,23 +373,12 @@ def test_upload_shows_overlay_legend_persons_and_fetches_once(live_stack, browse
     assert legend and all(item.text for item in legend)
     assert banner.is_displayed() and "UNTRAINED" in banner.text
 
-    people = by_id(browser, "persons").find_elements(By.CSS_SELECTOR, "button.person-button")
-    if people:  # random weights may find nobody; when they find someone, the view must follow
-        chosen = people[-1]
-        index = chosen.get_attribute("data-person")
-        chosen.click()
-        assert chosen.get_attribute("aria-pressed") == "true"
-        assert by_id(browser, "overlay-caption").text.endswith(f"person {index}")
-        everyone = people[0]
-        everyone.send_keys(Keys.ENTER)  # keyboard-usable: a native button
-        wait_until(
-            browser,
-            lambda d: everyone.get_attribute("aria-pressed") == "true",
-            5,
-            "Enter did not select",
-        )
-    else:
-        assert by_id(browser, "persons").text
+    # The random weights are seeded: on this photo no Human (query, class) pair even reaches the
+    # top 100 (the best pair of any class scores 0.075, under the 0.1 to keep one), so the page
+    # shows nobody, every run. The per-person view is tested with people_stack below.
+    persons = by_id(browser, "persons")
+    assert persons.find_elements(By.CSS_SELECTOR, "button.person-button") == []
+    assert persons.text == "No person was found in this photo."
 
     labels = download(browser, "download-labels", "two people.labels.png")
     with Image.open(labels) as image:  # the raw class-id PNG, as the server sent it
@@ -510,6 +498,7 @@ def people_stack(redis_server, tmp_path_factory):
 @pytest.mark.integration
 def test_clicking_a_person_shows_only_their_parts(people_stack, browser, tmp_path):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
 
     open_page(browser, people_stack.base_url)
     assert not by_id(browser, "untrained-banner").is_displayed()
@@ -541,6 +530,16 @@ def test_clicking_a_person_shows_only_their_parts(people_stack, browser, tmp_pat
     )
     # Everything that is not the chosen person's is dimmed to 30 %: the canvas gets darker.
     assert browser.execute_script(CANVAS_BRIGHTNESS) < everyone_brightness - 1.0
+    everyone = next(b for b in buttons if b.get_attribute("data-person") == "0")
+    everyone.send_keys(Keys.ENTER)  # keyboard-usable: a native button
+    wait_until(
+        browser,
+        lambda d: everyone.get_attribute("aria-pressed") == "true",
+        5,
+        "Enter did not select everyone",
+    )
+    assert chosen.get_attribute("aria-pressed") == "false"
+    assert by_id(browser, "overlay-caption").text == "Parsing overlay: all people"
     assert by_id(browser, "legend").find_elements(By.CSS_SELECTOR, "li")
     assert console_problems(browser) == []
 
@@ -573,12 +572,13 @@ fetch("/v1/jobs", {method: "POST", body: form}).then(async (r) => done({status: 
 @pytest.mark.integration
 def test_another_sites_page_cannot_submit_for_its_visitors(stack_factory, browser, tmp_path):
     import base64
+    import functools
     import http.server
     import threading
 
     stack = stack_factory(workers=0, M2FP_BAN_AFTER="2")
     (tmp_path / "index.html").write_text(ATTACKER_PAGE % stack.base_url)
-    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path), **k)  # noqa: E731
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
     attacker = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=attacker.serve_forever, daemon=True).start()
     try:
