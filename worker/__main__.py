@@ -47,6 +47,9 @@ def _celery_argv(settings: Settings, extra: list[str]) -> list[str]:
         QUEUE,
         "--task-events",
         "--without-gossip",
+        # Mingle (start-up sync of revoked ids) needs reply keys the worker's Redis ACL refuses;
+        # the service revokes nothing, so there is nothing to sync.
+        "--without-mingle",
         *extra,
     ]
 

@@ -15,6 +15,8 @@ import os
 import shutil
 import tempfile
 
+from shared.config import PROMETHEUS_MULTIPROC_VARIABLE, prometheus_multiproc_dir
+
 JOB_BUCKETS = (0.25, 0.5, 1, 2, 3, 5, 8, 13, 21, 34, 55, 90, 150, 300)
 
 _metrics = None
@@ -23,12 +25,12 @@ _metrics = None
 def serve_metrics(host: str, port: int) -> str | None:
     """In the parent: set up the multiprocess directory and serve /metrics; returns its path."""
     # Never an inherited directory: a gateway's on the same host would mix into this one's.
-    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    os.environ.pop(PROMETHEUS_MULTIPROC_VARIABLE, None)
     if not port:
         return None
     base = "/dev/shm" if os.path.isdir("/dev/shm") else None
     directory = tempfile.mkdtemp(prefix="m2fp-worker-metrics-", dir=base)
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    os.environ[PROMETHEUS_MULTIPROC_VARIABLE] = directory  # inherited by the pool children
     atexit.register(shutil.rmtree, directory, True)
     from prometheus_client import CollectorRegistry, start_http_server
     from prometheus_client.multiprocess import MultiProcessCollector
@@ -73,7 +75,7 @@ def record_job(
     attempt: int | None = None,
 ) -> None:
     """Record one job's outcome and timings (no-op unless metrics are enabled)."""
-    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if not prometheus_multiproc_dir():
         return
     m = metrics()
     m["outcomes"].labels(outcome).inc()
@@ -87,7 +89,7 @@ def record_job(
 
 def child_exited(pid: int) -> None:
     """Clean up a dead child's live-gauge files."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if prometheus_multiproc_dir():
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(pid)
