@@ -506,11 +506,11 @@ def scenario_plan(args: argparse.Namespace) -> dict:
 
 
 def soak_env(args: argparse.Namespace) -> dict[str, str]:
-    """Short TTLs for the soak, so that 'after the TTLs' is minutes away, not an hour."""
+    """A short result TTL for the soak, so that 'after the TTLs' is minutes away, not an hour."""
     if args.scenario != "soak":
         return {}
-    return {
-        "M2FP_INPUT_TTL": str(args.ttl),
+    return {  # an input may wait this long in the queue: longer than the backlog can grow
+        "M2FP_INPUT_TTL": "1800",
         "M2FP_RESULT_TTL": str(args.ttl),
         "M2FP_SOFT_TIME_LIMIT": "20",
         "M2FP_HARD_TIME_LIMIT": "30",
@@ -610,7 +610,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--redis-at", type=float, default=20.0, help="outage starts at (s)")
     parser.add_argument("--outage", type=float, default=5.0, help="seconds Redis is away")
     parser.add_argument("--drain", type=float, default=120.0, help="s after the last submit")
-    parser.add_argument("--ttl", type=int, default=30, help="soak: input and result TTL (s)")
+    parser.add_argument("--ttl", type=int, default=30, help="soak: result TTL (s)")
     parser.add_argument("--keep-logs", action="store_true")
     parser.add_argument("--out", type=Path)
     return parser.parse_args(argv)
