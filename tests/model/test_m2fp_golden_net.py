@@ -6,53 +6,24 @@ import copy
 import hashlib
 import json
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from tests.golden_weights import golden_state_dict, state_dict_sha256
+from tests.model.golden_cases import (
+    GOLDEN_DIR,
+    NET_CASES,
+    REL_TOLERANCE,
+    compare_with_golden,
+    flatten_outputs,
+    keys_file,
+    load_case,
+)
 from worker.m2fp.checkpoint import load_into
 from worker.m2fp.config import M2FPConfig, get_config
-from worker.m2fp.model import M2FP, M2FPOutput
-
-DATA_DIR = Path(__file__).resolve().parents[1] / "data"
-GOLDEN_DIR = DATA_DIR / "golden"
-REL_TOLERANCE = (
-    3e-5  # golden README section 4: max|a - b| <= 3e-5 * max(1, max|b|) for a float32 CPU port
-)
-
-NET_CASES = [
-    ("cihp_net_96x128", "cihp"),
-    ("cihp_net_100x75", "cihp"),
-    ("lip_net_96x128", "lip"),
-]
-
-
-def keys_file(variant: str) -> Path:
-    """The state_dict key listing of a variant."""
-    return DATA_DIR / f"state_dict_keys_{variant}.txt"
-
-
-def load_case(name: str) -> dict[str, np.ndarray]:
-    """All arrays of a golden case."""
-    with np.load(GOLDEN_DIR / f"{name}.npz") as archive:
-        return {key: archive[key] for key in archive.files}
-
-
-def flatten_outputs(output: M2FPOutput) -> dict[str, np.ndarray]:
-    """Port outputs under the golden array names."""
-    arrays = {"pred_logits": output.pred_logits, "pred_masks": output.pred_masks}
-    if output.aux_pred_logits is not None:
-        arrays["aux_pred_logits"] = torch.stack(output.aux_pred_logits)  # (9, B, Q, C+1)
-        arrays["aux_pred_masks"] = torch.stack(output.aux_pred_masks)  # (9, B, Q, H/4, W/4)
-        arrays["mask_features"] = output.mask_features
-        for name, features in output.backbone_features.items():
-            arrays[f"backbone_{name}"] = features
-        for level, features in enumerate(output.multi_scale_features):
-            arrays[f"multi_scale_{level}"] = features
-    return {name: tensor.detach().cpu().numpy() for name, tensor in arrays.items()}
+from worker.m2fp.model import M2FP
 
 
 @pytest.fixture(scope="module")
@@ -120,43 +91,6 @@ def test_normalize_and_pad_reproduces_model_input(case: str, variant: str, golde
     assert tuple(padded.shape) == arrays["model_input"].shape
     assert image_sizes == [tuple(int(size) for size in arrays["image_size"])]
     np.testing.assert_allclose(padded.numpy(), arrays["model_input"], rtol=0, atol=1e-6)
-
-
-def compare_with_golden(
-    case: str,
-    arrays: dict[str, np.ndarray],
-    ported: dict[str, np.ndarray],
-    rel_tolerance: float,
-    report: dict,
-) -> list[str]:
-    """Record max|a - b| of every golden float array and return the ones beyond rel_tolerance * max(1, max|b|)."""
-    compared = [
-        name
-        for name, value in arrays.items()
-        if value.dtype == np.float32 and name != "model_input"
-    ]
-    assert {"pred_logits", "pred_masks"} <= set(compared)
-    if case.startswith("cihp_net_96x128"):
-        assert (
-            len(compared) == 12
-        )  # final outputs, 4 backbone maps, mask features, 3 scales, aux logits/masks
-    failures = []
-    for name in compared:
-        golden = arrays[name]
-        assert ported[name].shape == golden.shape, (
-            f"{case}/{name}: shape {ported[name].shape} vs {golden.shape}"
-        )
-        max_abs_diff = float(np.abs(ported[name] - golden).max())
-        golden_max_abs = float(np.abs(golden).max())
-        limit = rel_tolerance * max(1.0, golden_max_abs)
-        report.setdefault(case, {})[name] = {
-            "max_abs_diff": max_abs_diff,
-            "golden_max_abs": golden_max_abs,
-            "limit": limit,
-        }
-        if not max_abs_diff <= limit:
-            failures.append(f"{name}: max|a-b|={max_abs_diff:.3e} > {limit:.3e}")
-    return failures
 
 
 @pytest.mark.parametrize(("case", "variant"), NET_CASES)

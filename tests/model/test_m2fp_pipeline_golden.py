@@ -6,18 +6,15 @@ tests compare its pieces at the README's tolerances, printing the measured diffe
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 from tests.golden_weights import golden_state_dict
+from tests.model.golden_cases import load_case
 from worker.m2fp.checkpoint import build_model_from_state_dict
 from worker.m2fp.config import get_config
 from worker.m2fp.predictor import Inference, Predictor
-
-GOLDEN = Path(__file__).resolve().parent.parent / "data" / "golden"
 
 # README section 4.
 CIHP_LOGITS_MAX, CIHP_LOGITS_MEAN = 2e-2, 1e-4
@@ -27,12 +24,6 @@ LIP_LOGITS_MAX, LIP_SEM_SEG_REL, LIP_ARGMAX_FRACTION, LIP_CLASS_SCORE_MAX = 2e-3
 
 # Full-size ResNet-101 networks at 853x640 / 512x384: 5-20 s per case on 2 CPU cores.
 pytestmark = pytest.mark.slow
-
-
-def load_case(name: str) -> dict[str, np.ndarray]:
-    """All arrays of a golden case."""
-    with np.load(GOLDEN / f"{name}.npz") as archive:
-        return {key: archive[key] for key in archive.files}
 
 
 def golden_predictor(variant: str) -> Predictor:

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.golden_weights import golden_state_dict
-from tests.model.test_m2fp_golden_net import (
+from tests.model.golden_cases import (
     NET_CASES,
     REL_TOLERANCE,
     compare_with_golden,
