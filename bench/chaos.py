@@ -217,6 +217,18 @@ class ChaosStack:
                     counts[line["event"] + ".count"] += int(line.get("count") or 0)
         return dict(counts)
 
+    def event_times(self, name: str) -> list[float]:
+        """Wall-clock times of every `name` event in the workers' JSON logs, in order."""
+        times = []
+        for path in sorted(self.workdir.glob("worker*.log")):
+            for raw in path.read_text(errors="replace").splitlines():
+                if raw.startswith("{") and f'"{name}"' in raw:
+                    try:
+                        times.append(float(json.loads(raw)["ts"]))
+                    except (ValueError, KeyError):
+                        continue
+        return sorted(times)
+
     def stop(self) -> None:
         """Stop every process this stack started, by pid / process group."""
         self.procs.stop()
@@ -474,6 +486,15 @@ def requeue_delays(chaos: Chaos, events: list[dict]) -> list[float]:
     return delays
 
 
+def reaper_delays(chaos: Chaos, requeues: list[float]) -> list[float]:
+    """Seconds from each whole-worker kill to the reaper's requeue of its jobs: the i-th kill
+    paired with the i-th `jobs_of_dead_workers_requeued` event (each kill hits at most one
+    running job with concurrency 1; a kill of an idle worker leaves nothing to requeue, so
+    compare the counts before trusting the pairing)."""
+    kills = [kill["ts"] for kill in chaos.kills if kill["kind"] == "worker"]
+    return [round(requeued - killed, 1) for killed, requeued in zip(kills, requeues, strict=False)]
+
+
 def redis_recovery(load: Load, chaos: Chaos, events: list[dict]) -> dict:
     """While Redis was away: submits by status; after it answered again: seconds until the
     gateway admitted a job and until a worker finished a job submitted after the restart."""
@@ -547,6 +568,7 @@ def run_scenario(args: argparse.Namespace) -> dict:
             "verdict": verdict(figures, allow_data_loss=args.scenario == "redis-restart"),
             "kills": chaos.kills,
             "requeue_delays_s": requeue_delays(chaos, events),
+            "reaper_delays_s": reaper_delays(chaos, stack.event_times(REAPER_EVENTS[0])),
             "reaper_events": stack.log_events(REAPER_EVENTS),
             "redis_restart": redis_recovery(load, chaos, events) if chaos.redis_up else None,
             "memory": memory,
