@@ -178,7 +178,7 @@ def job_result(job_id: str) -> flask.Response:
     if result_format not in RESULT_MIMETYPES:
         raise BadRequest("Unknown result format; use format=json or format=palette.")
     authorized_record(gw, job_id)
-    body = deliver_result(gw, job_id, result_format)
+    body = deliver_result(gw, job_id, bearer_token(), result_format)
     return flask.Response(body, mimetype=RESULT_MIMETYPES[result_format])
 
 

@@ -10,10 +10,19 @@ Owns every cryptographic operation of the service (nothing else touches `cryptog
 - Associated data binds every ciphertext to its job id and direction (`in`, `out`) and the wrapped
   DEK to its job id, so no ciphertext can be replayed under another job or swapped between input
   and output.
+- The result is also bound to the client's bearer token, which the service never stores (Redis
+  holds its SHA-256): the gateway derives an X25519 key pair from the token and the job id
+  (HKDF-SHA256) and stores only the public key with the job; the worker seals the result to it
+  (an ephemeral X25519 exchange) *and* under the data key. Opening a result takes the token and
+  the keyring. Someone who can write to Redis (a worker's credentials suffice) and replaces the
+  job's token hash or public key gets nothing: the gateway opens the result with the key of the
+  token presented, and the input's associated data carries the public key, so a swapped key makes
+  the input undecryptable and the job fails before any result is sealed to it.
 - Fresh 96-bit random nonces per message (never reused: a new DEK per job, and few messages per
   key; the KEK wraps one DEK per job, far below the ~2^32 random-nonce bound between rotations).
 
 Wire format of a sealed blob: b"M2FP" | version (1 byte) | nonce (12) | ciphertext+tag.
+Wire format of a sealed result: the ephemeral X25519 public key (32) | a sealed blob.
 Wire format of a wrapped key: the key id travels beside it in the job record.
 """
 
@@ -28,7 +37,10 @@ import secrets
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from shared.errors import ConfigError, DecryptionError
 
@@ -39,8 +51,12 @@ KEY_BYTES = 32
 HEADER = MAGIC + bytes([VERSION])
 
 
-def _aad(job_id: str, purpose: str) -> bytes:
-    return f"m2fp:v{VERSION}:{purpose}:{job_id}".encode()
+RESULT_KEY_BYTES = 32  # an X25519 public key
+
+
+def _aad(job_id: str, purpose: str, bound: bytes = b"") -> bytes:
+    aad = f"m2fp:v{VERSION}:{purpose}:{job_id}".encode()
+    return aad + b":" + bound.hex().encode() if bound else aad
 
 
 def seal(key: bytes, plaintext: bytes, aad: bytes) -> bytes:
@@ -135,18 +151,77 @@ def new_data_key() -> bytes:
     return secrets.token_bytes(KEY_BYTES)
 
 
-def encrypt_payload(data_key: bytes, job_id: str, direction: str, plaintext: bytes) -> bytes:
-    """Seal a job's input (`direction='in'`) or result (`'out'`) under its data key."""
+def encrypt_payload(
+    data_key: bytes, job_id: str, direction: str, plaintext: bytes, bound: bytes = b""
+) -> bytes:
+    """Seal a job's input (`direction='in'`) or result (`'out'`) under its data key.
+
+    `bound` joins the associated data: the input carries the job's result public key, so the
+    key a worker reads from Redis must be the one the gateway stored.
+    """
     if direction not in ("in", "out"):
         raise ValueError(f"direction must be 'in' or 'out', got {direction!r}")
-    return seal(data_key, plaintext, _aad(job_id, direction))
+    return seal(data_key, plaintext, _aad(job_id, direction, bound))
 
 
-def decrypt_payload(data_key: bytes, job_id: str, direction: str, blob: bytes) -> bytes:
-    """Open a job payload sealed by `encrypt_payload` for the same job id and direction."""
+def decrypt_payload(
+    data_key: bytes, job_id: str, direction: str, blob: bytes, bound: bytes = b""
+) -> bytes:
+    """Open a job payload sealed by `encrypt_payload` for the same job id, direction and `bound`."""
     if direction not in ("in", "out"):
         raise ValueError(f"direction must be 'in' or 'out', got {direction!r}")
-    return open_sealed(data_key, blob, _aad(job_id, direction))
+    return open_sealed(data_key, blob, _aad(job_id, direction, bound))
+
+
+def _hkdf(material: bytes, salt: bytes, info: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=salt, info=info).derive(material)
+
+
+def _result_private_key(token: str, job_id: str) -> X25519PrivateKey:
+    """The job's result key, derived from its bearer token: exists only while a request holds it."""
+    seed = _hkdf(token.encode(), job_id.encode(), f"m2fp:v{VERSION}:result-key".encode())
+    return X25519PrivateKey.from_private_bytes(seed)
+
+
+def result_public_key(token: str, job_id: str) -> bytes:
+    """The 32-byte public half of the token's result key: what the job record stores."""
+    public = _result_private_key(token, job_id).public_key()
+    return public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def _result_key(shared_secret: bytes, data_key: bytes, ephemeral: bytes, job_id: str) -> bytes:
+    """The AES key of one sealed result: needs the token's exchange *and* the data key."""
+    return _hkdf(shared_secret + data_key, ephemeral, _aad(job_id, "out"))
+
+
+def seal_result(public_key: bytes, data_key: bytes, job_id: str, plaintext: bytes) -> bytes:
+    """Seal a result to the job's token-derived public key and under its data key."""
+    if len(public_key) != RESULT_KEY_BYTES:
+        raise DecryptionError("the job has no valid result key")
+    ephemeral = X25519PrivateKey.generate()
+    ephemeral_public = ephemeral.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+    shared_secret = ephemeral.exchange(X25519PublicKey.from_public_bytes(public_key))
+    key = _result_key(shared_secret, data_key, ephemeral_public, job_id)
+    return ephemeral_public + seal(key, plaintext, _aad(job_id, "out", public_key))
+
+
+def open_result(token: str, data_key: bytes, job_id: str, blob: bytes) -> bytes:
+    """Open a result sealed by `seal_result`, with the bearer token presented and the data key."""
+    if len(blob) < RESULT_KEY_BYTES:
+        raise DecryptionError("not a sealed result")
+    private = _result_private_key(token, job_id)
+    ephemeral_public = blob[:RESULT_KEY_BYTES]
+    try:
+        shared_secret = private.exchange(X25519PublicKey.from_public_bytes(ephemeral_public))
+    except ValueError as exc:  # an all-zero exchange: a malformed ephemeral key
+        raise DecryptionError("not a sealed result") from exc
+    public = private.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+    key = _result_key(shared_secret, data_key, ephemeral_public, job_id)
+    return open_sealed(key, blob[RESULT_KEY_BYTES:], _aad(job_id, "out", public))
 
 
 def new_job_id() -> str:

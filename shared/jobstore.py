@@ -2,7 +2,7 @@
 
 Layout (DESIGN.md §3), every key with a TTL:
 - `m2fp:job:{id}`  hash: status, token_hash, kid + wrapped_dek (the job's data key, wrapped),
-                   attempts, error_code, error_message, created/started/finished, worker.
+                   result_pk (the token-derived public key the result is sealed to), attempts, error_code, error_message, created/started/finished, worker.
 - `m2fp:in:{id}`   the encrypted input image (deleted when the result is stored).
 - `m2fp:out:{id}`  the encrypted result (deleted, atomically, by the one fetch that served it:
                    the gateway peeks, decrypts and renders, then takes it only if it is still there).
@@ -78,7 +78,8 @@ redis.call('EXPIRE', KEYS[3], ARGV[8])
 redis.call('SADD', KEYS[4], ARGV[3])
 redis.call('EXPIRE', KEYS[4], ARGV[8])
 if redis.call('TTL', KEYS[2]) < tonumber(ARGV[4]) then redis.call('EXPIRE', KEYS[2], ARGV[4]) end
-return {'ok', redis.call('HGET', KEYS[1], 'kid'), redis.call('HGET', KEYS[1], 'wrapped_dek'), payload}
+local fields = redis.call('HMGET', KEYS[1], 'kid', 'wrapped_dek', 'result_pk')
+return {'ok', fields[1], fields[2], payload, fields[3]}
 """
 
 # Both end a claim: the job leaves its worker's claimed set (ARGV: ..., job id, claimed prefix).
@@ -219,6 +220,7 @@ class Claim:
     wrapped_key: bytes = b""
     sealed_input: bytes = b""
     attempts: int = 0
+    result_key: bytes = b""  # the token-derived public key the result is sealed to
 
 
 @dataclass(frozen=True)
@@ -283,6 +285,7 @@ class JobStore:
         key_id: str,
         wrapped_key: bytes,
         sealed_input: bytes,
+        result_key: bytes = b"",
     ) -> None:
         """Record a new queued job and store its sealed input, atomically, with TTLs."""
         record: dict[FieldT, EncodableT] = {
@@ -290,6 +293,7 @@ class JobStore:
             "token_hash": token_hash,
             "kid": key_id,
             "wrapped_dek": wrapped_key,
+            "result_pk": result_key,
             "attempts": 0,
             "created": f"{time.time():.3f}",
         }
@@ -338,7 +342,8 @@ class JobStore:
         if not flat:
             return None
         record = {_text(k): v for k, v in zip(flat[::2], flat[1::2], strict=True)}
-        return {k: (v if k == "wrapped_dek" else _text(v)) for k, v in record.items()}
+        binary = ("wrapped_dek", "result_pk")
+        return {k: (v if k in binary else _text(v)) for k, v in record.items()}
 
     def peek_result(self, job_id: str) -> Fetch:
         """Read the sealed result (and the data key) without taking it; `take_result` takes it."""
@@ -390,7 +395,8 @@ class JobStore:
         if outcome != "ok":
             return Claim(outcome)
         attempts = int(_text(self.redis.hget(job_key(job_id), "attempts")) or 0)
-        return Claim("ok", _text(reply[1]), reply[2], reply[3], attempts)
+        result_key = reply[4] if len(reply) > 4 and reply[4] else b""  # a nil ends Lua's list
+        return Claim("ok", _text(reply[1]), reply[2], reply[3], attempts, result_key)
 
     def store_result(self, job_id: str, sealed_result: bytes) -> bool:
         """Publish the sealed result and delete the input; False if the job was withdrawn."""

@@ -26,7 +26,7 @@ from PIL import Image
 
 from api.security import CSP
 from shared.constants import CHECKPOINT_FILE
-from shared.crypto import decrypt_payload, encrypt_payload
+from shared.crypto import decrypt_payload, seal_result
 
 EXPECTED_HEADERS = {
     "Content-Security-Policy": CSP,
@@ -118,7 +118,7 @@ def play_worker(app, job_id: str) -> bytes:
     claim = gw.store.claim(job_id, "test-worker")
     assert claim.outcome == "ok", claim.outcome
     data_key = gw.settings.keyring.unwrap(job_id, claim.key_id, claim.wrapped_key)
-    image = decrypt_payload(data_key, job_id, "in", claim.sealed_input)
+    image = decrypt_payload(data_key, job_id, "in", claim.sealed_input, bound=claim.result_key)
     with Image.open(io.BytesIO(image)) as decoded:
         width, height = decoded.size
     empty = base64.b64encode(label_map_png(width, height)).decode()
@@ -131,7 +131,7 @@ def play_worker(app, job_id: str) -> bytes:
         "persons": [],
         "classes": {"0": "Background"},
     }
-    sealed = encrypt_payload(data_key, job_id, "out", json.dumps(document).encode())
+    sealed = seal_result(claim.result_key, data_key, job_id, json.dumps(document).encode())
     assert gw.store.store_result(job_id, sealed)
     return image
 

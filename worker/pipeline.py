@@ -23,7 +23,7 @@ from typing import Protocol
 import numpy as np
 
 from shared.constants import CIHP_CLASSES, LIP_CLASSES, UNTRAINED_WARNING
-from shared.crypto import Keyring, decrypt_payload, encrypt_payload
+from shared.crypto import Keyring, decrypt_payload, seal_result
 from shared.errors import DecodeTooLarge, DecryptionError, TooManyPixels, UndecodableImage
 from shared.jobstore import JobStore
 from shared.logging import event
@@ -99,11 +99,14 @@ def process_job(job_id: str, ctx: JobContext) -> str:
     event(log, "job_started", attempt=claim.attempts)
     try:
         data_key = ctx.keyring.unwrap(job_id, claim.key_id, claim.wrapped_key)
-        image_bytes = decrypt_payload(data_key, job_id, "in", claim.sealed_input)
+        # The result key is in the input's associated data: one swapped in Redis fails here.
+        image_bytes = decrypt_payload(
+            data_key, job_id, "in", claim.sealed_input, bound=claim.result_key
+        )
     except DecryptionError:
         return _fail(ctx, job_id, "internal_error", started, "decryption_failed")
     try:
-        sealed, timings = _parse_and_seal(ctx, job_id, image_bytes, data_key)
+        sealed, timings = _parse_and_seal(ctx, job_id, image_bytes, data_key, claim.result_key)
     except (UndecodableImage, TooManyPixels, DecodeTooLarge) as exc:
         return _fail(ctx, job_id, exc.code, started, exc.code)
     except (MemoryError, RuntimeError) as exc:
@@ -139,7 +142,9 @@ def is_out_of_memory(exc: BaseException) -> bool:
     )
 
 
-def _parse_and_seal(ctx: JobContext, job_id: str, image_bytes: bytes, data_key: bytes):
+def _parse_and_seal(
+    ctx: JobContext, job_id: str, image_bytes: bytes, data_key: bytes, result_key: bytes
+):
     """Decode, parse at (at most) the inference size, render at the upload size, seal the result."""
     timings: dict[str, float] = {}
     tic = time.monotonic()
@@ -163,7 +168,7 @@ def _parse_and_seal(ctx: JobContext, job_id: str, image_bytes: bytes, data_key: 
     document = build_result(
         job_id, parsing, untrained=predictor.untrained, variant=predictor.variant, timings=timings
     )
-    sealed = encrypt_payload(data_key, job_id, "out", document)
+    sealed = seal_result(result_key, data_key, job_id, document)
     del document, parsing
     timings["render_seal"] = time.monotonic() - tic
     return sealed, timings

@@ -252,7 +252,7 @@ def test_a_failed_delivery_leaves_the_result_fetchable(
         raise DecryptionError("injected") if failure == "decrypt" else ValueError("injected")
 
     with monkeypatch.context() as patch:
-        patch.setattr(jobs, "decrypt_payload" if failure == "decrypt" else "palette_png", broken)
+        patch.setattr(jobs, "open_result" if failure == "decrypt" else "palette_png", broken)
         failed = client.get(job["result_url"] + "?format=palette", headers=headers)
     assert failed.status_code == 500 and failed.get_json()["error"] == "internal_error"
     assert clean_redis.exists(output_key(job["job_id"]))

@@ -18,7 +18,7 @@ import redis
 from celery.exceptions import Reject
 from PIL import Image
 
-from shared.crypto import decrypt_payload, new_data_key
+from shared.crypto import new_data_key, open_result, result_public_key
 from shared.errors import JOB_ERRORS, DecodeTooLarge
 from tests.conftest import REPO
 from worker.imaging import decode_cost, decode_upload
@@ -157,9 +157,10 @@ def test_maps_come_back_at_upload_size_when_the_jpeg_was_drafted():
         max_decode_bytes=BUDGET,
         infer_max_side=128,
     )
-    key = new_data_key()
-    sealed, _ = _parse_and_seal(ctx, "job-draft-0000000001", jpeg(1024, 768), key)
-    document = json.loads(decrypt_payload(key, "job-draft-0000000001", "out", sealed))
+    key, job_id, token = new_data_key(), "job-draft-0000000001", "the-bearer-token"
+    public = result_public_key(token, job_id)
+    sealed, _ = _parse_and_seal(ctx, job_id, jpeg(1024, 768), key, public)
+    document = json.loads(open_result(token, key, job_id, sealed))
     assert (document["width"], document["height"]) == (1024, 768)
     for name in ("label_map_png", "instance_map_png"):
         with Image.open(io.BytesIO(base64.b64decode(document[name]))) as image:
