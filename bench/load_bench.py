@@ -45,6 +45,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from tests.helpers import self_signed_certificate  # noqa: E402 (after the path is set)
+
 PY = sys.executable
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
 REQUEST_TIMEOUT = 30.0
@@ -78,27 +80,7 @@ def render_nginx_conf(
 ) -> Path:
     """deploy/nginx.conf with loopback ports, a fresh self-signed certificate, paths in workdir."""
     tls = workdir / "tls"
-    tls.mkdir(exist_ok=True)
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-keyout",
-            str(tls / "privkey.pem"),
-            "-out",
-            str(tls / "fullchain.pem"),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    self_signed_certificate(tls)
     conf = (REPO / "deploy/nginx.conf").read_text()
     conf = (
         conf.replace("/tmp/", f"{workdir}/")

@@ -149,3 +149,33 @@ def save_tiny_checkpoint(model_dir: Path):
     model_dir.mkdir(parents=True, exist_ok=True)
     torch.save({"model": state_dict}, model_dir / CHECKPOINT_FILE)
     return model
+
+
+def stored_job(store, job_id: str | None = None, sealed_input: bytes = b"SEALED-INPUT") -> str:
+    """Record a queued job straight in a `shared.jobstore.JobStore` (token "tok"); its id."""
+    from shared.crypto import hash_secret, new_job_id
+
+    job_id = job_id or new_job_id()
+    store.create(
+        job_id,
+        token_hash=hash_secret("tok"),
+        key_id="k1",
+        wrapped_key=b"W" * 60,
+        sealed_input=sealed_input,
+    )
+    return job_id
+
+
+def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
+    """A throw-away self-signed certificate for localhost: (fullchain.pem, privkey.pem)."""
+    import subprocess
+
+    folder.mkdir(parents=True, exist_ok=True)
+    cert, key = folder / "fullchain.pem", folder / "privkey.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+        + ["-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key

@@ -37,6 +37,7 @@ import requests
 import urllib3
 
 from tests.conftest import REPO, free_port, stop_process, wait_for
+from tests.helpers import self_signed_certificate
 from tests.integration.conftest import photo_jpeg
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(3600)]
@@ -270,24 +271,7 @@ def project_folder(folder: Path) -> None:
     shutil.copy(REPO / "scripts/make_secrets.sh", folder / "scripts/make_secrets.sh")
     run(["bash", str(folder / "scripts/make_secrets.sh")], cwd=folder)
     secrets = folder / "secrets"
-    run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-keyout",
-            str(secrets / "tls/privkey.pem"),
-            "-out",
-            str(secrets / "tls/fullchain.pem"),
-        ]
-    )
+    self_signed_certificate(secrets / "tls")
     # Docker bind-mounts file secrets with the host file's owner and mode; the containers run as
     # their own non-root users, so the files must be readable to them. The folder stays 0700:
     # on the host only root reaches them (docs/OPERATIONS.md says the same for deployments).

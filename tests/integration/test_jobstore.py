@@ -5,8 +5,8 @@ import threading
 import pytest
 
 from shared.constants import input_key, job_key, output_key
-from shared.crypto import hash_secret, new_job_id
 from shared.jobstore import JobStore
+from tests.helpers import stored_job
 
 pytestmark = pytest.mark.integration
 
@@ -19,15 +19,7 @@ def store(clean_redis):
 
 
 def create(store, job_id=None):
-    job_id = job_id or new_job_id()
-    store.create(
-        job_id,
-        token_hash=hash_secret("tok"),
-        key_id="k1",
-        wrapped_key=b"W" * 60,
-        sealed_input=b"SEALED-INPUT",
-    )
-    return job_id
+    return stored_job(store, job_id)
 
 
 def test_every_key_has_a_ttl(store, clean_redis):

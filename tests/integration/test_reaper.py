@@ -18,9 +18,9 @@ import redis
 
 from shared import heartbeat
 from shared.constants import CLAIMERS_KEY, claimed_key, job_key
-from shared.crypto import hash_secret, new_job_id
 from shared.jobstore import JobStore
 from tests.conftest import wait_for
+from tests.helpers import stored_job
 from tests.integration.conftest import photo_jpeg, poll_until, submit
 
 pytestmark = pytest.mark.integration
@@ -34,15 +34,7 @@ def store(clean_redis):
 
 
 def create(store: JobStore) -> str:
-    job_id = new_job_id()
-    store.create(
-        job_id,
-        token_hash=hash_secret("tok"),
-        key_id="k1",
-        wrapped_key=b"W" * 60,
-        sealed_input=b"SEALED",
-    )
-    return job_id
+    return stored_job(store, sealed_input=b"SEALED")
 
 
 def backdate(client: redis.Redis, job_id: str, seconds: float) -> None:

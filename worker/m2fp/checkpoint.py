@@ -210,6 +210,20 @@ def build_untrained_model(config: M2FPConfig, seed: int = UNTRAINED_SEED) -> M2F
         return M2FP(config)
 
 
+def model_info(
+    model: M2FP, source: str, ignored: tuple[str, ...], untrained: bool = False
+) -> ModelInfo:
+    """The `ModelInfo` of a built model (on its device) from `source`, with the keys skipped."""
+    return ModelInfo(
+        variant=model.config.name,
+        source=source,
+        untrained=untrained,
+        device=str(model.pixel_mean.device),
+        num_parameters=count_trainable_parameters(model),
+        ignored_keys=ignored,
+    )
+
+
 def _finish(model: M2FP, device: str | torch.device) -> M2FP:
     """Move to the device and switch to inference mode (eval, no gradients)."""
     model.to(torch.device(device))
@@ -228,16 +242,7 @@ def build_model_from_state_dict(
     config = get_config(variant)
     model = M2FP(config)
     ignored = load_into(model, state_dict)
-    model = _finish(model, device)
-    info = ModelInfo(
-        variant=config.name,
-        source=source,
-        untrained=False,
-        device=str(torch.device(device)),
-        num_parameters=count_trainable_parameters(model),
-        ignored_keys=ignored,
-    )
-    return model, info
+    return _finish(model, device), model_info(model, source, ignored)
 
 
 def build_untrained(variant: str, device: str | torch.device) -> tuple[M2FP, ModelInfo]:
@@ -250,14 +255,7 @@ def build_untrained(variant: str, device: str | torch.device) -> tuple[M2FP, Mod
         UNTRAINED_SEED,
     )
     model = _finish(build_untrained_model(config), device)
-    info = ModelInfo(
-        variant=config.name,
-        source=RANDOM_WEIGHTS,
-        untrained=True,
-        device=str(torch.device(device)),
-        num_parameters=count_trainable_parameters(model),
-    )
-    return model, info
+    return model, model_info(model, RANDOM_WEIGHTS, (), untrained=True)
 
 
 def build_model(
