@@ -83,6 +83,8 @@ return {'ok', fields[1], fields[2], payload, fields[3]}
 """
 
 # Both end a claim: the job leaves its worker's claimed set (ARGV: ..., job id, claimed prefix).
+# Last, after the first write: a script's first write decides whether a full Redis (maxmemory,
+# noeviction) refuses it, and that must be the result's SET, not this SREM, which would let it.
 _UNCLAIM = """
 local owner = redis.call('HGET', KEYS[1], 'worker')
 if owner then redis.call('SREM', ARGV[5] .. owner, ARGV[4]) end
@@ -93,13 +95,13 @@ if owner then redis.call('SREM', ARGV[5] .. owner, ARGV[4]) end
 _STORE = (
     """
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
-"""
-    + _UNCLAIM
-    + """
 redis.call('SET', KEYS[3], ARGV[1], 'EX', ARGV[2])
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[1], 'status', 'done', 'finished', ARGV[3])
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]) + 300)
+"""
+    + _UNCLAIM
+    + """
 return 1
 """
 )
@@ -110,12 +112,12 @@ _FAIL = (
     """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'queued' and status ~= 'running' then return 0 end
-"""
-    + _UNCLAIM
-    + """
 redis.call('HSET', KEYS[1], 'status', 'failed', 'error_code', ARGV[1], 'finished', ARGV[2])
 redis.call('HDEL', KEYS[1], 'wrapped_dek')
 redis.call('DEL', KEYS[2])
+"""
+    + _UNCLAIM
+    + """
 return 1
 """
 )
