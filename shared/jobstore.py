@@ -158,6 +158,16 @@ end
 return requeued
 """
 
+# KEYS: job. ARGV: now, min interval. Returns 1 when a still-queued job may be re-sent now
+# (and notes when), 0 when it runs, ended, is gone, or was re-sent less than the interval ago.
+_RESEND = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
+local last = tonumber(redis.call('HGET', KEYS[1], 'resent') or '0')
+if last > tonumber(ARGV[1]) - tonumber(ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[1], 'resent', ARGV[1])
+return 1
+"""
+
 # KEYS: job, in, out. ARGV: now. Marks lost data as expired, then returns the record as a flat list.
 _STATUS = """
 local status = redis.call('HGET', KEYS[1], 'status')
@@ -258,6 +268,7 @@ class JobStore:
         self.max_attempts, self.claim_input_ttl = max_attempts, claim_input_ttl
         self._claim = client.register_script(_CLAIM)
         self._reap = client.register_script(_REAP)
+        self._resend = client.register_script(_RESEND)
         self._store = client.register_script(_STORE)
         self._fail = client.register_script(_FAIL)
         self._status = client.register_script(_STATUS)
@@ -423,6 +434,10 @@ class JobStore:
                 args=[code, f"{time.time():.3f}", "", job_id, CLAIMED_KEY_PREFIX],
             )
         )
+
+    def may_resend(self, job_id: str, min_interval: float) -> bool:
+        """Whether a still-queued job's message may be sent again now (at most once an interval)."""
+        return bool(self._resend(keys=[job_key(job_id)], args=[f"{time.time():.3f}", min_interval]))
 
     def reap(self, grace: float = REAP_GRACE_SECONDS) -> list[str]:
         """Requeue (status `queued`) the running jobs of workers whose heartbeat lapsed.

@@ -10,10 +10,21 @@ hard time limit, no result backend (job state lives in the job store).
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
+import time
+
+import redis
 from celery import Celery
 from kombu import Queue
 
 from shared.constants import QUEUE, TASK_PARSE
+
+# kombu's Redis transport keeps a delivered, not yet acknowledged message in these two keys
+# (its `unacked_key` and `unacked_index_key` defaults) until it is acked or, after the
+# visibility timeout, restored to its queue.
+UNACKED_KEY, UNACKED_INDEX_KEY = "unacked", "unacked_index"
 
 
 def make_celery(settings, name: str = "m2fp") -> Celery:
@@ -64,3 +75,37 @@ def enqueue_parse(app: Celery, job_id: str) -> None:
         argsrepr=repr([job_id]),
         kwargsrepr="{}",
     )
+
+
+def unacked_job_ids(client: redis.Redis, older_than: float, limit: int = 1000) -> list[str]:
+    """Job ids of parse messages delivered more than `older_than` seconds ago and not acked.
+
+    A worker acks a parse message when the job ends, and claims the job right after it gets the
+    message; a job id here whose job is still `queued` was taken by a worker that died before
+    claiming it (the reaper re-sends those instead of waiting for the visibility timeout).
+    """
+    found = client.zrangebyscore(UNACKED_INDEX_KEY, "-inf", time.time() - older_than, 0, limit)
+    tags = [tag for tag in found if isinstance(tag, bytes | str)]
+    if not tags:
+        return []
+    job_ids = []
+    for raw in client.hmget(UNACKED_KEY, tags):
+        job_id = _parse_job_id(raw)
+        if job_id is not None:
+            job_ids.append(job_id)
+    return job_ids
+
+
+def _parse_job_id(raw: bytes | str | None) -> str | None:
+    """The job id of one unacked entry (`[message, exchange, routing key]`), or None."""
+    try:
+        message = json.loads(raw)[0] if raw else None
+        if not message or message["headers"].get("task") != TASK_PARSE:
+            return None
+        body = message["body"]
+        if message["properties"].get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+        return args[0] if args and isinstance(args[0], str) else None
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError, binascii.Error):
+        return None

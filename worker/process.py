@@ -31,6 +31,7 @@ from shared.constants import UNTRAINED_WARNING
 from shared.heartbeat import HEARTBEAT_SECONDS, Heartbeat
 from shared.jobstore import JobStore
 from shared.logging import event
+from shared.queue import unacked_job_ids
 from shared.watchdog import MemoryWatchdog
 from worker.metrics import record_job
 from worker.pipeline import JobContext
@@ -42,6 +43,7 @@ if TYPE_CHECKING:  # torch is imported in pool children only
 log = logging.getLogger(__name__)
 MODEL_LOAD_TIMEOUT = 600
 REAP_SECONDS = 5.0  # how often each live worker looks for dead workers' jobs (jittered)
+UNCLAIMED_SECONDS = 30.0  # a message delivered this long ago whose job is still queued is re-sent
 
 
 class WorkerProcess:
@@ -157,15 +159,28 @@ class WorkerProcess:
                 log.warning("reaper_failed", exc_info=True)
 
     def reap_once(self, store: JobStore) -> list[str]:
-        """One pass: the jobs put back in the queue (their messages re-sent)."""
+        """One pass: the jobs put back in the queue (their messages re-sent).
+
+        Two kinds: jobs a dead worker had claimed (`JobStore.reap`), and jobs whose message a
+        worker took but never claimed (it died between the two: the message waits unacked
+        for the visibility timeout, the job stays `queued`).
+        """
         job_ids = store.reap()
-        for job_id in job_ids:
+        unclaimed = [
+            job_id
+            for job_id in unacked_job_ids(store.redis, UNCLAIMED_SECONDS)
+            if job_id not in job_ids and store.may_resend(job_id, UNCLAIMED_SECONDS)
+        ]
+        for job_id in job_ids + unclaimed:
             if self.requeue is not None:
                 self.requeue(job_id)
         if job_ids:
             event(log, "jobs_of_dead_workers_requeued", logging.WARNING, count=len(job_ids))
             record_job("requeued_dead_worker")
-        return job_ids
+        if unclaimed:
+            event(log, "unclaimed_jobs_resent", logging.WARNING, count=len(unclaimed))
+            record_job("resent_unclaimed")
+        return job_ids + unclaimed
 
     def stop(self) -> None:
         """Called in the child before it exits: stop the heartbeat, remove its key."""

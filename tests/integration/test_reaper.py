@@ -108,3 +108,53 @@ def test_a_killed_worker_host_loses_no_job(stack_factory):
     assert final["status"] == "done", final
     assert int(client.hget(job_key(job_id), "attempts")) == 2
     assert "jobs_of_dead_workers_requeued" in stack.all_logs()
+
+
+def _take_and_die(broker_url: str) -> None:
+    """In a forked child: take one parse message like a worker would, then die without a word."""
+    from kombu import Connection, Consumer, Queue
+
+    from shared.constants import QUEUE
+
+    with Connection(broker_url) as connection:
+        taken = []
+        consumer = Consumer(
+            connection,
+            queues=[Queue(QUEUE, routing_key=QUEUE)],
+            callbacks=[lambda _body, message: taken.append(message)],
+            accept=["json"],
+        )
+        with consumer:
+            connection.drain_events(timeout=10)
+        os._exit(0 if taken else 1)  # no ack, no channel close: the message stays unacked
+
+
+def test_a_message_taken_by_a_worker_that_died_before_claiming_is_resent(
+    store, clean_redis, redis_url, monkeypatch
+):
+    import multiprocessing
+
+    from shared.config import load_settings
+    from shared.crypto import generate_key
+    from shared.queue import enqueue_parse, make_celery, unacked_job_ids
+    from worker import process
+
+    settings = load_settings(
+        {"M2FP_REDIS_URL": redis_url, "M2FP_DATA_KEYS": f"k1:{generate_key()}"}
+    )
+    app = make_celery(settings)
+    job_id = create(store)
+    enqueue_parse(app, job_id)
+    app.close()
+    child = multiprocessing.get_context("fork").Process(target=_take_and_die, args=(redis_url,))
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0
+    assert unacked_job_ids(clean_redis, older_than=0) == [job_id]  # taken, never acked
+    monkeypatch.setattr(process, "UNCLAIMED_SECONDS", 0.0)
+    sent: list[str] = []
+    reaper = process.WorkerProcess(settings, requeue=sent.append)
+    assert reaper.reap_once(store) == [job_id] and sent == [job_id]
+    assert not store.may_resend(job_id, 30.0)  # re-sent just now: at most once an interval
+    store.claim(job_id, "live:1")  # the re-sent message ran: a running job is never re-sent
+    assert not store.may_resend(job_id, 0.0)
