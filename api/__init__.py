@@ -51,7 +51,7 @@ def create_app(
     configure(app, settings)
     client = redis_client or make_redis(settings)
     store = JobStore.from_settings(settings, client)
-    metrics = Metrics(store)
+    metrics = Metrics(store, settings.metrics_token)
     metrics.init_app(app)  # first: its timer sees every other hook
     security.init_app(app, settings)
     app.before_request(

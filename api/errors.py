@@ -68,6 +68,7 @@ def error_response(exc: ServiceError) -> flask.Response:
     response.status_code = exc.status_code
     if exc.retry_after is not None:
         response.headers["Retry-After"] = str(exc.retry_after)
+    response.headers.update(getattr(exc, "headers", {}))
     return response
 
 

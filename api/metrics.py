@@ -6,11 +6,13 @@ import, and by us through `shared.config.prometheus_multiproc_dir`), their value
 them with `MultiProcessCollector`, so any process answers for the whole gateway. The queue
 depth and Redis reachability are read from Redis at scrape time (not a per-process value).
 Labels are route templates (`/v1/jobs/<job_id>`), never raw paths, so ids cannot explode the
-series count.
+series count. `/metrics` is not public: it answers only a scraper that sends
+`Authorization: Bearer <M2FP_METRICS_TOKEN>` (401 otherwise), and 404 when no token is set.
 """
 
 from __future__ import annotations
 
+import hmac
 import time
 
 import flask
@@ -27,6 +29,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from shared.config import prometheus_multiproc_dir
 from shared.constants import QUEUE
+from shared.errors import MetricsUnauthorized, NotFound
 from shared.jobstore import JobStore
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -63,7 +66,8 @@ class QueueCollector:
 class Metrics:
     """The gateway's metric objects and the hooks that feed them."""
 
-    def __init__(self, store: JobStore):
+    def __init__(self, store: JobStore, token: str | None = None):
+        self.token = token
         # No auto_describe: it would call QueueCollector.collect (Redis) at app creation.
         self.registry = CollectorRegistry()
         self.requests = Counter(
@@ -125,4 +129,13 @@ class Metrics:
 
         @app.get("/metrics")
         def metrics() -> flask.Response:
+            self.authorize(flask.request.headers.get("Authorization", ""))
             return flask.Response(self.exposition(), content_type=CONTENT_TYPE_LATEST)
+
+    def authorize(self, authorization: str) -> None:
+        """404 when metrics are off (no token), 401 unless `authorization` is `Bearer <token>`."""
+        if self.token is None:
+            raise NotFound()
+        expected = f"Bearer {self.token}".encode()
+        if not hmac.compare_digest(authorization.encode("utf-8", "replace"), expected):
+            raise MetricsUnauthorized()

@@ -325,13 +325,15 @@ _DOCUMENT: dict = {
         "/metrics": {
             "get": {
                 "operationId": "metrics",
-                "summary": "Prometheus metrics (serve on an internal network only).",
-                "security": [],
+                "summary": "Prometheus metrics, for the scraper only (M2FP_METRICS_TOKEN).",
+                "security": [{"metricsToken": []}],
                 "responses": {
                     "200": {
                         "description": "Prometheus text exposition format.",
                         "content": {"text/plain": {"schema": {"type": "string"}}},
-                    }
+                    },
+                    "401": _error("No or a wrong scraper token.", "unauthorized"),
+                    "404": _error("Metrics are off: no M2FP_METRICS_TOKEN is set.", "not_found"),
                 },
             }
         },
@@ -355,6 +357,11 @@ _DOCUMENT: dict = {
                 "type": "http",
                 "scheme": "bearer",
                 "description": "The job's token from POST /v1/jobs.",
+            },
+            "metricsToken": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "The scraper's M2FP_METRICS_TOKEN; without one set, /metrics is 404.",
             },
             "apiKey": {
                 "type": "apiKey",

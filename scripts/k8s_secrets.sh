@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 src="${1:-secrets}"
 dst="${2:-deploy/k8s/credentials/secrets}"
-files=(data_keys users.acl redis_url_api redis_url_worker redis_url_flower flower_auth)
+files=(data_keys users.acl redis_url_api redis_url_worker redis_url_flower flower_auth metrics_token)
 for f in "${files[@]}"; do
   [ -s "$src/$f" ] || { echo "$src/$f is missing: run scripts/make_secrets.sh first" >&2; exit 1; }
 done

@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
 # Create ./secrets for docker-compose: the data keyring, one Redis ACL user per role (gateway,
-# worker, flower, healthcheck), Flower's basic auth, and the URLs each service reads.
+# worker, flower, healthcheck), Flower's basic auth, the gateway's metrics-scraper token, and the
+# URLs each service reads.
+# Modes: the folder 0700 (on the host only its owner, root for dockerd, gets in), the files 0444:
+# Docker bind-mounts file secrets with the host file's owner and mode, and each container runs as
+# its own non-root user (10001 gateway/Flower, 10002 worker, 999 Redis, 101 nginx), which must be
+# able to read the few secrets mounted into it.
 # Flower's user is read-only for real: no PUBLISH (so no remote control through Celery's pidbox),
 # no CLIENT KILL/PAUSE, CONFIG or FLUSH*, no job key; its rules are shared.constants.FLOWER_ACL_RULES
 # (tests/integration/test_deploy.py checks that both agree and that a real Flower still works).
@@ -28,4 +33,9 @@ echo "redis://worker:$worker@redis:6379/0" > secrets/redis_url_worker
 echo "redis://flower:$flower@redis:6379/0" > secrets/redis_url_flower
 echo "admin:$(rand)" > secrets/flower_auth
 echo "$health" > secrets/redis_healthcheck
-echo "secrets written to ./secrets (Flower login in secrets/flower_auth); add TLS cert/key to secrets/tls"
+rand > secrets/metrics_token
+find secrets -type f -exec chmod 0444 {} +
+chmod 0755 secrets/tls
+chmod 0700 secrets
+echo "secrets written to ./secrets (Flower login in secrets/flower_auth, the metrics scraper's token in"
+echo "secrets/metrics_token); add TLS fullchain.pem/privkey.pem to secrets/tls with mode 0444"

@@ -247,6 +247,8 @@ def service_env(stack: Stack, settings: StackSettings) -> tuple[dict[str, str], 
         env["M2FP_REDIS_URL"], flower_broker = start_redis(stack, settings, env)
     if not settings.has_data_keys:
         env["M2FP_DATA_KEYS"] = f"run{int(time.time())}:{generate_key()}"
+    if not settings.has_metrics_token:
+        env["M2FP_METRICS_TOKEN"] = secrets.token_urlsafe(24)
     weights, untrained = resolve_weights(settings)
     env["M2FP_WEIGHTS"] = weights
     threads = torch_threads_per_child(
@@ -312,10 +314,12 @@ UNTRAINED_BANNER = [
 
 
 def ready_banner(
-    settings: StackSettings, weights: str, flower: tuple[int, str], metrics_ports: list[int]
+    settings: StackSettings, env: dict[str, str], flower: tuple[int, str], metrics_ports: list[int]
 ) -> list[str]:
     """The lines printed once everything is started: URLs, Flower's login, how to submit."""
     host, port = settings.host, settings.port
+    weights = env["M2FP_WEIGHTS"]
+    token = env.get("M2FP_METRICS_TOKEN") or "<M2FP_METRICS_TOKEN_FILE's token>"
     flower_port, flower_password = flower
     shown = "RANDOM (untrained)" if weights == RANDOM_WEIGHTS else weights
     return [
@@ -323,8 +327,8 @@ def ready_banner(
         f"  web page + API : http://{host}:{port}/   (ready when /readyz says so)",
         f"  Flower         : http://127.0.0.1:{flower_port}/  user {settings.flower_user}  "
         f"password {flower_password}",
-        f"  metrics        : http://{host}:{port}/metrics  workers: "
-        + " ".join(f"http://127.0.0.1:{p}/metrics" for p in metrics_ports),
+        f"  metrics        : http://{host}:{port}/metrics  with 'Authorization: Bearer {token}'",
+        "  worker metrics : " + " ".join(f"http://127.0.0.1:{p}/metrics" for p in metrics_ports),
         f"  submit         : curl -F image=@photo.jpg http://{host}:{port}/v1/jobs",
         "Ctrl-C stops every process.",
     ]
@@ -366,7 +370,7 @@ def main() -> int:
         metrics_ports = start_workers(stack, settings, env)
         prom_dir = start_gateway(stack, env)
         flower = start_flower(stack, settings, env, flower_broker)
-        banner(ready_banner(settings, env["M2FP_WEIGHTS"], flower, metrics_ports))
+        banner(ready_banner(settings, env, flower, metrics_ports))
         supervise_until_stopped(stack, lambda: bool(signalled))
     finally:
         print("stack: stopping...", file=sys.stderr, flush=True)

@@ -104,6 +104,7 @@ class Settings:
     log_level: str = "INFO"
     memory_alert_percent: float = 90.0
     alert_webhook: str | None = None
+    metrics_token: str | None = field(default=None, repr=False)  # unset: /metrics is off
 
     @property
     def job_ttl(self) -> int:
@@ -139,6 +140,7 @@ class StackSettings:
     flower_port: int = 5555
     flower_user: str = "admin"
     flower_password: str | None = field(default=None, repr=False)  # unset: generated
+    has_metrics_token: bool = False  # unset: make run generates one
 
 
 def _read_secret(env: Mapping[str, str], name: str) -> str | None:
@@ -236,6 +238,7 @@ def load_stack_settings(env: Mapping[str, str] | None = None) -> StackSettings:
         redis_url=env.get("M2FP_REDIS_URL") or None,
         redis_port=_int(env, "M2FP_REDIS_PORT", 6380, 1),
         has_data_keys=bool(env.get("M2FP_DATA_KEYS") or env.get("M2FP_DATA_KEYS_FILE")),
+        has_metrics_token=_metrics_token(env) is not None,
         weights=(env.get("M2FP_WEIGHTS") or "").strip() or None,
         host=env.get("M2FP_HOST", "127.0.0.1").strip(),
         port=_int(env, "M2FP_PORT", 8000, 1),
@@ -377,7 +380,7 @@ def _model_fields(env: Mapping[str, str]) -> dict:
 
 
 def _operations_fields(env: Mapping[str, str]) -> dict:
-    """Log level, memory alert threshold and webhook."""
+    """Log level, memory alert threshold and webhook, the metrics scraper's token."""
     alert = env.get("M2FP_MEMORY_ALERT_PERCENT", "90").strip()
     try:
         alert_percent = float(alert)
@@ -394,7 +397,24 @@ def _operations_fields(env: Mapping[str, str]) -> dict:
         "log_level": log_level,
         "memory_alert_percent": alert_percent,
         "alert_webhook": env.get("M2FP_ALERT_WEBHOOK") or None,
+        "metrics_token": _metrics_token(env),
     }
+
+
+MIN_METRICS_TOKEN = 16
+
+
+def _metrics_token(env: Mapping[str, str]) -> str | None:
+    """M2FP_METRICS_TOKEN(_FILE): the bearer token a scraper sends for the gateway's /metrics."""
+    token = _read_secret(env, "M2FP_METRICS_TOKEN")
+    if token is not None and (
+        len(token) < MIN_METRICS_TOKEN or not token.isascii() or " " in token
+    ):
+        raise ConfigError(
+            f"M2FP_METRICS_TOKEN must be at least {MIN_METRICS_TOKEN} ASCII characters without "
+            "spaces; generate one with `python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+        )
+    return token
 
 
 def find_weights(weights: str | None, root: Path | None = None) -> str | None:

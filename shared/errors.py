@@ -8,6 +8,8 @@ code and message of a failed job in its job record. Codes are a contract: client
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 
 class ServiceError(Exception):
     """Base class: an error with an HTTP status, a stable code and a public message."""
@@ -43,6 +45,11 @@ class BadRequest(ServiceError):
 class Unauthorized(ServiceError):
     status_code, code = 401, "unauthorized"
     message = "A valid API key is required in the 'X-API-Key' header."
+
+
+class MetricsUnauthorized(Unauthorized):
+    message = "GET /metrics needs the scraper's token in an 'Authorization: Bearer <token>' header."
+    headers: ClassVar[dict[str, str]] = {"WWW-Authenticate": 'Bearer realm="metrics"'}
 
 
 class Banned(ServiceError):

@@ -20,6 +20,7 @@ import redis
 from scripts import redis_server as redis_helper
 from shared.config import load_settings
 from shared.crypto import generate_key
+from tests.helpers import METRICS_TOKEN
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -116,6 +117,7 @@ def make_service_env(redis_url: str) -> dict[str, str]:
             "M2FP_REDIS_URL": redis_url,
             "M2FP_DATA_KEYS": f"k1:{generate_key()}",
             "M2FP_LOG_LEVEL": "INFO",
+            "M2FP_METRICS_TOKEN": METRICS_TOKEN,
             "PYTHONPATH": str(REPO),
         }
     )

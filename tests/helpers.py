@@ -104,6 +104,15 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
+# The gateway's /metrics answers only its scraper (M2FP_METRICS_TOKEN); the tests' stacks use this one.
+METRICS_TOKEN = "test-metrics-token-5f0c2a9e41"
+
+
+def metrics_headers() -> dict[str, str]:
+    """The Authorization header of the tests' metrics scraper."""
+    return bearer(METRICS_TOKEN)
+
+
 def label_map_png(width: int, height: int) -> bytes:
     """A single-channel PNG whose pixels cycle through class ids 0..19."""
     image = Image.frombytes("L", (width, height), bytes((i % 20) for i in range(width * height)))

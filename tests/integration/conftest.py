@@ -33,6 +33,7 @@ from shared.config import load_settings
 from shared.crypto import generate_key
 from shared.queue import make_celery
 from tests.conftest import REPO, free_port, make_service_env, stop_process, wait_for
+from tests.helpers import METRICS_TOKEN
 
 SHM = "/dev/shm" if os.path.isdir("/dev/shm") else None
 STACK_ENV = {
@@ -232,6 +233,7 @@ def make_app(redis_url, clean_redis):
             "M2FP_POLL_LIMIT": "1000/minute",
             "M2FP_SUBMIT_ATTEMPT_LIMIT": "1000/minute",
             "M2FP_BAN_AFTER": "0",
+            "M2FP_METRICS_TOKEN": METRICS_TOKEN,
         }
         env.update(overrides)
         settings = load_settings(env)

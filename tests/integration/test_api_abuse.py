@@ -11,7 +11,7 @@ from shared.config import load_settings
 from shared.constants import BAN_PREFIX, LIMITER_PREFIX, STRIKES_PREFIX, worker_key
 from shared.crypto import generate_key
 from tests.conftest import free_port
-from tests.helpers import bearer, png_bytes, upload
+from tests.helpers import METRICS_TOKEN, bearer, metrics_headers, png_bytes, upload
 
 pytestmark = pytest.mark.integration
 
@@ -156,6 +156,7 @@ def test_redis_unreachable_is_a_quick_503_never_a_500(ban_after):
         "M2FP_REDIS_URL": f"redis://:pw@127.0.0.1:{free_port()}/0",
         "M2FP_DATA_KEYS": f"k1:{generate_key()}",
         "M2FP_BAN_AFTER": ban_after,
+        "M2FP_METRICS_TOKEN": METRICS_TOKEN,
     }
     client = create_app(load_settings(env)).test_client()
     started = time.monotonic()
@@ -176,7 +177,7 @@ def test_redis_unreachable_is_a_quick_503_never_a_500(ban_after):
     assert ready.status_code == 503 and ready.get_json()["status"] == "unavailable"
     assert "Retry-After" in ready.headers
     assert client.get("/healthz").status_code == 200
-    metrics = client.get("/metrics")
+    metrics = client.get("/metrics", headers=metrics_headers())
     assert metrics.status_code == 200 and b"m2fp_redis_up 0.0" in metrics.data
     assert time.monotonic() - started < 20
 
@@ -226,7 +227,7 @@ def test_metrics_count_requests_rejections_and_jobs(make_app):
     upload(client, png_bytes())
     upload(client, b"junk", "x.png")
     client.get("/v1/jobs/" + "A" * 24)
-    text = client.get("/metrics").data.decode()
+    text = client.get("/metrics", headers=metrics_headers()).data.decode()
     assert 'm2fp_http_requests_total{method="POST",route="/v1/jobs",status="202"} 1.0' in text
     assert 'route="/v1/jobs/<job_id>",status="404"' in text
     assert 'm2fp_rejections_total{reason="type_mismatch"} 1.0' in text
@@ -234,6 +235,32 @@ def test_metrics_count_requests_rejections_and_jobs(make_app):
     assert "m2fp_queue_depth 1.0" in text
     assert "m2fp_http_request_duration_seconds_bucket" in text
     assert "A" * 24 not in text  # route templates, never raw paths
+
+
+def test_metrics_answer_only_the_scraper_with_its_token(make_app):
+    client = make_app().test_client()
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong-token-of-enough-length"},
+        {"Authorization": f"Bearer {METRICS_TOKEN}x"},
+        {"Authorization": METRICS_TOKEN},  # no scheme
+        {"X-API-Key": METRICS_TOKEN},
+    ):
+        refused = client.get("/metrics", headers=headers)
+        assert refused.status_code == 401, headers
+        assert refused.get_json()["error"] == "unauthorized"
+        assert refused.headers["WWW-Authenticate"] == 'Bearer realm="metrics"'
+        assert b"m2fp_http_requests_total" not in refused.data
+    allowed = client.get("/metrics", headers=metrics_headers())
+    assert allowed.status_code == 200 and b"m2fp_rejections_total" in allowed.data
+    assert 'reason="unauthorized"} 5.0' in allowed.get_data(as_text=True)
+
+
+def test_metrics_are_off_without_a_token(make_app):
+    client = make_app(M2FP_METRICS_TOKEN="").test_client()
+    off = client.get("/metrics", headers=metrics_headers())
+    assert off.status_code == 404 and off.get_json()["error"] == "not_found"
+    assert b"m2fp_" not in off.data
 
 
 # --- fairness and bypasses (issue: the gateway holds under load and attack) -----------------
@@ -340,7 +367,7 @@ def test_untrusted_forwarded_for_is_counted_and_warned_once(make_app, caplog, mo
         client.get("/healthz")
     warnings = [r for r in caplog.records if r.getMessage() == "untrusted_forwarded_for"]
     assert len(warnings) == 1
-    text = client.get("/metrics").get_data(as_text=True)
+    text = client.get("/metrics", headers=metrics_headers()).get_data(as_text=True)
     assert "m2fp_untrusted_forwarded_for_total 3.0" in text
 
 
@@ -352,7 +379,9 @@ def test_trusted_proxies_raise_no_forwarded_for_warning(make_app, caplog, monkey
     with caplog.at_level("WARNING", logger="api.abuse"):
         client.get("/healthz", headers={"X-Forwarded-For": "198.51.100.1"})
     assert not [r for r in caplog.records if r.getMessage() == "untrusted_forwarded_for"]
-    assert "m2fp_untrusted_forwarded_for_total 0.0" in client.get("/metrics").get_data(as_text=True)
+    assert "m2fp_untrusted_forwarded_for_total 0.0" in client.get(
+        "/metrics", headers=metrics_headers()
+    ).get_data(as_text=True)
 
 
 def test_redis_and_logs_carry_no_client_address(make_app, clean_redis, capsys):

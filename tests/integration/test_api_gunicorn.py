@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from tests.conftest import REPO, free_port, stop_process, wait_for
-from tests.helpers import png_bytes
+from tests.helpers import metrics_headers, png_bytes
 
 pytestmark = pytest.mark.integration
 
@@ -166,7 +166,9 @@ def test_metrics_merge_every_worker_process(gateway_process):
     assert reply.startswith(b"HTTP/1.1 200")
     assert len(list(prometheus_dir.glob("counter_*.db"))) == 2  # both processes counted requests
     for _ in range(4):  # whichever process answers the scrape reports the total of both
-        text = requests.get(f"{base}/metrics", headers={"Connection": "close"}, timeout=5).text
+        text = requests.get(
+            f"{base}/metrics", headers={"Connection": "close", **metrics_headers()}, timeout=5
+        ).text
         line = next(
             line
             for line in text.splitlines()

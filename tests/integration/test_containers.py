@@ -271,13 +271,14 @@ def project_folder(folder: Path) -> None:
     shutil.copy(REPO / "scripts/make_secrets.sh", folder / "scripts/make_secrets.sh")
     run(["bash", str(folder / "scripts/make_secrets.sh")], cwd=folder)
     secrets = folder / "secrets"
-    self_signed_certificate(secrets / "tls")
-    # Docker bind-mounts file secrets with the host file's owner and mode; the containers run as
-    # their own non-root users, so the files must be readable to them. The folder stays 0700:
-    # on the host only root reaches them (docs/OPERATIONS.md says the same for deployments).
-    for path in secrets.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o444)
-    secrets.chmod(0o700)
+    # The script's own modes: the folder closed on the host, the files readable to the
+    # containers' non-root users (Docker bind-mounts file secrets with the host's owner and mode).
+    assert secrets.stat().st_mode & 0o777 == 0o700
+    modes = {path.name: path.stat().st_mode & 0o777 for path in secrets.iterdir() if path.is_file()}
+    assert modes and set(modes.values()) == {0o444}, modes
+    assert {"data_keys", "users.acl", "metrics_token", "redis_url_api"} <= set(modes)
+    for path in self_signed_certificate(secrets / "tls"):  # what the operator adds, as documented
+        path.chmod(0o444)
     (folder / ".env").write_text((REPO / ".env.example").read_text())
     (folder / "weights").mkdir()
 
@@ -431,3 +432,18 @@ def test_flower_answers_with_its_login(stack):
     assert requests.get(url, timeout=10).status_code == 401
     reply = requests.get(url, auth=tuple(login), timeout=10)
     assert reply.status_code == 200
+
+
+def test_gateway_metrics_need_the_scraper_token_and_the_proxy_hides_them(stack):
+    urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+    token = (stack.folder / "secrets/metrics_token").read_text().strip()
+    url = stack.base_url + "/metrics"
+    refused = requests.get(url, timeout=10)
+    assert refused.status_code == 401 and refused.json()["error"] == "unauthorized"
+    scraped = requests.get(url, headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    assert scraped.status_code == 200 and "m2fp_jobs_submitted_total" in scraped.text
+    https = f"https://127.0.0.1:{stack.ports['https']}/metrics"
+    hidden = requests.get(
+        https, headers={"Authorization": f"Bearer {token}"}, verify=False, timeout=10
+    )
+    assert hidden.status_code == 404 and "m2fp_" not in hidden.text

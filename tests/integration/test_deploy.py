@@ -31,6 +31,7 @@ from shared.constants import FLOWER_ACL_RULES, QUEUE
 from shared.crypto import hash_secret, new_job_id
 from shared.jobstore import JobStore
 from tests.conftest import REPO, free_port, stop_process, wait_for
+from tests.helpers import metrics_headers
 from tests.integration.conftest import NGINX, nginx_proxy, photo_jpeg
 
 pytestmark = pytest.mark.integration
@@ -298,6 +299,12 @@ def test_nginx_tls_proxy_in_front_of_the_gateway(stack_factory, tmp_path):
         reply = requests.get(https + "/healthz", verify=False, timeout=5)
         assert not re.search(r"\d", reply.headers.get("Server", ""))  # no version anywhere
         assert reply.headers["Strict-Transport-Security"].count("max-age") == 1
+        # /metrics is never served through the public proxy, not even with the scraper's token.
+        hidden = requests.get(
+            https + "/metrics", headers=metrics_headers(), verify=False, timeout=5
+        )
+        assert hidden.status_code == 404 and hidden.json()["error"] == "not_found"
+        assert "m2fp_" not in hidden.text
         statuses = []
         for spoof in ("1.1.1.1", "2.2.2.2", "3.3.3.3"):  # a new "client" each time?
             statuses.append(

@@ -23,6 +23,7 @@ import requests
 from PIL import Image
 
 from tests.conftest import wait_for
+from tests.helpers import metrics_headers
 from tests.integration.conftest import photo_jpeg, poll_until, submit
 
 pytestmark = pytest.mark.integration
@@ -241,7 +242,9 @@ def test_logs_hold_no_tokens_or_image_bytes(live_stack):
 def test_prometheus_metrics_on_gateway_and_worker(live_stack):
     job = submit(live_stack, photo_jpeg(96, 128, seed=9)).json()
     poll_until(live_stack, job)
-    gateway = requests.get(live_stack.base_url + "/metrics", timeout=10).text
+    gateway = requests.get(
+        live_stack.base_url + "/metrics", headers=metrics_headers(), timeout=10
+    ).text
     assert "m2fp_jobs_submitted_total" in gateway and "m2fp_queue_depth" in gateway
     assert "m2fp_http_requests_total{" in gateway
     worker = requests.get(live_stack.worker_metrics_url, timeout=10).text

@@ -22,7 +22,7 @@ import pytest
 import requests
 
 from tests.conftest import REPO
-from tests.helpers import png_bytes
+from tests.helpers import metrics_headers, png_bytes
 from tests.integration.conftest import NGINX, nginx_proxy, photo_jpeg, submit
 
 pytestmark = pytest.mark.integration
@@ -270,5 +270,5 @@ def test_forwarded_for_without_a_trusted_hop_is_warned_once(stack_factory):
         line for line in stack.log("gateway").splitlines() if '"untrusted_forwarded_for"' in line
     ]
     assert len(warnings) == 1 and '"level":"warning"' in warnings[0]
-    metrics = requests.get(stack.base_url + "/metrics", timeout=10).text
+    metrics = requests.get(stack.base_url + "/metrics", headers=metrics_headers(), timeout=10).text
     assert "m2fp_untrusted_forwarded_for_total 3.0" in metrics

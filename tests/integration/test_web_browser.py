@@ -25,6 +25,7 @@ from PIL import Image
 
 from shared import constants
 from tests.conftest import REPO
+from tests.helpers import metrics_headers
 from tests.integration.conftest import photo_jpeg
 
 STATIC = REPO / "api" / "static"
@@ -588,7 +589,7 @@ def test_another_sites_page_cannot_submit_for_its_visitors(stack_factory, browse
     finally:
         attacker.shutdown()
         attacker.server_close()
-    metrics = requests.get(stack.base_url + "/metrics", timeout=10).text
+    metrics = requests.get(stack.base_url + "/metrics", headers=metrics_headers(), timeout=10).text
     assert 'm2fp_rejections_total{reason="cross_origin"} 3.0' in metrics
     # The visitor (same address) was not banned by what the other page sent ...
     assert (

@@ -104,3 +104,22 @@ def test_invalid_deform_attn_mode_is_refused_by_settings(settings_env) -> None:
         load_settings({**settings_env, "M2FP_DEFORM_ATTN": " Reference "}).deform_attn
         == "reference"
     )
+
+
+def test_metrics_token_from_env_or_file_and_never_in_repr(settings_env, tmp_path):
+    assert load_settings(settings_env).metrics_token is None  # unset: /metrics is off
+    token = "scraper-token-0123456789"
+    settings = load_settings({**settings_env, "M2FP_METRICS_TOKEN": token})
+    assert settings.metrics_token == token and token not in repr(settings)
+    token_file = tmp_path / "metrics_token"
+    token_file.write_text(token + "\n")
+    from_file = load_settings({**settings_env, "M2FP_METRICS_TOKEN_FILE": str(token_file)})
+    assert from_file.metrics_token == token
+
+
+@pytest.mark.parametrize(
+    "token", ["short", "x" * 15, "has a space in it here", "naïve-token-0123456789"]
+)
+def test_weak_metrics_tokens_are_refused(settings_env, token):
+    with pytest.raises(ConfigError, match="M2FP_METRICS_TOKEN"):
+        load_settings({**settings_env, "M2FP_METRICS_TOKEN": token})
