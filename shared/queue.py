@@ -20,6 +20,7 @@ from celery import Celery
 from kombu import Queue
 
 from shared.constants import QUEUE, TASK_PARSE
+from shared.redis_conn import celery_broker
 
 # kombu's Redis transport keeps a delivered, not yet acknowledged message in these two keys
 # (its `unacked_key` and `unacked_index_key` defaults) until it is acked or, after the
@@ -28,9 +29,14 @@ UNACKED_KEY, UNACKED_INDEX_KEY = "unacked", "unacked_index"
 
 
 def make_celery(settings, name: str = "m2fp") -> Celery:
-    """A Celery app wired to the settings' Redis with the service's safe defaults."""
-    app = Celery(name, broker=settings.redis_url, set_as_current=False)
-    transport = {"visibility_timeout": settings.visibility_timeout, "health_check_interval": 30}
+    """A Celery app wired to the settings' Redis (or its sentinels) with the service's safe defaults."""
+    broker_url, sentinel_options = celery_broker(settings)
+    app = Celery(name, broker=broker_url, set_as_current=False)
+    transport = {
+        "visibility_timeout": settings.visibility_timeout,
+        "health_check_interval": 30,
+        **sentinel_options,
+    }
     app.conf.update(
         broker_transport_options=transport,
         broker_connection_retry_on_startup=True,
@@ -57,7 +63,12 @@ def make_celery(settings, name: str = "m2fp") -> Celery:
         worker_redirect_stdouts=False,
         worker_send_task_events=True,
         task_send_sent_event=True,
-        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # Off: a task running when the broker connection drops goes on (its message may come
+        # back, and the job store's claim refuses that second delivery while the first run is
+        # alive: `busy`). On, Celery terminates the running task, the pool child is replaced
+        # and the next job waits for a fresh model load: 4 s of a 5 s recovery target
+        # (docs/RELIABILITY.md, redis-restart).
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_max_memory_per_child=settings.max_memory_per_child_kb,
         # One broker connection per gateway thread at most: a thread never waits for another to publish.
         broker_pool_limit=max(4, settings.gateway_threads),
