@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,15 +34,12 @@ PARTS = {
 }
 
 
-def median_seconds(function, runs: int) -> float:
+def timed(function, runs: int) -> float:
     """Median wall time of `runs` calls after one warm-up call."""
+    from postprocess_share import median_seconds
+
     function()
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    return median_seconds(function, runs)
 
 
 def gemm_peak(sizes: list[int], runs: int) -> dict:
@@ -54,7 +49,7 @@ def gemm_peak(sizes: list[int], runs: int) -> dict:
     per_size = {}
     for size in sizes:
         left, right = torch.randn(size, size), torch.randn(size, size)
-        seconds = median_seconds(lambda left=left, right=right: torch.mm(left, right), runs)
+        seconds = timed(lambda left=left, right=right: torch.mm(left, right), runs)
         per_size[size] = 2 * size**3 / seconds / 1e9
     return {"per_size_gflops": per_size, "peak_gflops": max(per_size.values())}
 
@@ -98,7 +93,7 @@ def measure(size: str, runs: int, gemm_sizes: list[int]) -> dict:
         padded, _ = model.normalize_and_pad(tensor)
     flops = count_flops(model, padded)
     with torch.inference_mode():
-        forward_s = median_seconds(lambda: model(padded), runs)
+        forward_s = timed(lambda: model(padded), runs)
     gemm = gemm_peak(gemm_sizes, runs)
     achieved = flops["total_gflop"] / forward_s
     return {
