@@ -4,9 +4,8 @@ Each overlay is rendered with `kubectl kustomize` (kubectl from PATH, or the pin
 scripts/bootstrap.sh puts into the venv when PATH has none with kustomize v5), then:
 - every core object is validated, strictly, against the Kubernetes schemas that
   kubernetes-validate ships (the oldest and newest minor this deployment aims at);
-- the KEDA ScaledObject and TriggerAuthentication against KEDA's published CRD schema, when the
-  steering repo's shared/keda/ holds it (fetched content is not committed here), and always
-  against what the Redis list scaler needs;
+- the KEDA ScaledObject and TriggerAuthentication against KEDA's own CRD schemas (vendored in
+  tests/data/keda/, see its README for the commit) and against what the Redis list scaler needs;
 - checkov's Kubernetes policies (its own venv, .venv-checkov), with the few skipped ones named;
 - the points of issue 12, asserted directly: restricted Pod Security on every container
   (init containers included), memory-backed /tmp, resources and probes, no secret values,
@@ -45,8 +44,8 @@ WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "ReplicaSet"}
 # The oldest Kubernetes minor these manifests aim at (PSS labels and sizeLimit are GA, HPA v2)
 # and the newest that kubernetes-validate knows.
 KUBERNETES_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
-# Where the KEDA CRDs may lie: the steering repo's shared/ (beside the checkout, in CI too).
-KEDA_CRD_DIRS = (REPO.parent / "shared" / "keda", REPO / "tests" / "data" / "keda")
+# KEDA's CRDs, vendored unmodified from kedacore/keda (tests/data/keda/README.md: commit, licence).
+KEDA_CRD_DIR = REPO / "tests" / "data" / "keda"
 # Keys the KEDA Redis list scaler reads from a trigger's metadata (keda.sh/docs, scaler "redis").
 REDIS_SCALER_KEYS = {
     "address",
@@ -267,20 +266,17 @@ def strict(schema):
 
 
 def keda_crd_schema(kind: str) -> dict:
-    """The v1alpha1 schema of a KEDA CRD, or a loud skip naming where it is expected."""
+    """The v1alpha1 schema of a KEDA CRD, from the vendored copy."""
     filename = {
         "ScaledObject": "keda.sh_scaledobjects.yaml",
         "TriggerAuthentication": "keda.sh_triggerauthentications.yaml",
     }[kind]
-    for folder in KEDA_CRD_DIRS:
-        if (folder / filename).is_file():
-            crd = next(d for d in yaml.safe_load_all((folder / filename).read_text()) if d)
-            version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1")
-            return strict(version["schema"]["openAPIV3Schema"])
-    pytest.skip(
-        f"KEDA's CRD {filename} is not in {' or '.join(map(str, KEDA_CRD_DIRS))}: "
-        "the CRD schema check did not run (test_keda_objects_work_with_the_redis_scaler did)"
-    )
+    path = KEDA_CRD_DIR / filename
+    assert path.is_file(), f"KEDA's CRD {filename} is missing from {KEDA_CRD_DIR}"
+    crd = next(d for d in yaml.safe_load_all(path.read_text()) if d)
+    assert crd["spec"]["names"]["kind"] == kind
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1")
+    return strict(version["schema"]["openAPIV3Schema"])
 
 
 @pytest.mark.parametrize("kind", sorted(KEDA_KINDS))
@@ -296,6 +292,19 @@ def test_keda_objects_match_keda_crd(rendered, overlay, kind):
             for e in jsonschema.Draft7Validator(schema).iter_errors(doc)
         ]
         assert not errors, f"{kind}/{doc['metadata']['name']}:\n" + "\n".join(errors)
+
+
+def test_keda_schema_catches_a_misspelt_field(rendered):
+    """The vendored CRD schema, made strict, rejects an unknown field and a wrong type."""
+    schema = keda_crd_schema("ScaledObject")
+    doc = json.loads(json.dumps(next(d for d in rendered["cpu"] if d["kind"] == "ScaledObject")))
+    assert not list(jsonschema.Draft7Validator(schema).iter_errors(doc))
+    doc["spec"]["minReplicaCont"] = 0
+    doc["spec"]["maxReplicaCount"] = "4"
+    paths = {
+        "/".join(map(str, e.path)) for e in jsonschema.Draft7Validator(schema).iter_errors(doc)
+    }
+    assert paths == {"spec", "spec/maxReplicaCount"}, paths
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -521,13 +530,11 @@ def pod_labels(docs: list[dict]) -> dict[str, dict]:
     }
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_network_policies_let_only_the_service_reach_redis(rendered, overlay):
-    docs = rendered[overlay]
-    policies = [d["spec"] for d in docs if d["kind"] == "NetworkPolicy"]
-    assert {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]} in policies, "default deny"
-    labels = pod_labels(docs)
-    allowed_in: set[str] = set()
+def allowed_into_redis(policies: list[dict], labels: dict[str, dict]) -> set[str]:
+    """The workloads (and `namespace:keda`) the ingress rules of Redis's policies admit; asserts
+    that every such rule names its peers, opens only 6379 and has no ipBlock, and that the only
+    namespace admitted is KEDA's."""
+    allowed: set[str] = set()
     for policy in policies:
         if "Ingress" not in policy["policyTypes"] or not selects(
             policy["podSelector"], labels["redis"]
@@ -543,23 +550,41 @@ def test_network_policies_let_only_the_service_reach_redis(rendered, overlay):
                         "matchLabels": {"kubernetes.io/metadata.name": "keda"}
                     }
                     assert "podSelector" not in peer or peer["podSelector"], peer
-                    allowed_in.add("namespace:keda")
+                    allowed.add("namespace:keda")
                 else:
-                    allowed_in |= {
-                        n for n, lab in labels.items() if selects(peer["podSelector"], lab)
-                    }
-    assert allowed_in == {"m2fp-gateway", "m2fp-worker", "m2fp-flower", "namespace:keda"}
-    # Egress to Redis for exactly those three; nobody may leave the cluster.
-    allowed_out = set()
+                    allowed |= {n for n, lab in labels.items() if selects(peer["podSelector"], lab)}
+    return allowed
+
+
+def allowed_out_to_redis(policies: list[dict], labels: dict[str, dict]) -> set[str]:
+    """The workloads whose egress rules reach Redis's pods; asserts no egress rule has an
+    ipBlock (nobody may leave the cluster)."""
+    allowed: set[str] = set()
     for policy in policies:
         for rule in policy.get("egress", []):
             for peer in rule.get("to", []):
                 assert "ipBlock" not in peer, "no egress outside the cluster"
                 if "podSelector" in peer and selects(peer["podSelector"], labels["redis"]):
-                    allowed_out |= {
+                    allowed |= {
                         n for n, lab in labels.items() if selects(policy["podSelector"], lab)
                     }
-    assert allowed_out == {"m2fp-gateway", "m2fp-worker", "m2fp-flower"}
+    return allowed
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policies_let_only_the_service_reach_redis(rendered, overlay):
+    docs = rendered[overlay]
+    policies = [d["spec"] for d in docs if d["kind"] == "NetworkPolicy"]
+    assert {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]} in policies, "default deny"
+    labels = pod_labels(docs)
+    assert allowed_into_redis(policies, labels) == {
+        "m2fp-gateway",
+        "m2fp-worker",
+        "m2fp-flower",
+        "namespace:keda",
+    }
+    # Egress to Redis for exactly those three; nobody may leave the cluster.
+    assert allowed_out_to_redis(policies, labels) == {"m2fp-gateway", "m2fp-worker", "m2fp-flower"}
     gateway_ports = {
         p["port"]
         for policy in policies
@@ -635,12 +660,9 @@ def checkov() -> str:
     return str(binary)
 
 
-def test_checkov_kubernetes_policies_pass(rendered, tmp_path):
-    files = []
-    for overlay, docs in rendered.items():
-        path = tmp_path / f"{overlay}.yaml"
-        path.write_text(yaml.safe_dump_all(docs))
-        files += ["-f", str(path)]
+def checkov_command(files: list[str]) -> list[str]:
+    """checkov on `files` (-f PATH pairs), Kubernetes checks only, JSON out, our skips; in a
+    namespace without network where one can be made (root, as in CI): it is offline anyway."""
     command = [
         checkov(),
         *files,
@@ -654,26 +676,39 @@ def test_checkov_kubernetes_policies_pass(rendered, tmp_path):
         "--skip-check",
         ",".join(CHECKOV_SKIPS),
     ]
-    # No network in its own namespace where we may make one (root, as in CI); offline anyway.
     if (
         shutil.which("unshare")
         and subprocess.run(["unshare", "-n", "true"], capture_output=True, check=False).returncode
         == 0
     ):
         command = ["unshare", "-n", *command]
+    return command
+
+
+def run_checkov(files: list[str], home: Path) -> list[dict]:
+    """checkov's JSON reports (one per framework run) for `files`, with a bare environment."""
     env = {
         "PATH": "/usr/bin:/bin",
-        "HOME": str(tmp_path),
+        "HOME": str(home),
         "CKV_SKIP_PACKAGE_UPDATE_CHECK": "true",
         "BC_SKIP_MAPPING": "TRUE",
         "LOG_LEVEL": "WARNING",
     }
     proc = subprocess.run(
-        command, capture_output=True, text=True, env=env, timeout=300, check=False
+        checkov_command(files), capture_output=True, text=True, env=env, timeout=300, check=False
     )
     assert proc.stdout.strip(), proc.stderr[-3000:]
     reports = json.loads(proc.stdout)
-    reports = reports if isinstance(reports, list) else [reports]
+    return reports if isinstance(reports, list) else [reports]
+
+
+def test_checkov_kubernetes_policies_pass(rendered, tmp_path):
+    files = []
+    for overlay, docs in rendered.items():
+        path = tmp_path / f"{overlay}.yaml"
+        path.write_text(yaml.safe_dump_all(docs))
+        files += ["-f", str(path)]
+    reports = run_checkov(files, tmp_path)
     failed = [
         f"{c['check_id']} {c['check_name']}: {c['resource']} ({Path(c['file_path']).name})"
         for report in reports
