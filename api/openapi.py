@@ -467,6 +467,15 @@ _DOCUMENT: dict = {
                     "workers": {"type": "integer"},
                     "untrained": {"type": "boolean"},
                     "warnings": {"type": "array", "items": {"type": "string"}},
+                    "batching": {
+                        "type": "object",
+                        "description": "Live workers in batching mode (several jobs per "
+                        "forward) and the most jobs one of their forwards takes.",
+                        "properties": {
+                            "workers": {"type": "integer"},
+                            "max_batch": {"type": "integer"},
+                        },
+                    },
                 },
             },
         },

@@ -214,11 +214,17 @@ def readyz() -> flask.Response:
     if not workers:
         return not_ready("no_workers", "No worker is alive: jobs would wait in the queue.")
     untrained = any(worker.untrained for worker in workers)
+    batching = [worker for worker in workers if worker.batch > 1]
     return flask.jsonify(
         status="ready",
         workers=len(workers),
         untrained=untrained,
         warnings=[UNTRAINED_WARNING] if untrained else [],
+        # Workers in batching mode (worker/batching.py) and the most jobs one forward takes.
+        batching={
+            "workers": len(batching),
+            "max_batch": max((worker.batch for worker in batching), default=1),
+        },
     )
 
 

@@ -39,6 +39,7 @@ DEFORM_ATTN_MODES = (
     "op",
     "reference",
 )  # compiled deformable-attention op or the PyTorch reference
+BATCHING_MODES = ("auto", "on", "off")  # M2FP_BATCHING: on CUDA only, always, never
 DEFAULT_WEIGHTS_DIR = "weights/cihp"
 PROMETHEUS_MULTIPROC_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -100,6 +101,10 @@ class Settings:
     child_memory_limit_mb: int | None = 4096
     worker_metrics_host: str = "127.0.0.1"
     worker_metrics_port: int = 9100
+    # dynamic batching (worker/batching.py): "auto" is resolved by `python -m worker`
+    batching: str = "auto"
+    gpu_batch: int = 8
+    batch_wait_ms: int = 10
     # operations
     log_level: str = "INFO"
     memory_alert_percent: float = 90.0
@@ -259,6 +264,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         **_gateway_fields(env),
         **_lifecycle_fields(env),
         **_model_fields(env),
+        **_batching_fields(env),
         **_operations_fields(env),
     )
 
@@ -376,6 +382,20 @@ def _model_fields(env: Mapping[str, str]) -> dict:
         "child_memory_limit_mb": _int(env, "M2FP_CHILD_MEMORY_LIMIT_MB", 4096, 0) or None,
         "worker_metrics_host": env.get("M2FP_WORKER_METRICS_HOST", "127.0.0.1").strip(),
         "worker_metrics_port": _int(env, "M2FP_WORKER_METRICS_PORT", 9100, 0),
+    }
+
+
+def _batching_fields(env: Mapping[str, str]) -> dict:
+    """M2FP_BATCHING (auto: on when the worker's device is CUDA), M2FP_GPU_BATCH, M2FP_BATCH_WAIT_MS."""
+    batching = env.get("M2FP_BATCHING", "auto").strip().lower() or "auto"
+    if batching not in BATCHING_MODES:
+        raise ConfigError(
+            f"M2FP_BATCHING must be one of {', '.join(BATCHING_MODES)}, got {batching!r}"
+        )
+    return {
+        "batching": batching,
+        "gpu_batch": _bounded(env, "M2FP_GPU_BATCH", 8, 1, 64),
+        "batch_wait_ms": _bounded(env, "M2FP_BATCH_WAIT_MS", 10, 0, 1000),
     }
 
 

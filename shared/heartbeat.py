@@ -34,6 +34,8 @@ class Heartbeat:
     pid: int = 0
     deform_op: str = ""
     started: float = 0.0
+    batch: int = 1  # most jobs per forward: 1 = per job, more = batching mode (worker/batching.py)
+    batch_wait_ms: int = 0  # how long a batch waits for more jobs after its first
 
     def fields(self) -> dict[FieldT, EncodableT]:
         """The hash fields as Redis stores them."""
@@ -57,6 +59,8 @@ class Heartbeat:
             pid=int(text.get("pid") or 0),
             deform_op=text.get("deform_op", ""),
             started=float(text.get("started") or 0),
+            batch=int(text.get("batch") or 1),
+            batch_wait_ms=int(text.get("batch_wait_ms") or 0),
         )
 
 

@@ -12,6 +12,7 @@ Extra arguments after `--` go to `celery worker` (e.g. `-- --hostname w2@%h`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import subprocess
 import sys
@@ -33,16 +34,56 @@ def _prepare_children(settings: Settings, weights: str) -> None:
         print(f"\n{banner}\n!! {UNTRAINED_WARNING}\n{banner}\n", file=sys.stderr, flush=True)
 
 
+CUDA_PROBE = "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"
+
+
+def cuda_available() -> bool:
+    """Whether torch sees a CUDA device, asked in a subprocess (this process never imports torch)."""
+    probe = subprocess.run([sys.executable, "-c", CUDA_PROBE], check=False, capture_output=True)
+    return probe.returncode == 0
+
+
+def resolve_batching(settings: Settings, probe=cuda_available) -> Settings:
+    """Settings with M2FP_BATCHING decided: `auto` is on where the worker's device is CUDA.
+
+    Batching mode runs one process (Celery's threads pool, no fork, which CUDA needs anyway):
+    its torch threads are not shared out among pool processes, and on CUDA the data-segment
+    limit of a pool child is not applied (the GPU's memory bounds a batch; a CUDA
+    out-of-memory error fails the jobs `out_of_memory` like the limit does on CPU).
+    """
+    device = settings.device
+    on_cuda = device.startswith("cuda") or (device == "auto" and probe())
+    batching = settings.batching
+    if batching == "auto":
+        batching = "on" if on_cuda else "off"
+    if batching == "off":
+        return dataclasses.replace(settings, batching="off")
+    return dataclasses.replace(
+        settings,
+        batching="on",
+        worker_concurrency=1,  # one model process; the job threads are `batch_threads`
+        child_memory_limit_mb=None if on_cuda else settings.child_memory_limit_mb,
+    )
+
+
+def batch_threads(settings: Settings) -> int:
+    """Job threads of a batching worker: two batches' worth, one in the forward, the next
+    being claimed, decrypted and decoded meanwhile (prefetch 1 reserves as many messages)."""
+    return 2 * settings.gpu_batch
+
+
 def _celery_argv(settings: Settings, extra: list[str]) -> list[str]:
-    """`celery worker` arguments: prefork pool, the parse queue, task events, no gossip."""
+    """`celery worker` arguments: prefork pool (threads when batching), the parse queue, task
+    events, no gossip."""
+    batching = settings.batching == "on"
     return [
         "worker",
         "--loglevel",
         settings.log_level,
         "--pool",
-        "prefork",
+        "threads" if batching else "prefork",
         "--concurrency",
-        str(settings.worker_concurrency),
+        str(batch_threads(settings) if batching else settings.worker_concurrency),
         "--queues",
         QUEUE,
         "--task-events",
@@ -68,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"m2fp worker: configuration error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
+    settings = resolve_batching(settings)
     _prepare_children(settings, weights)
     if not args.no_preflight:
         check = subprocess.run([sys.executable, "-m", "worker.preflight"], check=False)

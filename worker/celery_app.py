@@ -6,7 +6,8 @@ Celery's process signals: each pool child, right after fork, hardens itself (`sh
 no core dumps, not dumpable, its data segment capped at `M2FP_CHILD_MEMORY_LIMIT_MB`, so an
 outlier job fails `out_of_memory` alone instead of waking the kernel's OOM killer), configures
 logging and starts its `WorkerProcess` (model load in the background, then the heartbeat); before
-it exits it removes its heartbeat.
+it exits it removes its heartbeat. In batching mode (`settings.batching == "on"`, Celery's threads
+pool, worker/batching.py) the worker process itself does all of that.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ def create_worker_app(settings: Settings) -> Celery:
     task: tasks.ParseTask = app.tasks[TASK_PARSE]
     task.setup(settings)
 
+    if settings.batching == "on":
+        _wire_threads_pool(settings, task)
+        return app
+
     @signals.worker_process_init.connect(weak=False)
     def _child_started(**_):
         disable_core_dumps()
@@ -43,3 +48,21 @@ def create_worker_app(settings: Settings) -> Celery:
         child_exited(os.getpid())
 
     return app
+
+
+def _wire_threads_pool(settings: Settings, task: tasks.ParseTask) -> None:
+    """Batching mode: no pool child, the worker process itself holds the model and the batcher.
+
+    Celery's threads pool sends no process signals; the process starts its `WorkerProcess`
+    (model load, batcher, heartbeat, reaper) at `worker_init`, before it consumes, and removes
+    its heartbeat at `worker_shutdown`, after its running jobs ended.
+    """
+
+    @signals.worker_init.connect(weak=False)
+    def _worker_started(**_):
+        limit_memory(settings.child_memory_limit_mb)  # python -m worker clears it on CUDA
+        task.start_process()
+
+    @signals.worker_shutdown.connect(weak=False)
+    def _worker_stopping(**_):
+        task.process.stop()

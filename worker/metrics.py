@@ -1,4 +1,4 @@
-"""Worker metrics for Prometheus: inference seconds, job seconds, outcomes, attempts.
+"""Worker metrics for Prometheus: inference seconds, job seconds, outcomes, attempts, batch sizes.
 
 Pool children record; the worker's parent process (torch-free) serves them on
 `M2FP_WORKER_METRICS_HOST:M2FP_WORKER_METRICS_PORT` (0 disables) by aggregating every child's
@@ -18,6 +18,7 @@ import tempfile
 from shared.config import PROMETHEUS_MULTIPROC_VARIABLE, prometheus_multiproc_dir
 
 JOB_BUCKETS = (0.25, 0.5, 1, 2, 3, 5, 8, 13, 21, 34, 55, 90, 150, 300)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 _metrics = None
 
@@ -64,6 +65,16 @@ def metrics():
                 "Delivery attempt number of started jobs",
                 buckets=(1, 2, 3, 4, 5),
             ),
+            "batch_size": Histogram(
+                "m2fp_worker_batch_size",
+                "Jobs per model forward (batching mode; per-job workers record none)",
+                buckets=BATCH_BUCKETS,
+            ),
+            "batch": Histogram(
+                "m2fp_worker_batch_seconds",
+                "Model time per batch (preprocess, forward, postprocess of all its images)",
+                buckets=JOB_BUCKETS,
+            ),
         }
     return _metrics
 
@@ -85,6 +96,15 @@ def record_job(
         m["inference"].observe(inference)
     if attempt is not None:
         m["attempts"].observe(attempt)
+
+
+def record_batch(size: int, seconds: float) -> None:
+    """Record one batched forward: how many jobs it held and its model time."""
+    if not prometheus_multiproc_dir():
+        return
+    m = metrics()
+    m["batch_size"].observe(size)
+    m["batch"].observe(seconds)
 
 
 def child_exited(pid: int) -> None:

@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -56,6 +56,8 @@ class JobContext:
     max_pixels: int
     max_decode_bytes: int | None = None
     infer_max_side: int | None = None
+    # Batching mode (worker/batching.py): parses a decoded image in the process's next batch.
+    infer: Callable[[np.ndarray], Any] | None = None
 
 
 def build_result(job_id: str, parsing, *, untrained: bool, variant: str, timings: dict) -> bytes:
@@ -75,7 +77,7 @@ def build_result(job_id: str, parsing, *, untrained: bool, variant: str, timings
         "classes_present": sorted(int(c) for c in np.unique(label_map)),
         "untrained": untrained,
         "warnings": [UNTRAINED_WARNING] if untrained else [],
-        "timings": {k: round(float(v), 4) for k, v in timings.items()},
+        "timings": {k: v if isinstance(v, int) else round(float(v), 4) for k, v in timings.items()},
     }
     return json.dumps(document, separators=(",", ":")).encode()
 
@@ -157,12 +159,14 @@ def _parse_and_seal(
     timings["decode"] = time.monotonic() - tic
     predictor = ctx.predictor()
     tic = time.monotonic()
-    parsing = predictor.predict(decoded.rgb)
+    parsing = ctx.infer(decoded.rgb) if ctx.infer is not None else predictor.predict(decoded.rgb)
+    model_timings = dict(getattr(parsing, "timings", {}))  # before a rescale makes a new result
     if parsing.label_map.shape != (decoded.height, decoded.width):
         # Decoded smaller than uploaded (JPEG draft): maps, boxes and areas back to the upload size.
         parsing = predictor._to_input_size(parsing, decoded.height, decoded.width)
     timings["inference"] = time.monotonic() - tic
-    timings.update({f"model_{k}": v for k, v in getattr(parsing, "timings", {}).items()})
+    timings["batch_size"] = int(model_timings.pop("batch_size", 1))  # jobs in its forward
+    timings.update({f"model_{k}": v for k, v in model_timings.items()})
     del decoded
     tic = time.monotonic()
     document = build_result(

@@ -33,7 +33,8 @@ from shared.jobstore import JobStore
 from shared.logging import event
 from shared.queue import unacked_job_ids
 from shared.watchdog import MemoryWatchdog
-from worker.metrics import record_job
+from worker.batching import Batcher
+from worker.metrics import record_batch, record_job
 from worker.pipeline import JobContext
 from worker.weights import load_predictor
 
@@ -57,6 +58,7 @@ class WorkerProcess:
         self.predictor: Predictor | None = None
         self.load_error: BaseException | None = None
         self.store: JobStore | None = None
+        self.batcher: Batcher | None = None  # batching mode only (settings.batching == "on")
         self._stop = threading.Event()
 
     def start(self) -> None:
@@ -93,6 +95,7 @@ class WorkerProcess:
             )
             self.predictor = predictor
             self._announce(predictor, device, time.monotonic() - tic, torch.get_num_threads())
+            batch = self._start_batcher(predictor)
             heartbeat = Heartbeat(
                 name=self.name,
                 variant=self.settings.variant,
@@ -101,6 +104,8 @@ class WorkerProcess:
                 pid=os.getpid(),
                 deform_op=predictor.deform_attn,
                 started=round(time.time()),
+                batch=batch,
+                batch_wait_ms=self.settings.batch_wait_ms if batch > 1 else 0,
             )
             threading.Thread(
                 target=self._heartbeat, args=(heartbeat,), name="m2fp-heartbeat", daemon=True
@@ -139,6 +144,40 @@ class WorkerProcess:
             )
         if predictor.untrained:
             event(log, "untrained_model", logging.WARNING, warning=UNTRAINED_WARNING)
+
+    def _start_batcher(self, predictor: Predictor) -> int:
+        """In batching mode, start the process's batcher; the most jobs per forward (1: per job)."""
+        settings = self.settings
+        on = settings.batching == "on"
+        event(
+            log,
+            "worker_mode",
+            batching=on,
+            max_batch=settings.gpu_batch if on else 1,
+            batch_wait_ms=settings.batch_wait_ms if on else 0,
+        )
+        if not on:
+            return 1
+        self.batcher = Batcher(
+            predictor.predict_batch,
+            max_batch=settings.gpu_batch,
+            wait_seconds=settings.batch_wait_ms / 1000,
+            hard_limit=settings.hard_time_limit,
+            on_stuck=self._forward_stuck,
+            on_batch=record_batch,
+        ).start()
+        return settings.gpu_batch
+
+    def _forward_stuck(self, seconds: float) -> None:
+        """A batch's forward ran past the hard time limit: exit, as prefork kills such a child.
+
+        Every message of the process is unacked, so each job comes back (the reaper requeues
+        the claimed ones once this heartbeat lapses); the attempt counter bounds a job that hangs
+        the device each time.
+        """
+        event(log, "batch_forward_past_hard_limit_exiting", logging.CRITICAL, seconds=seconds)
+        logging.shutdown()
+        os._exit(70)
 
     def _heartbeat(self, heartbeat: Heartbeat) -> None:
         store = self.started_store()
@@ -185,6 +224,8 @@ class WorkerProcess:
     def stop(self) -> None:
         """Called in the child before it exits: stop the heartbeat, remove its key."""
         self._stop.set()
+        if self.batcher is not None:
+            self.batcher.stop()
         if self.store is not None:
             try:
                 heartbeats.remove(self.store.redis, self.name)
@@ -215,4 +256,12 @@ class WorkerProcess:
             max_pixels=self.settings.max_pixels,
             max_decode_bytes=self.settings.max_decode_mb * 1024 * 1024,
             infer_max_side=self.settings.infer_max_side,
+            infer=self._batched_infer() if self.batcher is not None else None,
         )
+
+    def _batched_infer(self) -> Callable:
+        """Parse in the next batch, waiting at most until the job's soft time limit."""
+        batcher, deadline = self.batcher, time.monotonic() + self.settings.soft_time_limit
+        if batcher is None:
+            raise RuntimeError("the batcher runs in batching mode only")
+        return lambda image: batcher.infer(image, timeout=deadline - time.monotonic())

@@ -7,11 +7,11 @@ model. The module can be imported and the task called in a test (`parse.run(job_
 broker; `worker.celery_app.create_worker_app` registers it and wires the process signals.
 
 The task itself stays thin: validate the id, call `worker.pipeline.process_job`, and turn the
-Celery-level failures into a clear job state instead of a message loop: soft time limit ->
-`failed/timeout`; unexpected crash -> `failed/internal_error`; a Redis error mid-job -> the
-message is rejected *with requeue* (not acked) after a pause, so the job runs again once Redis
-answers, and the job store's attempt counter ends it `failed/worker_lost` past
-`M2FP_MAX_ATTEMPTS`.
+Celery-level failures into a clear job state instead of a message loop: soft time limit (in
+batching mode: its deadline passing while the job waits for its batch) -> `failed/timeout`;
+unexpected crash -> `failed/internal_error`; a Redis error mid-job -> the message is rejected
+*with requeue* (not acked) after a pause, so the job runs again once Redis answers, and the
+job store's attempt counter ends it `failed/worker_lost` past `M2FP_MAX_ATTEMPTS`.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from shared.config import Settings, load_settings
 from shared.constants import JOB_ID_RE, TASK_PARSE
 from shared.logging import bind, clear, event
 from shared.queue import enqueue_parse
+from worker.batching import BatchTimeout
 from worker.metrics import record_job
 from worker.pipeline import fail_job, process_job
 from worker.process import WorkerProcess
@@ -95,7 +96,7 @@ def parse(self: ParseTask, job_id: str) -> str:
         # is alive starts then, so a job is never claimed by a process that looks dead.
         process.get_predictor()
         return process_job(job_id, process.context())
-    except SoftTimeLimitExceeded:
+    except (SoftTimeLimitExceeded, BatchTimeout):  # the latter: batching mode's soft limit
         event(log, "job_failed", logging.WARNING, code="timeout")
         return self.end_job(job_id, "timeout")
     except redis.RedisError:
