@@ -24,6 +24,7 @@ from shared.config import Settings, load_settings
 from shared.jobstore import JobStore
 from shared.logging import configure_logging, event
 from shared.queue import make_celery
+from shared.redis_conn import make_client
 
 # Non-file multipart fields are not used: keep them small. Werkzeug also applies this bound to
 # its decoder's buffer, which takes the body in 64 KiB reads, so it must stay well above that.
@@ -32,10 +33,9 @@ MAX_FORM_PARTS = 8
 
 
 def make_redis(settings: Settings) -> redis.Redis:
-    """The gateway's Redis client: short timeouts so that an outage is a quick 503."""
-    return redis.Redis.from_url(
-        settings.redis_url, health_check_interval=30, socket_connect_timeout=2, socket_timeout=5
-    )
+    """The gateway's Redis client (the master the sentinels name, when they are configured):
+    short timeouts so that an outage or a failover is a quick 503."""
+    return make_client(settings, socket_connect_timeout=2, socket_timeout=5)
 
 
 def create_app(

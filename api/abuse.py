@@ -42,6 +42,7 @@ from shared.constants import LIMITER_PREFIX, QUEUE, ban_key, strikes_key
 from shared.errors import Banned, QueueFull, TooManyJobs
 from shared.jobstore import JobStore
 from shared.logging import event
+from shared.redis_conn import limiter_storage
 
 log = logging.getLogger(__name__)
 
@@ -115,14 +116,15 @@ def limit_key() -> str:
 
 def make_limiter(app: flask.Flask, settings: Settings, client: redis.Redis) -> Limiter:
     """Flask-Limiter bound to `app`, counting in the service's Redis through `client`'s pool."""
-    # The URI only selects limits' Redis storage class; connections come from the shared pool,
-    # so the limiter uses the same server, credentials and timeouts as the job store.
-    scheme = "rediss" if settings.redis_url.startswith("rediss://") else "redis"
-    # Flask-Limiter types storage options as str | int; `limits` takes the pool object as it is.
-    options: dict = {"connection_pool": client.connection_pool, "key_prefix": LIMITER_PREFIX}
+    # Connections come from the shared pool (shared.redis_conn.limiter_storage), so the limiter
+    # uses the same server, credentials and timeouts as the job store, and follows the master
+    # the sentinels name. Flask-Limiter types storage options as str | int; `limits` takes the
+    # pool object as it is.
+    storage_uri, options = limiter_storage(settings, client)
+    options["key_prefix"] = LIMITER_PREFIX
     limiter = Limiter(
         limit_key,
-        storage_uri=f"{scheme}://",
+        storage_uri=storage_uri,
         storage_options=options,
         strategy="moving-window",
         swallow_errors=False,

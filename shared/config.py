@@ -10,10 +10,11 @@ secrets): `M2FP_DATA_KEYS` / `M2FP_DATA_KEYS_FILE` (the keyring) and `M2FP_REDIS
 `M2FP_REDIS_URL_FILE`. Every variable is documented in README.md and `.env.example`
 (tests/unit/test_shared_env_docs.py checks both lists against what this module reads).
 
-Besides `load_settings()`, three readers that need no Redis or keys: `deform_attn_mode()` (the
-offline CLI and the Predictor), `prometheus_multiproc_dir()` (prometheus_client's own variable,
-for the gateway's /metrics under gunicorn) and `load_stack_settings()` (`make run`, which
-generates the keys and starts the Redis that `load_settings` then requires).
+Besides `load_settings()`, four readers that need no Redis or keys: `deform_attn_mode()` and
+`precision_mode()` (the offline CLI and the Predictor), `prometheus_multiproc_dir()` (prometheus_client's own variable,
+for the gateway's /metrics under gunicorn), `redis_sentinel()` (Flower, which gets the sentinels
+but not the keys) and `load_stack_settings()` (`make run`, which generates the keys and starts
+the Redis that `load_settings` then requires).
 """
 
 from __future__ import annotations
@@ -39,9 +40,12 @@ DEFORM_ATTN_MODES = (
     "op",
     "reference",
 )  # compiled deformable-attention op or the PyTorch reference
+PRECISION_MODES = ("auto", "fp32", "bf16", "int8")  # M2FP_PRECISION, see worker/m2fp/precision.py
 BATCHING_MODES = ("auto", "on", "off")  # M2FP_BATCHING: on CUDA only, always, never
 DEFAULT_WEIGHTS_DIR = "weights/cihp"
 PROMETHEUS_MULTIPROC_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+SENTINEL_MASTER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+SENTINEL_ADDRESS_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]*):(\d{1,5})")
 
 
 def torch_threads_per_child(torch_threads: int | None, processes: int) -> int:
@@ -54,12 +58,24 @@ def torch_threads_per_child(torch_threads: int | None, processes: int) -> int:
 
 
 @dataclass(frozen=True)
+class RedisSentinel:
+    """Redis Sentinel: where to ask for the master's address (M2FP_REDIS_SENTINELS,
+    M2FP_REDIS_SENTINEL_MASTER) and the sentinels' own password (M2FP_REDIS_SENTINEL_PASSWORD).
+    The master's user, password and database still come from M2FP_REDIS_URL."""
+
+    addresses: tuple[tuple[str, int], ...]
+    master: str
+    password: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
 class Settings:
     """The service's settings; see README.md 'Configuration' for each variable."""
 
     redis_url: str = field(repr=False)
     keyring: Keyring = field(repr=False)
     dev_mode: bool = False
+    redis_sentinel: RedisSentinel | None = None  # set: follow the master the sentinels name
     # gateway
     host: str = "127.0.0.1"
     port: int = 8000
@@ -96,6 +112,7 @@ class Settings:
     torch_threads: int | None = None
     infer_max_side: int = 1920
     deform_attn: str = "auto"
+    precision: str = "auto"
     max_memory_per_child_kb: int | None = None
     max_decode_mb: int = 128
     child_memory_limit_mb: int | None = 4096
@@ -136,6 +153,7 @@ class StackSettings:
     worker_concurrency: int = 1
     torch_threads: int | None = None
     redis_url: str | None = field(default=None, repr=False)  # unset: make run starts its own
+    redis_sentinel: RedisSentinel | None = None  # set: make run starts no Redis
     redis_port: int = 6380
     has_data_keys: bool = False  # unset: make run generates a keyring
     weights: str | None = None
@@ -145,6 +163,7 @@ class StackSettings:
     flower_port: int = 5555
     flower_user: str = "admin"
     flower_password: str | None = field(default=None, repr=False)  # unset: generated
+    has_metrics_token: bool = False  # unset: make run generates one
     has_metrics_token: bool = False  # unset: make run generates one
 
 
@@ -196,10 +215,15 @@ def _rate(env: Mapping[str, str], name: str, default: str) -> str:
     return value
 
 
-def _check_redis_url(url: str, dev_mode: bool) -> None:
+def _check_redis_url(url: str, dev_mode: bool, sentinel: RedisSentinel | None = None) -> None:
     parsed = urlparse(url)
     if parsed.scheme not in ("redis", "rediss", "unix"):
         raise ConfigError("M2FP_REDIS_URL must be a redis://, rediss:// or unix:// URL")
+    if sentinel is not None and parsed.scheme != "redis":
+        raise ConfigError(
+            "with M2FP_REDIS_SENTINELS, M2FP_REDIS_URL must be a redis:// URL (it gives the user, "
+            "password and database; its host is ignored); TLS through Sentinel is not supported yet"
+        )
     if not parsed.password and not dev_mode:
         raise ConfigError(
             "M2FP_REDIS_URL has no password; Redis must require one "
@@ -221,11 +245,66 @@ def deform_attn_mode(env: Mapping[str, str] | None = None) -> str:
     return value
 
 
+def precision_mode(env: Mapping[str, str] | None = None) -> str:
+    """M2FP_PRECISION: `auto` (bf16 on CPUs with bf16 in hardware, else fp32), `fp32`, `bf16`, `int8`.
+
+    Read on its own too, for the offline CLI and the Predictor (no Redis or keys needed).
+    """
+    env = os.environ if env is None else env
+    value = env.get("M2FP_PRECISION", "auto").strip().lower() or "auto"
+    if value not in PRECISION_MODES:
+        raise ConfigError(
+            f"M2FP_PRECISION must be one of {', '.join(PRECISION_MODES)}, got {value!r}"
+        )
+    return value
+
+
 def prometheus_multiproc_dir(env: Mapping[str, str] | None = None) -> str | None:
     """PROMETHEUS_MULTIPROC_DIR (prometheus_client's own variable, which it also reads at import):
     where gunicorn's processes write their metric values, or None for one-process metrics."""
     env = os.environ if env is None else env
     return env.get(PROMETHEUS_MULTIPROC_VARIABLE) or None
+
+
+def redis_sentinel(env: Mapping[str, str] | None = None) -> RedisSentinel | None:
+    """M2FP_REDIS_SENTINELS (`host:port,...`) and M2FP_REDIS_SENTINEL_MASTER, both or neither,
+    and the sentinels' password (M2FP_REDIS_SENTINEL_PASSWORD or its _FILE).
+
+    A sentinel that anyone can reach unauthenticated can be told to name another master, so its
+    password is required outside dev mode (checked by `load_settings`). Read on its own too:
+    Flower (shared.flower_readonly) gets the sentinels but none of the service's other secrets.
+    """
+    env = os.environ if env is None else env
+    listed = env.get("M2FP_REDIS_SENTINELS", "").strip()
+    master = env.get("M2FP_REDIS_SENTINEL_MASTER", "").strip()
+    password = _read_secret(env, "M2FP_REDIS_SENTINEL_PASSWORD")
+    if not listed and not master:
+        if password:
+            raise ConfigError("M2FP_REDIS_SENTINEL_PASSWORD is set but M2FP_REDIS_SENTINELS is not")
+        return None
+    if not listed or not master:
+        raise ConfigError(
+            "set both M2FP_REDIS_SENTINELS and M2FP_REDIS_SENTINEL_MASTER, or neither"
+        )
+    if not SENTINEL_MASTER_RE.fullmatch(master):
+        raise ConfigError(
+            f"M2FP_REDIS_SENTINEL_MASTER must be a name of letters, digits, . _ -, got {master!r}"
+        )
+    addresses = tuple(_sentinel_address(item) for item in listed.split(","))
+    if len(set(addresses)) != len(addresses):
+        raise ConfigError("M2FP_REDIS_SENTINELS lists a sentinel twice")
+    return RedisSentinel(addresses, master, password)
+
+
+def _sentinel_address(item: str) -> tuple[str, int]:
+    """One `host:port` (or `[v6]:port`) of M2FP_REDIS_SENTINELS."""
+    text = item.strip()
+    match = SENTINEL_ADDRESS_RE.fullmatch(text)
+    if not match or not 1 <= int(match[2]) <= 65535:
+        raise ConfigError(
+            f"M2FP_REDIS_SENTINELS must be host:port[,host:port...] ([v6]:port), got {text!r}"
+        )
+    return match[1].strip("[]"), int(match[2])
 
 
 def environment() -> dict[str, str]:
@@ -236,13 +315,21 @@ def environment() -> dict[str, str]:
 def load_stack_settings(env: Mapping[str, str] | None = None) -> StackSettings:
     """`make run`'s settings: numbers of workers and threads, ports, Flower's login."""
     env = os.environ if env is None else env
+    sentinel, redis_url = redis_sentinel(env), env.get("M2FP_REDIS_URL") or None
+    if sentinel is not None and not (redis_url or env.get("M2FP_REDIS_URL_FILE")):
+        raise ConfigError(
+            "M2FP_REDIS_SENTINELS is set: M2FP_REDIS_URL (or its _FILE) must give the user, "
+            "password and database of the master (make run starts no Redis then)"
+        )
     return StackSettings(
         workers=_int(env, "M2FP_WORKERS", 1, 1),
         worker_concurrency=_int(env, "M2FP_WORKER_CONCURRENCY", 1, 1),
         torch_threads=_int(env, "M2FP_TORCH_THREADS", 0, 0) or None,
-        redis_url=env.get("M2FP_REDIS_URL") or None,
+        redis_url=redis_url,
+        redis_sentinel=sentinel,
         redis_port=_int(env, "M2FP_REDIS_PORT", 6380, 1),
         has_data_keys=bool(env.get("M2FP_DATA_KEYS") or env.get("M2FP_DATA_KEYS_FILE")),
+        has_metrics_token=_metrics_token(env) is not None,
         has_metrics_token=_metrics_token(env) is not None,
         weights=(env.get("M2FP_WEIGHTS") or "").strip() or None,
         host=env.get("M2FP_HOST", "127.0.0.1").strip(),
@@ -274,14 +361,25 @@ def _secrets(env: Mapping[str, str], dev_mode: bool) -> dict:
     redis_url = _read_secret(env, "M2FP_REDIS_URL")
     if not redis_url:
         raise ConfigError("M2FP_REDIS_URL (or M2FP_REDIS_URL_FILE) is not set")
-    _check_redis_url(redis_url, dev_mode)
+    sentinel = redis_sentinel(env)
+    _check_redis_url(redis_url, dev_mode, sentinel)
+    if sentinel is not None and not sentinel.password and not dev_mode:
+        raise ConfigError(
+            "M2FP_REDIS_SENTINELS without M2FP_REDIS_SENTINEL_PASSWORD (or its _FILE): sentinels "
+            "must require a password, or anyone who reaches one can name another master "
+            "(set M2FP_DEV_MODE=1 to allow this on a development machine only)"
+        )
     keys_text = _read_secret(env, "M2FP_DATA_KEYS")
     if not keys_text:
         raise ConfigError(
             "M2FP_DATA_KEYS (or M2FP_DATA_KEYS_FILE) is not set; generate a key with "
             "`python -m shared.keys new`"
         )
-    return {"redis_url": redis_url, "keyring": Keyring.parse(keys_text)}
+    return {
+        "redis_url": redis_url,
+        "redis_sentinel": sentinel,
+        "keyring": Keyring.parse(keys_text),
+    }
 
 
 def _gateway_fields(env: Mapping[str, str]) -> dict:
@@ -377,6 +475,7 @@ def _model_fields(env: Mapping[str, str]) -> dict:
         "torch_threads": _int(env, "M2FP_TORCH_THREADS", 0, 0) or None,
         "infer_max_side": _int(env, "M2FP_INFER_MAX_SIDE", 1920, 64),
         "deform_attn": deform_attn_mode(env),
+        "precision": precision_mode(env),
         "max_memory_per_child_kb": _int(env, "M2FP_MAX_MEMORY_PER_CHILD_MB", 0, 0) * 1024 or None,
         "max_decode_mb": _int(env, "M2FP_MAX_DECODE_MB", 128, 1),
         "child_memory_limit_mb": _int(env, "M2FP_CHILD_MEMORY_LIMIT_MB", 4096, 0) or None,

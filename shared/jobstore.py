@@ -42,6 +42,7 @@ from shared.constants import (
     job_key,
     output_key,
 )
+from shared.redis_conn import make_client
 
 REAP_GRACE_SECONDS = 10.0  # a claim younger than this is never reaped (the heartbeat may lag)
 
@@ -278,8 +279,8 @@ class JobStore:
 
     @classmethod
     def from_settings(cls, settings, client: redis.Redis | None = None) -> JobStore:
-        """Build from `shared.config.Settings` (and a client, or one from the settings' URL)."""
-        client = client or redis.Redis.from_url(settings.redis_url, health_check_interval=30)
+        """Build from `shared.config.Settings` (and a client, or one from `shared.redis_conn`)."""
+        client = client or make_client(settings)
         return cls(
             client,
             input_ttl=settings.input_ttl,
