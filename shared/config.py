@@ -164,7 +164,6 @@ class StackSettings:
     flower_user: str = "admin"
     flower_password: str | None = field(default=None, repr=False)  # unset: generated
     has_metrics_token: bool = False  # unset: make run generates one
-    has_metrics_token: bool = False  # unset: make run generates one
 
 
 def _read_secret(env: Mapping[str, str], name: str) -> str | None:
@@ -329,7 +328,6 @@ def load_stack_settings(env: Mapping[str, str] | None = None) -> StackSettings:
         redis_sentinel=sentinel,
         redis_port=_int(env, "M2FP_REDIS_PORT", 6380, 1),
         has_data_keys=bool(env.get("M2FP_DATA_KEYS") or env.get("M2FP_DATA_KEYS_FILE")),
-        has_metrics_token=_metrics_token(env) is not None,
         has_metrics_token=_metrics_token(env) is not None,
         weights=(env.get("M2FP_WEIGHTS") or "").strip() or None,
         host=env.get("M2FP_HOST", "127.0.0.1").strip(),
