@@ -30,13 +30,9 @@ UNACKED_KEY, UNACKED_INDEX_KEY = "unacked", "unacked_index"
 
 def make_celery(settings, name: str = "m2fp") -> Celery:
     """A Celery app wired to the settings' Redis (or its sentinels) with the service's safe defaults."""
-    broker_url, sentinel_options = celery_broker(settings)
+    broker_url, transport = celery_broker(settings)  # Sentinel: master_name, sentinel_kwargs
     app = Celery(name, broker=broker_url, set_as_current=False)
-    transport = {
-        "visibility_timeout": settings.visibility_timeout,
-        "health_check_interval": 30,
-        **sentinel_options,
-    }
+    transport.update(visibility_timeout=settings.visibility_timeout, health_check_interval=30)
     app.conf.update(
         broker_transport_options=transport,
         broker_connection_retry_on_startup=True,
