@@ -492,7 +492,7 @@ def _batching_fields(env: Mapping[str, str]) -> dict:
     return {
         "batching": batching,
         "gpu_batch": _bounded(env, "M2FP_GPU_BATCH", 8, 1, 64),
-        "batch_wait_ms": _bounded(env, "M2FP_BATCH_WAIT_MS", 10, 0, 1000),
+        "batch_wait_ms": _bounded(env, "M2FP_BATCH_WAIT_MS", 10, 0, 10_000),
     }
 
 
