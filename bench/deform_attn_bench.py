@@ -99,8 +99,8 @@ def capture_model_call(model, image) -> tuple:
     return captured[0]
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run both benchmarks and print the tables."""
+def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
+    """The command line (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--sizes", nargs="+", default=["640x864", "640x640"], help="H x W images (padded to /32)"
@@ -115,36 +115,77 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--forward-threads", nargs="+", type=int, default=[2])
     parser.add_argument("--forward-size", default="640x864")
     parser.add_argument("--json", type=Path, help="also write the figures here")
-    arguments = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    import torch
-    from model_bench import synthetic_image
 
+def parse_size(size: str) -> tuple[int, int]:
+    """`"640x864"` -> (640, 864): height, width."""
+    height, width = (int(part) for part in size.split("x"))
+    return height, width
+
+
+def golden_model():
+    """The CIHP network with the golden (deterministic, synthetic) weights, on the CPU."""
     from tests.golden_weights import golden_state_dict
-    from worker.m2fp import ops
     from worker.m2fp.checkpoint import build_model_from_state_dict
     from worker.m2fp.config import get_config
-    from worker.m2fp.deformable_attention import multi_scale_deformable_attention_reference
 
-    status = ops.status()
-    if not status["loaded"]:
-        print(f"the compiled op is not available: {status['reason']}", file=sys.stderr)
-        return 1
-    cpu = cpu_description()
-    report = {
-        "cpu": cpu,
-        "torch": torch.__version__,
-        "op_build": status["build_info"],
-        "op": [],
-        "forward": [],
-    }
-    print(
-        f"CPU: {cpu['model']} (flags: {', '.join(cpu['flags']) or 'none of ' + ', '.join(RELEVANT_FLAGS)}); "
-        f"torch {torch.__version__}; op {status['build_info']}"
-    )
     model, _ = build_model_from_state_dict(
         golden_state_dict(get_config("cihp")), variant="cihp", device="cpu"
     )
+    return model
+
+
+def op_row(size: str, threads: int, call: tuple, runs: int) -> dict:
+    """Median times of the reference and the op (fp32, bf16) on one captured call, at `threads`."""
+    import torch
+
+    from worker.m2fp import ops
+    from worker.m2fp.deformable_attention import multi_scale_deformable_attention_reference
+
+    value, shapes, locations, weights = call
+    torch.set_num_threads(threads)
+    medians = median_seconds(
+        {
+            "grid_sample": partial(
+                multi_scale_deformable_attention_reference, value, shapes, locations, weights
+            ),
+            "op_fp32": partial(ops.ms_deform_attn, value, shapes, locations, weights),
+            "op_bf16": partial(ops.ms_deform_attn, value.bfloat16(), shapes, locations, weights),
+        },
+        runs,
+    )
+    return {
+        "input": size,
+        "levels": [list(shape) for shape in shapes],
+        "queries": int(locations.shape[1]),
+        "heads": int(value.shape[2]),
+        "head_dim": int(value.shape[3]),
+        "threads": threads,
+        **{f"{name}_s": seconds for name, seconds in medians.items()},
+        "ratio_fp32": medians["grid_sample"] / medians["op_fp32"],
+        "ratio_bf16": medians["grid_sample"] / medians["op_bf16"],
+    }
+
+
+def print_op_row(row: dict) -> None:
+    """One Markdown table row of the op-alone benchmark."""
+    levels = ", ".join(f"{h}x{w}" for h, w in row["levels"])
+    print(
+        f"| {row['input']} | {levels} | {row['queries']} | "
+        f"{row['heads']} x {row['head_dim']} | {row['threads']} | {1e3 * row['grid_sample_s']:.1f} | "
+        f"{1e3 * row['op_fp32_s']:.1f} | {row['ratio_fp32']:.1f}x | {1e3 * row['op_bf16_s']:.1f} | "
+        f"{row['ratio_bf16']:.1f}x |",
+        flush=True,
+    )
+
+
+def op_benchmark(model, arguments: argparse.Namespace) -> list[dict]:
+    """Part 1: the op alone against the reference, at each size and thread count; prints a table."""
+    import torch
+    from model_bench import synthetic_image
+
+    from worker.m2fp import ops
 
     print(
         "\nop alone (one deformable-attention call, model shapes; median of "
@@ -155,73 +196,49 @@ def main(argv: list[str] | None = None) -> int:
         "ratio | op bf16 ms | ratio |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
     for size in arguments.sizes:
-        height, width = (int(part) for part in size.split("x"))
         torch.set_num_threads(max(arguments.threads))
         ops.configure("auto")
-        value, shapes, locations, weights = capture_model_call(
-            model, synthetic_image(height, width)
-        )
-        value_bf16 = value.bfloat16()
+        call = capture_model_call(model, synthetic_image(*parse_size(size)))
         for threads in arguments.threads:
-            torch.set_num_threads(threads)
-            medians = median_seconds(
-                {
-                    "grid_sample": partial(
-                        multi_scale_deformable_attention_reference,
-                        value,
-                        shapes,
-                        locations,
-                        weights,
-                    ),
-                    "op_fp32": partial(ops.ms_deform_attn, value, shapes, locations, weights),
-                    "op_bf16": partial(ops.ms_deform_attn, value_bf16, shapes, locations, weights),
-                },
-                arguments.op_runs,
-            )
-            row = {
-                "input": size,
-                "levels": [list(shape) for shape in shapes],
-                "queries": int(locations.shape[1]),
-                "heads": int(value.shape[2]),
-                "head_dim": int(value.shape[3]),
-                "threads": threads,
-                **{f"{name}_s": seconds for name, seconds in medians.items()},
-                "ratio_fp32": medians["grid_sample"] / medians["op_fp32"],
-                "ratio_bf16": medians["grid_sample"] / medians["op_bf16"],
-            }
-            report["op"].append(row)
-            print(
-                f"| {size} | {', '.join(f'{h}x{w}' for h, w in shapes)} | {row['queries']} | "
-                f"{row['heads']} x {row['head_dim']} | {threads} | {1e3 * medians['grid_sample']:.1f} | "
-                f"{1e3 * medians['op_fp32']:.1f} | {row['ratio_fp32']:.1f}x | {1e3 * medians['op_bf16']:.1f} | "
-                f"{row['ratio_bf16']:.1f}x |",
-                flush=True,
-            )
+            rows.append(op_row(size, threads, call, arguments.op_runs))
+            print_op_row(rows[-1])
+    return rows
 
-    height, width = (int(part) for part in arguments.forward_size.split("x"))
-    tensor = torch.from_numpy(synthetic_image(height, width)).permute(2, 0, 1)[None]
 
-    def forward(mode: str) -> Callable[[], object]:
-        def run():
-            ops.configure(mode)
-            with torch.inference_mode():
-                padded, _ = model.normalize_and_pad(tensor)
-                return model(padded)
+def forward_with(model, tensor, mode: str):
+    """One whole forward (normalise, pad, network) with the deformable-attention path `mode`."""
+    import torch
 
-        return run
+    from worker.m2fp import ops
 
+    ops.configure(mode)
+    with torch.inference_mode():
+        padded, _ = model.normalize_and_pad(tensor)
+        return model(padded)
+
+
+def forward_benchmark(model, arguments: argparse.Namespace) -> list[dict]:
+    """Part 2: the whole forward with the reference ("before") and the op ("after"); prints a table."""
+    import torch
+    from model_bench import synthetic_image
+
+    from worker.m2fp import ops
+
+    tensor = torch.from_numpy(synthetic_image(*parse_size(arguments.forward_size)))
+    tensor = tensor.permute(2, 0, 1)[None]
+    forwards = {mode: partial(forward_with, model, tensor, mode) for mode in ("reference", "op")}
     print(
         f"\nwhole forward at {arguments.forward_size}, golden weights (median of {arguments.forward_runs}, "
         "interleaved):"
     )
     print("| threads | before: grid_sample s | after: op s | before / after |")
     print("|---|---|---|---|")
+    rows = []
     for threads in arguments.forward_threads:
         torch.set_num_threads(threads)
-        medians = median_seconds(
-            {"reference": forward("reference"), "op": forward("op")}, arguments.forward_runs
-        )
+        medians = median_seconds(forwards, arguments.forward_runs)
         row = {
             "input": arguments.forward_size,
             "threads": threads,
@@ -229,12 +246,40 @@ def main(argv: list[str] | None = None) -> int:
             "op_s": medians["op"],
             "ratio": medians["reference"] / medians["op"],
         }
-        report["forward"].append(row)
+        rows.append(row)
         print(
             f"| {threads} | {medians['reference']:.2f} | {medians['op']:.2f} | {row['ratio']:.2f}x |",
             flush=True,
         )
     ops.configure("auto")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run both benchmarks and print the tables."""
+    arguments = parse_arguments(argv)
+
+    import torch
+
+    from worker.m2fp import ops
+
+    status = ops.status()
+    if not status["loaded"]:
+        print(f"the compiled op is not available: {status['reason']}", file=sys.stderr)
+        return 1
+    cpu = cpu_description()
+    print(
+        f"CPU: {cpu['model']} (flags: {', '.join(cpu['flags']) or 'none of ' + ', '.join(RELEVANT_FLAGS)}); "
+        f"torch {torch.__version__}; op {status['build_info']}"
+    )
+    model = golden_model()
+    report = {
+        "cpu": cpu,
+        "torch": torch.__version__,
+        "op_build": status["build_info"],
+        "op": op_benchmark(model, arguments),
+        "forward": forward_benchmark(model, arguments),
+    }
     if arguments.json:
         arguments.json.write_text(json.dumps(report, indent=1) + "\n")
     return 0

@@ -131,8 +131,8 @@ def profile_mode(model, tensor, mode: str, runs: int) -> tuple[dict[str, float],
     return seconds, wall, averages
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Profile each mode and print one table side by side, then the top operators of each."""
+def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
+    """The command line (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="640x864", help="H x W (multiples of 32 stay unpadded)")
     parser.add_argument("--threads", type=int, default=2)
@@ -143,16 +143,86 @@ def main(argv: list[str] | None = None) -> int:
         "--modes", nargs="+", default=["reference", "op"], choices=["reference", "op"]
     )
     parser.add_argument("--top", type=int, default=10, help="operators listed by self CPU time")
-    arguments = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+ATTENTION_LINEARS = (
+    "encoder: value_proj",
+    "encoder: sampling_offsets + attention_weights linears",
+    "encoder: output_proj",
+)
+
+
+def stage_rows(results: dict, modes: list[str]) -> list[tuple[str, dict[str, float]]]:
+    """(label, seconds per mode) per stage; the attention module is followed by two derived rows:
+    its sampling (the module less its linears) and, of that, the op's own entry."""
+    rows = []
+    for label in (label.strip() for label, _ in STAGES):
+        rows.append((label, {mode: results[mode][0].get(label, 0.0) for mode in modes}))
+        if label != "encoder: attention module":
+            continue
+        sampling = {}
+        for mode in modes:
+            seconds = results[mode][0]
+            linears = sum(seconds.get(name, 0.0) for name in ATTENTION_LINEARS)
+            sampling[mode] = seconds.get("encoder: attention module", 0.0) - linears
+        rows.append(
+            ("encoder: sampling, softmax, locations (attention module minus its linears)", sampling)
+        )
+        rows.append(
+            (
+                "encoder: of which the op m2fp::ms_deform_attn",
+                {mode: results[mode][0].get(OP_NAME, 0.0) for mode in modes},
+            )
+        )
+    return rows
+
+
+def print_stage_table(results: dict, modes: list[str]) -> None:
+    """The per-stage Markdown table, seconds and share of the wall time, modes side by side."""
+    print("\n| stage | " + " | ".join(f"{mode} s | {mode} %" for mode in modes) + " |")
+    print("|---|" + "---|---|" * len(modes))
+    for label, values in stage_rows(results, modes):
+        if label == "encoder: attention module":
+            continue  # shown as its two derived rows
+        indent = "&nbsp;&nbsp;" if label.startswith("encoder:") else ""
+        cells = " | ".join(
+            f"{values[mode]:.3f} | {100 * values[mode] / results[mode][1]:.1f}" for mode in modes
+        )
+        print(f"| {indent}{label} | {cells} |")
+    print(
+        "| **whole forward (wall, profiled)** | "
+        + " | ".join(f"**{results[mode][1]:.3f}** | 100" for mode in modes)
+        + " |"
+    )
+
+
+def print_top_operators(results: dict, modes: list[str], top: int, runs: int) -> None:
+    """The `top` operators of each mode by self CPU time, per forward (stage spans left out)."""
+    labels = tuple(label.strip() for label, _ in STAGES)
+    for mode in modes:
+        print(f"\ntop operators by self CPU time, {mode} (per forward):")
+        events = sorted(
+            (event for event in results[mode][2] if not event.key.startswith(labels)),
+            key=lambda event: event.self_cpu_time_total,
+            reverse=True,
+        )[:top]
+        for event in events:
+            print(
+                f"  {event.key:40s} {event.self_cpu_time_total / 1e6 / runs:7.3f} s  "
+                f"x{event.count // runs}"
+            )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Profile each mode and print one table side by side, then the top operators of each."""
+    arguments = parse_arguments(argv)
 
     import torch
-    from deform_attn_bench import cpu_description
+    from deform_attn_bench import cpu_description, golden_model, parse_size
     from model_bench import synthetic_image
 
-    from tests.golden_weights import golden_state_dict
     from worker.m2fp import ops
-    from worker.m2fp.checkpoint import build_model_from_state_dict
-    from worker.m2fp.config import get_config
 
     torch.set_num_threads(arguments.threads)
     cpu = cpu_description()
@@ -160,72 +230,14 @@ def main(argv: list[str] | None = None) -> int:
         f"CPU: {cpu['model']} (flags: {', '.join(cpu['flags'])}); torch {torch.__version__}; "
         f"{arguments.threads} threads; {arguments.size}; op {ops.status()['build_info']}"
     )
-    model, _ = build_model_from_state_dict(
-        golden_state_dict(get_config("cihp")), variant="cihp", device="cpu"
-    )
+    model = golden_model()
     attach_stage_spans(model)
-    height, width = (int(part) for part in arguments.size.split("x"))
-    tensor = torch.from_numpy(synthetic_image(height, width)).permute(2, 0, 1)[None]
+    tensor = torch.from_numpy(synthetic_image(*parse_size(arguments.size))).permute(2, 0, 1)[None]
 
     results = {mode: profile_mode(model, tensor, mode, arguments.runs) for mode in arguments.modes}
     ops.configure("auto")
-    labels = [label.strip() for label, _ in STAGES]
-    print("\n| stage | " + " | ".join(f"{mode} s | {mode} %" for mode in arguments.modes) + " |")
-    print("|---|" + "---|---|" * len(arguments.modes))
-    rows = []
-    for label in labels:
-        rows.append((label, {mode: results[mode][0].get(label, 0.0) for mode in arguments.modes}))
-        if label == "encoder: attention module":
-            sampling = {}
-            for mode in arguments.modes:
-                seconds = results[mode][0]
-                linears = sum(
-                    seconds.get(name, 0.0)
-                    for name in (
-                        "encoder: value_proj",
-                        "encoder: sampling_offsets + attention_weights linears",
-                        "encoder: output_proj",
-                    )
-                )
-                sampling[mode] = seconds.get("encoder: attention module", 0.0) - linears
-            rows.append(
-                (
-                    "encoder: sampling, softmax, locations (attention module minus its linears)",
-                    sampling,
-                )
-            )
-            rows.append(
-                (
-                    "encoder: of which the op m2fp::ms_deform_attn",
-                    {mode: results[mode][0].get(OP_NAME, 0.0) for mode in arguments.modes},
-                )
-            )
-    for label, values in rows:
-        if label == "encoder: attention module":
-            continue
-        indent = "&nbsp;&nbsp;" if label.startswith("encoder:") else ""
-        cells = " | ".join(
-            f"{values[mode]:.3f} | {100 * values[mode] / results[mode][1]:.1f}"
-            for mode in arguments.modes
-        )
-        print(f"| {indent}{label} | {cells} |")
-    print(
-        "| **whole forward (wall, profiled)** | "
-        + " | ".join(f"**{results[mode][1]:.3f}** | 100" for mode in arguments.modes)
-        + " |"
-    )
-    for mode in arguments.modes:
-        print(f"\ntop operators by self CPU time, {mode} (per forward):")
-        events = sorted(
-            (event for event in results[mode][2] if not event.key.startswith(tuple(labels))),
-            key=lambda event: event.self_cpu_time_total,
-            reverse=True,
-        )[: arguments.top]
-        for event in events:
-            print(
-                f"  {event.key:40s} {event.self_cpu_time_total / 1e6 / arguments.runs:7.3f} s  "
-                f"x{event.count // arguments.runs}"
-            )
+    print_stage_table(results, arguments.modes)
+    print_top_operators(results, arguments.modes, arguments.top, arguments.runs)
     return 0
 
 

@@ -145,20 +145,16 @@ def wait_http(url: str, until, timeout: float, what: str) -> None:
     raise SystemExit(f"bench: timed out waiting for {what} ({url})")
 
 
-def start_ours(
-    procs: Processes, workers: int, nginx: bool, worker_nice: int, gateway: str = ""
-) -> str:
-    """Redis, `workers` workers, the gateway (and nginx in front); returns the base URL."""
-    from shared.crypto import generate_key
-
-    redis_port, password = free_port(), secrets.token_hex(16)
+def start_redis(procs: Processes) -> str:
+    """A password-protected, non-persisting redis-server on a free loopback port; returns its URL."""
+    port, password = free_port(), secrets.token_hex(16)
     redis = shutil.which("redis-server") or "redis-server"
     procs.start(
         "redis",
         [
             redis,
             "--port",
-            str(redis_port),
+            str(port),
             "--bind",
             "127.0.0.1",
             "--requirepass",
@@ -172,13 +168,20 @@ def start_ours(
         ],
         dict(os.environ),
     )
-    port = free_port()
+    return f"redis://:{password}@127.0.0.1:{port}/0"
+
+
+def service_env(redis_url: str, port: int, workers: int, nginx: bool, gateway: str) -> dict:
+    """The environment of the gateway and the workers: no M2FP_* of ours, random weights, the
+    machine's cores shared among the workers, `gateway` ("WORKERSxTHREADS") when given."""
+    from shared.crypto import generate_key
+
     prometheus = tempfile.mkdtemp(
         prefix="m2fp-bench-prom-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("M2FP_")}
     env.update(
-        M2FP_REDIS_URL=f"redis://:{password}@127.0.0.1:{redis_port}/0",
+        M2FP_REDIS_URL=redis_url,
         M2FP_DATA_KEYS=f"k1:{generate_key()}",
         M2FP_WEIGHTS="random",
         M2FP_PORT=str(port),
@@ -189,10 +192,11 @@ def start_ours(
     )
     if gateway:  # "WORKERSxTHREADS"; default: api/gunicorn_conf.py's (shared.config)
         env["M2FP_GATEWAY_WORKERS"], env["M2FP_GATEWAY_THREADS"] = gateway.split("x")
-    time.sleep(0.5)
-    procs.start(
-        "gateway", [PY, "-m", "gunicorn", "-c", "api/gunicorn_conf.py", "api.wsgi:app"], env
-    )
+    return env
+
+
+def start_workers(procs: Processes, env: dict, workers: int, nice: int) -> None:
+    """`workers` Celery workers (`python -m worker`), each with its own metrics port."""
     for index in range(workers):
         worker_env = dict(env, M2FP_WORKER_METRICS_PORT=str(free_port()))
         procs.start(
@@ -207,19 +211,14 @@ def start_ours(
                 f"bench{index}-{os.getpid()}@%h",
             ],
             worker_env,
-            nice=worker_nice,
+            nice=nice,
         )
-    base = f"http://127.0.0.1:{port}"
-    wait_http(
-        base + "/readyz",
-        lambda status, body: status == 200 and body.get("workers", 0) >= workers,
-        300,
-        "the workers",
-    )
-    if not nginx:
-        return base
+
+
+def start_nginx(procs: Processes, upstream_port: int) -> str:
+    """nginx with deploy/nginx.conf in front of the gateway; returns its HTTPS base URL."""
     http_port, https_port = free_port(), free_port()
-    conf = render_nginx_conf(procs.workdir, http_port, https_port, port)
+    conf = render_nginx_conf(procs.workdir, http_port, https_port, upstream_port)
     procs.start(
         "nginx",
         [
@@ -238,6 +237,27 @@ def start_ours(
     base = f"https://127.0.0.1:{https_port}"
     wait_http(base + "/healthz", lambda status, body: status == 200, 30, "nginx")
     return base
+
+
+def start_ours(
+    procs: Processes, workers: int, nginx: bool, worker_nice: int, gateway: str = ""
+) -> str:
+    """Redis, `workers` workers, the gateway (and nginx in front); returns the base URL."""
+    redis_url, port = start_redis(procs), free_port()
+    env = service_env(redis_url, port, workers, nginx, gateway)
+    time.sleep(0.5)
+    procs.start(
+        "gateway", [PY, "-m", "gunicorn", "-c", "api/gunicorn_conf.py", "api.wsgi:app"], env
+    )
+    start_workers(procs, env, workers, worker_nice)
+    base = f"http://127.0.0.1:{port}"
+    wait_http(
+        base + "/readyz",
+        lambda status, body: status == 200 and body.get("workers", 0) >= workers,
+        300,
+        "the workers",
+    )
+    return start_nginx(procs, port) if nginx else base
 
 
 def start_seed(procs: Processes) -> str:

@@ -273,6 +273,7 @@ def format_table(rows: list[dict], with_reference: bool) -> str:
     return "\n".join(lines + [f"error: {error}" for error in errors])
 
 
+# long-by-design: the argument table of the benchmark, one add_argument per option
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     """Parse the command line."""
     parser = argparse.ArgumentParser(
@@ -322,24 +323,59 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run every configuration, print the table, optionally write JSON."""
-    arguments = parse_arguments(argv)
-    if arguments.worker is not None:
-        worker_main(json.loads(arguments.worker))
-        return 0
-    with_reference = arguments.reference_python is not None
-    if with_reference and arguments.device != "cpu":
+def check_reference_arguments(arguments: argparse.Namespace) -> bool:
+    """Whether the reference can be run as asked (prints why not; a note for a GPU comparison)."""
+    if arguments.reference_python is None:
+        return True
+    if arguments.device != "cpu":
         print(
             "note: the reference runs on the CPU only; comparing a GPU run with it is meaningless",
             file=sys.stderr,
         )
-    if with_reference and not (Path(arguments.reference_kit) / "make_golden.py").is_file():
+    if not (Path(arguments.reference_kit) / "make_golden.py").is_file():
         print(
             f"error: no make_golden.py in --reference-kit {arguments.reference_kit}",
             file=sys.stderr,
         )
-        return 2
+        return False
+    return True
+
+
+def measure_row(arguments: argparse.Namespace, size: str, stage: str, image_path: str) -> dict:
+    """One table row: ours (and the reference if asked) at one size and stage, each in its own
+    subprocess."""
+    base = {
+        "stage": stage,
+        "variant": arguments.variant,
+        "image_path": image_path,
+        "runs": arguments.runs,
+        "warmup": arguments.warmup,
+        "threads": arguments.threads,
+    }
+    row = {"size": size, "stage": stage}
+    print(f"running ours {stage} {size} ...", file=sys.stderr, flush=True)
+    row["ours"] = run_configuration(
+        arguments.python,
+        {**base, "implementation": "ours", "device": arguments.device},
+        arguments.timeout,
+    )
+    if arguments.reference_python is not None:
+        print(f"running reference {stage} {size} ...", file=sys.stderr, flush=True)
+        row["reference"] = run_configuration(
+            arguments.reference_python,
+            {
+                **base,
+                "implementation": "reference",
+                "device": "cpu",
+                "kit": arguments.reference_kit,
+            },
+            arguments.timeout,
+        )
+    return row
+
+
+def measure_all(arguments: argparse.Namespace) -> list[dict]:
+    """Every (size, stage) row, the synthetic image of each size saved once for the subprocesses."""
     import numpy as np
 
     rows = []
@@ -349,39 +385,13 @@ def main(argv: list[str] | None = None) -> int:
             image_path = str(Path(folder) / f"image_{height}x{width}.npy")
             np.save(image_path, synthetic_image(height, width))
             for stage in arguments.stages:
-                base = {
-                    "stage": stage,
-                    "variant": arguments.variant,
-                    "image_path": image_path,
-                    "runs": arguments.runs,
-                    "warmup": arguments.warmup,
-                    "threads": arguments.threads,
-                }
-                row = {"size": f"{height}x{width}", "stage": stage}
-                print(f"running ours {stage} {height}x{width} ...", file=sys.stderr, flush=True)
-                row["ours"] = run_configuration(
-                    arguments.python,
-                    {**base, "implementation": "ours", "device": arguments.device},
-                    arguments.timeout,
-                )
-                if with_reference:
-                    print(
-                        f"running reference {stage} {height}x{width} ...",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                    row["reference"] = run_configuration(
-                        arguments.reference_python,
-                        {
-                            **base,
-                            "implementation": "reference",
-                            "device": "cpu",
-                            "kit": arguments.reference_kit,
-                        },
-                        arguments.timeout,
-                    )
-                rows.append(row)
-    machine = {
+                rows.append(measure_row(arguments, f"{height}x{width}", stage, image_path))
+    return rows
+
+
+def machine_description(arguments: argparse.Namespace) -> dict:
+    """The machine and the settings the figures were taken with (for the JSON)."""
+    return {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
@@ -393,11 +403,23 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": arguments.warmup,
         "load_average_at_end": os.getloadavg(),
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every configuration, print the table, optionally write JSON."""
+    arguments = parse_arguments(argv)
+    if arguments.worker is not None:
+        worker_main(json.loads(arguments.worker))
+        return 0
+    if not check_reference_arguments(arguments):
+        return 2
+    rows = measure_all(arguments)
+    machine = machine_description(arguments)
     print(
         f"M2FP {arguments.variant}, golden weights, {arguments.threads} threads, device {arguments.device}, "
         f"median of {arguments.runs} runs after {arguments.warmup} warm-up"
     )
-    print(format_table(rows, with_reference))
+    print(format_table(rows, arguments.reference_python is not None))
     if arguments.json is not None:
         arguments.json.write_text(
             json.dumps({"machine": machine, "results": rows}, indent=1) + "\n"

@@ -126,8 +126,8 @@ def start_stack(port: int) -> subprocess.Popen:
     raise RuntimeError("the stack did not become ready")
 
 
-def main() -> int:
-    """Run the benchmark and print a table (and JSON with --json)."""
+def parse_arguments() -> argparse.Namespace:
+    """The command line (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--server", default="http://127.0.0.1:8000")
     parser.add_argument("--start-stack", action="store_true", help="start scripts/stack.py first")
@@ -137,7 +137,55 @@ def main() -> int:
     parser.add_argument(
         "--throughput", type=int, default=0, help="submit N jobs at once (first size only)"
     )
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    """`"864x640"` -> (864, 640): height, width."""
+    height, width = (int(v) for v in size.lower().split("x"))
+    return height, width
+
+
+def throughput_run(args: argparse.Namespace) -> None:
+    """--throughput: N jobs at once at the first size; prints jobs per minute and percentiles."""
+    height, width = parse_size(args.sizes.split(",")[0])
+    one_job(args.server, photo(width, height, 0))  # warm-up
+    row = throughput(args.server, args.throughput, (height, width))
+    print(
+        f"workers={os.environ.get('M2FP_WORKERS', '1')} threads={os.environ.get('M2FP_TORCH_THREADS', 'auto')} "
+        + " ".join(f"{k}={v:.2f}" for k, v in row.items())
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(row, indent=1))
+
+
+def sequential_run(args: argparse.Namespace) -> None:
+    """`--runs` sequential jobs per size (after a warm-up); prints the medians as a table."""
+    rows = {}
+    for size in args.sizes.split(","):
+        height, width = parse_size(size)
+        one_job(args.server, photo(width, height, 0))  # warm-up
+        runs = [
+            one_job(args.server, photo(width, height, seed)) for seed in range(1, args.runs + 1)
+        ]
+        rows[size] = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+    print(
+        f"{'size (HxW)':>12} {'submit':>8} {'end-to-end':>11} {'inference':>10} {'overhead':>9} {'overhead %':>10}"
+    )
+    for size, row in rows.items():
+        print(
+            f"{size:>12} {row['submit']:8.3f} {row['end_to_end']:11.3f} {row['inference']:10.3f} "
+            f"{row['overhead']:9.3f} {100 * row['overhead'] / row['end_to_end']:9.1f}%"
+        )
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({"runs": args.runs, "median_seconds": rows}, indent=1)
+        )
+
+
+def main() -> int:
+    """Run the benchmark and print a table (and JSON with --json)."""
+    args = parse_arguments()
     stack = None
     if args.start_stack:
         port = 18000 + os.getpid() % 1000
@@ -145,36 +193,9 @@ def main() -> int:
         stack = start_stack(port)
     try:
         if args.throughput:
-            height, width = (int(v) for v in args.sizes.split(",")[0].lower().split("x"))
-            one_job(args.server, photo(width, height, 0))  # warm-up
-            row = throughput(args.server, args.throughput, (height, width))
-            print(
-                f"workers={os.environ.get('M2FP_WORKERS', '1')} threads={os.environ.get('M2FP_TORCH_THREADS', 'auto')} "
-                + " ".join(f"{k}={v:.2f}" for k, v in row.items())
-            )
-            if args.json:
-                Path(args.json).write_text(json.dumps(row, indent=1))
-            return 0
-        rows = {}
-        for size in args.sizes.split(","):
-            height, width = (int(v) for v in size.lower().split("x"))
-            one_job(args.server, photo(width, height, 0))  # warm-up
-            runs = [
-                one_job(args.server, photo(width, height, seed)) for seed in range(1, args.runs + 1)
-            ]
-            rows[size] = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
-        print(
-            f"{'size (HxW)':>12} {'submit':>8} {'end-to-end':>11} {'inference':>10} {'overhead':>9} {'overhead %':>10}"
-        )
-        for size, row in rows.items():
-            print(
-                f"{size:>12} {row['submit']:8.3f} {row['end_to_end']:11.3f} {row['inference']:10.3f} "
-                f"{row['overhead']:9.3f} {100 * row['overhead'] / row['end_to_end']:9.1f}%"
-            )
-        if args.json:
-            Path(args.json).write_text(
-                json.dumps({"runs": args.runs, "median_seconds": rows}, indent=1)
-            )
+            throughput_run(args)
+        else:
+            sequential_run(args)
     finally:
         if stack is not None:
             os.killpg(stack.pid, signal.SIGTERM)

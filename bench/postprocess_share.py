@@ -47,30 +47,27 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    arguments = parse_arguments(argv)
-    import torch
-    from model_bench import synthetic_image
-
-    from tests.golden_weights import golden_state_dict
-    from worker.m2fp.checkpoint import build_model_from_state_dict
-    from worker.m2fp.config import get_config
-    from worker.m2fp.postprocess import parse_multi_human
-    from worker.m2fp.predictor import Predictor
-
-    torch.set_num_threads(arguments.threads)
-    model, _ = build_model_from_state_dict(golden_state_dict(get_config("cihp")), variant="cihp")
-    predictor = Predictor(model)
-    image = synthetic_image(arguments.height, arguments.width)
+def stage_figures(predictor, image, runs: int) -> dict:
+    """Median seconds of each of the predictor's stages over `runs` predicts (after a warm-up),
+    their total and the postprocess's share of it."""
     predictor.predict(image)  # warm-up
     stages: dict[str, list[float]] = {"preprocess": [], "forward": [], "postprocess": []}
-    for _ in range(arguments.runs):
+    for _ in range(runs):
         result = predictor.predict(image)
         for stage, seconds in result.timings.items():
             stages[stage].append(seconds)
     figures = {stage: statistics.median(values) for stage, values in stages.items()}
     figures["total"] = sum(figures.values())
     figures["postprocess_share"] = figures["postprocess"] / figures["total"]
+    return figures
+
+
+def readout_figures(predictor, image, runs: int) -> dict:
+    """Median seconds of the readout alone (`parse_multi_human` on the network outputs of
+    `image`) over `runs` calls, and how many persons, parts and classes it finds."""
+    import torch
+
+    from worker.m2fp.postprocess import parse_multi_human
 
     inference = predictor.infer(image)
     config = predictor.config
@@ -91,11 +88,33 @@ def main(argv: list[str] | None = None) -> int:
                 topk=config.test_topk_per_image,
             )
 
-    figures["readout_alone"] = median_seconds(readout, arguments.readout_runs)
+    seconds = median_seconds(readout, runs)
     parsing = readout()
-    figures["persons"] = len(parsing.persons)
-    figures["parts"] = len(parsing.parts)
-    figures["classes"] = len(set(parsing.label_map.ravel().tolist()))
+    return {
+        "readout_alone": seconds,
+        "persons": len(parsing.persons),
+        "parts": len(parsing.parts),
+        "classes": len(set(parsing.label_map.ravel().tolist())),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Measure, print the figures one a line, optionally write them as JSON."""
+    arguments = parse_arguments(argv)
+    import torch
+    from model_bench import synthetic_image
+
+    from tests.golden_weights import golden_state_dict
+    from worker.m2fp.checkpoint import build_model_from_state_dict
+    from worker.m2fp.config import get_config
+    from worker.m2fp.predictor import Predictor
+
+    torch.set_num_threads(arguments.threads)
+    model, _ = build_model_from_state_dict(golden_state_dict(get_config("cihp")), variant="cihp")
+    predictor = Predictor(model)
+    image = synthetic_image(arguments.height, arguments.width)
+    figures = stage_figures(predictor, image, arguments.runs)
+    figures.update(readout_figures(predictor, image, arguments.readout_runs))
     figures["threads"] = arguments.threads
     figures["size"] = f"{arguments.height}x{arguments.width}"
     for key, value in figures.items():
