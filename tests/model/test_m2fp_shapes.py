@@ -245,10 +245,40 @@ def test_deformable_attention_head_major_offsets_and_weights() -> None:
         np.testing.assert_allclose(output[0, 0, channels].numpy(), expected, rtol=1e-4, atol=1e-4)
 
 
+def naive_deformable_sampling(value, offsets, weights, reference_points, shapes) -> np.ndarray:
+    """Multi-scale deformable attention before the output projection, one loop per query, head,
+    level and point: the weighted bilinear samples of each head's channels of each level.
+
+    `value` (batch, sum of H*W, embed_dim); `offsets` (batch, queries, heads, levels, points, 2) in
+    pixels of the level; `weights` (batch, queries, heads, levels, points), already softmaxed;
+    `reference_points` (batch, queries, levels, 2) in [0, 1].
+    """
+    batch, num_queries, num_heads, _, num_points, _ = offsets.shape
+    head_dim = value.shape[-1] // num_heads
+    starts = np.cumsum([0] + [h * w for h, w in shapes])
+    expected = np.zeros((batch, num_queries, value.shape[-1]))
+    for b in range(batch):
+        for q in range(num_queries):
+            for m in range(num_heads):
+                channels = slice(m * head_dim, (m + 1) * head_dim)
+                for level, (height, width) in enumerate(shapes):
+                    level_map = value[b, starts[level] : starts[level + 1], channels].T.reshape(
+                        head_dim, height, width
+                    )
+                    reference_x, reference_y = reference_points[b, q, level].tolist()
+                    for p in range(num_points):
+                        offset_x, offset_y = offsets[b, q, m, level, p].tolist()
+                        x = reference_x * width - 0.5 + offset_x  # pixel coordinates of the level
+                        y = reference_y * height - 0.5 + offset_y
+                        expected[b, q, channels] += float(
+                            weights[b, q, m, level, p]
+                        ) * bilinear_sample(level_map, x, y)
+    return expected
+
+
 def test_deformable_attention_matches_naive_loop() -> None:
     torch.manual_seed(0)
     num_heads, num_levels, num_points, embed_dim = 2, 2, 3, 8
-    head_dim = embed_dim // num_heads
     shapes = [(4, 5), (2, 3)]
     attention = MultiScaleDeformableAttention(embed_dim, num_heads, num_levels, num_points)
     with torch.no_grad():
@@ -268,24 +298,7 @@ def test_deformable_attention_matches_naive_loop() -> None:
             batch, num_queries, num_heads, num_levels * num_points
         )
         weights = weights.softmax(-1).view(batch, num_queries, num_heads, num_levels, num_points)
-    starts = np.cumsum([0] + [h * w for h, w in shapes])
-    expected = np.zeros((batch, num_queries, embed_dim))
-    for b in range(batch):
-        for q in range(num_queries):
-            for m in range(num_heads):
-                channels = slice(m * head_dim, (m + 1) * head_dim)
-                for level, (height, width) in enumerate(shapes):
-                    level_map = value[b, starts[level] : starts[level + 1], channels].T.reshape(
-                        head_dim, height, width
-                    )
-                    reference_x, reference_y = reference_points[b, q, level].tolist()
-                    for p in range(num_points):
-                        offset_x, offset_y = offsets[b, q, m, level, p].tolist()
-                        x = reference_x * width - 0.5 + offset_x  # pixel coordinates of the level
-                        y = reference_y * height - 0.5 + offset_y
-                        expected[b, q, channels] += float(
-                            weights[b, q, m, level, p]
-                        ) * bilinear_sample(level_map, x, y)
+    expected = naive_deformable_sampling(value, offsets, weights, reference_points, shapes)
     expected = (
         expected @ attention.output_proj.weight.detach().numpy().T
         + attention.output_proj.bias.detach().numpy()
