@@ -120,6 +120,11 @@ def test_multipart_files_stay_in_memory():
     builder = EnvironBuilder(
         method="POST", path="/v1/jobs", data={"image": (io.BytesIO(big), "big.png")}
     )
-    request = InMemoryRequest(builder.get_environ())
-    stream = request.files["image"].stream
-    assert isinstance(stream, io.BytesIO) and stream.getvalue() == big
+    environ = builder.get_environ()
+    try:
+        request = InMemoryRequest(environ)
+        stream = request.files["image"].stream
+        assert isinstance(stream, io.BytesIO) and stream.getvalue() == big
+    finally:
+        environ["wsgi.input"].close()  # the builder's encoded body: a temporary file past 500 KB
+        builder.close()

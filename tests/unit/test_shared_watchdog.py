@@ -27,6 +27,7 @@ def webhook():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_port}/hook", received
     server.shutdown()
+    server.server_close()  # shutdown() only stops the loop; this closes the listening socket
 
 
 def test_memory_percent_is_a_percentage():
