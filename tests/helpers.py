@@ -6,6 +6,8 @@
 - `save_tiny_checkpoint`: the tiny random network saved as a ModelScope-style checkpoint.
 - `play_worker`: does what a worker does to a job with the real shared code (claim, decrypt
   the input, seal a result document, store it), so status and result are tested without one.
+- `self_signed_certificate` (openssl, for localhost) and `certificate_authority` (`cryptography`:
+  a CA and a server certificate it signed, for TLS to Redis across hosts).
 
 The gateway fixtures that use them (`make_app`, `app`, `client`: an app on the session's real
 Redis) are in tests/integration/conftest.py.
@@ -188,3 +190,65 @@ def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
         capture_output=True,
     )
     return cert, key
+
+
+TEST_CA_NAME = "m2fp test CA"
+
+
+def _certificate(subject: str, key, signer, ca: bool, extensions=()):
+    """One X.509 certificate for `key`, signed by `signer` (the test CA's key), valid a day."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, TEST_CA_NAME)]))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    for extension in extensions:
+        builder = builder.add_extension(extension, critical=False)
+    return builder.sign(signer, hashes.SHA256())
+
+
+def certificate_authority(
+    folder: Path, name: str, ip_addresses: tuple[str, ...] = (), dns_names: tuple[str, ...] = ()
+) -> tuple[Path, Path, Path]:
+    """A throw-away CA and a server certificate it signed for `name` (its DNS names and IP
+    addresses in the subjectAltName), made with `cryptography` (EC P-256, valid one day):
+    (ca.pem, server.pem, server.key); the key file is 0600."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    alt_names = [x509.DNSName(dns) for dns in dns_names]
+    alt_names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ip_addresses]
+    server_usage = [
+        x509.SubjectAlternativeName(alt_names),
+        x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
+    ]
+    folder.mkdir(parents=True, exist_ok=True)
+    ca, cert, key = folder / "ca.pem", folder / "server.pem", folder / "server.key"
+    pem = serialization.Encoding.PEM
+    ca.write_bytes(_certificate(TEST_CA_NAME, ca_key, ca_key, True).public_bytes(pem))
+    cert.write_bytes(_certificate(name, server_key, ca_key, False, server_usage).public_bytes(pem))
+    key.touch(mode=0o600)
+    key.write_bytes(
+        server_key.private_bytes(
+            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return ca, cert, key
