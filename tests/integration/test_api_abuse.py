@@ -189,12 +189,17 @@ def test_readyz_needs_a_live_worker_and_warns_when_untrained(client, clean_redis
     heartbeat.beat(clean_redis, heartbeat.Heartbeat("w1@host", variant="cihp", device="cpu"))
     ready = client.get("/readyz")
     assert ready.status_code == 200
-    assert ready.get_json() == {"status": "ready", "workers": 1, "untrained": False, "warnings": []}
+    body = ready.get_json()
+    summary = {key: body[key] for key in ("status", "workers", "untrained", "warnings")}
+    assert summary == {"status": "ready", "workers": 1, "untrained": False, "warnings": []}
+    assert body["batching"] == {"workers": 0, "max_batch": 1}
     heartbeat.beat(
-        clean_redis, heartbeat.Heartbeat("w2@host", variant="cihp", device="cuda", untrained=True)
+        clean_redis,
+        heartbeat.Heartbeat("w2@host", variant="cihp", device="cuda", untrained=True, batch=8),
     )
     body = client.get("/readyz").get_json()
     assert body["workers"] == 2 and body["untrained"] is True
+    assert body["batching"] == {"workers": 1, "max_batch": 8}  # w2 batches up to 8 jobs
     assert any("UNTRAINED" in warning for warning in body["warnings"])
     assert "cuda" not in str(body) and "cihp" not in str(body)  # no model details
     # A worker whose heartbeat lapsed is not counted; one that stopped cleanly is gone at once.

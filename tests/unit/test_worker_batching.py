@@ -180,3 +180,75 @@ def test_on_batch_reports_each_forward():
 def test_bad_arguments_are_refused(max_batch, wait):
     with pytest.raises(ValueError):
         Batcher(lambda images: images, max_batch=max_batch, wait_seconds=wait)
+
+
+# --- when the batching path is on ---------------------------------------------------------------
+def settings_for(**env: str):
+    from shared.config import load_settings
+    from shared.crypto import generate_key
+
+    base = {
+        "M2FP_REDIS_URL": "redis://:pw@127.0.0.1:6399/0",
+        "M2FP_DATA_KEYS": f"k1:{generate_key()}",
+    }
+    return load_settings({**base, **env})
+
+
+def never_probed() -> bool:
+    raise AssertionError("the CUDA probe runs only for M2FP_DEVICE=auto")
+
+
+@pytest.mark.parametrize(
+    ("env", "cuda", "batching"),
+    [
+        ({}, False, "off"),  # auto on a CPU-only host: per job
+        ({}, True, "on"),  # auto where torch sees CUDA
+        ({"M2FP_DEVICE": "cuda:1"}, None, "on"),
+        ({"M2FP_DEVICE": "cpu"}, None, "off"),
+        ({"M2FP_DEVICE": "cpu", "M2FP_BATCHING": "on"}, None, "on"),  # CI tests it on CPU
+        ({"M2FP_DEVICE": "cuda", "M2FP_BATCHING": "off"}, None, "off"),
+    ],
+)
+def test_batching_is_on_for_cuda_by_default_and_on_cpu_only_when_asked(env, cuda, batching):
+    from worker.__main__ import resolve_batching
+
+    settings = settings_for(**env)
+    resolved = resolve_batching(
+        settings, probe=(lambda: cuda) if cuda is not None else never_probed
+    )
+    assert resolved.batching == batching
+
+
+def test_a_batching_worker_is_one_process_of_threads_and_per_job_stays_prefork():
+    from worker.__main__ import _celery_argv, resolve_batching
+
+    cpu = resolve_batching(
+        settings_for(M2FP_DEVICE="cpu", M2FP_BATCHING="on", M2FP_GPU_BATCH="4"), never_probed
+    )
+    argv = _celery_argv(cpu, [])
+    assert argv[argv.index("--pool") + 1] == "threads"
+    assert argv[argv.index("--concurrency") + 1] == "8"  # two batches of job threads
+    assert cpu.worker_concurrency == 1 and cpu.child_memory_limit_mb == 4096
+    cuda = resolve_batching(settings_for(M2FP_DEVICE="cuda"), never_probed)
+    assert cuda.child_memory_limit_mb is None  # the GPU's memory bounds a batch
+    per_job = resolve_batching(settings_for(M2FP_WORKER_CONCURRENCY="3"), lambda: False)
+    argv = _celery_argv(per_job, [])
+    assert argv[argv.index("--pool") + 1] == "prefork"
+    assert argv[argv.index("--concurrency") + 1] == "3"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("M2FP_BATCHING", "sometimes"),
+        ("M2FP_GPU_BATCH", "0"),
+        ("M2FP_GPU_BATCH", "65"),
+        ("M2FP_BATCH_WAIT_MS", "-1"),
+        ("M2FP_BATCH_WAIT_MS", "soon"),
+    ],
+)
+def test_bad_batching_settings_fail_fast_naming_the_variable(name, value):
+    from shared.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=name):
+        settings_for(**{name: value})
