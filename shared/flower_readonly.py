@@ -12,6 +12,9 @@ CONFIG, FLUSHALL or touch a job key. Two things in Flower publish anyway:
   here, before `celery flower` runs.
 Flower's inspect calls (worker details pages) are refused by Redis and logged as warnings.
 Imports neither flask nor torch; the broker URL comes from CELERY_BROKER_URL (never argv).
+With Redis Sentinel (`make run` passes Flower the `sentinel://` broker URL and the sentinel
+variables, shared.config.redis_sentinel), Celery's default app gets the master's name and the
+sentinels' password as transport options, which `celery flower` cannot take on its command line.
 """
 
 from __future__ import annotations
@@ -25,9 +28,24 @@ def _no_wakeup(self, channel=None) -> None:
     """Replace EventReceiver.wakeup_workers: no broadcast."""
 
 
+def follow_sentinels(app) -> bool:
+    """Give `app` the Sentinel transport options when the sentinel variables are set."""
+    from shared.config import redis_sentinel
+    from shared.redis_conn import sentinel_transport_options
+
+    sentinel = redis_sentinel()
+    if sentinel is None:
+        return False
+    app.conf.broker_transport_options = sentinel_transport_options(sentinel)
+    return True
+
+
 def main() -> int:
-    """Run `celery <argv>` with the wake-up broadcast removed."""
+    """Run `celery <argv>` with the wake-up broadcast removed (and the sentinels followed)."""
+    from celery import current_app
+
     EventReceiver.wakeup_workers = _no_wakeup
+    follow_sentinels(current_app)
     from celery.bin.celery import main as celery_main
 
     sys.argv[0] = "celery"

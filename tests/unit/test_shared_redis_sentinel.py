@@ -207,3 +207,22 @@ def test_no_sentinel_answering_is_a_quick_503_with_retry_after(sentinel_env):
         assert ready.status_code == 503 and ready.json["status"] == "unavailable"
     finally:
         app.extensions["m2fp"].celery.close()
+
+
+def test_flower_follows_the_sentinels_it_is_given(monkeypatch):
+    """`make run` gives Flower the sentinel variables: its Celery app then names the master."""
+    from celery import Celery
+
+    from shared.flower_readonly import follow_sentinels
+
+    app = Celery("flower-test", set_as_current=False)
+    for name in ("M2FP_REDIS_SENTINELS", "M2FP_REDIS_SENTINEL_MASTER"):
+        monkeypatch.delenv(name, raising=False)
+    assert not follow_sentinels(app)
+    monkeypatch.setenv("M2FP_REDIS_SENTINELS", "127.0.0.1:26379")
+    monkeypatch.setenv("M2FP_REDIS_SENTINEL_MASTER", "m2fp")
+    monkeypatch.setenv("M2FP_REDIS_SENTINEL_PASSWORD", "sentinel-secret")
+    assert follow_sentinels(app)
+    options = app.conf.broker_transport_options
+    assert options["master_name"] == "m2fp"
+    assert options["sentinel_kwargs"]["password"] == "sentinel-secret"
