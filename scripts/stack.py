@@ -1,7 +1,8 @@
 """`make run`: the whole stack on localhost in the foreground, stopped cleanly by Ctrl-C/SIGTERM.
 
 Starts, in order: its own Redis (config with a random password and Flower's read-only ACL user
-given on stdin, loopback, no persistence, noeviction) unless `M2FP_REDIS_URL` points elsewhere;
+given on stdin, loopback, no persistence, noeviction) unless `M2FP_REDIS_URL` points elsewhere
+or `M2FP_REDIS_SENTINELS` names the sentinels of one (then Flower follows them too);
 `M2FP_WORKERS` Celery workers (default 1, threads split so workers x threads <= cores); the
 gateway under gunicorn on `M2FP_HOST:M2FP_PORT`; Flower on 127.0.0.1:`M2FP_FLOWER_PORT` with
 basic auth. Secrets it generates (Redis passwords, data key, Flower password) live only in
@@ -243,7 +244,11 @@ def service_env(stack: Stack, settings: StackSettings) -> tuple[dict[str, str], 
     env = environment()
     env["PYTHONPATH"] = str(REPO)
     flower_broker = settings.redis_url
-    if not settings.redis_url:
+    if settings.redis_sentinel is not None:  # Redis is the master the sentinels name
+        from shared.redis_conn import celery_broker
+
+        flower_broker = celery_broker(settings)[0]  # sentinel:// URLs; Flower adds master_name
+    elif not settings.redis_url:
         env["M2FP_REDIS_URL"], flower_broker = start_redis(stack, settings, env)
     if not settings.has_data_keys:
         env["M2FP_DATA_KEYS"] = f"run{int(time.time())}:{generate_key()}"
@@ -299,6 +304,8 @@ def start_flower(
         FLOWER_UNAUTHENTICATED_API="false",
         CELERY_BROKER_URL=broker,
     )
+    # With Redis Sentinel, Flower follows the sentinels too (shared.flower_readonly).
+    flower_env.update({k: v for k, v in env.items() if k.startswith("M2FP_REDIS_SENTINEL")})
     argv = [PY, "-m", "shared.flower_readonly", "flower", "--address=127.0.0.1", f"--port={port}"]
     argv += ["--purge_offline_workers=60", "--max_tasks=1000", "--natural_time=False"]
     stack.start("flower", [*argv, "--enable_events=False"], flower_env, critical=False)

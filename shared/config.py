@@ -315,10 +315,10 @@ def load_stack_settings(env: Mapping[str, str] | None = None) -> StackSettings:
     """`make run`'s settings: numbers of workers and threads, ports, Flower's login."""
     env = os.environ if env is None else env
     sentinel, redis_url = redis_sentinel(env), env.get("M2FP_REDIS_URL") or None
-    if sentinel is not None and not (redis_url or env.get("M2FP_REDIS_URL_FILE")):
+    if sentinel is not None and not redis_url:
         raise ConfigError(
-            "M2FP_REDIS_SENTINELS is set: M2FP_REDIS_URL (or its _FILE) must give the user, "
-            "password and database of the master (make run starts no Redis then)"
+            "M2FP_REDIS_SENTINELS is set: make run needs M2FP_REDIS_URL (the master's user, "
+            "password and database, for Flower's broker too); it starts no Redis then"
         )
     return StackSettings(
         workers=_int(env, "M2FP_WORKERS", 1, 1),

@@ -226,3 +226,12 @@ def test_flower_follows_the_sentinels_it_is_given(monkeypatch):
     options = app.conf.broker_transport_options
     assert options["master_name"] == "m2fp"
     assert options["sentinel_kwargs"]["password"] == "sentinel-secret"
+
+
+def test_make_run_with_sentinels_starts_no_redis_and_gives_flower_the_sentinels(sentinel_env):
+    from scripts.stack import Stack, service_env
+
+    stack = Stack()
+    _, flower_broker, _ = service_env(stack, load_stack_settings(sentinel_env))
+    assert stack.children == []  # no redis-server of its own
+    assert flower_broker.startswith("sentinel://") and flower_broker.count(";") == 2
