@@ -129,6 +129,7 @@ def process_job(job_id: str, ctx: JobContext) -> str:
         seconds=round(seconds, 3),
         inference_seconds=round(timings["inference"], 3),
         attempt=claim.attempts,
+        batch_size=timings["batch_size"],
     )
     record_job("done", seconds, timings["inference"], claim.attempts)
     return "done"
