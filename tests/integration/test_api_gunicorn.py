@@ -20,6 +20,40 @@ from tests.helpers import metrics_headers, png_bytes
 pytestmark = pytest.mark.integration
 
 
+GUNICORN = [
+    sys.executable,
+    "-m",
+    "gunicorn",
+    "-c",
+    "api/gunicorn_conf.py",
+    "-w",
+    "2",
+    "api.wsgi:app",
+]
+
+
+def start_gunicorn(env: dict[str, str], log_path) -> subprocess.Popen:
+    """The gateway under gunicorn (two sync workers), its output into `log_path`."""
+    with open(log_path, "wb") as log_file:
+        return subprocess.Popen(
+            GUNICORN, cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT
+        )
+
+
+def wait_until_serving(proc: subprocess.Popen, base: str, log_path) -> None:
+    """Wait for /healthz to answer 200; fail with gunicorn's log if it exits first."""
+
+    def up():
+        if proc.poll() is not None:
+            pytest.fail(f"gunicorn exited early:\n{log_path.read_text()[-3000:]}")
+        try:
+            return requests.get(f"{base}/healthz", timeout=1).status_code == 200
+        except requests.ConnectionError:
+            return False
+
+    wait_for(up, 30, what="gunicorn to serve /healthz")
+
+
 @pytest.fixture
 def gateway_process(service_env, clean_redis, tmp_path):
     """gunicorn -c api/gunicorn_conf.py -w 2 api.wsgi:app on a free port, metrics in multiprocess mode."""
@@ -34,35 +68,10 @@ def gateway_process(service_env, clean_redis, tmp_path):
         M2FP_MAX_JOBS_PER_CLIENT="10",
     )
     log_path = tmp_path / "gunicorn.log"
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gunicorn",
-                "-c",
-                "api/gunicorn_conf.py",
-                "-w",
-                "2",
-                "api.wsgi:app",
-            ],
-            cwd=REPO,
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
+    proc = start_gunicorn(env, log_path)
     base = f"http://127.0.0.1:{port}"
-
-    def up():
-        if proc.poll() is not None:
-            pytest.fail(f"gunicorn exited early:\n{log_path.read_text()[-3000:]}")
-        try:
-            return requests.get(f"{base}/healthz", timeout=1).status_code == 200
-        except requests.ConnectionError:
-            return False
-
     try:
-        wait_for(up, 30, what="gunicorn to serve /healthz")
+        wait_until_serving(proc, base, log_path)
         yield base, log_path, port, prometheus_dir
     finally:
         stop_process(proc, grace=15)
@@ -99,8 +108,24 @@ def test_no_server_header_and_no_version_anywhere(gateway_process):
     assert gunicorn.__version__ not in reply and "server:" not in reply.lower()
 
 
-def test_submit_status_and_access_log_without_secrets(gateway_process):
-    base, log_path, _, _ = gateway_process
+# Every field of an access-log line: no client address, user agent, query or token among them.
+ACCESS_LOG_FIELDS = {
+    "ts",
+    "level",
+    "logger",
+    "event",
+    "method",
+    "path",
+    "status",
+    "bytes",
+    "seconds",
+    "request_id",
+}
+
+
+def submit_and_poll_with_secrets(base: str) -> tuple[requests.Response, dict]:
+    """Submit a photo with a private file name, then poll it with a secret in the query and the
+    user agent; returns the submit's response and the job."""
     response = requests.post(
         f"{base}/v1/jobs",
         files={"image": ("private-name.png", png_bytes(), "image/png")},
@@ -114,6 +139,12 @@ def test_submit_status_and_access_log_without_secrets(gateway_process):
         timeout=10,
     )
     assert status.status_code == 200 and status.json()["status"] == "queued"
+    return response, job
+
+
+def test_submit_status_and_access_log_without_secrets(gateway_process):
+    base, log_path, _, _ = gateway_process
+    response, job = submit_and_poll_with_secrets(base)
     wait_for(
         lambda: log_path.read_text().count('"event":"http_request"') >= 3,
         10,
@@ -133,18 +164,7 @@ def test_submit_status_and_access_log_without_secrets(gateway_process):
     assert submit_line["path"] == "/v1/jobs" and submit_line["status"] == 202
     assert submit_line["request_id"] == response.headers["X-Request-ID"]
     status_line = next(line for line in access if line["path"] == job["status_url"])
-    assert set(status_line) == {
-        "ts",
-        "level",
-        "logger",
-        "event",
-        "method",
-        "path",
-        "status",
-        "bytes",
-        "seconds",
-        "request_id",
-    }
+    assert set(status_line) == ACCESS_LOG_FIELDS
 
 
 def test_metrics_merge_every_worker_process(gateway_process):

@@ -95,14 +95,38 @@ def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     )
 
 
+def photo_folder(folder) -> None:
+    """Two photos (one portrait), one truncated JPEG and a text file (which the CLI skips)."""
+    folder.mkdir()
+    (folder / "alice.jpg").write_bytes(photo_jpeg(WIDTH, HEIGHT, seed=5))
+    (folder / "bob.jpeg").write_bytes(photo_jpeg(HEIGHT, WIDTH, seed=6))
+    whole = photo_jpeg(WIDTH, HEIGHT, seed=7)
+    (folder / "broken.jpg").write_bytes(whole[: len(whole) // 2])  # valid header, truncated data
+    (folder / "notes.txt").write_text("not a photo")  # ignored: directories yield only images
+
+
+def assert_bob_files_agree(out) -> None:
+    """bob's label and instance PNGs are greyscale at his (portrait) size, and his JSON summary
+    names his file, his size and exactly the classes of his label map."""
+    with (
+        Image.open(out / "bob.labels.png") as labels,
+        Image.open(out / "bob.instances.png") as instances,
+    ):
+        assert labels.mode == instances.mode == "L"
+        assert labels.size == instances.size == (HEIGHT, WIDTH)
+        present = sorted(np.unique(np.asarray(labels)).tolist())
+    summary = json.loads((out / "bob.json").read_text())
+    assert summary["source"] == "bob.jpeg" and (summary["width"], summary["height"]) == (
+        HEIGHT,
+        WIDTH,
+    )
+    assert sorted(int(c) for c in summary["classes_present"]) == present
+    assert summary["untrained"] is True and isinstance(summary["persons"], list)
+
+
 def test_cli_parses_a_folder_and_reports_the_corrupt_file(live_stack, tmp_path):
     photos, out = tmp_path / "photos", tmp_path / "out"
-    photos.mkdir()
-    (photos / "alice.jpg").write_bytes(photo_jpeg(WIDTH, HEIGHT, seed=5))
-    (photos / "bob.jpeg").write_bytes(photo_jpeg(HEIGHT, WIDTH, seed=6))
-    whole = photo_jpeg(WIDTH, HEIGHT, seed=7)
-    (photos / "broken.jpg").write_bytes(whole[: len(whole) // 2])  # valid header, truncated data
-    (photos / "notes.txt").write_text("not a photo")  # ignored: directories yield only images
+    photo_folder(photos)
 
     done = run_cli(
         "parse",
@@ -130,21 +154,7 @@ def test_cli_parses_a_folder_and_reports_the_corrupt_file(live_stack, tmp_path):
     ), done.stderr
     assert "[3/3]" in done.stderr and "2 of 3 parsed, 1 failed" in done.stderr
     assert "UNTRAINED" in done.stderr
-
-    with (
-        Image.open(out / "bob.labels.png") as labels,
-        Image.open(out / "bob.instances.png") as instances,
-    ):
-        assert labels.mode == instances.mode == "L"
-        assert labels.size == instances.size == (HEIGHT, WIDTH)
-        present = sorted(np.unique(np.asarray(labels)).tolist())
-    summary = json.loads((out / "bob.json").read_text())
-    assert summary["source"] == "bob.jpeg" and (summary["width"], summary["height"]) == (
-        HEIGHT,
-        WIDTH,
-    )
-    assert sorted(int(c) for c in summary["classes_present"]) == present
-    assert summary["untrained"] is True and isinstance(summary["persons"], list)
+    assert_bob_files_agree(out)
 
 
 def test_cli_health_reports_ready_and_untrained(live_stack):
