@@ -146,6 +146,10 @@ def service_run(args: argparse.Namespace, batching: str, workdir: Path) -> dict:
         "M2FP_BATCH_WAIT_MS": str(args.wait_ms),
         "M2FP_DEVICE": args.device,
         "M2FP_PRECISION": "fp32",
+        # bench/chaos.py's stack runs the tiny test network; the real one when asked for.
+        "M2FP_VARIANT": args.variant,
+        "M2FP_TEST_NETWORK": "1" if args.variant == "tiny" else "0",
+        "M2FP_WEIGHTS": args.weights,
     }
     # The same cores either way: per job, `concurrency` processes x `torch_threads`; batched,
     # one process with as many torch threads.
