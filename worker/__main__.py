@@ -4,7 +4,9 @@ Before Celery starts: read the settings (fail fast), resolve the checkpoint, cap
 thread pools through the environment (inherited by pool children, read when torch loads there),
 and, unless `--no-preflight`, load the model once in a throw-away subprocess so that a missing,
 corrupt or mismatched checkpoint stops the worker at start with a clear message, instead of
-failing every job. The parent process itself never imports torch.
+failing every job. The parent process itself never imports torch; in batching mode
+(`M2FP_BATCHING`, worker/batching.py) there is no pool child and this process loads the model
+(Celery's threads pool: nothing forks after it).
 
 Extra arguments after `--` go to `celery worker` (e.g. `-- --hostname w2@%h`).
 """
@@ -37,8 +39,14 @@ def _prepare_children(settings: Settings, weights: str) -> None:
 CUDA_PROBE = "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"
 
 
+GPU_DEVICE_NODES = ("/dev/nvidiactl", "/dev/kfd")  # NVIDIA's and ROCm's (torch.cuda on both)
+
+
 def cuda_available() -> bool:
-    """Whether torch sees a CUDA device, asked in a subprocess (this process never imports torch)."""
+    """Whether torch sees a CUDA device, asked in a subprocess (this process never imports torch);
+    not asked at all on a host without a GPU driver's device node (the usual CPU-only host)."""
+    if not any(os.path.exists(node) for node in GPU_DEVICE_NODES):
+        return False
     probe = subprocess.run([sys.executable, "-c", CUDA_PROBE], check=False, capture_output=True)
     return probe.returncode == 0
 
