@@ -24,61 +24,6 @@ from tests.integration.conftest import Stack, photo_jpeg, poll_until, submit
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
-def test_stack_runs_and_stops_cleanly(tmp_path, stop_signal):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("M2FP_")}
-    port = free_port()
-    env.update(
-        M2FP_PORT=str(port),
-        M2FP_REDIS_PORT=str(free_port()),
-        M2FP_FLOWER_PORT=str(free_port()),
-        M2FP_WORKER_METRICS_PORT=str(free_port()),
-        M2FP_WORKERS="1",
-        PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "prom"),
-    )
-    log = open(tmp_path / "stack.log", "wb")  # noqa: SIM115  (closed in the finally below)
-    proc = subprocess.Popen(
-        [sys.executable, "scripts/stack.py"],
-        cwd=REPO,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-
-        def ready():
-            if proc.poll() is not None:
-                pytest.fail((tmp_path / "stack.log").read_text()[-3000:])
-            try:
-                reply = requests.get(base + "/readyz", timeout=2)
-            except requests.ConnectionError:
-                return None
-            return reply.json() if reply.status_code == 200 else None
-
-        readiness = wait_for(ready, 180, interval=0.5, what="make run's stack")
-        assert readiness["untrained"] is True and readiness["warnings"]
-        children = psutil.Process(proc.pid).children(recursive=True)
-        names = " ".join(" ".join(child.cmdline()) for child in children)
-        for part in ("redis-server", "-m worker", "gunicorn", "flower"):
-            assert part in names, part
-        stack = Stack(env=env, logdir=tmp_path, base_url=base)
-        job = submit(stack, photo_jpeg(128, 96)).json()
-        assert poll_until(stack, job)["status"] == "done"
-        flower = requests.get(f"http://127.0.0.1:{env['M2FP_FLOWER_PORT']}/", timeout=5)
-        assert flower.status_code == 401
-        output = (tmp_path / "stack.log").read_text()
-        assert "UNTRAINED MODEL" in output and "password" in output
-        proc.send_signal(stop_signal)
-        assert proc.wait(60) == 0
-        _, alive = psutil.wait_procs(children, timeout=30)
-        assert alive == [], [" ".join(p.cmdline()) for p in alive]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        log.close()
-
-
 def _start_stack(tmp_path, **extra: str):
     """scripts/stack.py as `make run` runs it, with free ports, its core limit raised first.
 
@@ -147,57 +92,101 @@ def _core_limit(pid: int) -> tuple[str, str]:
     return tuple(line.split()[4:6])
 
 
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+def test_stack_runs_and_stops_cleanly(tmp_path, stop_signal):
+    proc, env, base, log = _start_stack(tmp_path)
+    try:
+        readiness = _ready(proc, tmp_path, base)
+        assert readiness["untrained"] is True and readiness["warnings"]
+        children = psutil.Process(proc.pid).children(recursive=True)
+        names = " ".join(" ".join(child.cmdline()) for child in children)
+        for part in ("redis-server", "-m worker", "gunicorn", "flower"):
+            assert part in names, part
+        stack = Stack(env=env, logdir=tmp_path, base_url=base)
+        job = submit(stack, photo_jpeg(128, 96)).json()
+        assert poll_until(stack, job)["status"] == "done"
+        flower = requests.get(f"http://127.0.0.1:{env['M2FP_FLOWER_PORT']}/", timeout=5)
+        assert flower.status_code == 401
+        output = (tmp_path / "stack.log").read_text()
+        assert "UNTRAINED MODEL" in output and "password" in output
+        proc.send_signal(stop_signal)
+        assert proc.wait(60) == 0
+        _, alive = psutil.wait_procs(children, timeout=30)
+        assert alive == [], [" ".join(p.cmdline()) for p in alive]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+
+
+def _stack_secrets(gateway_pid: int, tmp_path) -> list[str]:
+    """The secrets the stack generated, read (as root) from the gateway's environment and the
+    stack's log, and the flags that would carry one."""
+    environ = dict(
+        item.split("=", 1)
+        for item in Path(f"/proc/{gateway_pid}/environ").read_bytes().decode().split("\0")
+        if "=" in item
+    )
+    redis_password = urlparse(environ["M2FP_REDIS_URL"]).password
+    data_key = environ["M2FP_DATA_KEYS"].split(":", 1)[1]
+    log = (tmp_path / "stack.log").read_text()
+    flower_password = re.search(r"password (\S+)", log).group(1)
+    return [redis_password, data_key, flower_password, "redis://", "requirepass", "--pass"]
+
+
+def _assert_no_secret_on_a_command_line_and_no_cores(processes, secrets_: list[str]) -> None:
+    """No process of the stack has a secret on its command line, and none may dump core."""
+    for child in processes:
+        cmdline = Path(f"/proc/{child.pid}/cmdline").read_bytes().decode(errors="replace")
+        for secret in secrets_:
+            assert secret not in cmdline, (child.pid, cmdline.replace("\0", " ")[:200])
+        # every process of the stack, Redis and Flower included: no core file, ever
+        assert _core_limit(child.pid) == ("0", "0"), (child.pid, child.cmdline())
+
+
+def _assert_a_killed_worker_is_restarted(proc, env, tmp_path, base) -> None:
+    """SIGKILL the worker (its own pid, from the stack's children): the stack restarts it while
+    the rest serves on, and a job queued meanwhile is done by the replacement."""
+    worker = _worker_parent(proc.pid)
+    os.kill(worker.pid, signal.SIGKILL)
+    stack = Stack(env=env, logdir=tmp_path, base_url=base)
+    wait_for(
+        lambda: "restarting it in 1 s" in (tmp_path / "stack.log").read_text(),
+        30,
+        what="the stack to notice the dead worker",
+    )
+    assert proc.poll() is None
+    assert requests.get(base + "/healthz", timeout=5).status_code == 200  # the rest serves on
+    job = submit(stack, photo_jpeg(96, 64, seed=5)).json()  # queued meanwhile
+    assert poll_until(stack, job)["status"] == "done"
+    replacement = _worker_parent(proc.pid)
+    assert replacement.pid != worker.pid and replacement.is_running()
+
+
+def _assert_a_dead_redis_stops_the_stack(proc, children, tmp_path) -> None:
+    """Redis is critical: its death stops the whole stack, loudly, with status 1."""
+    redis_server = next(
+        c for c in psutil.Process(proc.pid).children() if "redis-server" in c.name()
+    )
+    os.kill(redis_server.pid, signal.SIGKILL)
+    assert proc.wait(90) == 1
+    output = (tmp_path / "stack.log").read_text()
+    assert "redis" in output and "stopping the whole stack" in output
+    _, alive = psutil.wait_procs(children, timeout=30)
+    assert [p for p in alive if p.is_running()] == []
+
+
 def test_no_secret_on_a_command_line_no_core_dumps_and_a_dead_worker_is_restarted(tmp_path):
     proc, env, base, log = _start_stack(tmp_path)
     try:
         _ready(proc, tmp_path, base)
         children = psutil.Process(proc.pid).children(recursive=True)
         gateway = next(c for c in children if "gunicorn" in " ".join(c.cmdline()))
-        # Read as root from a process's environment: the secrets the stack generated.
-        environ = dict(
-            item.split("=", 1)
-            for item in Path(f"/proc/{gateway.pid}/environ").read_bytes().decode().split("\0")
-            if "=" in item
+        _assert_no_secret_on_a_command_line_and_no_cores(
+            [psutil.Process(proc.pid), *children], _stack_secrets(gateway.pid, tmp_path)
         )
-        redis_password = urlparse(environ["M2FP_REDIS_URL"]).password
-        data_key = environ["M2FP_DATA_KEYS"].split(":", 1)[1]
-        flower_password = re.search(r"password (\S+)", (tmp_path / "stack.log").read_text()).group(
-            1
-        )
-        secrets_ = [redis_password, data_key, flower_password, "redis://", "requirepass", "--pass"]
-        for child in [psutil.Process(proc.pid), *children]:
-            cmdline = Path(f"/proc/{child.pid}/cmdline").read_bytes().decode(errors="replace")
-            for secret in secrets_:
-                assert secret not in cmdline, (child.pid, cmdline.replace("\0", " ")[:200])
-            # every process of the stack, Redis and Flower included: no core file, ever
-            assert _core_limit(child.pid) == ("0", "0"), (child.pid, child.cmdline())
-
-        # SIGKILL the worker (its own pid, from the stack's children): the stack restarts it.
-        worker = _worker_parent(proc.pid)
-        os.kill(worker.pid, signal.SIGKILL)
-        stack = Stack(env=env, logdir=tmp_path, base_url=base)
-        wait_for(
-            lambda: "restarting it in 1 s" in (tmp_path / "stack.log").read_text(),
-            30,
-            what="the stack to notice the dead worker",
-        )
-        assert proc.poll() is None
-        assert requests.get(base + "/healthz", timeout=5).status_code == 200  # the rest serves on
-        job = submit(stack, photo_jpeg(96, 64, seed=5)).json()  # queued meanwhile
-        assert poll_until(stack, job)["status"] == "done"
-        replacement = _worker_parent(proc.pid)
-        assert replacement.pid != worker.pid and replacement.is_running()
-
-        # Redis is critical: its death stops the whole stack, loudly, with status 1.
-        redis_server = next(
-            c for c in psutil.Process(proc.pid).children() if "redis-server" in c.name()
-        )
-        os.kill(redis_server.pid, signal.SIGKILL)
-        assert proc.wait(90) == 1
-        output = (tmp_path / "stack.log").read_text()
-        assert "redis" in output and "stopping the whole stack" in output
-        _, alive = psutil.wait_procs(children, timeout=30)
-        assert [p for p in alive if p.is_running()] == []
+        _assert_a_killed_worker_is_restarted(proc, env, tmp_path, base)
+        _assert_a_dead_redis_stops_the_stack(proc, children, tmp_path)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)

@@ -60,25 +60,13 @@ def written_paths(trace: str) -> list[str]:
     return [p for p in paths if not any(rule.search(p) for rule in ALLOWED)]
 
 
-@pytest.mark.skipif(
-    shutil.which("strace") is None, reason="strace is not installed (bootstrap installs it)"
-)
-def test_two_megabyte_upload_never_touches_disk(stack_factory, tmp_path):
-    stack = stack_factory(workers=1)
-    data = two_megabyte_png()
-    assert len(data) > 2_000_000
-    roots = [psutil.Process(stack.gateway.pid), psutil.Process(stack.workers[0].pid)]
-    pids = [p.pid for root in roots for p in [root, *root.children(recursive=True)]]
-    trace_file = tmp_path / "trace.txt"
-    argv = [
-        "strace",
-        "-f",
-        "-qq",
-        "-e",
-        "trace=open,openat,openat2,creat,rename,renameat,renameat2,link,linkat,mkdir,mkdirat",
-        "-o",
-        str(trace_file),
-    ]
+TRACED_CALLS = "open,openat,openat2,creat,rename,renameat,renameat2,link,linkat,mkdir,mkdirat"
+
+
+def start_tracer(pids: list[int], trace_file: Path) -> subprocess.Popen:
+    """strace on every one of `pids` (and their future children), the calls that could write a
+    file logged to `trace_file`; returns once the kernel says every pid is traced."""
+    argv = ["strace", "-f", "-qq", "-e", f"trace={TRACED_CALLS}", "-o", str(trace_file)]
     for pid in pids:
         argv += ["-p", str(pid)]
     tracer = subprocess.Popen(argv, stderr=subprocess.PIPE)
@@ -93,21 +81,45 @@ def test_two_megabyte_upload_never_touches_disk(stack_factory, tmp_path):
                 return False
         return True
 
-    wait_for(attached, 60, what="strace to attach to the gateway and worker")
     try:
-        reply = submit(stack, data, filename="big.png")
-        assert reply.status_code == 202, reply.text
-        job = reply.json()
-        assert poll_until(stack, job, timeout=300)["status"] == "done"
-        result = requests.get(
-            stack.base_url + job["result_url"],
-            headers={"Authorization": f"Bearer {job['token']}"},
-            timeout=60,
-        )
-        assert result.status_code == 200 and result.json()["width"] == 860
+        wait_for(attached, 60, what="strace to attach to the gateway and worker")
+    except BaseException:
+        tracer.kill()
+        tracer.communicate()
+        raise
+    return tracer
+
+
+def parse_and_fetch(stack, data: bytes) -> None:
+    """Submit `data`, wait for the job to be done and fetch its result once (860 wide)."""
+    reply = submit(stack, data, filename="big.png")
+    assert reply.status_code == 202, reply.text
+    job = reply.json()
+    assert poll_until(stack, job, timeout=300)["status"] == "done"
+    result = requests.get(
+        stack.base_url + job["result_url"],
+        headers={"Authorization": f"Bearer {job['token']}"},
+        timeout=60,
+    )
+    assert result.status_code == 200 and result.json()["width"] == 860
+
+
+@pytest.mark.skipif(
+    shutil.which("strace") is None, reason="strace is not installed (bootstrap installs it)"
+)
+def test_two_megabyte_upload_never_touches_disk(stack_factory, tmp_path):
+    stack = stack_factory(workers=1)
+    data = two_megabyte_png()
+    assert len(data) > 2_000_000
+    roots = [psutil.Process(stack.gateway.pid), psutil.Process(stack.workers[0].pid)]
+    pids = [p.pid for root in roots for p in [root, *root.children(recursive=True)]]
+    trace_file = tmp_path / "trace.txt"
+    tracer = start_tracer(pids, trace_file)
+    try:
+        parse_and_fetch(stack, data)
     finally:
         tracer.send_signal(signal.SIGINT)
-        tracer.wait(30)
+        tracer.communicate(timeout=30)  # waits, and reads and closes its stderr pipe
     trace = trace_file.read_text()
     traced_pids = {line.split()[0] for line in trace.splitlines() if line[:1].isdigit()}
     assert len(traced_pids) >= 2, "strace saw neither the gateway nor the worker"

@@ -333,6 +333,61 @@ def open_page(driver, base_url: str) -> None:
     driver.execute_script(RECORD_FETCH)
 
 
+def upload_and_wait_until_done(driver, photo: Path) -> None:
+    """Choose `photo` in the file input; wait for the job to end, and for it to be done."""
+    by_id(driver, "file-input").send_keys(str(photo))
+    wait_until(
+        driver,
+        lambda d: by_id(d, "status").get_attribute("data-state") in ("done", "failed"),
+        JOB_TIMEOUT,
+        "the job did not finish",
+    )
+    assert by_id(driver, "status").get_attribute("data-state") == "done", by_id(
+        driver, "error"
+    ).text
+
+
+def assert_the_overlay_and_its_legend_are_drawn(driver, width: int, height: int) -> None:
+    """The overlay canvas is at the photo's size with most of it lit, shown beside the original,
+    and the legend lists named classes."""
+    from selenium.webdriver.common.by import By
+
+    stats = driver.execute_script(CANVAS_STATS)
+    assert (stats["width"], stats["height"]) == (width, height) and stats[
+        "lit"
+    ] > width * height // 2
+    assert (
+        by_id(driver, "overlay-canvas").is_displayed()
+        and by_id(driver, "original-image").is_displayed()
+    )
+    legend = by_id(driver, "legend").find_elements(By.CSS_SELECTOR, "li")
+    assert legend and all(item.text for item in legend)
+
+
+def assert_downloads_are_the_maps(driver, stem: str, width: int, height: int) -> None:
+    """The labels download is the raw class-id PNG (as the server sent it), the overlay an RGBA
+    PNG, both at the photo's size."""
+    labels = download(driver, "download-labels", f"{stem}.labels.png")
+    with Image.open(labels) as image:
+        assert (
+            image.mode == "L"
+            and image.size == (width, height)
+            and int(np.asarray(image).max()) <= 19
+        )
+    with Image.open(download(driver, "download-overlay", f"{stem}.overlay.png")) as image:
+        assert image.mode == "RGBA" and image.size == (width, height)
+
+
+def assert_the_result_was_fetched_once(driver) -> None:
+    """The page fetched the result exactly once, and a second fetch is refused (410)."""
+    calls = driver.execute_script("return window.__m2fpCalls")
+    job = next(call["job"] for call in calls if "job" in call)
+    result_fetches = [c for c in calls if c["url"] == job["result_url"] and c["method"] == "GET"]
+    assert [c["status"] for c in result_fetches] == [200], calls  # the page fetched the result once
+    again = driver.execute_async_script(FETCH_AGAIN, job["result_url"], job["token"])
+    assert again["status"] == 410 and again["body"]["error"] == "result_gone"
+
+
 @pytest.mark.integration
 def test_upload_shows_overlay_legend_persons_and_fetches_once(live_stack, browser, tmp_path):
     from selenium.webdriver.common.by import By
@@ -350,28 +405,10 @@ def test_upload_shows_overlay_legend_persons_and_fetches_once(live_stack, browse
     photo = tmp_path / "two people.jpg"
     width, height = 400, 300
     photo.write_bytes(photo_jpeg(width, height, seed=11))
-    by_id(browser, "file-input").send_keys(str(photo))
-    wait_until(
-        browser,
-        lambda d: by_id(d, "status").get_attribute("data-state") in ("done", "failed"),
-        JOB_TIMEOUT,
-        "the job did not finish",
-    )
-    assert by_id(browser, "status").get_attribute("data-state") == "done", by_id(
-        browser, "error"
-    ).text
+    upload_and_wait_until_done(browser, photo)
     assert by_id(browser, "error").is_displayed() is False
 
-    stats = browser.execute_script(CANVAS_STATS)
-    assert (stats["width"], stats["height"]) == (width, height) and stats[
-        "lit"
-    ] > width * height // 2
-    assert (
-        by_id(browser, "overlay-canvas").is_displayed()
-        and by_id(browser, "original-image").is_displayed()
-    )
-    legend = by_id(browser, "legend").find_elements(By.CSS_SELECTOR, "li")
-    assert legend and all(item.text for item in legend)
+    assert_the_overlay_and_its_legend_are_drawn(browser, width, height)
     assert banner.is_displayed() and "UNTRAINED" in banner.text
 
     # The random weights are seeded: on this photo no Human (query, class) pair even reaches the
@@ -381,28 +418,14 @@ def test_upload_shows_overlay_legend_persons_and_fetches_once(live_stack, browse
     assert persons.find_elements(By.CSS_SELECTOR, "button.person-button") == []
     assert persons.text == "No person was found in this photo."
 
-    labels = download(browser, "download-labels", "two people.labels.png")
-    with Image.open(labels) as image:  # the raw class-id PNG, as the server sent it
-        assert (
-            image.mode == "L"
-            and image.size == (width, height)
-            and int(np.asarray(image).max()) <= 19
-        )
-    with Image.open(download(browser, "download-overlay", "two people.overlay.png")) as image:
-        assert image.mode == "RGBA" and image.size == (width, height)
-
+    assert_downloads_are_the_maps(browser, "two people", width, height)
     if os.environ.get("M2FP_SCREENSHOT"):
         browser.execute_script("window.scrollTo(0, 0)")
         (REPO / "docs").mkdir(exist_ok=True)
         browser.save_screenshot(str(REPO / "docs" / "screenshot.png"))
 
     assert console_problems(browser) == []
-    calls = browser.execute_script("return window.__m2fpCalls")
-    job = next(call["job"] for call in calls if "job" in call)
-    result_fetches = [c for c in calls if c["url"] == job["result_url"] and c["method"] == "GET"]
-    assert [c["status"] for c in result_fetches] == [200], calls  # the page fetched the result once
-    again = browser.execute_async_script(FETCH_AGAIN, job["result_url"], job["token"])
-    assert again["status"] == 410 and again["body"]["error"] == "result_gone"
+    assert_the_result_was_fetched_once(browser)
 
 
 @pytest.mark.integration
@@ -496,6 +519,22 @@ def people_stack(redis_server, tmp_path_factory):
     factory.stop_all()
 
 
+def assert_choosing_a_person_dims_the_rest(driver, person) -> None:
+    """Clicking `person`'s button presses it, captions the overlay with them and dims everything
+    that is not theirs to 30 % (the canvas gets darker)."""
+    everyone_brightness = driver.execute_script(CANVAS_BRIGHTNESS)
+    person.click()
+    index = person.get_attribute("data-person")
+    assert person.get_attribute("aria-pressed") == "true"
+    wait_until(
+        driver,
+        lambda d: by_id(d, "overlay-caption").text.endswith(f"person {index}"),
+        5,
+        "the overlay did not switch to the person",
+    )
+    assert driver.execute_script(CANVAS_BRIGHTNESS) < everyone_brightness - 1.0
+
+
 @pytest.mark.integration
 def test_clicking_a_person_shows_only_their_parts(people_stack, browser, tmp_path):
     from selenium.webdriver.common.by import By
@@ -505,32 +544,12 @@ def test_clicking_a_person_shows_only_their_parts(people_stack, browser, tmp_pat
     assert not by_id(browser, "untrained-banner").is_displayed()
     photo = tmp_path / "group.jpg"
     photo.write_bytes(photo_jpeg(320, 240, seed=21))
-    by_id(browser, "file-input").send_keys(str(photo))
-    wait_until(
-        browser,
-        lambda d: by_id(d, "status").get_attribute("data-state") in ("done", "failed"),
-        JOB_TIMEOUT,
-        "the job did not finish",
-    )
-    assert by_id(browser, "status").get_attribute("data-state") == "done", by_id(
-        browser, "error"
-    ).text
+    upload_and_wait_until_done(browser, photo)
     buttons = by_id(browser, "persons").find_elements(By.CSS_SELECTOR, "button.person-button")
     people = [b for b in buttons if b.get_attribute("data-person") not in (None, "0")]
     assert people, by_id(browser, "persons").text
-    everyone_brightness = browser.execute_script(CANVAS_BRIGHTNESS)
     chosen = people[0]
-    chosen.click()
-    index = chosen.get_attribute("data-person")
-    assert chosen.get_attribute("aria-pressed") == "true"
-    wait_until(
-        browser,
-        lambda d: by_id(d, "overlay-caption").text.endswith(f"person {index}"),
-        5,
-        "the overlay did not switch to the person",
-    )
-    # Everything that is not the chosen person's is dimmed to 30 %: the canvas gets darker.
-    assert browser.execute_script(CANVAS_BRIGHTNESS) < everyone_brightness - 1.0
+    assert_choosing_a_person_dims_the_rest(browser, chosen)
     everyone = next(b for b in buttons if b.get_attribute("data-person") == "0")
     everyone.send_keys(Keys.ENTER)  # keyboard-usable: a native button
     wait_until(
