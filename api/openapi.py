@@ -455,6 +455,12 @@ _DOCUMENT: dict = {
                         "person index, 0 = no person.",
                     },
                     "persons": {"type": "array", "items": {"type": "object"}},
+                    "precision": {
+                        "type": "string",
+                        "enum": ["fp32", "bf16", "int8"],
+                        "description": "The arithmetic the worker's network ran in "
+                        "(M2FP_PRECISION); the postprocess is always fp32.",
+                    },
                     "classes": {"type": "object", "additionalProperties": {"type": "string"}},
                 },
                 "additionalProperties": True,
@@ -467,6 +473,12 @@ _DOCUMENT: dict = {
                     "workers": {"type": "integer"},
                     "untrained": {"type": "boolean"},
                     "warnings": {"type": "array", "items": {"type": "string"}},
+                    "precisions": {
+                        "type": "object",
+                        "description": "Live workers per inference precision (fp32, bf16, "
+                        'int8; M2FP_PRECISION), e.g. {"fp32": 2}.',
+                        "additionalProperties": {"type": "integer"},
+                    },
                     "batching": {
                         "type": "object",
                         "description": "Live workers in batching mode (several jobs per "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import flask
@@ -220,6 +221,8 @@ def readyz() -> flask.Response:
         workers=len(workers),
         untrained=untrained,
         warnings=[UNTRAINED_WARNING] if untrained else [],
+        # How many live workers run each precision (fp32, bf16, int8: M2FP_PRECISION).
+        precisions=dict(Counter(worker.precision or "unknown" for worker in workers)),
         # Workers in batching mode (worker/batching.py) and the most jobs one forward takes.
         batching={
             "workers": len(batching),

@@ -33,6 +33,7 @@ class Heartbeat:
     untrained: bool = False
     pid: int = 0
     deform_op: str = ""
+    precision: str = ""  # the arithmetic it runs: fp32, bf16 or int8 (worker/m2fp/precision.py)
     started: float = 0.0
     batch: int = 1  # most jobs per forward: 1 = per job, more = batching mode (worker/batching.py)
     batch_wait_ms: int = 0  # how long a batch waits for more jobs after its first
@@ -58,6 +59,7 @@ class Heartbeat:
             untrained=text.get("untrained") == "1",
             pid=int(text.get("pid") or 0),
             deform_op=text.get("deform_op", ""),
+            precision=text.get("precision", ""),
             started=float(text.get("started") or 0),
             batch=int(text.get("batch") or 1),
             batch_wait_ms=int(text.get("batch_wait_ms") or 0),

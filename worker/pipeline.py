@@ -60,7 +60,9 @@ class JobContext:
     infer: Callable[[np.ndarray], Any] | None = None
 
 
-def build_result(job_id: str, parsing, *, untrained: bool, variant: str, timings: dict) -> bytes:
+def build_result(
+    job_id: str, parsing, *, untrained: bool, variant: str, timings: dict, precision: str = "fp32"
+) -> bytes:
     """The result document (DESIGN §2) as JSON bytes; maps as base64 single-channel PNGs."""
     label_map = parsing.label_map
     height, width = label_map.shape
@@ -77,6 +79,7 @@ def build_result(job_id: str, parsing, *, untrained: bool, variant: str, timings
         "classes_present": sorted(int(c) for c in np.unique(label_map)),
         "untrained": untrained,
         "warnings": [UNTRAINED_WARNING] if untrained else [],
+        "precision": precision,  # the network's arithmetic (worker/m2fp/precision.py)
         "timings": {k: v if isinstance(v, int) else round(float(v), 4) for k, v in timings.items()},
     }
     return json.dumps(document, separators=(",", ":")).encode()
@@ -171,7 +174,12 @@ def _parse_and_seal(
     del decoded
     tic = time.monotonic()
     document = build_result(
-        job_id, parsing, untrained=predictor.untrained, variant=predictor.variant, timings=timings
+        job_id,
+        parsing,
+        untrained=predictor.untrained,
+        variant=predictor.variant,
+        timings=timings,
+        precision=getattr(predictor, "precision", "fp32"),
     )
     sealed = seal_result(result_key, data_key, job_id, document)
     del document, parsing

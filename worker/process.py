@@ -92,6 +92,7 @@ class WorkerProcess:
                 sha256=self.settings.weights_sha256,
                 key_file=self.settings.weights_key_file,
                 deform_attn=self.settings.deform_attn,
+                precision_mode=self.settings.precision,
             )
             self.predictor = predictor
             self._announce(predictor, device, time.monotonic() - tic, torch.get_num_threads())
@@ -103,6 +104,7 @@ class WorkerProcess:
                 untrained=predictor.untrained,
                 pid=os.getpid(),
                 deform_op=predictor.deform_attn,
+                precision=predictor.precision,
                 started=round(time.time()),
                 batch=batch,
                 batch_wait_ms=self.settings.batch_wait_ms if batch > 1 else 0,
@@ -129,6 +131,9 @@ class WorkerProcess:
             untrained=predictor.untrained,
             threads=threads,
             deform_op=predictor.deform_attn,
+            precision=predictor.precision,
+            precision_reason=predictor.precision_choice.reason,
+            cpu_flags=predictor.precision_choice.features,
         )
         if (
             predictor.deform_attn != "op"

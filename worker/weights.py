@@ -90,6 +90,7 @@ def load_predictor(
     sha256: str | None = None,
     key_file: str | None = None,
     deform_attn: str | None = None,
+    precision_mode: str | None = None,
 ):
     """Build the worker's Predictor from settings-level inputs (imports torch: children only)."""
     from worker.m2fp.predictor import Predictor
@@ -109,6 +110,7 @@ def load_predictor(
         max_side=max_side,
         deform_attn=deform_attn,
         data=data,
+        precision_mode=precision_mode,
     )
 
 

@@ -3,7 +3,8 @@
 For each image NAME.ext it writes NAME.labels.png (8-bit, class id per pixel), NAME.instances.png (8-bit,
 person index per pixel, 0 = no person) and NAME.json (size, persons, parts, classes present, timings).
 Unreadable images are reported on one line each and skipped; the exit status is 1 if any image failed.
-M2FP_DEFORM_ATTN (auto|op|reference) chooses the deformable-attention path, as in the worker.
+M2FP_DEFORM_ATTN (auto|op|reference) chooses the deformable-attention path, and M2FP_PRECISION
+(auto|fp32|bf16|int8, or --precision) the network's arithmetic, as in the worker.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageOps
 
+from shared.config import PRECISION_MODES
 from shared.constants import RANDOM_WEIGHTS, UNTRAINED_WARNING
 
 if TYPE_CHECKING:  # torch is imported only once the arguments are valid
@@ -70,6 +72,14 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
     )
+    parser.add_argument(
+        "--precision",
+        type=str.lower,
+        choices=PRECISION_MODES,
+        default=None,
+        help="network arithmetic: auto (bf16 where the CPU has it in hardware, else fp32), fp32, "
+        "bf16 or int8 (default: M2FP_PRECISION, else auto)",
+    )
     arguments = parser.parse_args(argv)
     if arguments.variant not in PUBLIC_VARIANTS + HIDDEN_VARIANTS:
         parser.error(
@@ -102,7 +112,11 @@ def write_png(path: Path, array: np.ndarray) -> None:
 
 
 def result_document(
-    result: ParsingResult, class_names: Sequence[str], variant: str, untrained: bool
+    result: ParsingResult,
+    class_names: Sequence[str],
+    variant: str,
+    untrained: bool,
+    precision: str = "fp32",
 ) -> dict:
     """The JSON document of one parsed image."""
     height, width = result.label_map.shape
@@ -119,6 +133,7 @@ def result_document(
         "persons": result.persons,
         "parts": result.parts,
         "timings": {name: round(seconds, 4) for name, seconds in result.timings.items()},
+        "precision": precision,
     }
 
 
@@ -165,10 +180,10 @@ def format_seconds(seconds: float) -> str:
 def load_predictor(arguments: argparse.Namespace) -> Predictor:
     """The CLI's predictor, through the service's loader (`Predictor.from_weights`).
 
-    Honours M2FP_DEFORM_ATTN (read in `shared.config`); raises ConfigError, ValueError, OSError
-    or RuntimeError with a message for the user.
+    Honours M2FP_DEFORM_ATTN and M2FP_PRECISION (read in `shared.config`; --precision wins);
+    raises ConfigError, ValueError, OSError or RuntimeError with a message for the user.
     """
-    from shared.config import deform_attn_mode
+    from shared.config import deform_attn_mode, precision_mode
     from worker.m2fp.predictor import Predictor  # torch import: only once the arguments are valid
 
     return Predictor.from_weights(
@@ -178,6 +193,7 @@ def load_predictor(arguments: argparse.Namespace) -> Predictor:
         max_side=arguments.max_side,
         threads=arguments.threads,
         deform_attn=deform_attn_mode(),  # M2FP_DEFORM_ATTN: auto | op | reference
+        precision_mode=arguments.precision or precision_mode(),  # M2FP_PRECISION
     )
 
 
@@ -193,7 +209,11 @@ def parse_one(predictor: Predictor, path: Path, out: Path, stem: str) -> str | N
         write_png(out / f"{stem}.labels.png", result.label_map)
         write_png(out / f"{stem}.instances.png", result.instance_map)
         document = result_document(
-            result, predictor.class_names, predictor.variant, predictor.untrained
+            result,
+            predictor.class_names,
+            predictor.variant,
+            predictor.untrained,
+            predictor.precision,
         )
         (out / f"{stem}.json").write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
     except (ValueError, OSError, RuntimeError) as exc:
@@ -217,6 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError, RuntimeError) as exc:
         print(f"error: cannot load the model: {exc}", file=sys.stderr)
         return 2
+    if predictor.precision != "fp32":
+        print(f"precision: {predictor.precision_choice.describe()}", file=sys.stderr)
     arguments.out.mkdir(parents=True, exist_ok=True)
     paths = [Path(image) for image in arguments.images]
     progress = Progress(len(paths))

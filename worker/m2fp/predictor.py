@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 import torch
 
-from worker.m2fp import ops
+from worker.m2fp import ops, precision
 from worker.m2fp.checkpoint import build_model
 from worker.m2fp.model import M2FP
 from worker.m2fp.persons import describe_persons, scale_box
@@ -116,6 +116,8 @@ class Predictor:
 
     `deform_attn` (`auto`, `op` or `reference`; default: M2FP_DEFORM_ATTN through `shared.config`) picks
     the deformable-attention path (`worker.m2fp.ops`); `self.deform_attn` says which one runs.
+    `precision_mode` (`auto`, `fp32`, `bf16` or `int8`; default: M2FP_PRECISION) picks the arithmetic
+    (`worker.m2fp.precision`); `self.precision` says which one runs, `self.precision_choice` why.
     """
 
     def __init__(
@@ -125,6 +127,7 @@ class Predictor:
         untrained: bool = False,
         max_side: int = 1920,
         deform_attn: str | None = None,
+        precision_mode: str | None = None,
     ) -> None:
         if max_side < 32:
             raise ValueError(f"max_side must be >= 32, but got {max_side}")
@@ -137,7 +140,15 @@ class Predictor:
         if not str(model.pixel_mean.device).startswith("cpu"):
             path = "reference: the compiled op is CPU-only"
         self.deform_attn = path  # "op" or "reference: <reason>"
-        self.model = model.eval()
+        if precision_mode is None:  # M2FP_PRECISION, read where all settings are read
+            from shared.config import precision_mode as configured_precision
+
+            precision_mode = configured_precision()
+        self.precision_choice = precision.choose_precision(
+            precision_mode, str(model.pixel_mean.device)
+        )
+        self.precision = self.precision_choice.precision  # "fp32", "bf16" or "int8"
+        self.model = precision.prepare_model(model.eval(), self.precision)
         self.config = model.config
         self.untrained = untrained  # build_model already announced it loudly
         self.variant = model.config.name
@@ -157,6 +168,7 @@ class Predictor:
         threads: int | None = None,
         deform_attn: str | None = None,
         data: bytes | None = None,
+        precision_mode: str | None = None,
     ) -> Predictor:
         """Build the model from `weights` (see `build_model`, `data` included) and wrap it."""
         if threads is not None:
@@ -166,7 +178,13 @@ class Predictor:
         if max_side < 32:  # before the (slow) model build
             raise ValueError(f"max_side must be >= 32, but got {max_side}")
         model, info = build_model(weights, variant=variant, device=device, data=data)
-        return cls(model, untrained=info.untrained, max_side=max_side, deform_attn=deform_attn)
+        return cls(
+            model,
+            untrained=info.untrained,
+            max_side=max_side,
+            deform_attn=deform_attn,
+            precision_mode=precision_mode,
+        )
 
     def preprocess(self, image: np.ndarray) -> PreprocessedImage:
         """Run the variant's preprocessing (resize or centre-pad) on an RGB uint8 image."""
@@ -190,10 +208,11 @@ class Predictor:
             torch.from_numpy(array).permute(2, 0, 1) for array in arrays
         ]  # (h, w, 3) -> (3, h, w) each
         padded, image_sizes = self.model.normalize_and_pad(tensors)  # (B, 3, Hp, Wp)
-        output = self.model(padded)
+        with precision.autocast(self.precision, self.device):
+            output = self.model(padded)
         return (
-            output.pred_logits,
-            output.pred_masks,
+            output.pred_logits.float(),  # the postprocess runs in fp32 whatever the precision
+            output.pred_masks.float(),
             image_sizes,
             (int(padded.shape[2]), int(padded.shape[3])),
         )
