@@ -86,6 +86,8 @@ def test_a_sentinel_password_needs_sentinels(settings_env):
 
 def test_sentinels_without_a_password_only_in_dev_mode(sentinel_env):
     del sentinel_env["M2FP_REDIS_SENTINEL_PASSWORD"]
+    with pytest.raises(ConfigError, match="name another master"):
+        load_settings(sentinel_env)
     assert load_settings({**sentinel_env, "M2FP_DEV_MODE": "1"}).redis_sentinel is not None
 
 
