@@ -147,3 +147,14 @@ def test_a_worker_killed_mid_batch_loses_no_job(stack_factory):
     requeued = [float(client.hget(job_key(job["job_id"]), "requeued")) for job in jobs]
     assert max(requeued) - killed <= 60
     assert "jobs_of_dead_workers_requeued" in stack.all_logs()
+
+
+def test_a_job_past_its_soft_limit_in_a_batch_fails_timeout_alone(stack_factory):
+    """Celery enforces no time limit in a threads pool: the worker's own deadline does."""
+    stack = stack_factory(**{**BATCH_ENV, "M2FP_SOFT_TIME_LIMIT": "1"})
+    job = submit_all(stack, [photo_png(30)])[0]  # waits 3 s for company: past its 1 s limit
+    final = poll_until(stack, job, timeout=60)
+    assert final["status"] == "failed" and final["error"]["code"] == "timeout", final
+    # The job thread gave up alone: the worker process lives on.
+    assert stack.workers[0].poll() is None
+    assert '"code":"timeout"' in stack.log("worker1")

@@ -159,7 +159,7 @@ def test_auto_picks_only_precisions_that_agree_with_fp32(full_size_predictors) -
 
     Measured here (128x171, the synthetic photo; bf16 emulated on an AVX2-only CPU, which rounds
     as native bf16 does): golden weights 100 % equal for both; the diverse checkpoint (14 classes)
-    bf16 97.5 % of labels, int8 about 89 %. So `auto` stays fp32 (docs/BENCHMARKS.md).
+    bf16 97.5 % of labels, int8 84 %. So `auto` stays fp32 (docs/BENCHMARKS.md).
     """
     from bench.model_bench import synthetic_image
 
