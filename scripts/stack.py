@@ -240,10 +240,11 @@ def service_env(stack: Stack, settings: StackSettings) -> tuple[dict[str, str], 
     Returns it, Flower's broker URL and whether the model is untrained.
     """
     from shared.crypto import generate_key
+    from shared.redis_conn import flower_broker_url
 
     env = environment()
     env["PYTHONPATH"] = str(REPO)
-    flower_broker = settings.redis_url
+    flower_broker = flower_broker_url(settings.redis_url or "", settings.redis_ca_file)
     if settings.redis_sentinel is not None:  # Redis is the master the sentinels name
         from shared.redis_conn import celery_broker
 

@@ -76,6 +76,7 @@ class Settings:
     keyring: Keyring = field(repr=False)
     dev_mode: bool = False
     redis_sentinel: RedisSentinel | None = None  # set: follow the master the sentinels name
+    redis_ca_file: str | None = None  # rediss://: the CA of Redis's certificate (else the system's)
     # gateway
     host: str = "127.0.0.1"
     port: int = 8000
@@ -154,6 +155,7 @@ class StackSettings:
     torch_threads: int | None = None
     redis_url: str | None = field(default=None, repr=False)  # unset: make run starts its own
     redis_sentinel: RedisSentinel | None = None  # set: make run starts no Redis
+    redis_ca_file: str | None = None  # for a rediss:// M2FP_REDIS_URL (Flower's broker URL too)
     redis_port: int = 6380
     has_data_keys: bool = False  # unset: make run generates a keyring
     weights: str | None = None
@@ -306,6 +308,22 @@ def _sentinel_address(item: str) -> tuple[str, int]:
     return match[1].strip("[]"), int(match[2])
 
 
+def redis_ca_file(env: Mapping[str, str], redis_url: str | None) -> str | None:
+    """M2FP_REDIS_CA_FILE: the CA certificate(s), PEM, that signed Redis's TLS certificate.
+
+    Only with a rediss:// URL; unset, the system's CAs are trusted. Either way every client
+    (redis-py, Celery's broker, the limiter) verifies the certificate and the host name.
+    """
+    path = (env.get("M2FP_REDIS_CA_FILE") or "").strip() or None
+    if path is None:
+        return None
+    if not (redis_url or "").startswith("rediss://"):
+        raise ConfigError("M2FP_REDIS_CA_FILE is set but M2FP_REDIS_URL is not a rediss:// URL")
+    if not os.path.isfile(path) or not os.access(path, os.R_OK):
+        raise ConfigError(f"M2FP_REDIS_CA_FILE={path!r} is not a readable file")
+    return path
+
+
 def environment() -> dict[str, str]:
     """A copy of this process's environment, for the children `make run` and the tests start."""
     return dict(os.environ)
@@ -326,6 +344,8 @@ def load_stack_settings(env: Mapping[str, str] | None = None) -> StackSettings:
         torch_threads=_int(env, "M2FP_TORCH_THREADS", 0, 0) or None,
         redis_url=redis_url,
         redis_sentinel=sentinel,
+        # With M2FP_REDIS_URL_FILE the services check it (make run does not read the file).
+        redis_ca_file=None if env.get("M2FP_REDIS_URL_FILE") else redis_ca_file(env, redis_url),
         redis_port=_int(env, "M2FP_REDIS_PORT", 6380, 1),
         has_data_keys=bool(env.get("M2FP_DATA_KEYS") or env.get("M2FP_DATA_KEYS_FILE")),
         has_metrics_token=_metrics_token(env) is not None,
@@ -376,6 +396,7 @@ def _secrets(env: Mapping[str, str], dev_mode: bool) -> dict:
     return {
         "redis_url": redis_url,
         "redis_sentinel": sentinel,
+        "redis_ca_file": redis_ca_file(env, redis_url),
         "keyring": Keyring.parse(keys_text),
     }
 

@@ -20,7 +20,7 @@ from celery import Celery
 from kombu import Queue
 
 from shared.constants import QUEUE, TASK_PARSE
-from shared.redis_conn import celery_broker
+from shared.redis_conn import celery_broker, tls_options
 
 # kombu's Redis transport keeps a delivered, not yet acknowledged message in these two keys
 # (its `unacked_key` and `unacked_index_key` defaults) until it is acked or, after the
@@ -31,7 +31,8 @@ UNACKED_KEY, UNACKED_INDEX_KEY = "unacked", "unacked_index"
 def make_celery(settings, name: str = "m2fp") -> Celery:
     """A Celery app wired to the settings' Redis (or its sentinels) with the service's safe defaults."""
     broker_url, transport = celery_broker(settings)  # Sentinel: master_name, sentinel_kwargs
-    app = Celery(name, broker=broker_url, set_as_current=False)
+    tls = tls_options(settings) or None  # rediss://: kombu checks the certificate only if told
+    app = Celery(name, broker=broker_url, broker_use_ssl=tls, set_as_current=False)
     transport.update(visibility_timeout=settings.visibility_timeout, health_check_interval=30)
     app.conf.update(
         broker_transport_options=transport,

@@ -10,6 +10,9 @@ Two shapes, chosen by shared.config:
   `M2FP_REDIS_URL` (its host and port are ignored); the sentinels get only their own password
   (`M2FP_REDIS_SENTINEL_PASSWORD`), never the master's.
 
+TLS (a rediss:// URL, optionally M2FP_REDIS_CA_FILE): `tls_options` gives redis-py and Celery's
+broker the same certificate checks, and `flower_broker_url` puts them in Flower's broker URL.
+
 What a failover looks like to a client: connections to the dead master fail (ConnectionError,
 TimeoutError), a demoted master refuses writes (ReadOnlyError, which redis-py's sentinel
 connection turns into a disconnect and a ConnectionError), and until the sentinels promote a
@@ -20,8 +23,9 @@ The job store's Lua scripts are loaded again on NOSCRIPT by redis-py's Script ob
 
 from __future__ import annotations
 
+import ssl
 from typing import Any, Protocol
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import redis
 from redis.connection import parse_url
@@ -41,6 +45,9 @@ class RedisSettings(Protocol):
 
     @property
     def redis_sentinel(self) -> RedisSentinel | None: ...
+
+    @property
+    def redis_ca_file(self) -> str | None: ...
 
 
 def _url(settings: RedisSettings) -> str:
@@ -63,12 +70,34 @@ def sentinel_kwargs(sentinel: RedisSentinel, timeout: float = SENTINEL_TIMEOUT) 
     return options
 
 
+def tls_options(settings: RedisSettings) -> dict[str, Any]:
+    """TLS arguments for a rediss:// URL, the same for redis-py and Celery's broker: the server's
+    certificate is verified, against M2FP_REDIS_CA_FILE or else the system's CAs, and so is its
+    host name (redis-py's default). Without them kombu would accept any certificate. {} for
+    redis://. `ssl_*` parameters in the URL's query still win (both libraries read them)."""
+    if not _url(settings).startswith("rediss://"):
+        return {}
+    options: dict[str, Any] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    if settings.redis_ca_file:
+        options["ssl_ca_certs"] = settings.redis_ca_file
+    return options
+
+
+def flower_broker_url(redis_url: str, ca_file: str | None) -> str:
+    """Flower's broker URL (CELERY_BROKER_URL: `celery flower` takes no broker options) with the
+    CA and the certificate check in its query, for a rediss:// URL and a CA file."""
+    if not ca_file or not redis_url.startswith("rediss://") or "ssl_ca_certs=" in redis_url:
+        return redis_url
+    query = urlencode({"ssl_ca_certs": ca_file, "ssl_cert_reqs": "required"})
+    return f"{redis_url}{'&' if '?' in redis_url else '?'}{query}"
+
+
 def make_client(settings: RedisSettings, **options: Any) -> redis.Redis:
     """A client on the master: the URL's server, or the one the sentinels name now.
 
     `options` are redis-py connection arguments (the gateway's short timeouts).
     """
-    options = {"health_check_interval": HEALTH_CHECK_INTERVAL, **options}
+    options = {"health_check_interval": HEALTH_CHECK_INTERVAL, **tls_options(settings), **options}
     sentinel = settings.redis_sentinel
     if sentinel is None:
         return redis.Redis.from_url(_url(settings), **options)

@@ -44,6 +44,7 @@ from bench.chaos import (
 )
 from shared import heartbeat
 from shared.crypto import generate_key
+from shared.redis_conn import flower_broker_url
 from tests.conftest import REPO, wait_for
 from tests.helpers import certificate_authority
 from tests.integration.conftest import photo_jpeg
@@ -173,20 +174,18 @@ class MultiHostStack(ChaosStack):
         self.flower_url = f"http://{net.subnet}.{GATEWAY_HOST}:{FLOWER_PORT}"
 
     def url(self, role: str, **query: str) -> str:
-        """The role's rediss:// URL (make_secrets.sh's, pointed at the Redis host over TLS)."""
+        """The role's rediss:// URL (make_secrets.sh's, pointed at the Redis host), `query` added."""
         plain = (self.secrets / f"redis_url_{role}").read_text().strip()
         url = plain.replace("redis://", "rediss://").replace(
             "@redis:6379", f"@{self.redis_ip}:6379"
         )
         return f"{url}?{urlencode(query)}" if query else url
 
-    def tls_url(self, role: str) -> str:
-        """The role's URL with the CA and certificate checks in its query (redis-py and kombu)."""
-        return self.url(role, ssl_ca_certs=str(self.ca), ssl_cert_reqs="required")
-
     def client(self, role: str = "api", **options) -> redis.Redis:
-        """A client from the test's namespace, as `role`, over TLS."""
-        return redis.Redis.from_url(self.tls_url(role), socket_timeout=5, **options)
+        """A client from the test's namespace, as `role`, over TLS: the CA and the certificate
+        check in the URL's query, the other way redis-py (and kombu) take them."""
+        url = self.url(role, ssl_ca_certs=str(self.ca), ssl_cert_reqs="required")
+        return redis.Redis.from_url(url, socket_timeout=5, **options)
 
     def start(self, timeout: float = 240) -> None:
         """Redis, the gateway, both worker hosts; returns when /readyz counts both workers."""
@@ -195,7 +194,9 @@ class MultiHostStack(ChaosStack):
         base.update({**UNTHROTTLED, **TEST_NETWORK, "PYTHONPATH": str(REPO)})
         base.update(M2FP_DATA_KEYS=f"k1:{generate_key()}", M2FP_TORCH_THREADS="1")
         gateway_ip = f"{self.net.subnet}.{GATEWAY_HOST}"
-        self.env = dict(base, M2FP_REDIS_URL=self.tls_url("api"), M2FP_HOST=gateway_ip)
+        # The services trust the CA through M2FP_REDIS_CA_FILE (shared.redis_conn.tls_options).
+        base["M2FP_REDIS_CA_FILE"] = str(self.ca)
+        self.env = dict(base, M2FP_REDIS_URL=self.url("api"), M2FP_HOST=gateway_ip)
         self.env.update(M2FP_PORT=str(GATEWAY_PORT), M2FP_GATEWAY_WORKERS="1")
         self.env["PROMETHEUS_MULTIPROC_DIR"] = str(self.workdir / "prometheus")
         os.makedirs(self.env["PROMETHEUS_MULTIPROC_DIR"])
@@ -203,7 +204,7 @@ class MultiHostStack(ChaosStack):
         gunicorn = [PY, "-m", "gunicorn", "-c", "api/gunicorn_conf.py", "api.wsgi:app"]
         self.spawn("gateway", self.netns("gateway", gunicorn), self.env)
         for index in (0, 1):
-            self.host_env[index] = dict(base, M2FP_REDIS_URL=self.tls_url("worker"))
+            self.host_env[index] = dict(base, M2FP_REDIS_URL=self.url("worker"))
             self.start_worker(index)
         self.wait_ready(timeout)
 
@@ -277,7 +278,8 @@ class MultiHostStack(ChaosStack):
 
     def start_flower(self) -> None:
         """A real Flower in the gateway's namespace, logged in to Redis as the read-only user."""
-        env = dict(self.env, CELERY_BROKER_URL=self.tls_url("flower"))
+        broker = flower_broker_url(self.url("flower"), str(self.ca))  # as make run gives it
+        env = dict(self.env, CELERY_BROKER_URL=broker)
         env.update(FLOWER_BASIC_AUTH=":".join(FLOWER_LOGIN), FLOWER_UNAUTHENTICATED_API="false")
         argv = [PY, "-m", "shared.flower_readonly", "flower", f"--port={FLOWER_PORT}"]
         argv += [f"--address={self.net.subnet}.{GATEWAY_HOST}", "--enable_events=False"]
@@ -391,6 +393,8 @@ def test_a_worker_host_cut_off_mid_load_loses_no_job(multi_host):
     assert jobs["done"] == JOBS, jobs
     figures.update(requeue_figures(stack, orphans, cut))
     figures["jobs"] = {k: jobs[k] for k in ("done", "lost", "processed_twice", "delivered_twice")}
+    logs = "".join(path.read_text(errors="replace") for path in stack.workdir.glob("*.log"))
+    assert "insecure SSL" not in logs  # kombu's warning when it would accept any certificate
     print(f"\nmulti-host figures: {json.dumps(figures)}")
     assert figures["cut_to_requeue_s"] < 75, figures  # heartbeat TTL 30 s + reaper passes
 
