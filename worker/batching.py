@@ -145,8 +145,16 @@ class Batcher:
                 batch = self._collect()
             except queue.Empty:
                 continue
-            if batch:
+            if not batch:
+                continue
+            try:
                 self.run_batch(batch)
+            except Exception as error:  # never leave a caller waiting, never lose the thread
+                log.exception("batch_failed_outside_the_forward")
+                for entry in batch:
+                    if not entry.done.is_set():
+                        entry.error = _copy_error(error)
+                        entry.done.set()
 
     def run_batch(self, batch: list[_Entry]) -> None:
         """One forward for `batch`; resolves every entry with its result or the batch's error."""

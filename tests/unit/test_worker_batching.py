@@ -162,6 +162,18 @@ def test_a_forward_past_the_hard_limit_calls_on_stuck():
     assert len(stuck) == 1 and stuck[0] > 0.5
 
 
+def test_a_failing_metrics_hook_loses_neither_the_results_nor_the_thread():
+    def broken_hook(size, seconds):
+        raise OSError("metrics directory gone")
+
+    fake = FakePredictor()
+    batcher = Batcher(fake.predict_batch, max_batch=2, wait_seconds=0.0, on_batch=broken_hook)
+    batcher.start()
+    assert batcher.infer(4, timeout=5).value == 16
+    assert batcher.infer(5, timeout=5).value == 25  # the inference thread lives on
+    batcher.stop()
+
+
 def test_on_batch_reports_each_forward():
     seen: list[tuple[int, float]] = []
     fake = FakePredictor()
