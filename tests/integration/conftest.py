@@ -308,6 +308,7 @@ def nginx_proxy(tmp_path: Path, gateway_port: int | str):
         yield https, http_port, https_port
     finally:
         stop_process(proc)
+        proc.stderr.close()  # unread once nginx served; an unclosed pipe is a ResourceWarning
 
 
 def submit(stack: Stack, data: bytes, filename: str = "photo.jpg", **kwargs) -> requests.Response:

@@ -117,36 +117,36 @@ def acl_redis(tmp_path):
     proc.wait(10)
 
 
-def test_redis_acl_roles(acl_redis):
-    port, url, secrets = acl_redis
-    with pytest.raises(redis.AuthenticationError):
-        redis.Redis(port=port).ping()  # default user is off
-    with pytest.raises(redis.AuthenticationError):
-        redis.Redis(port=port).get("m2fp:job:x")
-    with pytest.raises(redis.AuthenticationError):  # a role's name with a wrong password
-        redis.Redis(port=port, username="gateway", password="guess").ping()
-    gateway, worker = redis.Redis.from_url(url("api")), redis.Redis.from_url(url("worker"))
+def job_store(client) -> JobStore:
+    """A job store on `client` with short TTLs (the ACLs, not the TTLs, are under test)."""
+    return JobStore(
+        client,
+        input_ttl=60,
+        result_ttl=60,
+        job_ttl=300,
+        max_attempts=2,
+        claim_input_ttl=120,
+    )
 
-    def store(client):
-        return JobStore(
-            client,
-            input_ttl=60,
-            result_ttl=60,
-            job_ttl=300,
-            max_attempts=2,
-            claim_input_ttl=120,
-        )
 
+def assert_the_roles_run_a_job(gateway, worker) -> None:
+    """The gateway's and the worker's users together can create, claim, finish and fetch a job,
+    and neither may run a @dangerous command."""
     job_id = new_job_id()
-    store(gateway).create(
+    job_store(gateway).create(
         job_id, token_hash=hash_secret("t"), key_id="k", wrapped_key=b"w", sealed_input=b"sealed"
     )
-    assert store(worker).claim(job_id, "w1").outcome == "ok"
-    assert store(worker).store_result(job_id, b"result")
-    assert store(gateway).fetch_result(job_id).sealed_result == b"result"
+    assert job_store(worker).claim(job_id, "w1").outcome == "ok"
+    assert job_store(worker).store_result(job_id, b"result")
+    assert job_store(gateway).fetch_result(job_id).sealed_result == b"result"
     for client in (gateway, worker):
         with pytest.raises(redis.exceptions.NoPermissionError):
             client.execute_command("FLUSHALL")  # @dangerous denied to every role
+
+
+def assert_healthcheck_and_flower_cannot_read_jobs(port: int, url, secrets) -> None:
+    """The healthcheck user (its generated password only) may ping and nothing more; Flower's may
+    neither read nor write a job's keys, only see the queue."""
     with pytest.raises(redis.AuthenticationError):  # no more fixed healthcheck password
         redis.Redis(port=port, username="healthcheck", password="healthcheck").ping()
     health = redis.Redis(
@@ -163,7 +163,24 @@ def test_redis_acl_roles(acl_redis):
     with pytest.raises(redis.exceptions.NoPermissionError):
         flower.get("m2fp:in:x")
     assert flower.llen(QUEUE) == 0
-    assert (secrets / "data_keys").stat().st_mode & 0o077 == 0
+
+
+def test_redis_acl_roles(acl_redis):
+    port, url, secrets = acl_redis
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis(port=port).ping()  # default user is off
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis(port=port).get("m2fp:job:x")
+    with pytest.raises(redis.AuthenticationError):  # a role's name with a wrong password
+        redis.Redis(port=port, username="gateway", password="guess").ping()
+    assert_the_roles_run_a_job(
+        redis.Redis.from_url(url("api")), redis.Redis.from_url(url("worker"))
+    )
+    assert_healthcheck_and_flower_cannot_read_jobs(port, url, secrets)
+    # make_secrets.sh leaves the files 0444 (each container's own non-root user reads its
+    # bind-mounted secrets) inside a 0700 folder: the folder keeps the keyring from other users.
+    assert secrets.stat().st_mode & 0o077 == 0
+    assert (secrets / "data_keys").stat().st_mode & 0o777 == 0o444
 
 
 def test_compose_limits_every_service_and_keeps_secrets_off_command_lines():
@@ -228,22 +245,18 @@ def test_flower_acl_is_read_only_for_real(acl_redis):
     events.close()
 
 
-def test_real_flower_sees_worker_events_with_its_read_only_user(acl_redis, tmp_path):
-    from celery import Celery
-
-    _, url, _ = acl_redis
-    flower_port = free_port()
+def start_readonly_flower(broker_url: str, port: int, log) -> subprocess.Popen:
+    """shared.flower_readonly's Flower on `port` with basic auth ops:pw, events not enabled."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("M2FP_", "CELERY_"))}
-    env.update(CELERY_BROKER_URL=url("flower"), FLOWER_BASIC_AUTH="ops:pw", PYTHONPATH=str(REPO))
-    log = open(tmp_path / "flower.log", "wb")  # noqa: SIM115  (closed in the finally below)
-    proc = subprocess.Popen(
+    env.update(CELERY_BROKER_URL=broker_url, FLOWER_BASIC_AUTH="ops:pw", PYTHONPATH=str(REPO))
+    return subprocess.Popen(
         [
             sys.executable,
             "-m",
             "shared.flower_readonly",
             "flower",
             "--address=127.0.0.1",
-            f"--port={flower_port}",
+            f"--port={port}",
             "--enable_events=False",
         ],
         cwd=REPO,
@@ -251,6 +264,36 @@ def test_real_flower_sees_worker_events_with_its_read_only_user(acl_redis, tmp_p
         stdout=log,
         stderr=subprocess.STDOUT,
     )
+
+
+def flower_lists_a_sent_task(base: str, worker_url: str):
+    """A callable for wait_for: send a worker's heartbeat and a task-received event (as a worker
+    does) with the worker's user, then whether Flower's /api/tasks lists that task."""
+    from celery import Celery
+
+    app = Celery("deploy-test", broker=worker_url, set_as_current=False)
+
+    def task_seen():
+        with app.connection_for_write() as conn:
+            dispatcher = app.events.Dispatcher(conn, hostname="w1@deploy", enabled=True)
+            dispatcher.send("worker-heartbeat", freq=2.0, active=0, processed=0)
+            dispatcher.send(
+                "task-received", uuid="t-deploy", name="m2fp.parse", args="['job']", kwargs="{}"
+            )
+        try:
+            reply = requests.get(base + "/api/tasks", auth=("ops", "pw"), timeout=10)
+        except requests.RequestException:  # a busy machine: ask again
+            return False
+        return reply.status_code == 200 and "t-deploy" in reply.json()
+
+    return task_seen
+
+
+def test_real_flower_sees_worker_events_with_its_read_only_user(acl_redis, tmp_path):
+    _, url, _ = acl_redis
+    flower_port = free_port()
+    log = open(tmp_path / "flower.log", "wb")  # noqa: SIM115  (closed in the finally below)
+    proc = start_readonly_flower(url("flower"), flower_port, log)
     base = f"http://127.0.0.1:{flower_port}"
     try:
 
@@ -261,22 +304,12 @@ def test_real_flower_sees_worker_events_with_its_read_only_user(acl_redis, tmp_p
                 return False
 
         wait_for(up, 60, what="flower")
-        app = Celery("deploy-test", broker=url("worker"), set_as_current=False)
-
-        def task_seen():  # events as a worker sends them
-            with app.connection_for_write() as conn:
-                dispatcher = app.events.Dispatcher(conn, hostname="w1@deploy", enabled=True)
-                dispatcher.send("worker-heartbeat", freq=2.0, active=0, processed=0)
-                dispatcher.send(
-                    "task-received", uuid="t-deploy", name="m2fp.parse", args="['job']", kwargs="{}"
-                )
-            try:
-                reply = requests.get(base + "/api/tasks", auth=("ops", "pw"), timeout=10)
-            except requests.RequestException:  # a busy machine: ask again
-                return False
-            return reply.status_code == 200 and "t-deploy" in reply.json()
-
-        wait_for(task_seen, 60, interval=1, what="flower to see a task event")
+        wait_for(
+            flower_lists_a_sent_task(base, url("worker")),
+            60,
+            interval=1,
+            what="flower to see a task event",
+        )
         output = (tmp_path / "flower.log").read_text()
         assert "Failed to capture events" not in output
         assert "Failed to enable events" not in output  # it never tried to publish
