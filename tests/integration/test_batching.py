@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import re
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -105,6 +106,9 @@ def test_jobs_submitted_at_once_share_forwards_and_match_one_at_a_time(batch_sta
     ]
     sizes = [document["timings"]["batch_size"] for document in documents]
     assert max(sizes) > 1, sizes
+    metrics = requests.get(batch_stack.worker_metrics_url, timeout=10).text
+    forwards = re.search(r"^m2fp_worker_batch_size_sum (\S+)$", metrics, re.MULTILINE)
+    assert forwards and float(forwards[1]) >= 8  # every job was in a recorded forward
     monkeypatch.setenv("M2FP_PRECISION", "fp32")
     from worker.weights import load_predictor
 
