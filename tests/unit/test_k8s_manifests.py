@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -638,12 +639,19 @@ def test_every_variable_is_one_the_config_reads_and_accepts(rendered, overlay, t
             assert not unknown, f"{name}: shared/config.py does not read {sorted(unknown)}"
             # The values load: secrets at their *_FILE paths replaced by valid scratch files.
             env = dict(env)
-            (tmp_path / "redis_url").write_text("redis://worker:pw@redis:6379/0\n")
-            (tmp_path / "data_keys").write_text(f"k1:{generate_key()}\n")
-            for var in ("M2FP_REDIS_URL_FILE", "M2FP_DATA_KEYS_FILE"):
+            assert env["M2FP_REDIS_URL_FILE"] and env["M2FP_DATA_KEYS_FILE"], name
+            for var in [v for v in env if v.endswith("_FILE")]:
                 assert env[var].startswith("/run/secrets/m2fp/"), var
-                env[var] = str(tmp_path / env[var].rsplit("/", 1)[-1])
+                env[var] = str(scratch_secret(tmp_path, env[var].rsplit("/", 1)[-1]))
             load_settings(env)
+
+
+def scratch_secret(folder: Path, name: str) -> Path:
+    """A valid stand-in for the mounted secret file `name` (any other: a random token)."""
+    values = {"redis_url": "redis://worker:pw@redis:6379/0", "data_keys": f"k1:{generate_key()}"}
+    path = folder / name
+    path.write_text(values.get(name, secrets.token_urlsafe(32)) + "\n")
+    return path
 
 
 def test_redis_conf_is_the_deploy_one():
