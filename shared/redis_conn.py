@@ -28,7 +28,9 @@ from typing import Any, Protocol
 from urllib.parse import quote, urlencode
 
 import redis
+from redis.backoff import NoBackoff
 from redis.connection import parse_url
+from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 from shared.config import RedisSentinel
@@ -63,8 +65,16 @@ def master_auth(redis_url: str) -> dict[str, Any]:
 
 
 def sentinel_kwargs(sentinel: RedisSentinel, timeout: float = SENTINEL_TIMEOUT) -> dict[str, Any]:
-    """How to talk to the sentinels themselves: their own password and short timeouts."""
-    options: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    """How to talk to the sentinels themselves: their own password, short timeouts and no retry.
+
+    No retry: redis-py's default (3 retries, backing off 1, 2, 4 s) per sentinel made one lookup
+    take 8 s when no sentinel answered (measured); the other sentinels are the retries here.
+    """
+    options: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": Retry(NoBackoff(), 0),
+    }
     if sentinel.password:
         options["password"] = sentinel.password
     return options
