@@ -104,17 +104,18 @@ class Processes:
     def start(
         self, name: str, argv: list[str], env: dict[str, str], nice: int = 0
     ) -> subprocess.Popen:
-        log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115  (the child keeps it)
         if nice:  # nice(1) execs the command: same pid, and no preexec_fn in a threaded parent
             argv = ["nice", "-n", str(nice), *argv]
-        proc = subprocess.Popen(
-            argv,
-            env=env,
-            cwd=REPO,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        # The child holds its own copy of the log's descriptor: ours closes once it is started.
+        with open(self.workdir / f"{name}.log", "wb") as log:
+            proc = subprocess.Popen(
+                argv,
+                env=env,
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.children.append((name, proc))
         return proc
 
