@@ -127,8 +127,9 @@ def sentinel_config(cluster: Cluster, port: int, folder: Path) -> str:
 
 
 def start_sentinels(cluster: Cluster, count: int = 3) -> None:
-    """`count` sentinels; a sentinel rewrites its config file, so each gets one (mode 0600, in
-    memory where /dev/shm exists), never its password on the command line."""
+    """`count` sentinels; a sentinel rewrites its config file, so each gets one in a folder of
+    its own (0700: the rewrite recreates the file 0644; in memory where /dev/shm exists), never
+    its password on the command line."""
     for _ in range(count):
         port = free_port()
         folder = Path(tempfile.mkdtemp(prefix="m2fp-sentinel-", dir=SHM))
