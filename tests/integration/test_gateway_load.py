@@ -217,14 +217,14 @@ def test_jobs_in_flight_are_capped_per_client_behind_gunicorn(stack_factory):
     assert capped.status_code == 429 and capped.json()["error"] == "too_many_jobs"
     assert int(capped.headers["Retry-After"]) > 0
     # A client at another address (loopback has many) is admitted.
-    other = requests.Session()
-    other.mount("http://", _SourceAdapter("127.0.0.2"))
-    assert (
-        other.post(
-            stack.base_url + "/v1/jobs", files={"image": ("p.png", png_bytes())}, timeout=30
-        ).status_code
-        == 202
-    )
+    with requests.Session() as other:  # closed: its pooled connection is no leaked socket
+        other.mount("http://", _SourceAdapter("127.0.0.2"))
+        assert (
+            other.post(
+                stack.base_url + "/v1/jobs", files={"image": ("p.png", png_bytes())}, timeout=30
+            ).status_code
+            == 202
+        )
 
 
 class _SourceAdapter(requests.adapters.HTTPAdapter):
