@@ -332,7 +332,8 @@ def environment() -> dict[str, str]:
 def load_stack_settings(env: Mapping[str, str] | None = None) -> StackSettings:
     """`make run`'s settings: numbers of workers and threads, ports, Flower's login."""
     env = os.environ if env is None else env
-    sentinel, redis_url = redis_sentinel(env), env.get("M2FP_REDIS_URL") or None
+    # M2FP_REDIS_URL or its _FILE: either one means "use that Redis, start none".
+    sentinel, redis_url = redis_sentinel(env), _read_secret(env, "M2FP_REDIS_URL")
     if sentinel is not None and not redis_url:
         raise ConfigError(
             "M2FP_REDIS_SENTINELS is set: make run needs M2FP_REDIS_URL (the master's user, "
@@ -344,8 +345,7 @@ def load_stack_settings(env: Mapping[str, str] | None = None) -> StackSettings:
         torch_threads=_int(env, "M2FP_TORCH_THREADS", 0, 0) or None,
         redis_url=redis_url,
         redis_sentinel=sentinel,
-        # With M2FP_REDIS_URL_FILE the services check it (make run does not read the file).
-        redis_ca_file=None if env.get("M2FP_REDIS_URL_FILE") else redis_ca_file(env, redis_url),
+        redis_ca_file=redis_ca_file(env, redis_url),
         redis_port=_int(env, "M2FP_REDIS_PORT", 6380, 1),
         has_data_keys=bool(env.get("M2FP_DATA_KEYS") or env.get("M2FP_DATA_KEYS_FILE")),
         has_metrics_token=_metrics_token(env) is not None,

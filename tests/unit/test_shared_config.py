@@ -123,3 +123,16 @@ def test_metrics_token_from_env_or_file_and_never_in_repr(settings_env, tmp_path
 def test_weak_metrics_tokens_are_refused(settings_env, token):
     with pytest.raises(ConfigError, match="M2FP_METRICS_TOKEN"):
         load_settings({**settings_env, "M2FP_METRICS_TOKEN": token})
+
+
+def test_make_run_uses_a_redis_url_given_as_a_file_and_starts_none(tmp_path):
+    from shared.config import load_stack_settings
+
+    url = "redis://gateway:pw@redis.internal:6379/0"
+    url_file = tmp_path / "redis_url"
+    url_file.write_text(url + "\n")
+    assert load_stack_settings({"M2FP_REDIS_URL_FILE": str(url_file)}).redis_url == url
+    assert load_stack_settings({"M2FP_REDIS_URL": url}).redis_url == url
+    assert load_stack_settings({}).redis_url is None  # make run starts its own
+    with pytest.raises(ConfigError, match="either"):
+        load_stack_settings({"M2FP_REDIS_URL": url, "M2FP_REDIS_URL_FILE": str(url_file)})
