@@ -13,6 +13,8 @@ command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v strace >/dev/null 2>&1 || need_apt+=(strace)   # tests: no image byte touches disk
 [ -x /usr/sbin/nginx ] || need_apt+=(nginx-light)              # tests: deploy/nginx.conf for real
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+# tests/integration/test_multi_host.py: worker hosts in network namespaces joined by veths
+command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
 ldconfig -p 2>/dev/null | grep -q 'libmagic\.so\.1' || need_apt+=(libmagic1)
 # The compiled deformable-attention op (worker/m2fp/csrc) is built below with g++ and ninja.
 command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
