@@ -232,32 +232,31 @@ def _check_redis_url(url: str, dev_mode: bool, sentinel: RedisSentinel | None = 
         )
 
 
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
+    """A lower-cased value of `name` among `choices` (blank: `default`), else a ConfigError."""
+    value = env.get(name, default).strip().lower() or default
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
 def deform_attn_mode(env: Mapping[str, str] | None = None) -> str:
     """M2FP_DEFORM_ATTN: `auto` (compiled op when built, else reference), `op` (required) or `reference`.
 
     Read on its own too, because the offline CLI and the Predictor need no Redis or keys.
     """
-    env = os.environ if env is None else env
-    value = env.get("M2FP_DEFORM_ATTN", "auto").strip().lower() or "auto"
-    if value not in DEFORM_ATTN_MODES:
-        raise ConfigError(
-            f"M2FP_DEFORM_ATTN must be one of {', '.join(DEFORM_ATTN_MODES)}, got {value!r}"
-        )
-    return value
+    return _choice(
+        os.environ if env is None else env, "M2FP_DEFORM_ATTN", DEFORM_ATTN_MODES, "auto"
+    )
 
 
 def precision_mode(env: Mapping[str, str] | None = None) -> str:
-    """M2FP_PRECISION: `auto` (bf16 on CPUs with bf16 in hardware, else fp32), `fp32`, `bf16`, `int8`.
+    """M2FP_PRECISION: `auto` (what worker.m2fp.precision finds agrees with fp32 on this CPU:
+    fp32 for now), `fp32`, `bf16` or `int8`.
 
     Read on its own too, for the offline CLI and the Predictor (no Redis or keys needed).
     """
-    env = os.environ if env is None else env
-    value = env.get("M2FP_PRECISION", "auto").strip().lower() or "auto"
-    if value not in PRECISION_MODES:
-        raise ConfigError(
-            f"M2FP_PRECISION must be one of {', '.join(PRECISION_MODES)}, got {value!r}"
-        )
-    return value
+    return _choice(os.environ if env is None else env, "M2FP_PRECISION", PRECISION_MODES, "auto")
 
 
 def prometheus_multiproc_dir(env: Mapping[str, str] | None = None) -> str | None:
@@ -505,13 +504,8 @@ def _model_fields(env: Mapping[str, str]) -> dict:
 
 def _batching_fields(env: Mapping[str, str]) -> dict:
     """M2FP_BATCHING (auto: on when the worker's device is CUDA), M2FP_GPU_BATCH, M2FP_BATCH_WAIT_MS."""
-    batching = env.get("M2FP_BATCHING", "auto").strip().lower() or "auto"
-    if batching not in BATCHING_MODES:
-        raise ConfigError(
-            f"M2FP_BATCHING must be one of {', '.join(BATCHING_MODES)}, got {batching!r}"
-        )
     return {
-        "batching": batching,
+        "batching": _choice(env, "M2FP_BATCHING", BATCHING_MODES, "auto"),
         "gpu_batch": _bounded(env, "M2FP_GPU_BATCH", 8, 1, 64),
         "batch_wait_ms": _bounded(env, "M2FP_BATCH_WAIT_MS", 10, 0, 10_000),
     }

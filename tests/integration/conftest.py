@@ -358,3 +358,33 @@ def photo_jpeg(width: int = 512, height: int = 512, seed: int = 0) -> bytes:
     out = io.BytesIO()
     image.save(out, format="JPEG", quality=90)
     return out.getvalue()
+
+
+@contextlib.contextmanager
+def tiny_worker_loaded(settings_env: dict[str, str], redis_client, caplog, **env: str):
+    """A pool child's model load (tiny random network, `env` on top of `settings_env`) against
+    the test Redis; yields (its `model_loaded` log record, its heartbeat's fields), then stops."""
+    import dataclasses
+    import logging
+
+    from shared.constants import worker_key
+    from shared.jobstore import JobStore
+    from worker.process import WorkerProcess
+
+    settings = dataclasses.replace(
+        load_settings({**settings_env, **env}), weights="random", variant="tiny"
+    )
+    process = WorkerProcess(settings)
+    process.store = JobStore.from_settings(settings, client=redis_client)
+    with caplog.at_level(logging.INFO, logger="worker.process"):
+        process._load_model()
+    try:
+        assert process.load_error is None, process.load_error
+        loaded = [record for record in caplog.records if record.getMessage() == "model_loaded"]
+        assert loaded, "no model_loaded event"
+        fields = wait_for(
+            lambda: redis_client.hgetall(worker_key(process.name)), timeout=10, what="the heartbeat"
+        )
+        yield loaded[0], fields
+    finally:
+        process.stop()

@@ -241,18 +241,8 @@ class MultiHostStack(ChaosStack):
 
     def spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
         """Start `argv` in its own process group, logging to `name`.log, stopped with the rest
-        (bench's `Processes`); the log file is closed here once the child holds it."""
-        with open(self.workdir / f"{name}.log", "wb") as log:
-            proc = subprocess.Popen(
-                argv,
-                env=env,
-                cwd=REPO,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.procs.children.append((name, proc))
-        return proc
+        (bench's `Processes`, which closes its copy of the log once the child holds it)."""
+        return self.procs.start(name, argv, env)
 
     def netns(self, role: str, argv: list[str], hostname: str | None = None) -> list[str]:
         """`argv` run in the role's namespace, under its own host name when given (a UTS

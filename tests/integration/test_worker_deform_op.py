@@ -6,17 +6,10 @@ where `make install` built it, and forcing the reference must show in the heartb
 
 from __future__ import annotations
 
-import dataclasses
-import logging
-
 import pytest
 
-from shared.config import load_settings
-from shared.constants import worker_key
-from shared.jobstore import JobStore
-from tests.conftest import wait_for
+from tests.integration.conftest import tiny_worker_loaded
 from worker.m2fp import ops
-from worker.process import WorkerProcess
 
 pytestmark = pytest.mark.integration
 
@@ -39,21 +32,9 @@ def restore_mode():
 def test_worker_logs_and_heartbeats_its_deform_attn_path(
     mode, expected, settings_env, clean_redis, caplog
 ) -> None:
-    settings = dataclasses.replace(
-        load_settings({**settings_env, "M2FP_DEFORM_ATTN": mode}), weights="random", variant="tiny"
-    )
-    assert settings.deform_attn == mode
-    process = WorkerProcess(settings)
-    process.store = JobStore.from_settings(settings, client=clean_redis)
-    with caplog.at_level(logging.INFO, logger="worker.process"):
-        process._load_model()
-    try:
-        assert process.load_error is None, process.load_error
-        loaded = [record for record in caplog.records if record.getMessage() == "model_loaded"]
-        assert loaded and loaded[0].fields["deform_op"] == expected
-        fields = wait_for(
-            lambda: clean_redis.hgetall(worker_key(process.name)), timeout=10, what="the heartbeat"
-        )
+    with tiny_worker_loaded(settings_env, clean_redis, caplog, M2FP_DEFORM_ATTN=mode) as (
+        loaded,
+        fields,
+    ):
+        assert loaded.fields["deform_op"] == expected
         assert fields[b"deform_op"].decode() == expected
-    finally:
-        process.stop()

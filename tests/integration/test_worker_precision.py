@@ -6,17 +6,10 @@ gateway's /readyz; `auto` must say why it chose fp32.
 
 from __future__ import annotations
 
-import dataclasses
-import logging
-
 import pytest
 
-from shared.config import load_settings
-from shared.constants import worker_key
-from shared.jobstore import JobStore
-from tests.conftest import wait_for
+from tests.integration.conftest import tiny_worker_loaded
 from worker.m2fp import cpu
-from worker.process import WorkerProcess
 
 pytestmark = pytest.mark.integration
 
@@ -25,23 +18,12 @@ pytestmark = pytest.mark.integration
 def test_worker_logs_heartbeats_and_readyz_show_its_precision(
     mode, expected, settings_env, clean_redis, client, caplog
 ) -> None:
-    settings = dataclasses.replace(
-        load_settings({**settings_env, "M2FP_PRECISION": mode}), weights="random", variant="tiny"
-    )
-    process = WorkerProcess(settings)
-    process.store = JobStore.from_settings(settings, client=clean_redis)
-    with caplog.at_level(logging.INFO, logger="worker.process"):
-        process._load_model()
-    try:
-        assert process.load_error is None, process.load_error
-        loaded = [record for record in caplog.records if record.getMessage() == "model_loaded"]
-        assert loaded and loaded[0].fields["precision"] == expected
-        assert mode in loaded[0].fields["precision_reason"]  # "auto: ..." or "forced by ...=int8"
-        assert loaded[0].fields["cpu_flags"] == cpu.describe_features(cpu.cpu_features())
-        fields = wait_for(
-            lambda: clean_redis.hgetall(worker_key(process.name)), timeout=10, what="the heartbeat"
-        )
+    with tiny_worker_loaded(settings_env, clean_redis, caplog, M2FP_PRECISION=mode) as (
+        loaded,
+        fields,
+    ):
+        assert loaded.fields["precision"] == expected
+        assert mode in loaded.fields["precision_reason"]  # "auto: ..." or "forced by ...=int8"
+        assert loaded.fields["cpu_flags"] == cpu.describe_features(cpu.cpu_features())
         assert fields[b"precision"].decode() == expected
         assert client.get("/readyz").get_json()["precisions"] == {expected: 1}
-    finally:
-        process.stop()

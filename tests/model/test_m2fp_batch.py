@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.diverse_weights import calibration_image as photo_like  # gradients + noise
 from tests.golden_weights import golden_state_dict
 from worker.m2fp.checkpoint import build_untrained_model
 from worker.m2fp.config import TINY
@@ -29,17 +30,6 @@ TINY_FAST = TINY.replace(min_size_test=160, max_size_test=320)
 # (60, 80) and (61, 80) resize to 160x213 and 160x210 and both pad to 160x224: one batched forward;
 # (90, 50) resizes to 288x160 and runs in a group of its own.
 SIZES = [(60, 80), (90, 50), (61, 80)]
-
-
-def photo_like(height: int, width: int, seed: int) -> np.ndarray:
-    """Colour gradients plus noise: smooth regions with edges, so that maps are not one class."""
-    rng = np.random.default_rng(seed)
-    rows, columns = np.mgrid[0:height, 0:width]
-    base = np.stack(
-        [columns * 255 // width, rows * 255 // height, (rows + columns) * 255 // (height + width)],
-        -1,
-    )
-    return np.clip(base + rng.integers(-40, 40, (height, width, 3)), 0, 255).astype(np.uint8)
 
 
 @pytest.fixture(scope="module")
