@@ -38,6 +38,7 @@ import requests
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.chaos import _revision  # noqa: E402
 from bench.load_bench import cpu_description, free_port, wait_http  # noqa: E402
 from bench.model_bench import synthetic_image  # noqa: E402
 from bench.pipeline_bench import start_stack  # noqa: E402
@@ -302,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "service throughput vs raw model throughput",
         "when": started,
         "cpu": cpu_description(),
+        "revision": args.revision or _revision(),
         "setup": {
             "upload": f"{height}x{width} JPEG q90 (bench/model_bench.py synthetic photo)",
             "network": f"{args.variant}, random weights (the worker's seed)",

@@ -267,6 +267,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--real-jobs", type=int, default=30)
     parser.add_argument("--real-workers", type=int, default=2)
     parser.add_argument("--limit", type=float, default=1500, help="s per part at most")
+    parser.add_argument("--revision", default="", help="commit of an exported tree (no .git)")
     parser.add_argument("--json", type=Path)
     return parser.parse_args(argv)
 
@@ -280,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "worker memory over many jobs",
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "cpu": cpu_description(),
-        "revision": _revision(),
+        "revision": args.revision or _revision(),
         "network": "CIHP (ResNet-101, every layer), random weights (the worker's seed)",
         "target": "pool child RSS <= 1500 MiB, growth <= 5 % over the soak",
     }
