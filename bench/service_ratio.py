@@ -38,7 +38,7 @@ import requests
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.chaos import _revision  # noqa: E402
+from bench.chaos import _revision, _stop_on_sigterm  # noqa: E402
 from bench.load_bench import cpu_description, free_port, wait_http  # noqa: E402
 from bench.model_bench import synthetic_image  # noqa: E402
 from bench.pipeline_bench import start_stack  # noqa: E402
@@ -287,6 +287,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)  # `timeout`: stop the stack by pid
     if args.raw_child:
         raw_child(args.raw_child, args.images, args.variant)
         return 0

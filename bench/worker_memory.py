@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -38,7 +39,7 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.chaos import ChaosStack, StackConfig, _revision  # noqa: E402
+from bench.chaos import ChaosStack, StackConfig, _revision, _stop_on_sigterm  # noqa: E402
 from bench.load_bench import cpu_description  # noqa: E402
 from bench.service_ratio import run_jobs, synthetic_jpeg  # noqa: E402
 
@@ -277,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["worker"]:  # the worker entry: worker MIN -- <python -m worker arguments>
         return reduced_worker(int(argv[1]), argv[3:])
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)  # `timeout`: stop the stack by pid
     result: dict = {
         "benchmark": "worker memory over many jobs",
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
