@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -30,22 +29,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-RELEVANT_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "avx512_vnni", "avx_vnni")
-
 
 def cpu_description() -> dict:
-    """CPU model name and which of the flags that matter it has (Linux /proc/cpuinfo)."""
-    model, flags = platform.processor() or "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    except OSError:
-        pass
-    return {"model": model, "flags": [flag for flag in RELEVANT_FLAGS if flag in flags]}
+    """The CPU model, core count and the flags that matter (one reader: worker/m2fp/cpu.py)."""
+    from worker.m2fp.cpu import cpu_summary
+
+    return cpu_summary()
 
 
 def median_seconds(
@@ -269,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     cpu = cpu_description()
     print(
-        f"CPU: {cpu['model']} (flags: {', '.join(cpu['flags']) or 'none of ' + ', '.join(RELEVANT_FLAGS)}); "
+        f"CPU: {cpu['model']} (flags: {', '.join(cpu['flags']) or 'none that matter'}); "
         f"torch {torch.__version__}; op {status['build_info']}"
     )
     model = golden_model()

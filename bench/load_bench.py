@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import secrets
 import shutil
 import signal
@@ -50,22 +49,14 @@ from tests.helpers import self_signed_certificate  # noqa: E402 (after the path 
 PY = sys.executable
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
 REQUEST_TIMEOUT = 30.0
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx512_vnni", "avx_vnni")
 
 
 # --- machine ---------------------------------------------------------------------------------
 def cpu_description() -> dict[str, object]:
-    """The CPU model and the flags that matter for the figures."""
-    model, flags = platform.processor() or "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model in ("unknown", "", "x86_64"):
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return {"model": model, "cores": os.cpu_count(), "flags": [f for f in CPU_FLAGS if f in flags]}
+    """The CPU model, core count and the flags that matter (one reader: worker/m2fp/cpu.py)."""
+    from worker.m2fp.cpu import cpu_summary
+
+    return cpu_summary()
 
 
 # --- processes -------------------------------------------------------------------------------

@@ -43,6 +43,17 @@ def test_flags_are_read_from_cpuinfo() -> None:
     assert cpu.flags_from_cpuinfo("processor\t: 0\n") is None
 
 
+def test_the_benchmarks_cpu_summary_names_model_cores_and_flags(tmp_path) -> None:
+    path = tmp_path / "cpuinfo"
+    path.write_text("model name\t: AMD EPYC 7B13\n" + cpuinfo(EPYC_FLAGS))
+    summary = cpu.cpu_summary(path)
+    assert summary["model"] == "AMD EPYC 7B13" and summary["flags"] == ["avx2", "fma"]
+    assert isinstance(summary["cores"], int) and summary["cores"] >= 1
+    path.write_text("model name\t: Xeon\n" + cpuinfo(SAPPHIRE_RAPIDS_FLAGS))
+    assert cpu.cpu_summary(path)["flags"] == list(cpu.REPORTED_FLAGS)
+    assert cpu.cpu_summary(tmp_path / "missing")["flags"] == []
+
+
 def test_without_cpuinfo_the_flags_come_from_torch(tmp_path) -> None:
     flags = cpu.cpu_features(tmp_path / "missing")
     assert flags == cpu.flags_from_torch()
