@@ -133,6 +133,7 @@ class WorkerProcess:
             deform_op=predictor.deform_attn,
             precision=predictor.precision,
             precision_reason=predictor.precision_choice.reason,
+            backbone=predictor.backbone_path,
             cpu_flags=predictor.precision_choice.features,
         )
         if (

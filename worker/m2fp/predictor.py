@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 import torch
 
-from worker.m2fp import ops, precision
+from worker.m2fp import fusion, ops, precision
 from worker.m2fp.checkpoint import build_model
 from worker.m2fp.model import M2FP
 from worker.m2fp.persons import describe_persons, scale_box
@@ -118,6 +118,9 @@ class Predictor:
     the deformable-attention path (`worker.m2fp.ops`); `self.deform_attn` says which one runs.
     `precision_mode` (`auto`, `fp32`, `bf16` or `int8`; default: M2FP_PRECISION) picks the arithmetic
     (`worker.m2fp.precision`); `self.precision` says which one runs, `self.precision_choice` why.
+    `fuse_backbone` (default: where it applies) runs the backbone as `worker.m2fp.fusion.FusedBackbone`
+    (batch norms folded, oneDNN conv + ReLU / + residual, channels-last) on CPU in fp32 and int8;
+    `self.backbone_path` says which backbone runs. The caller's `model` is not modified.
     """
 
     def __init__(
@@ -128,6 +131,7 @@ class Predictor:
         max_side: int = 1920,
         deform_attn: str | None = None,
         precision_mode: str | None = None,
+        fuse_backbone: bool | None = None,
     ) -> None:
         if max_side < 32:
             raise ValueError(f"max_side must be >= 32, but got {max_side}")
@@ -148,6 +152,9 @@ class Predictor:
             precision_mode, str(model.pixel_mean.device)
         )
         self.precision = self.precision_choice.precision  # "fp32", "bf16" or "int8"
+        self.backbone_path = fusion.backbone_path(model, self.precision, fuse_backbone)
+        if self.backbone_path.startswith("fused"):
+            model = fusion.with_fused_backbone(model.eval())
         self.model = precision.prepare_model(model.eval(), self.precision)
         self.config = model.config
         self.untrained = untrained  # build_model already announced it loudly

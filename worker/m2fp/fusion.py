@@ -1,0 +1,169 @@
+"""Inference-time fusion of the ResNet backbone for CPUs: one oneDNN call per convolution.
+
+Owns `FusedBackbone`, a drop-in replacement for `backbone.DeepLabResNet` at inference on CPU, built
+from the loaded model (the checkpoint's modules stay as they are):
+
+- every frozen batch norm is folded into its convolution (weight x scale, bias shifted);
+- each convolution runs as `mkldnn._convolution_pointwise` with its ReLU as a oneDNN post-op, and a
+  bottleneck's last convolution adds the shortcut and applies the ReLU in the same call (the
+  `.binary` post-op): no separate batch-norm, ReLU or add passes over the feature maps;
+- features are channels-last (NHWC in memory), the layout oneDNN's AVX2/AVX-512 convolutions use
+  natively, so no reorder happens between layers.
+
+The outputs are the same res2..res5 maps (plain contiguous NCHW again) up to float32 rounding of the
+folded weights and of the NHWC kernels' summation order: about 1e-6 relative per layer, within the
+golden tolerances (tests/model/test_m2fp_fusion.py, and the golden pipeline suite, which runs the
+Predictor and so this backbone).
+Forward-only, float32, CPU; the Predictor uses it where `available()` (oneDNN built in) and the
+precision is fp32 or int8 (bf16 autocast does not cover these ops).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from worker.m2fp.backbone import (
+    BottleneckBlock,
+    Conv2dNormActivation,
+    DeepLabResNet,
+    FrozenBatchNorm2d,
+)
+
+ModelT = TypeVar("ModelT", bound=nn.Module)
+
+
+def available() -> bool:
+    """Whether this torch has the oneDNN (mkldnn) CPU convolution with post-ops."""
+    return torch.backends.mkldnn.is_available() and hasattr(
+        torch.ops.mkldnn, "_convolution_pointwise"
+    )
+
+
+def folded_weights(conv: Conv2dNormActivation) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (weight, bias) of `conv` with its frozen batch norm folded in (channels-last weight)."""
+    weight = conv.weight.detach().float()
+    bias = (
+        conv.bias.detach().float()
+        if conv.bias is not None
+        else torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
+    )
+    norm = conv.norm
+    if isinstance(norm, FrozenBatchNorm2d):
+        scale = norm.weight.float() / torch.sqrt(norm.running_var.float() + norm.eps)
+        weight = weight * scale[:, None, None, None]
+        bias = (bias - norm.running_mean.float()) * scale + norm.bias.float()
+    elif norm is not None:
+        raise TypeError(f"cannot fold a {type(norm).__name__} into its convolution")
+    return weight.contiguous(memory_format=torch.channels_last), bias.contiguous()
+
+
+class FusedConv(nn.Module):
+    """One folded convolution with its ReLU (and optionally a residual add) as oneDNN post-ops."""
+
+    def __init__(self, conv: Conv2dNormActivation) -> None:
+        super().__init__()
+        weight, bias = folded_weights(conv)
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", bias)
+        self.padding = list(conv.padding)
+        self.stride = list(conv.stride)
+        self.dilation = list(conv.dilation)
+        self.groups = conv.groups
+        self.relu = bool(conv.relu)
+
+    def forward(self, features: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """conv(features) [+ residual] [-> ReLU] in one call; `residual` implies the ReLU after the add."""
+        geometry = (self.padding, self.stride, self.dilation, self.groups)
+        if residual is None:
+            unary = "relu" if self.relu else "none"
+            return torch.ops.mkldnn._convolution_pointwise(
+                features, self.weight, self.bias, *geometry, unary, [], ""
+            )
+        return torch.ops.mkldnn._convolution_pointwise.binary(
+            features, residual, self.weight, self.bias, *geometry, "add", None, "relu", [], ""
+        )
+
+
+class FusedBottleneck(nn.Module):
+    """`BottleneckBlock` as three (or four, with a projection) fused convolutions."""
+
+    def __init__(self, block: BottleneckBlock) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = FusedConv(block.conv1), FusedConv(block.conv2)
+        self.conv3 = FusedConv(block.conv3)
+        self.shortcut = None if block.shortcut is None else FusedConv(block.shortcut)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """relu(conv3(conv2(conv1(x))) + shortcut(x)), the add and ReLU inside conv3's call."""
+        shortcut = features if self.shortcut is None else self.shortcut(features)
+        return self.conv3(self.conv2(self.conv1(features)), residual=shortcut)
+
+
+class FusedBackbone(nn.Module):
+    """`DeepLabResNet` with folded, fused, channels-last convolutions (same outputs, same keys out)."""
+
+    def __init__(self, backbone: DeepLabResNet) -> None:
+        super().__init__()
+        stem = backbone.stem
+        self.stem = nn.ModuleList(
+            [FusedConv(stem.conv1), FusedConv(stem.conv2), FusedConv(stem.conv3)]
+        )
+        self.stage_names = backbone.stage_names
+        self.out_channels = dict(backbone.out_channels)
+        for name in self.stage_names:
+            blocks = [FusedBottleneck(block) for block in getattr(backbone, name)]
+            self.add_module(name, nn.Sequential(*blocks))
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Map (B, 3, H, W) images to the res2..res5 maps, as `DeepLabResNet.forward`."""
+        features = images.contiguous(memory_format=torch.channels_last)
+        for conv in self.stem:
+            features = conv(features)
+        features = F.max_pool2d(features, kernel_size=3, stride=2, padding=1)
+        outputs: dict[str, torch.Tensor] = {}
+        for name in self.stage_names:
+            features = getattr(self, name)(features)
+            # Back to plain NCHW for the pixel decoder: its ops (GroupNorm, flatten to tokens) sum in
+            # another order on NHWC tensors, which moved the golden LIP logits 5x more (2.3e-3 vs
+            # 4.4e-4) for no measured gain. One copy per stage, a few ms.
+            outputs[name] = features.contiguous()
+        return outputs
+
+
+def backbone_path(model: nn.Module, precision: str, fuse: bool | None = None) -> str:
+    """`fused` or `as built: <why>` for `model` at `precision`; `fuse` None: where it applies.
+
+    Raises ValueError when `fuse` is True where the fused backbone cannot run.
+    """
+    device = str(model.pixel_mean.device)  # type: ignore[union-attr]
+    if not device.startswith("cpu"):
+        why = f"as built: the fused backbone is CPU-only (device {device})"
+    elif not available():
+        why = "as built: this torch has no oneDNN convolution with post-ops"
+    elif precision == "bf16":
+        why = "as built: bf16 autocast does not cover the fused convolutions"
+    elif not isinstance(getattr(model, "backbone", None), DeepLabResNet):
+        why = "as built: the backbone is not a DeepLabResNet"
+    elif fuse is False:
+        why = "as built: fusion switched off"
+    else:
+        return "fused"
+    if fuse:
+        raise ValueError(f"cannot fuse the backbone: {why.removeprefix('as built: ')}")
+    return why
+
+
+def with_fused_backbone(model: ModelT) -> ModelT:
+    """A shallow copy of `model` whose `backbone` is a FusedBackbone; `model` itself is unchanged.
+
+    The copy shares every other submodule (and so their weights) with `model`.
+    """
+    fused = copy.copy(model)
+    fused._modules = dict(model._modules)  # copy.copy shares the dict; replace it before assigning
+    fused.backbone = FusedBackbone(model.backbone)  # type: ignore[assignment]
+    return fused
