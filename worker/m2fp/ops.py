@@ -1,17 +1,21 @@
-"""The compiled multi-scale deformable-attention op: where it is built, loading it, and when it is used.
+"""The compiled ops (deformable attention, mask readout): where they are built, loading them, when they are used.
 
-Owns the C++ op `torch.ops.m2fp.ms_deform_attn` (source `worker/m2fp/csrc/`, built on the machine
-that runs it by `make install` through `python -m worker.m2fp.ops_build` into `build/m2fp_ops/`),
-its load status, and the process-wide choice between it and the pure-PyTorch reference
-(`deformable_attention.multi_scale_deformable_attention_reference`), which stays the fallback:
+Owns the C++ library of `torch.ops.m2fp.ms_deform_attn` and `torch.ops.m2fp.mask_readout` (sources
+`worker/m2fp/csrc/`, built on the machine that runs it by `make install` through
+`python -m worker.m2fp.ops_build` into `build/m2fp_ops/`), its load status (`status()["ops"]`
+names the ops it holds), and the process-wide choice between the ops and their pure-PyTorch
+references (`deformable_attention.multi_scale_deformable_attention_reference`; the chunked
+readout of `postprocess.parse_multi_human`), which stay the fallback. One switch covers both:
 
 - `auto` (default): the op when it loaded, else the reference (the reason is in `status()`);
 - `op`: the op, and `configure` raises when it cannot be loaded;
 - `reference`: always the reference.
 
-The op is CPU-only and forward-only: CUDA tensors, and calls that need gradients, always take the
+The ops are CPU-only and forward-only: CUDA tensors, and calls that need gradients, always take the
 reference. The mode comes from `M2FP_DEFORM_ATTN`, read by `shared.config` and passed to
-`configure` by the Predictor (and so by the worker and the offline CLI).
+`configure` by the Predictor (and so by the worker and the offline CLI). `describe()` (the
+worker's `deform_op` report) stays "op" or "reference: <reason>"; `status()["ops"]` says which ops
+the loaded library has.
 """
 
 from __future__ import annotations
@@ -28,7 +32,12 @@ from shared.config import DEFORM_ATTN_MODES
 logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
-SOURCES = (Path(__file__).resolve().parent / "csrc" / "ms_deform_attn.cpp",)
+SOURCES = tuple(
+    Path(__file__).resolve().parent / "csrc" / name
+    for name in ("ms_deform_attn.cpp", "mask_readout.cpp")
+)
+OP_NAMES = ("ms_deform_attn", "mask_readout")
+READOUT_MAX_CLASSES = 32  # the mask readout op's class limit (csrc/mask_readout.cpp)
 BUILD_DIR = REPO / "build" / "m2fp_ops"
 LIBRARY_NAME = "m2fp_ops"
 LIBRARY_PATH = BUILD_DIR / f"{LIBRARY_NAME}.so"
@@ -55,7 +64,13 @@ def build_key() -> str:
 
 def _load() -> dict:
     """Load the built library once; the status says whether it is usable and, if not, why."""
-    status = {"loaded": False, "path": str(LIBRARY_PATH), "reason": None, "build_info": None}
+    status = {
+        "loaded": False,
+        "path": str(LIBRARY_PATH),
+        "reason": None,
+        "build_info": None,
+        "ops": [],
+    }
     if not LIBRARY_PATH.is_file():
         status["reason"] = f"not built ({LIBRARY_PATH} missing; `make install` builds it)"
         return status
@@ -71,6 +86,7 @@ def _load() -> dict:
     try:
         torch.ops.load_library(str(LIBRARY_PATH))
         status["build_info"] = torch.ops.m2fp.build_info()
+        status["ops"] = [name for name in OP_NAMES if hasattr(torch.ops.m2fp, name)]
         _register_fake()
     except (OSError, RuntimeError, AttributeError) as exc:
         status["reason"] = (
@@ -95,7 +111,7 @@ def _register_fake() -> None:
 
 
 def status() -> dict:
-    """`{"loaded", "path", "reason", "build_info", "mode", "active"}`; loads the library on first use."""
+    """`{"loaded", "path", "reason", "build_info", "ops", "mode", "active"}`; loads the library on first use."""
     global _status  # noqa: PLW0603 (process-wide load state, guarded by _lock)
     with _lock:
         if _status is None:
@@ -171,3 +187,37 @@ def ms_deform_attn(
             )
     flat_shapes = [int(size) for shape in spatial_shapes for size in shape]
     return torch.ops.m2fp.ms_deform_attn(value, flat_shapes, sampling_locations, attention_weights)
+
+
+def use_mask_readout(mask_logits: torch.Tensor, num_classes: int) -> bool:
+    """Whether `postprocess.parse_multi_human` reads these mask logits with the compiled readout op."""
+    if (
+        _mode == "reference"
+        or mask_logits.device.type != "cpu"
+        or num_classes > READOUT_MAX_CLASSES
+    ):
+        return False
+    if torch.is_grad_enabled() and mask_logits.requires_grad:
+        return False  # forward-only op
+    return "mask_readout" in status()["ops"]
+
+
+def mask_readout(
+    mask_logits: torch.Tensor,
+    class_probabilities: torch.Tensor,
+    taps: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    keep_semantic: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Call the compiled readout: (labels (H, W) uint8, semantic (C, H, W) or empty, score sums, counts).
+
+    `taps` are `interpolation.mask_taps`' (y_index, y_weight, x_index, x_weight); see
+    csrc/mask_readout.cpp for the contract.
+    """
+    if "mask_readout" not in status()["ops"]:
+        raise RuntimeError(f"the compiled mask readout op is unavailable: {status()['reason']}")
+    return torch.ops.m2fp.mask_readout(
+        mask_logits.float().contiguous(),
+        class_probabilities.float().contiguous(),
+        *taps,
+        keep_semantic,
+    )

@@ -39,6 +39,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from worker.m2fp import ops
+from worker.m2fp.interpolation import mask_taps
 from worker.m2fp.persons import (
     describe_parts,
     group_persons,
@@ -223,9 +225,8 @@ class _MultiHumanReadout:
         ]  # (Q, num_parsing)
         self.top_scores, self.top_labels, self.top_queries = select_topk(class_logits, topk)
         self.mask_scores = torch.zeros(class_logits.shape[0], dtype=torch.float32, device=device)
-        self.semantic = torch.zeros(
-            (num_parsing, height * width), dtype=torch.float32, device=device
-        )
+        self.semantic_shape = (num_parsing, height * width)
+        self.semantic: torch.Tensor | None = None  # (C, H*W) sums, made by the first chunk
         self.best_human_logit: torch.Tensor | None = (
             None  # (H, W) running max of kept human logits (> 0)
         )
@@ -233,8 +234,9 @@ class _MultiHumanReadout:
             None  # (H, W) query holding that max, -1 = none
         )
         paste = paste_threshold is not None
-        self.pasted = torch.zeros_like(self.semantic) if paste else None
-        self.paste_counts = torch.zeros_like(self.semantic) if paste else None
+        zeros = (lambda: torch.zeros(self.semantic_shape, device=device)) if paste else None
+        self.pasted = zeros() if zeros else None
+        self.paste_counts = zeros() if zeros else None
         self.entries_by_query: dict[int, list[int]] = {}
         for entry, query in enumerate(self.top_queries.tolist()):
             self.entries_by_query.setdefault(query, []).append(entry)
@@ -246,6 +248,8 @@ class _MultiHumanReadout:
         stop = start + logits.shape[0]
         probabilities = logits.sigmoid()  # (q, H*W)
         positive = logits > 0  # (q, H*W)
+        if self.semantic is None:
+            self.semantic = torch.zeros(self.semantic_shape, device=logits.device)
         self.semantic.addmm_(
             self.class_probabilities[start:stop].T, probabilities
         )  # (C, q) @ (q, HW)
@@ -275,13 +279,7 @@ class _MultiHumanReadout:
     ) -> bool:
         """Score one top-k entry, paste it if asked; True if it is kept (its mask must then be stored)."""
         label = int(self.top_labels[entry])
-        score = self.top_scores[entry] * self.mask_scores[query]  # float32, as the reference
-        is_human = label == self.num_parsing
-        keep = (
-            bool(score > HUMAN_SCORE_THRESHOLD)
-            if is_human
-            else (label != 0 and bool(score >= PART_SCORE_THRESHOLD))
-        )
+        score, keep, is_human = self._score_entry(entry, query)
         if (
             self.paste_threshold is not None
             and label < self.num_parsing
@@ -294,6 +292,43 @@ class _MultiHumanReadout:
         if is_human:
             self._add_human(query, logits.reshape(self.output_size))
         return True
+
+    def _score_entry(self, entry: int, query: int) -> tuple[torch.Tensor, bool, bool]:
+        """One top-k entry's score (class x mask score, float32 as the reference), kept?, human?"""
+        label = int(self.top_labels[entry])
+        score = self.top_scores[entry] * self.mask_scores[query]
+        is_human = label == self.num_parsing
+        keep = (
+            bool(score > HUMAN_SCORE_THRESHOLD)
+            if is_human
+            else (label != 0 and bool(score >= PART_SCORE_THRESHOLD))
+        )
+        return score, keep, is_human
+
+    def keep_scored(self) -> tuple[list[int], set[int]]:
+        """Keep entries from `mask_scores` set beforehand (the op path): the queries whose masks must be
+        stored, ascending, and those of them that are kept humans."""
+        stored: list[int] = []
+        humans: set[int] = set()
+        for query in sorted(self.entries_by_query):
+            for entry in self.entries_by_query[query]:
+                score, keep, is_human = self._score_entry(entry, query)
+                if not keep:
+                    continue
+                self.kept_entries.append((entry, float(score)))
+                if not stored or stored[-1] != query:
+                    stored.append(query)
+                if is_human:
+                    humans.add(query)
+        return stored, humans
+
+    def add_kept(self, queries: list[int], humans: set[int], logits: torch.Tensor) -> None:
+        """Store the masks of kept `queries` (ascending) from their (k, H, W) logits; humans claim pixels."""
+        packed = np.packbits((logits > 0).reshape(len(queries), -1).cpu().numpy(), axis=1)
+        for row, query in enumerate(queries):
+            self.packed_masks[query] = packed[row]
+            if query in humans:
+                self._add_human(query, logits[row])
 
     def _add_human(self, query: int, logits: torch.Tensor) -> None:
         """Let a kept human's (H, W) logits claim the pixels where they beat every earlier human and 0."""
@@ -418,6 +453,52 @@ def read_mask_chunks(
         del logits
 
 
+def read_with_chunks(
+    readout: _MultiHumanReadout,
+    mask_logits: torch.Tensor,
+    padded_size: tuple[int, int],
+    image_size: tuple[int, int],
+    chunk_size: int,
+    keep_semantic: bool,
+) -> tuple[np.ndarray, torch.Tensor | None]:
+    """The reference readout (PyTorch, chunk by chunk): label map and, if asked, the (C, H, W) semantic map."""
+    read_mask_chunks(readout, mask_logits, padded_size, image_size, chunk_size)
+    sums = readout.semantic
+    if sums is None:  # no queries
+        sums = torch.zeros(readout.semantic_shape, device=mask_logits.device)
+    semantic = sums.reshape(readout.num_parsing, *readout.output_size)  # (C, H, W)
+    label_map = semantic.argmax(0).to(torch.uint8).cpu().numpy()
+    return label_map, semantic if keep_semantic else None
+
+
+def read_with_op(
+    readout: _MultiHumanReadout,
+    mask_logits: torch.Tensor,
+    padded_size: tuple[int, int],
+    image_size: tuple[int, int],
+    chunk_size: int,
+    keep_semantic: bool,
+) -> tuple[np.ndarray, torch.Tensor | None]:
+    """The compiled readout (`ops.mask_readout`): label map, semantic map and mask scores of every query
+    in one pass; then only the kept queries' masks (and human claims) as the reference computes them."""
+    low_size = (int(mask_logits.shape[-2]), int(mask_logits.shape[-1]))
+    taps = mask_taps(low_size, padded_size, image_size, readout.output_size)
+    labels, semantic, score_sums, counts = ops.mask_readout(
+        mask_logits, readout.class_probabilities, taps, keep_semantic
+    )
+    readout.mask_scores = score_sums.to(torch.float32) / (
+        counts.to(torch.float32) + MASK_SCORE_EPSILON
+    )
+    queries, humans = readout.keep_scored()
+    for start in range(0, len(queries), chunk_size):
+        chunk = queries[start : start + chunk_size]
+        logits = resize_mask_logits(
+            mask_logits[chunk], padded_size, image_size, readout.output_size
+        )  # (k, H, W)
+        readout.add_kept(chunk, humans, logits)
+    return labels.numpy(), semantic if keep_semantic else None
+
+
 def parse_multi_human(
     class_logits: torch.Tensor,
     mask_logits: torch.Tensor,
@@ -460,9 +541,14 @@ def parse_multi_human(
     readout = _MultiHumanReadout(
         class_logits.float(), topk, num_parsing, output_size, paste_threshold
     )
-    read_mask_chunks(readout, mask_logits.float(), padded_size, image_size, chunk_size)
-    semantic = readout.semantic.reshape(num_parsing, *output_size)  # (C, H, W)
-    label_map = semantic.argmax(0).to(torch.uint8).cpu().numpy()
+    read = (
+        read_with_op
+        if paste_threshold is None and ops.use_mask_readout(mask_logits, num_parsing)
+        else read_with_chunks
+    )
+    label_map, semantic = read(
+        readout, mask_logits.float(), padded_size, image_size, chunk_size, keep_semantic_map
+    )
     instances = readout.instances()
     names = class_names[:num_parsing]
     instance_map, persons = group_persons(
@@ -475,7 +561,7 @@ def parse_multi_human(
         parts=describe_parts(instances, instance_map, len(persons), num_parsing, class_names),
         instances=instances,
         topk=readout.topk(),
-        semantic_map=semantic.cpu().numpy() if keep_semantic_map else None,
+        semantic_map=semantic.cpu().numpy() if semantic is not None else None,
         semantic_outputs=readout.semantic_outputs(),
     )
 
