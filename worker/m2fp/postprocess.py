@@ -1,7 +1,8 @@
 """The reference readout of M2FP outputs: semantic map, label map and kept instances, as the pipeline does it.
 
 This module owns what the reference pipeline computes from the network outputs (resizing, semantic
-inference, top-k instance scoring, pasting); `worker.m2fp.persons` owns the grouping per person.
+inference, top-k instance scoring, pasting) and which readout path computes it; the compiled op is
+`worker.m2fp.ops.mask_readout`, `worker.m2fp.persons` owns the grouping per person.
 
 Mask logits come out of the network at 1/4 of the padded input size. As in the ModelScope pipeline they are
 resized bilinearly (align_corners=False) to the padded input size, cropped to the unpadded image (and, for
@@ -20,6 +21,16 @@ Multi-human (CIHP) readout, `parse_multi_human`:
     mask scores and masks are computed per chunk, and only the kept queries' masks are stored, bit-packed.
     Peak extra memory is about 20 x H x W float32 plus one chunk. The chunk size changes the result only by
     float rounding of the semantic sums (about 1e-7).
+  * Two paths compute the same readout (`read_with_chunks`, `read_with_op`); `worker.m2fp.ops` picks one
+    (M2FP_DEFORM_ATTN: `auto` takes the op when it is built, `reference` always the chunks).
+    The chunked PyTorch path is the reference and the fallback, and the only one that pastes
+    (`paste_threshold`). The compiled op `m2fp::mask_readout` (csrc/mask_readout.cpp) does the
+    per-(query, pixel) work in one pass over the output rows with the resize -> crop -> resize
+    composed into separable taps (`worker.m2fp.interpolation`): semantic sums, their argmax and every
+    query's mask-score sums, holding no (Q, H, W) tensor. The kept queries' masks and the human
+    claims are then computed from those few queries with the reference's own code. Against the
+    reference: semantic map and mask scores within ~1e-6 relative (float rounding of the composed
+    taps, a polynomial exp), label maps equal but at near-ties of two classes.
 
 Per-person grouping (instance map, persons, part dicts, boxes) is `worker.m2fp.persons`; the readouts
 call it last so that their results carry persons, and they own nothing of it.
@@ -407,6 +418,14 @@ def select_topk(
     return top_scores, top_indices % num_classes, top_indices // num_classes
 
 
+def check_sizes(
+    padded_size: Sequence[int], image_size: Sequence[int], output_size: Sequence[int]
+) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """The three sizes as (height, width) pairs of positive ints, or ValueError."""
+    output = check_size("output_size", output_size)
+    return check_size("padded_size", padded_size), check_size("image_size", image_size), output
+
+
 def check_multi_human(
     class_logits: torch.Tensor,
     mask_logits: torch.Tensor,
@@ -532,20 +551,13 @@ def parse_multi_human(
         A MultiHumanParsing.
     """
     check_multi_human(class_logits, mask_logits, num_parsing, class_names)
-    output_size = check_size("output_size", output_size)
-    padded_size, image_size = (
-        check_size("padded_size", padded_size),
-        check_size("image_size", image_size),
-    )
+    padded_size, image_size, output_size = check_sizes(padded_size, image_size, output_size)
     chunk_size = check_chunk_size(chunk_size, class_logits.shape[0], padded_size, output_size)
     readout = _MultiHumanReadout(
         class_logits.float(), topk, num_parsing, output_size, paste_threshold
     )
-    read = (
-        read_with_op
-        if paste_threshold is None and ops.use_mask_readout(mask_logits, num_parsing)
-        else read_with_chunks
-    )
+    use_op = paste_threshold is None and ops.use_mask_readout(mask_logits, num_parsing)
+    read = read_with_op if use_op else read_with_chunks  # pasting: only the reference pastes
     label_map, semantic = read(
         readout, mask_logits.float(), padded_size, image_size, chunk_size, keep_semantic_map
     )
