@@ -279,6 +279,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=6, help="measured images per process")
     parser.add_argument("--repeats", type=int, default=2, choices=(1, 2))
     parser.add_argument("--poll", type=float, default=0.1, help="s between polls")
+    parser.add_argument("--revision", default="", help="commit of an exported tree (no .git)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--variant", default="cihp", help="tiny: a smoke run of the harness only")
     parser.add_argument("--raw-child", help=argparse.SUPPRESS)
