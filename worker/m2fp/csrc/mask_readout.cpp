@@ -123,24 +123,30 @@ M2FP_INLINE void interpolate_row(const Readout& r, int64_t y, float* __restrict 
   for (int64_t e = 0; e < span; ++e) row[e] = wa * a[e] + wb * b[e] + wc * c[e] + wd * d[e];
 }
 
-// One output pixel x of the row: its logits over the queries, their sigmoids into `out`, and the
-// mask-score partials (sum of sigmoid where logit > 0, count of logit > 0).
-M2FP_INLINE void read_pixel(const Readout& r, const float* __restrict row, int64_t x, float* __restrict out,
-                       float* __restrict sums, int32_t* __restrict counts) {
+// The tile's pixels [x0, x0 + pixels) of the row: their logits over the queries (x-interpolation),
+// their sigmoids into `tile` (pixel-major), and the mask-score partials (sum of sigmoid where
+// logit > 0, count of logit > 0) added to `sums` and `counts`, 8 queries at a time in registers.
+M2FP_INLINE void read_tile(const Readout& r, const float* __restrict row, int64_t x0, int64_t pixels,
+                           float* __restrict tile, float* __restrict sums, int32_t* __restrict counts) {
   const int64_t queries = r.padded_queries;
-  const float* __restrict a = row + r.x_index[x * kTaps + 0] * queries;
-  const float* __restrict b = row + r.x_index[x * kTaps + 1] * queries;
-  const float* __restrict c = row + r.x_index[x * kTaps + 2] * queries;
-  const float* __restrict d = row + r.x_index[x * kTaps + 3] * queries;
-  const float* weight = r.x_weight + x * kTaps;
-  const float wa = weight[0], wb = weight[1], wc = weight[2], wd = weight[3];
   for (int64_t q = 0; q < queries; q += kLanes) {
-    const Vec8 logit = wa * load8(a + q) + wb * load8(b + q) + wc * load8(c + q) + wd * load8(d + q);
-    const Vec8 probability = sigmoid8(logit);
-    const IVec8 positive = logit > 0.0f;  // -1 where positive, else 0
-    store8(out + q, probability);
-    store8(sums + q, load8(sums + q) + (Vec8)((IVec8)probability & positive));
-    store8(counts + q, load8(counts + q) - positive);
+    Vec8 sum = {};
+    IVec8 count = {};
+    for (int64_t p = 0; p < pixels; ++p) {
+      const int64_t* index = r.x_index + (x0 + p) * kTaps;
+      const float* weight = r.x_weight + (x0 + p) * kTaps;
+      const Vec8 logit = weight[0] * load8(row + index[0] * queries + q) +
+                         weight[1] * load8(row + index[1] * queries + q) +
+                         weight[2] * load8(row + index[2] * queries + q) +
+                         weight[3] * load8(row + index[3] * queries + q);
+      const Vec8 probability = sigmoid8(logit);
+      const IVec8 positive = logit > 0.0f;  // -1 where positive, else 0
+      store8(tile + p * queries + q, probability);
+      sum += (Vec8)((IVec8)probability & positive);
+      count -= positive;
+    }
+    store8(sums + q, load8(sums + q) + sum);
+    store8(counts + q, load8(counts + q) + count);
   }
 }
 
@@ -203,9 +209,7 @@ M2FP_INLINE void read_rows(const Readout& r, int64_t begin, int64_t end) {
     for (int64_t x0 = 0; x0 < r.width; x0 += kTile) {
       const int64_t pixels = std::min(kTile, r.width - x0);
       std::fill(sums.begin(), sums.end(), 0.0f);
-      for (int64_t p = 0; p < pixels; ++p) {
-        read_pixel(r, row.data(), x0 + p, tile.data() + p * queries, sums.data(), counts);
-      }
+      read_tile(r, row.data(), x0, pixels, tile.data(), sums.data(), counts);
       for (int64_t q = 0; q < queries; ++q) row_sums[q] += sums[q];
       semantic_tile<kBlocks, kPixels>(r, tile.data(), pixels, semantic.data());
       store_tile(r, y, x0, pixels, semantic.data());
