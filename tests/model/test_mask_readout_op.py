@@ -174,6 +174,18 @@ def test_pasting_and_reference_mode_take_the_reference_readout(monkeypatch) -> N
     assert calls == []
 
 
+def test_an_unloadable_library_reads_with_pytorch(monkeypatch) -> None:
+    calls = count_op_calls(monkeypatch)
+    monkeypatch.setattr(
+        ops, "_status", {"loaded": False, "path": "x", "reason": "not built (test)", "ops": []}
+    )
+    class_logits, mask_logits = random_prediction(6, 5, 7)
+    result = parse_multi_human(
+        class_logits, mask_logits, (20, 28), (19, 27), (30, 41), CIHP_CLASS_NAMES
+    )
+    assert result.label_map.shape == (30, 41) and calls == []
+
+
 def count_op_calls(monkeypatch) -> list[tuple]:
     """Record the shapes of every `ops.mask_readout` call (and still make it)."""
     calls: list[tuple] = []

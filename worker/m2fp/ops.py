@@ -199,7 +199,7 @@ def use_mask_readout(mask_logits: torch.Tensor, num_classes: int) -> bool:
         return False
     if torch.is_grad_enabled() and mask_logits.requires_grad:
         return False  # forward-only op
-    return "mask_readout" in status()["ops"]
+    return "mask_readout" in status().get("ops", ())
 
 
 def mask_readout(
@@ -213,7 +213,7 @@ def mask_readout(
     `taps` are `interpolation.mask_taps`' (y_index, y_weight, x_index, x_weight); see
     csrc/mask_readout.cpp for the contract.
     """
-    if "mask_readout" not in status()["ops"]:
+    if "mask_readout" not in status().get("ops", ()):
         raise RuntimeError(f"the compiled mask readout op is unavailable: {status()['reason']}")
     return torch.ops.m2fp.mask_readout(
         mask_logits.float().contiguous(),

@@ -1,4 +1,4 @@
-"""Build the compiled deformable-attention op: `python -m worker.m2fp.ops_build [--force] [--verbose]`.
+"""Build the compiled ops (deformable attention, mask readout): `python -m worker.m2fp.ops_build [--force]`.
 
 Owns the build step that `scripts/bootstrap.sh` (so `make install`) runs: compile
 `worker/m2fp/csrc/*.cpp` with `torch.utils.cpp_extension` (g++ and ninja) into `build/m2fp_ops/`,
@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"m2fp ops: built but cannot be used: {status['reason']}", file=sys.stderr)
         return 1
     verb = f"built in {time.monotonic() - started:.0f} s" if built else "up to date"
-    print(f"m2fp ops: {verb}: {ops.LIBRARY_PATH} ({status['build_info']})")
+    print(
+        f"m2fp ops: {verb}: {ops.LIBRARY_PATH} ({status['build_info']}; ops={','.join(status['ops'])})"
+    )
     return 0
 
 
