@@ -12,8 +12,10 @@ import torch
 
 from tests.golden_weights import golden_state_dict
 from tests.model.golden_cases import load_case
+from worker.m2fp import ops
 from worker.m2fp.checkpoint import build_model_from_state_dict
 from worker.m2fp.config import get_config
+from worker.m2fp.postprocess import MultiHumanParsing, parse_multi_human
 from worker.m2fp.predictor import Inference, Predictor
 
 # README section 4.
@@ -44,6 +46,31 @@ def cihp_run() -> tuple[dict, Inference]:
     return case, predictor.infer(case["image"], paste_threshold=threshold, keep_semantic_map=True)
 
 
+@pytest.fixture(scope="module", params=["pasting", "op", "reference"])
+def cihp_parsing(request, cihp_run) -> tuple[dict, MultiHumanParsing]:
+    """The CIHP readout of the golden case's network outputs by each path: the Predictor's own run
+    (it pastes, so the PyTorch readout), then without pasting through the compiled readout op
+    (M2FP_DEFORM_ATTN=op: it must be built) and through the forced reference."""
+    case, inference = cihp_run
+    if request.param == "pasting":
+        return case, inference.parsing
+    before = ops.mode()
+    ops.configure(request.param)
+    try:
+        parsing = parse_multi_human(
+            inference.pred_logits,
+            inference.pred_masks,
+            inference.padded_size,
+            inference.image_size,
+            inference.preprocessed.original_size,
+            get_config("cihp").class_names,
+            keep_semantic_map=True,
+        )
+    finally:
+        ops.configure(before)
+    return case, parsing
+
+
 @pytest.fixture(scope="module")
 def lip_predictor() -> Predictor:
     return golden_predictor("lip")
@@ -71,9 +98,9 @@ def test_cihp_pred_logits(cihp_run):
     assert difference.mean() <= CIHP_LOGITS_MEAN, f"pred_logits mean |diff| {difference.mean():.3g}"
 
 
-def test_cihp_topk(cihp_run):
-    case, inference = cihp_run
-    topk = inference.parsing.topk
+def test_cihp_topk(cihp_parsing):
+    case, parsing = cihp_parsing
+    topk = parsing.topk
     order = np.lexsort((topk.queries, topk.labels))  # golden order: by (label, query)
     ours = set(zip(topk.labels.tolist(), topk.queries.tolist(), strict=True))
     golden = set(zip(case["topk_label"].tolist(), case["topk_query"].tolist(), strict=True))
@@ -92,9 +119,9 @@ def test_cihp_topk(cihp_run):
         assert difference <= CIHP_SCORE_MAX, f"top-k {ours_name} max |diff| {difference:.3g}"
 
 
-def test_cihp_instances(cihp_run):
-    case, inference = cihp_run
-    instances = inference.parsing.instances
+def test_cihp_instances(cihp_parsing):
+    case, parsing = cihp_parsing
+    instances = parsing.instances
     labels = np.array([instance.category_id for instance in instances], dtype=np.int64)
     scores = np.array([instance.score for instance in instances], dtype=np.float64)
     order = np.lexsort((-scores, labels))  # golden order: by label, then descending score
@@ -121,9 +148,8 @@ def test_cihp_semantic_outputs(cihp_run):
     )
 
 
-def test_cihp_label_map_is_argmax_of_semantic_map(cihp_run):
-    case, inference = cihp_run
-    parsing = inference.parsing
+def test_cihp_label_map_is_argmax_of_semantic_map(cihp_parsing):
+    case, parsing = cihp_parsing
     assert (
         parsing.label_map.shape == case["image"].shape[:2] and parsing.label_map.dtype == np.uint8
     )
