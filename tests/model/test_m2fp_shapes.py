@@ -81,6 +81,41 @@ def test_tiny_forward_intermediates(tiny_model: M2FP) -> None:
         output["nonexistent"]
 
 
+def test_attention_masks_from_resized_features_equal_resized_masks(tiny_model: M2FP) -> None:
+    """The decoder's shortcut for intermediate predictions: resize the features, not the masks."""
+    decoder = tiny_model.sem_seg_head.predictor
+    generator = torch.Generator().manual_seed(5)
+    queries = torch.randn(TINY.num_queries, 2, TINY.hidden_dim, generator=generator)
+    mask_features = torch.randn(2, TINY.mask_dim, 24, 40, generator=generator)
+    for size in [(3, 5), (6, 10), (12, 20), (7, 9)]:
+        resized = torch.nn.functional.interpolate(
+            mask_features, size=size, mode="bilinear", align_corners=False
+        )
+        with torch.inference_mode():
+            classes, masks, expected = decoder.prediction_heads(queries, mask_features, size)
+            classes_fast, no_masks, got = decoder.prediction_heads(
+                queries, mask_features, size, resized
+            )
+            small = torch.einsum(
+                "bqc,bchw->bqhw",
+                decoder.mask_embed(decoder.decoder_norm(queries).transpose(0, 1)),
+                resized,
+            )
+        assert no_masks is None and masks is not None and torch.equal(classes, classes_fast)
+        near_zero = (small.abs() < 1e-5).flatten(2).repeat_interleave(TINY.decoder_heads, 0)
+        assert got.shape == expected.shape
+        assert torch.equal(got[~near_zero], expected[~near_zero]), size
+
+
+def test_without_intermediates_the_outputs_are_the_same(tiny_model: M2FP) -> None:
+    padded, _ = tiny_model.normalize_and_pad(random_images([(64, 96)], seed=4))
+    with torch.inference_mode():
+        fast = tiny_model(padded)
+        full = tiny_model(padded, return_intermediates=True)
+    torch.testing.assert_close(fast.pred_logits, full.pred_logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(fast.pred_masks, full.pred_masks, rtol=0, atol=1e-4)
+
+
 def test_batch_items_are_independent(tiny_model: M2FP) -> None:
     first, second = random_images([(64, 64), (64, 64)], seed=3)
     with torch.inference_mode():

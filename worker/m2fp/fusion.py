@@ -140,7 +140,8 @@ def backbone_path(model: nn.Module, precision: str, fuse: bool | None = None) ->
 
     Raises ValueError when `fuse` is True where the fused backbone cannot run.
     """
-    device = str(model.pixel_mean.device)  # type: ignore[union-attr]
+    mean = getattr(model, "pixel_mean", None)
+    device = str(mean.device) if isinstance(mean, torch.Tensor) else "cpu"
     if not device.startswith("cpu"):
         why = f"as built: the fused backbone is CPU-only (device {device})"
     elif not available():
@@ -163,7 +164,10 @@ def with_fused_backbone(model: ModelT) -> ModelT:
 
     The copy shares every other submodule (and so their weights) with `model`.
     """
+    backbone = model.get_submodule("backbone")
+    if not isinstance(backbone, DeepLabResNet):
+        raise TypeError(f"expected a DeepLabResNet backbone, but got {type(backbone).__name__}")
     fused = copy.copy(model)
     fused._modules = dict(model._modules)  # copy.copy shares the dict; replace it before assigning
-    fused.backbone = FusedBackbone(model.backbone)  # type: ignore[assignment]
+    fused.backbone = FusedBackbone(backbone)
     return fused

@@ -191,13 +191,15 @@ class M2FP(nn.Module):
             )
         backbone_features = self.backbone(images)
         mask_features, multi_scale_features = self.sem_seg_head.pixel_decoder(backbone_features)
+        # Without intermediates, the decoder skips the earlier predictions' full-size masks.
         all_class_logits, all_mask_logits = self.sem_seg_head.predictor(
-            multi_scale_features, mask_features
+            multi_scale_features, mask_features, all_masks=return_intermediates
         )
-        output = M2FPOutput(pred_logits=all_class_logits[-1], pred_masks=all_mask_logits[-1])
+        masks = [mask for mask in all_mask_logits if mask is not None]
+        output = M2FPOutput(pred_logits=all_class_logits[-1], pred_masks=masks[-1])
         if return_intermediates:
             output.aux_pred_logits = all_class_logits[:-1]
-            output.aux_pred_masks = all_mask_logits[:-1]
+            output.aux_pred_masks = masks[:-1]
             output.backbone_features = backbone_features
             output.mask_features = mask_features
             output.multi_scale_features = multi_scale_features
