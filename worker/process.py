@@ -134,6 +134,7 @@ class WorkerProcess:
             precision=predictor.precision,
             precision_reason=predictor.precision_choice.reason,
             backbone=predictor.backbone_path,
+            allocator=predictor.allocator,
             cpu_flags=predictor.precision_choice.features,
         )
         if (

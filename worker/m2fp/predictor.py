@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 import torch
 
-from worker.m2fp import fusion, ops, precision
+from worker.m2fp import allocator, fusion, ops, precision
 from worker.m2fp.checkpoint import build_model
 from worker.m2fp.model import M2FP
 from worker.m2fp.persons import describe_persons, scale_box
@@ -120,7 +120,8 @@ class Predictor:
     (`worker.m2fp.precision`); `self.precision` says which one runs, `self.precision_choice` why.
     `fuse_backbone` (default: where it applies) runs the backbone as `worker.m2fp.fusion.FusedBackbone`
     (batch norms folded, oneDNN conv + ReLU / + residual, channels-last) on CPU in fp32 and int8;
-    `self.backbone_path` says which backbone runs. The caller's `model` is not modified.
+    `self.backbone_path` says which backbone runs. The caller's `model` is not modified. On CPU the
+    process's malloc is tuned once (`worker.m2fp.allocator`); `self.allocator` says how.
     """
 
     def __init__(
@@ -152,6 +153,10 @@ class Predictor:
             precision_mode, str(model.pixel_mean.device)
         )
         self.precision = self.precision_choice.precision  # "fp32", "bf16" or "int8"
+        on_cpu = str(model.pixel_mean.device).startswith("cpu")
+        self.allocator = (
+            allocator.configure() if on_cpu else "not tuned (the model is not on the CPU)"
+        )
         self.backbone_path = fusion.backbone_path(model, self.precision, fuse_backbone)
         if self.backbone_path.startswith("fused"):
             model = fusion.with_fused_backbone(model.eval())
