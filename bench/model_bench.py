@@ -5,7 +5,8 @@ resident memory (`ru_maxrss`) belongs to that configuration alone. Both implemen
 golden weights (tests/data/golden/README.md section 1) and the same synthetic image.
 
 Stages:
-  forward  the network on an H x W image as it is (normalise, pad to /32, backbone, decoders; no resize).
+  forward  the network on an H x W image as it is (normalise, pad to /32, backbone, decoders; no resize);
+           ours as the Predictor runs it (`Predictor(model).model`: the fused CPU backbone, malloc tuned).
   predict  the whole pipeline on an H x W image: ours `Predictor.predict` (resize to shortest side 640,
            forward, label map, instances, persons, maps at input size); the reference: ModelScope's
            pipeline `preprocess` -> model forward + postprocess -> pipeline `postprocess`, run with the
@@ -101,9 +102,10 @@ def ours_runner(stage: str, image, variant: str, device: str):
     model, _ = build_model_from_state_dict(
         golden_state_dict(get_config(variant)), variant=variant, device=device
     )
+    predictor = Predictor(model, max_side=max(image.shape[:2]))
     if stage == "predict":
-        predictor = Predictor(model, max_side=max(image.shape[:2]))
         return lambda: predictor.predict(image)
+    model = predictor.model  # the network as the worker runs it (e.g. the fused CPU backbone)
     tensor = torch.from_numpy(image.copy()).permute(2, 0, 1)[None]  # (1, 3, H, W)
 
     def forward():
