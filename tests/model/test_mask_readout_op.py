@@ -5,7 +5,7 @@ The composed interpolation taps against F.interpolate; then `parse_multi_human` 
 with the reference (M2FP_DEFORM_ATTN=reference's chunked readout) on random logits at output sizes
 equal to the image, upscaled, downscaled, odd, 1-pixel, with an image smaller than its padding:
 semantic map and mask scores within 1e-5, label maps equal but at near-ties, the same kept instances
-(masks bit-equal) and persons. Last, that the default path really calls the op.
+and persons, kept masks equal but where the logit is within rounding of 0. Last, that the default path really calls the op.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def read_both(queries, height, width, padded, image, output, seed=0):
             CIHP_CLASS_NAMES,
             keep_semantic_map=True,
         )
-    return results["reference"], results["op"]
+    return results["reference"], results["op"], mask_logits
 
 
 def assert_labels_match_but_near_ties(reference, ours) -> None:
@@ -108,13 +108,13 @@ def assert_labels_match_but_near_ties(reference, ours) -> None:
 
 
 def assert_same_instances_and_persons(reference, ours) -> None:
-    """The same kept instances (masks bit-equal, scores within RELATIVE) and the same persons."""
+    """The same kept instances (scores within RELATIVE) and the same persons."""
     assert [(i.category_id, i.query) for i in ours.instances] == [
         (i.category_id, i.query) for i in reference.instances
     ]
     for mine, theirs in zip(ours.instances, reference.instances, strict=True):
         assert mine.score == pytest.approx(theirs.score, rel=RELATIVE)
-        np.testing.assert_array_equal(mine.packed_mask, theirs.packed_mask)
+        assert mine.packed_mask.shape == theirs.packed_mask.shape
     same_labels = ours.label_map == reference.label_map
     np.testing.assert_array_equal(
         ours.instance_map[same_labels], reference.instance_map[same_labels]
@@ -126,7 +126,7 @@ def assert_same_instances_and_persons(reference, ours) -> None:
 
 @pytest.mark.parametrize(("queries", "height", "width", "padded", "image", "output"), GEOMETRIES)
 def test_op_matches_the_reference_readout(queries, height, width, padded, image, output) -> None:
-    reference, ours = read_both(queries, height, width, padded, image, output)
+    reference, ours, mask_logits = read_both(queries, height, width, padded, image, output)
     assert ours.label_map.shape == output and ours.label_map.dtype == np.uint8
     scale = float(np.abs(reference.semantic_map).max())
     worst = float(np.abs(ours.semantic_map - reference.semantic_map).max())
@@ -137,6 +137,16 @@ def test_op_matches_the_reference_readout(queries, height, width, padded, image,
     np.testing.assert_array_equal(ours.topk.queries, reference.topk.queries)
     assert_labels_match_but_near_ties(reference, ours)
     assert_same_instances_and_persons(reference, ours)
+    for mine, theirs in zip(ours.instances, reference.instances, strict=True):
+        logits = resize_mask_logits(mask_logits[[mine.query]], padded, image, output)[0]
+        assert_masks_match_but_near_zero(mine.mask, theirs.mask, logits.numpy())
+
+
+def assert_masks_match_but_near_zero(ours, reference, logits) -> None:
+    """Kept masks (`logit > 0`) equal but where the reference logit is within rounding of 0."""
+    differing = ours != reference
+    assert differing.mean() <= 1e-4, f"{differing.mean():.4%} of a kept mask differs"
+    assert (np.abs(logits[differing]) < 1e-4).all(), "a kept mask differs at a clear pixel"
 
 
 def test_op_results_do_not_depend_on_the_thread_count() -> None:

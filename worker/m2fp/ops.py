@@ -36,7 +36,8 @@ SOURCES = tuple(
     Path(__file__).resolve().parent / "csrc" / name
     for name in ("ms_deform_attn.cpp", "mask_readout.cpp")
 )
-OP_NAMES = ("ms_deform_attn", "mask_readout")
+OP_NAMES = ("ms_deform_attn", "mask_readout", "mask_bits")
+READOUT_OPS = {"mask_readout", "mask_bits"}  # what the compiled multi-human readout needs
 READOUT_MAX_CLASSES = 32  # the mask readout op's class limit (csrc/mask_readout.cpp)
 BUILD_DIR = REPO / "build" / "m2fp_ops"
 LIBRARY_NAME = "m2fp_ops"
@@ -199,7 +200,7 @@ def use_mask_readout(mask_logits: torch.Tensor, num_classes: int) -> bool:
         return False
     if torch.is_grad_enabled() and mask_logits.requires_grad:
         return False  # forward-only op
-    return "mask_readout" in status().get("ops", ())
+    return set(status().get("ops", ())) >= READOUT_OPS
 
 
 def mask_readout(
@@ -213,11 +214,24 @@ def mask_readout(
     `taps` are `interpolation.mask_taps`' (y_index, y_weight, x_index, x_weight); see
     csrc/mask_readout.cpp for the contract.
     """
-    if "mask_readout" not in status().get("ops", ()):
-        raise RuntimeError(f"the compiled mask readout op is unavailable: {status()['reason']}")
+    check_readout_ops()
     return torch.ops.m2fp.mask_readout(
         mask_logits.float().contiguous(),
         class_probabilities.float().contiguous(),
         *taps,
         keep_semantic,
     )
+
+
+def mask_bits(mask_logits: torch.Tensor, taps: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """`logit > 0` of (K, h, w) mask logits at the taps' output size, each as np.packbits of its
+    flat (H, W) mask: (K, ceil(H * W / 8)) uint8 (csrc/mask_readout.cpp)."""
+    check_readout_ops()
+    return torch.ops.m2fp.mask_bits(mask_logits.float().contiguous(), *taps)
+
+
+def check_readout_ops() -> None:
+    """Raise RuntimeError unless the loaded library has the readout ops."""
+    current = status()
+    if not set(current.get("ops", ())) >= READOUT_OPS:
+        raise RuntimeError(f"the compiled mask readout is unavailable: {current['reason']}")

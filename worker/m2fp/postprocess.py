@@ -333,13 +333,10 @@ class _MultiHumanReadout:
                     humans.add(query)
         return stored, humans
 
-    def add_kept(self, queries: list[int], humans: set[int], logits: torch.Tensor) -> None:
-        """Store the masks of kept `queries` (ascending) from their (k, H, W) logits; humans claim pixels."""
-        packed = np.packbits((logits > 0).reshape(len(queries), -1).cpu().numpy(), axis=1)
+    def add_humans(self, queries: list[int], logits: torch.Tensor) -> None:
+        """Kept humans `queries` (ascending) claim their pixels from their (k, H, W) logits."""
         for row, query in enumerate(queries):
-            self.packed_masks[query] = packed[row]
-            if query in humans:
-                self._add_human(query, logits[row])
+            self._add_human(query, logits[row])
 
     def _add_human(self, query: int, logits: torch.Tensor) -> None:
         """Let a kept human's (H, W) logits claim the pixels where they beat every earlier human and 0."""
@@ -499,7 +496,8 @@ def read_with_op(
     keep_semantic: bool,
 ) -> tuple[np.ndarray, torch.Tensor | None]:
     """The compiled readout (`ops.mask_readout`): label map, semantic map and mask scores of every query
-    in one pass; then only the kept queries' masks (and human claims) as the reference computes them."""
+    in one pass; then the kept queries' packed masks (`ops.mask_bits`, same taps) and the kept
+    humans' claims from their logits resized as the reference does."""
     low_size = (int(mask_logits.shape[-2]), int(mask_logits.shape[-1]))
     taps = mask_taps(low_size, padded_size, image_size, readout.output_size)
     labels, semantic, score_sums, counts = ops.mask_readout(
@@ -509,12 +507,16 @@ def read_with_op(
         counts.to(torch.float32) + MASK_SCORE_EPSILON
     )
     queries, humans = readout.keep_scored()
-    for start in range(0, len(queries), chunk_size):
-        chunk = queries[start : start + chunk_size]
+    if queries:
+        packed = ops.mask_bits(mask_logits[queries], taps).numpy()  # (k, ceil(H*W / 8))
+        readout.packed_masks.update(zip(queries, packed, strict=True))
+    human_queries = sorted(humans)
+    for start in range(0, len(human_queries), chunk_size):
+        chunk = human_queries[start : start + chunk_size]
         logits = resize_mask_logits(
             mask_logits[chunk], padded_size, image_size, readout.output_size
         )  # (k, H, W)
-        readout.add_kept(chunk, humans, logits)
+        readout.add_humans(chunk, logits)
     return labels.numpy(), semantic if keep_semantic else None
 
 

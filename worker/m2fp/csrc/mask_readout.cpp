@@ -16,6 +16,10 @@
 //      score_sums        (Q,)       float64 sum of sigmoid(logit) over the pixels where logit > 0
 //      positive_counts   (Q,)       int64 number of those pixels
 //
+// And `m2fp::mask_bits(mask_logits (K, h, w), y_index, y_weight, x_index, x_weight)`: the kept
+// queries' `logit > 0` at the output size with the same taps, as np.packbits of each flat (H, W)
+// mask -> (K, ceil(H * W / 8)) uint8, one query per task.
+//
 // Bilinear resize (and resize -> crop -> resize) is separable with at most 4 taps per output row
 // and column; Python composes the taps from PyTorch's align_corners=False rule
 // (`worker.m2fp.interpolation`). Work is split over the output rows with at::parallel_for. Per row
@@ -325,11 +329,64 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mask_readout_cpu(
   return {labels, semantic, sums, counts};
 }
 
+// One query's `logit > 0` at the output size, bit-packed as np.packbits of the flat (H, W) mask
+// (most significant bit first); `bits` is zeroed. Scalar: few queries, one thread each.
+void pack_query(const float* logits, int64_t in_width, const int64_t* y_index, const float* y_weight,
+                const int64_t* x_index, const float* x_weight, int64_t height, int64_t width, float* row,
+                uint8_t* bits) {
+  for (int64_t y = 0; y < height; ++y) {
+    const float* a = logits + y_index[y * kTaps + 0] * in_width;
+    const float* b = logits + y_index[y * kTaps + 1] * in_width;
+    const float* c = logits + y_index[y * kTaps + 2] * in_width;
+    const float* d = logits + y_index[y * kTaps + 3] * in_width;
+    const float* wy = y_weight + y * kTaps;
+    for (int64_t x = 0; x < in_width; ++x) row[x] = wy[0] * a[x] + wy[1] * b[x] + wy[2] * c[x] + wy[3] * d[x];
+    for (int64_t x = 0; x < width; ++x) {
+      const int64_t* index = x_index + x * kTaps;
+      const float* wx = x_weight + x * kTaps;
+      const float logit = wx[0] * row[index[0]] + wx[1] * row[index[1]] + wx[2] * row[index[2]] +
+                          wx[3] * row[index[3]];
+      const int64_t pixel = y * width + x;
+      bits[pixel >> 3] |= static_cast<uint8_t>((logit > 0.0f ? 1 : 0) << (7 - (pixel & 7)));
+    }
+  }
+}
+
+// (K, h, w) logits -> (K, ceil(H * W / 8)) packed `logit > 0` masks at the output size.
+at::Tensor mask_bits_cpu(const at::Tensor& mask_logits, const at::Tensor& y_index, const at::Tensor& y_weight,
+                         const at::Tensor& x_index, const at::Tensor& x_weight) {
+  TORCH_CHECK(mask_logits.device().is_cpu() && mask_logits.dim() == 3 && mask_logits.scalar_type() == at::kFloat,
+              "m2fp::mask_bits: mask_logits must be float32 (K, h, w) on the CPU, got ", mask_logits.sizes());
+  const int64_t queries = mask_logits.size(0), in_height = mask_logits.size(1), in_width = mask_logits.size(2);
+  const int64_t height = y_index.size(0), width = x_index.size(0);
+  check_taps(y_index, y_weight, height, in_height, "y");
+  check_taps(x_index, x_weight, width, in_width, "x");
+  const at::Tensor logits = mask_logits.contiguous();
+  const at::Tensor ys = y_index.contiguous(), yw = y_weight.contiguous();
+  const at::Tensor xs = x_index.contiguous(), xw = x_weight.contiguous();
+  at::Tensor bits = at::zeros({queries, (height * width + 7) / 8}, logits.options().dtype(at::kByte));
+  const float* in = logits.data_ptr<float>();
+  uint8_t* out = bits.data_ptr<uint8_t>();
+  at::parallel_for(0, queries, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(in_width);
+    for (int64_t q = begin; q < end; ++q) {
+      pack_query(in + q * in_height * in_width, in_width, ys.data_ptr<int64_t>(), yw.data_ptr<float>(),
+                 xs.data_ptr<int64_t>(), xw.data_ptr<float>(), height, width, row.data(),
+                 out + q * bits.size(1));
+    }
+  });
+  return bits;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(m2fp, m) {
+  m.def("mask_bits(Tensor mask_logits, Tensor y_index, Tensor y_weight, Tensor x_index, Tensor x_weight) -> Tensor");
   m.def("mask_readout(Tensor mask_logits, Tensor class_probabilities, Tensor y_index, Tensor y_weight, "
         "Tensor x_index, Tensor x_weight, bool keep_semantic) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(m2fp, CPU, m) { m.impl("mask_readout", &mask_readout_cpu); }
+TORCH_LIBRARY_IMPL(m2fp, CPU, m) {
+  m.impl("mask_readout", &mask_readout_cpu);
+  m.impl("mask_bits", &mask_bits_cpu);
+}
