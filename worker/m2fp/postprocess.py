@@ -27,10 +27,11 @@ Multi-human (CIHP) readout, `parse_multi_human`:
     (`paste_threshold`). The compiled op `m2fp::mask_readout` (csrc/mask_readout.cpp) does the
     per-(query, pixel) work in one pass over the output rows with the resize -> crop -> resize
     composed into separable taps (`worker.m2fp.interpolation`): semantic sums, their argmax and every
-    query's mask-score sums, holding no (Q, H, W) tensor. The kept queries' masks and the human
-    claims are then computed from those few queries with the reference's own code. Against the
-    reference: semantic map and mask scores within ~1e-6 relative (float rounding of the composed
-    taps, a polynomial exp), label maps equal but at near-ties of two classes.
+    query's mask-score sums, holding no (Q, H, W) tensor; `m2fp::mask_bits` then packs the kept
+    queries' `logit > 0` with the same taps, and the kept humans' claims use their logits resized
+    by the reference's code. Against the reference: semantic map and mask scores within ~1e-6
+    relative (float rounding of the composed taps, a polynomial exp), label maps equal but at
+    near-ties of two classes, kept masks equal but where a logit is within rounding of 0.
 
 Per-person grouping (instance map, persons, part dicts, boxes) is `worker.m2fp.persons`; the readouts
 call it last so that their results carry persons, and they own nothing of it.
