@@ -200,6 +200,11 @@ def service_phase(server: str, jpeg: bytes, processes: int, images: int, poll: f
         "images_per_s": round(count / wall, 4),
         "wall_s": round(wall, 2),
         "inference_mean_s": round(statistics.mean(inference), 3),
+        # What the pipeline adds at the phase's own contention: worker time not in `predict`.
+        "worker_time_in_inference": round(sum(inference) / (processes * wall), 4),
+        "outside_inference_per_job_s": round(
+            processes * wall / count - statistics.mean(inference), 3
+        ),
         "timings_mean": {
             key: round(statistics.mean(r["timings"].get(key, 0.0) for r in results), 4)
             for key in results[0]["timings"]
