@@ -1,23 +1,28 @@
-"""The postprocess's share of the whole `Predictor.predict`, and where the postprocess's time goes.
+"""The postprocess's share of the whole `Predictor.predict`, by readout path, side by side.
 
 Golden CIHP weights, the synthetic photo of `model_bench.py` at 640x853 (no resizing: it is already
-at the network's 640-pixel shortest side), the predictor's own stage timings (`ParsingResult.timings`)
-over a few predicts after a warm-up, medians. Then the readout alone, `parse_multi_human` on the
-network outputs of that image, and the per-person grouping alone, each median of more runs.
+at the network's 640-pixel shortest side) and at 1440x1920 (an upload the network sees at 640x853,
+read out at 1440x1920), the predictor's own stage timings (`ParsingResult.timings`) over a few
+predicts after a warm-up, medians. Then the readout alone, `parse_multi_human` on the network
+outputs of that image, median of more runs. Each with the chunked PyTorch readout (`python`, what
+M2FP_DEFORM_ATTN=reference runs) and the compiled readout op (`op`), switched in one process by
+`ops.use_mask_readout` alone, so that both rows share the same forward (deformable-attention op on).
 
 Usage:
-  .venv/bin/python bench/postprocess_share.py               # 640x853, 2 threads, 3 predicts
-  .venv/bin/python bench/postprocess_share.py --runs 5 --json out.json
+  .venv/bin/python bench/postprocess_share.py               # both sizes, 2 threads, 3 predicts
+  .venv/bin/python bench/postprocess_share.py --sizes 640x853 --runs 5 --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -38,8 +43,10 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--height", type=int, default=640)
-    parser.add_argument("--width", type=int, default=853)
+    parser.add_argument(
+        "--sizes", nargs="+", default=["640x853", "1440x1920"], help="uploads, HEIGHTxWIDTH"
+    )
+    parser.add_argument("--paths", nargs="+", default=["python", "op"], help="readout paths")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=3, help="profiled predicts (after one warm-up)")
     parser.add_argument("--readout-runs", type=int, default=7, help="runs of the readout alone")
@@ -98,11 +105,52 @@ def readout_figures(predictor, image, runs: int) -> dict:
     }
 
 
+def measure(predictor, size: str, path: str, arguments: argparse.Namespace) -> dict:
+    """Stage and readout figures of one upload size with one readout path."""
+    import torch
+
+    from worker.m2fp import ops
+
+    if path not in ("python", "op") or not ops.use_mask_readout(torch.zeros(1, 1, 1), 20):
+        raise SystemExit(f"path {path!r}: need python|op and the built readout op")
+    with (
+        mock.patch.object(ops, "use_mask_readout", return_value=False)
+        if path == "python"
+        else contextlib.nullcontext()
+    ):
+        return measure_size(predictor, size, arguments) | {"path": path}
+
+
+def measure_size(predictor, size: str, arguments: argparse.Namespace) -> dict:
+    """Stage and readout figures of one upload size."""
+    from model_bench import synthetic_image
+
+    height, width = (int(value) for value in size.split("x"))
+    image = synthetic_image(height, width)
+    figures = stage_figures(predictor, image, arguments.runs)
+    figures.update(readout_figures(predictor, image, arguments.readout_runs))
+    figures.update(size=size, threads=arguments.threads)
+    return figures
+
+
+def print_table(rows: list[dict]) -> None:
+    """One line per (size, path)."""
+    print(
+        f"{'size':>10} {'path':>9} {'forward':>8} {'postproc':>8} {'total':>7} "
+        f"{'share':>6} {'readout':>8}  persons/parts/classes"
+    )
+    for row in rows:
+        print(
+            f"{row['size']:>10} {row['path']:>9} {row['forward']:8.3f} {row['postprocess']:8.3f} "
+            f"{row['total']:7.3f} {row['postprocess_share']:6.1%} {row['readout_alone']:8.3f}  "
+            f"{row['persons']}/{row['parts']}/{row['classes']}"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Measure, print the figures one a line, optionally write them as JSON."""
+    """Measure every (size, path), print the table, optionally write the figures as JSON."""
     arguments = parse_arguments(argv)
     import torch
-    from model_bench import synthetic_image
 
     from tests.golden_weights import golden_state_dict
     from worker.m2fp.checkpoint import build_model_from_state_dict
@@ -112,15 +160,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(arguments.threads)
     model, _ = build_model_from_state_dict(golden_state_dict(get_config("cihp")), variant="cihp")
     predictor = Predictor(model)
-    image = synthetic_image(arguments.height, arguments.width)
-    figures = stage_figures(predictor, image, arguments.runs)
-    figures.update(readout_figures(predictor, image, arguments.readout_runs))
-    figures["threads"] = arguments.threads
-    figures["size"] = f"{arguments.height}x{arguments.width}"
-    for key, value in figures.items():
-        print(f"{key:>18}: {value:.4f}" if isinstance(value, float) else f"{key:>18}: {value}")
+    rows = [
+        measure(predictor, size, path, arguments)
+        for size in arguments.sizes
+        for path in arguments.paths
+    ]
+    print_table(rows)
     if arguments.json:
-        arguments.json.write_text(json.dumps(figures, indent=2) + "\n")
+        arguments.json.write_text(json.dumps(rows, indent=2) + "\n")
     return 0
 
 
