@@ -1,7 +1,8 @@
 """The inference process's malloc tuning (worker/m2fp/allocator.py), measured by page faults.
 
-Each case runs in a fresh interpreter: mallopt is process-wide, and what is measured is whether a
-64 MB block freed and allocated again is faulted in by the kernel a second time.
+Each case runs in a fresh interpreter (mallopt is process-wide): the tiny network predicts eight
+photos of varied sizes after a warm-up, and the kernel's count of minor page faults says how many
+pages had to be mapped and zeroed anew. Measured here: about 74,000 as is, 34,000-40,000 tuned.
 """
 
 from __future__ import annotations
@@ -19,16 +20,24 @@ REPO = Path(__file__).resolve().parents[2]
 PROBE = textwrap.dedent(
     """
     import json, resource, sys
-    import torch
+    import numpy as np, torch
+    torch.set_num_threads(1)
     from worker.m2fp import allocator
-    described = allocator.configure() if sys.argv[1] == "tuned" else "as is"
-    def faults_of_one_block():
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        block = torch.ones(16 * 1024 * 1024)  # 64 MB, written in full
-        del block
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-    faults_of_one_block()  # the first one is faulted in either way
-    print(json.dumps({"described": described, "again": faults_of_one_block()}))
+    if sys.argv[1] == "as is":  # configure() then reports this and leaves malloc alone
+        allocator._state["result"] = "as is"
+    from worker.m2fp.checkpoint import build_untrained_model
+    from worker.m2fp.config import TINY
+    from worker.m2fp.predictor import Predictor
+    predictor = Predictor(build_untrained_model(TINY), max_side=512)
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(300, 500, (8, 2))
+    images = [rng.integers(0, 256, (int(h), int(w), 3), dtype=np.uint8) for h, w in sizes]
+    predictor.predict(images[0])
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for image in images:
+        predictor.predict(image)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    print(json.dumps({"described": predictor.allocator, "faults": faults}))
     """
 )
 
@@ -39,7 +48,7 @@ def probe(mode: str) -> dict:
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
         check=True,
     )
     return json.loads(completed.stdout.strip().splitlines()[-1])
@@ -48,12 +57,11 @@ def probe(mode: str) -> dict:
 @pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only"
 )
-def test_tuned_malloc_reuses_a_freed_large_block_without_page_faults() -> None:
-    pages = 64 * 1024 * 1024 // 4096
+def test_tuned_malloc_maps_fewer_pages_anew_per_prediction() -> None:
     as_is, tuned = probe("as is"), probe("tuned")
-    assert as_is["again"] > pages // 2, as_is  # mmap'ed anew: every page faulted in again
-    assert tuned["again"] < pages // 20, tuned  # the heap block is reused
+    assert as_is["described"] == "as is"
     assert tuned["described"].startswith("glibc malloc: large blocks reused"), tuned
+    assert tuned["faults"] < 0.8 * as_is["faults"], (as_is, tuned)
 
 
 def test_configure_runs_once_per_process_and_says_what_runs() -> None:
