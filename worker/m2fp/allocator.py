@@ -5,12 +5,13 @@ Owns `configure()`, which the Predictor calls once per process when it runs on t
 glibc's malloc serves every block above its mmap threshold (128 KiB, adapting up to 32 MiB) with a
 fresh `mmap` and returns it to the kernel on `free`. A forward at 640x864 allocates hundreds of
 activations of 1 to 46 MB, so each one is faulted in page by page and zero-filled by the kernel
-again on every image: in the profile on the AMD EPYC KVM guest, an encoder ReLU over 11340x1024
-floats took 44 ms, a few times what the arithmetic needs, and the forward ran 9-28 % faster with
-mmap turned off (docs/BENCHMARKS.md). `configure()` therefore sets `M_MMAP_MAX=0` (every block
-from the heap, reused after free) and `M_TRIM_THRESHOLD` to 256 MiB (a freed top of the heap larger
-than that still goes back to the kernel). The cost: the process keeps its peak working set, which
-the worker-memory benchmark measures against the 1.5 GB target.
+again on every image: on the AMD EPYC KVM guest an encoder ReLU over 11340x1024 floats took
+44 ms on one thread, and the forward at 640x853 on 2 threads took 4.66 s instead of 5.53 s with
+mmap turned off (docs/BENCHMARKS.md, "The rest of the forward"). `configure()` therefore sets
+`M_MMAP_MAX=0` (every block from the heap, reused after free) and `M_TRIM_THRESHOLD` to 256 MiB
+(a freed top of the heap larger than that still goes back to the kernel). The cost: the process
+keeps the working set of its largest job, which the worker-memory benchmark measures against the
+1.5 GB target.
 
 Only glibc on Linux is changed; anything else is left as is and said so. It is not a setting: the
 two values are what was measured, and they replace glibc's `MALLOC_MMAP_MAX_` /
