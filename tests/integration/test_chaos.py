@@ -8,6 +8,7 @@ second test checks the checker: jobs dropped from a live stack are counted lost.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -38,7 +39,8 @@ def test_no_job_lost_or_delivered_twice_while_workers_die(chaos_stack):
     assert [kill["kind"] for kill in chaos.kills] == plan["kills"]
     assert all(kill.get("pid", 1) for kill in chaos.kills), "a kill found no pool child"
     assert figures["admitted"] == 40, figures["refused_by_code"]
-    assert verdict(figures) == [], figures
+    # the whole figures (pytest's diff would cut the dict short): which jobs, which states
+    assert verdict(figures) == [], json.dumps(figures, default=str)
     assert figures["done"] + sum(figures["failed_by_code"].values()) == 40
 
 
