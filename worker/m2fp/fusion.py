@@ -135,13 +135,11 @@ class FusedBackbone(nn.Module):
         return outputs
 
 
-def backbone_path(model: nn.Module, precision: str, fuse: bool | None = None) -> str:
-    """`fused` or `as built: <why>` for `model` at `precision`; `fuse` None: where it applies.
+def backbone_path(model: nn.Module, device: str, precision: str, fuse: bool | None = None) -> str:
+    """`fused` or `as built: <why>` for `model` on `device` at `precision`; `fuse` None: where it applies.
 
     Raises ValueError when `fuse` is True where the fused backbone cannot run.
     """
-    mean = getattr(model, "pixel_mean", None)
-    device = str(mean.device) if isinstance(mean, torch.Tensor) else "cpu"
     if not device.startswith("cpu"):
         why = f"as built: the fused backbone is CPU-only (device {device})"
     elif not available():

@@ -142,29 +142,28 @@ class Predictor:
             deform_attn = deform_attn_mode()
         # Process-wide; raises for "op" when the op cannot be loaded.
         path = ops.configure(deform_attn)
-        if not str(model.pixel_mean.device).startswith("cpu"):
+        device = str(model.pixel_mean.device)
+        on_cpu = device.startswith("cpu")
+        if not on_cpu:
             path = "reference: the compiled op is CPU-only"
         self.deform_attn = path  # "op" or "reference: <reason>"
         if precision_mode is None:  # M2FP_PRECISION, read where all settings are read
             from shared.config import precision_mode as configured_precision
 
             precision_mode = configured_precision()
-        self.precision_choice = precision.choose_precision(
-            precision_mode, str(model.pixel_mean.device)
-        )
+        self.precision_choice = precision.choose_precision(precision_mode, device)
         self.precision = self.precision_choice.precision  # "fp32", "bf16" or "int8"
-        on_cpu = str(model.pixel_mean.device).startswith("cpu")
         self.allocator = (
             allocator.configure() if on_cpu else "not tuned (the model is not on the CPU)"
         )
-        self.backbone_path = fusion.backbone_path(model, self.precision, fuse_backbone)
+        self.backbone_path = fusion.backbone_path(model, device, self.precision, fuse_backbone)
         if self.backbone_path.startswith("fused"):
             model = fusion.with_fused_backbone(model.eval())
         self.model = precision.prepare_model(model.eval(), self.precision)
         self.config = model.config
         self.untrained = untrained  # build_model already announced it loudly
         self.variant = model.config.name
-        self.device = str(model.pixel_mean.device)
+        self.device = device
         self.max_side = max_side
         self.class_names: tuple[str, ...] = tuple(
             model.config.class_names[: model.config.num_parsing]
