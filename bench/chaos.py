@@ -47,6 +47,8 @@ sys.path.insert(0, str(REPO))
 
 from bench.load_bench import Processes, cpu_description, free_port, percentile  # noqa: E402
 from scripts import redis_server  # noqa: E402
+from shared.constants import QUEUE, job_key  # noqa: E402
+from shared.queue import UNACKED_KEY, message_job_id  # noqa: E402
 
 PY = sys.executable
 TEST_NETWORK = {"M2FP_VARIANT": "tiny", "M2FP_TEST_NETWORK": "1", "M2FP_WEIGHTS": "random"}
@@ -429,6 +431,50 @@ def job_figures(load: Load, events: list[dict]) -> dict:
         "unhandled_5xx": sum(
             n for k, n in load.replies.items() if _is_5xx(k) and not _is_503_with_retry(k)
         ),
+    }
+
+
+JOB_FIELDS = ("status", "attempts", "worker", "started", "requeued", "resent", "error_code")
+
+
+def unfinished_report(stack: ChaosStack, load: Load, chaos: Chaos) -> dict:
+    """What a `lost` verdict needs to be read: per admitted job with no final state, its record
+    in Redis (state fields only, no key material), where its messages are (queued / unacked) and
+    its worker log events; with the kills' times."""
+    stuck = [job for job in load.records if job.submit == "202" and not job.final]
+    if not stuck:
+        return {}
+    client = redis.Redis.from_url(stack.redis.url, decode_responses=True)
+    try:
+        places: defaultdict[str, list[str]] = defaultdict(list)
+        for raw in client.lrange(QUEUE, 0, -1):
+            places[str(message_job_id(json.loads(raw)))].append("queued")
+        for raw in client.hvals(UNACKED_KEY):
+            places[str(message_job_id(json.loads(raw)[0]))].append("unacked")
+        records = {
+            job.job_id: dict(
+                zip(JOB_FIELDS, client.hmget(job_key(job.job_id), JOB_FIELDS), strict=True)
+            )
+            for job in stuck
+        }
+    finally:
+        client.close()
+    events = [e for e in stack.events() if e.get("job_id") in records]
+    keep = ("ts", "event", "log", "outcome", "attempt", "worker", "pid", "code")
+    return {
+        "kills": chaos.kills,
+        "jobs": [
+            {
+                "job_id": job.job_id,
+                "due": job.due,
+                "record": records[job.job_id],
+                "messages": places.get(str(job.job_id), []),
+                "events": [
+                    {k: e[k] for k in keep if k in e} for e in events if e["job_id"] == job.job_id
+                ],
+            }
+            for job in stuck
+        ],
     }
 
 

@@ -107,7 +107,14 @@ def unacked_job_ids(client: redis.Redis, older_than: float, limit: int = 1000) -
 def _parse_job_id(raw: bytes | str | None) -> str | None:
     """The job id of one unacked entry (`[message, exchange, routing key]`), or None."""
     try:
-        message = json.loads(raw)[0] if raw else None
+        return message_job_id(json.loads(raw)[0] if raw else None)
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
+def message_job_id(message: dict | None) -> str | None:
+    """The job id a parse message carries (a queued entry, decoded), or None for anything else."""
+    try:
         if not message or message["headers"].get("task") != TASK_PARSE:
             return None
         body = message["body"]

@@ -15,7 +15,16 @@ import time
 import pytest
 import redis
 
-from bench.chaos import ChaosStack, Load, StackConfig, job_figures, run_load, verdict
+from bench.chaos import (
+    Chaos,
+    ChaosStack,
+    Load,
+    StackConfig,
+    job_figures,
+    run_load,
+    unfinished_report,
+    verdict,
+)
 from shared.constants import QUEUE
 from tests.integration.conftest import photo_jpeg
 
@@ -39,8 +48,10 @@ def test_no_job_lost_or_delivered_twice_while_workers_die(chaos_stack):
     assert [kill["kind"] for kill in chaos.kills] == plan["kills"]
     assert all(kill.get("pid", 1) for kill in chaos.kills), "a kill found no pool child"
     assert figures["admitted"] == 40, figures["refused_by_code"]
-    # the whole figures (pytest's diff would cut the dict short): which jobs, which states
-    assert verdict(figures) == [], json.dumps(figures, default=str)
+    # the whole figures (pytest's diff would cut the dict short), and for a job left unfinished
+    # its record, its messages and its events: enough to tell which path dropped it
+    report = {"figures": figures, "unfinished": unfinished_report(chaos_stack, load, chaos)}
+    assert verdict(figures) == [], json.dumps(report, default=str)
     assert figures["done"] + sum(figures["failed_by_code"].values()) == 40
 
 
@@ -62,3 +73,8 @@ def test_the_harness_counts_dropped_jobs_as_lost(chaos_stack):
     figures = job_figures(load, chaos_stack.events())
     assert figures["lost"] == 4
     assert "4 lost" in verdict(figures)
+    # the report a failed verdict prints: each dropped job queued in Redis, with no message left
+    report = unfinished_report(chaos_stack, load, Chaos())
+    assert sorted(job["job_id"] for job in report["jobs"]) == sorted(j.job_id for j in load.records)
+    assert all(job["record"]["status"] == "queued" for job in report["jobs"]), report
+    assert all(job["messages"] == [] for job in report["jobs"]), report
