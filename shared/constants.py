@@ -89,6 +89,12 @@ def claimed_key(worker: str) -> str:
     return f"{CLAIMED_KEY_PREFIX}{worker}"
 
 
+# Sorted set of queued jobs by when their current message was sent, and the latest such time
+# among claimed jobs: the queue is FIFO, so a job sent well before a claimed one whose message
+# is neither queued nor unacked lost its message (JobStore.vanished).
+PENDING_KEY = f"{KEY_PREFIX}:pending"
+SENT_WATERMARK_KEY = f"{KEY_PREFIX}:sent_watermark"
+
 BAN_PREFIX = f"{KEY_PREFIX}:ban"
 STRIKES_PREFIX = f"{KEY_PREFIX}:strikes"
 

@@ -15,6 +15,13 @@ Layout (DESIGN.md §3), every key with a TTL:
                    a dead worker host costs its jobs about a heartbeat TTL, not Redis's
                    visibility timeout. A claim on a job `running` under another live worker is
                    refused (`busy`), so a late redelivery never runs a job twice at once.
+- `m2fp:pending`   sorted set of queued jobs, scored by when their current message was sent, and
+                   `m2fp:sent_watermark` the latest such time among claimed jobs. The broker's
+                   list is FIFO, so a queued job sent `margin` s before a job already claimed,
+                   whose message is not unacked either, lost it: kombu's Redis transport pops a
+                   message (BRPOP) and records it as unacked in a second round trip, and a
+                   consumer killed in between takes it along. `vanished` lists those; the
+                   reaper re-sends them.
 
 State machine: queued -> running -> done | failed | expired. Transitions that must not race
 (a worker storing a result while the client withdraws the job, two fetches at once, a poll
@@ -35,6 +42,8 @@ from shared.constants import (
     CLAIMED_KEY_PREFIX,
     CLAIMERS_KEY,
     JOB_KEY_PREFIX,
+    PENDING_KEY,
+    SENT_WATERMARK_KEY,
     WORKER_KEY_PREFIX,
     claimed_key,
     inflight_key,
@@ -46,8 +55,9 @@ from shared.redis_conn import make_client
 
 REAP_GRACE_SECONDS = 10.0  # a claim younger than this is never reaped (the heartbeat may lag)
 
-# KEYS: job, in, claimed set of this worker, claimers. ARGV: max_attempts, now, worker,
-# min_input_ttl, job id, worker key prefix, claimed key prefix, claimed set TTL.
+# KEYS: job, in, claimed set of this worker, claimers, pending, sent watermark. ARGV:
+# max_attempts, now, worker, min_input_ttl, job id, worker key prefix, claimed key prefix,
+# claimed set TTL (also the watermark's).
 # Returns {"ok", kid, wrapped_dek, input} | {"gone"} | {"final", status} | {"expired"}
 # | {"worker_lost"} | {"busy"} (running on another worker whose heartbeat is live).
 _CLAIM = """
@@ -73,6 +83,13 @@ if attempts > tonumber(ARGV[1]) then
   return {'worker_lost'}
 end
 redis.call('HSET', KEYS[1], 'status', 'running', 'started', ARGV[2], 'worker', ARGV[3])
+local sent = redis.call('ZSCORE', KEYS[5], ARGV[5])
+if sent then
+  redis.call('ZREM', KEYS[5], ARGV[5])
+  if tonumber(sent) > tonumber(redis.call('GET', KEYS[6]) or '0') then
+    redis.call('SET', KEYS[6], sent, 'EX', ARGV[8])
+  end
+end
 if owner and owner ~= ARGV[3] then redis.call('SREM', ARGV[7] .. owner, ARGV[5]) end
 redis.call('SADD', KEYS[3], ARGV[5])
 redis.call('EXPIRE', KEYS[3], ARGV[8])
@@ -123,7 +140,8 @@ return 1
 """
 )
 
-# KEYS: claimers. ARGV: now, grace, worker key prefix, claimed key prefix, job key prefix.
+# KEYS: claimers, pending. ARGV: now, grace, worker key prefix, claimed key prefix, job key
+# prefix, pending TTL.
 # For each claimer without a live heartbeat: its jobs still `running` under its name (and
 # started more than `grace` seconds ago) go back to `queued`; returns their ids. Atomic, so
 # when several reapers run at once each job is requeued once.
@@ -141,6 +159,8 @@ for _, name in ipairs(redis.call('SMEMBERS', KEYS[1])) do
         if tonumber(fields[3] or '0') < cutoff then
           redis.call('HSET', job, 'status', 'queued', 'requeued', ARGV[1])
           redis.call('HDEL', job, 'worker')
+          redis.call('ZADD', KEYS[2], ARGV[1], id)
+          redis.call('EXPIRE', KEYS[2], ARGV[6])
           redis.call('SREM', claimed, id)
           table.insert(requeued, id)
         else
@@ -159,14 +179,35 @@ end
 return requeued
 """
 
-# KEYS: job. ARGV: now, min interval. Returns 1 when a still-queued job may be re-sent now
-# (and notes when), 0 when it runs, ended, is gone, or was re-sent less than the interval ago.
+# KEYS: job, pending. ARGV: now, min interval, job id, pending TTL. Returns 1 when a
+# still-queued job may be re-sent now (and notes when, in the job and in `pending`), 0 when it
+# runs, ended, is gone, or was re-sent less than the interval ago.
 _RESEND = """
 if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
 local last = tonumber(redis.call('HGET', KEYS[1], 'resent') or '0')
 if last > tonumber(ARGV[1]) - tonumber(ARGV[2]) then return 0 end
 redis.call('HSET', KEYS[1], 'resent', ARGV[1])
+redis.call('ZADD', KEYS[2], ARGV[1], ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
 return 1
+"""
+
+# KEYS: pending, sent watermark. ARGV: margin, limit, job key prefix. The queued jobs sent more
+# than `margin` s before the watermark (at most `limit`); entries of jobs that are no longer
+# queued (claimed elsewhere, ended, withdrawn, expired) are dropped on the way.
+_VANISHED = """
+local mark = tonumber(redis.call('GET', KEYS[2]) or '0')
+if mark == 0 then return {} end
+local cutoff = string.format('(%.3f', mark - tonumber(ARGV[1]))
+local found = {}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', cutoff, 'LIMIT', 0, ARGV[2])) do
+  if redis.call('HGET', ARGV[3] .. id, 'status') == 'queued' then
+    table.insert(found, id)
+  else
+    redis.call('ZREM', KEYS[1], id)
+  end
+end
+return found
 """
 
 # KEYS: job, in, out. ARGV: now. Marks lost data as expired, then returns the record as a flat list.
@@ -270,6 +311,7 @@ class JobStore:
         self._claim = client.register_script(_CLAIM)
         self._reap = client.register_script(_REAP)
         self._resend = client.register_script(_RESEND)
+        self._vanished = client.register_script(_VANISHED)
         self._store = client.register_script(_STORE)
         self._fail = client.register_script(_FAIL)
         self._status = client.register_script(_STATUS)
@@ -302,6 +344,7 @@ class JobStore:
         result_key: bytes = b"",
     ) -> None:
         """Record a new queued job and store its sealed input, atomically, with TTLs."""
+        now = round(time.time(), 3)
         record: dict[FieldT, EncodableT] = {
             "status": "queued",
             "token_hash": token_hash,
@@ -309,12 +352,14 @@ class JobStore:
             "wrapped_dek": wrapped_key,
             "result_pk": result_key,
             "attempts": 0,
-            "created": f"{time.time():.3f}",
+            "created": f"{now:.3f}",
         }
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(job_key(job_id), mapping=record)
             pipe.expire(job_key(job_id), self.job_ttl)
             pipe.set(input_key(job_id), sealed_input, ex=self.input_ttl)
+            pipe.zadd(PENDING_KEY, {job_id: now})  # sent next, by the caller
+            pipe.expire(PENDING_KEY, self.job_ttl)
             pipe.execute()
 
     def load_scripts(self) -> None:
@@ -393,7 +438,14 @@ class JobStore:
     def claim(self, job_id: str, worker: str) -> Claim:
         """Start (or restart) a job: count the attempt, give up past max_attempts, return input."""
         reply = self._claim(
-            keys=[job_key(job_id), input_key(job_id), claimed_key(worker), CLAIMERS_KEY],
+            keys=[
+                job_key(job_id),
+                input_key(job_id),
+                claimed_key(worker),
+                CLAIMERS_KEY,
+                PENDING_KEY,
+                SENT_WATERMARK_KEY,
+            ],
             args=[
                 self.max_attempts,
                 f"{time.time():.3f}",
@@ -438,7 +490,24 @@ class JobStore:
 
     def may_resend(self, job_id: str, min_interval: float) -> bool:
         """Whether a still-queued job's message may be sent again now (at most once an interval)."""
-        return bool(self._resend(keys=[job_key(job_id)], args=[f"{time.time():.3f}", min_interval]))
+        return bool(
+            self._resend(
+                keys=[job_key(job_id), PENDING_KEY],
+                args=[f"{time.time():.3f}", min_interval, job_id, self.job_ttl],
+            )
+        )
+
+    def vanished(self, margin: float, limit: int = 100) -> list[str]:
+        """Queued jobs whose message was sent `margin` s or more before the latest claimed one's.
+
+        The broker's list is FIFO, so such a job's message was taken from it: if the caller does
+        not find it unacked either (`shared.queue.unacked_job_ids`), the consumer that took it
+        died before recording it, and the job waits for a message that no longer exists.
+        """
+        reply = self._vanished(
+            keys=[PENDING_KEY, SENT_WATERMARK_KEY], args=[margin, limit, JOB_KEY_PREFIX]
+        )
+        return [_text(job_id) for job_id in reply]
 
     def reap(self, grace: float = REAP_GRACE_SECONDS) -> list[str]:
         """Requeue (status `queued`) the running jobs of workers whose heartbeat lapsed.
@@ -447,13 +516,14 @@ class JobStore:
         A job a worker claimed less than `grace` seconds ago is left for the next pass.
         """
         reply = self._reap(
-            keys=[CLAIMERS_KEY],
+            keys=[CLAIMERS_KEY, PENDING_KEY],
             args=[
                 f"{time.time():.3f}",
                 grace,
                 WORKER_KEY_PREFIX,
                 CLAIMED_KEY_PREFIX,
                 JOB_KEY_PREFIX,
+                self.job_ttl,
             ],
         )
         return [_text(job_id) for job_id in reply]

@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 MODEL_LOAD_TIMEOUT = 600
 REAP_SECONDS = 5.0  # how often each live worker looks for dead workers' jobs (jittered)
 UNCLAIMED_SECONDS = 30.0  # a message delivered this long ago whose job is still queued is re-sent
+# A queued job sent this long before a job already claimed, with no unacked message, lost it.
+VANISHED_MARGIN_SECONDS = 2.0
 
 
 class WorkerProcess:
@@ -207,9 +209,11 @@ class WorkerProcess:
     def reap_once(self, store: JobStore) -> list[str]:
         """One pass: the jobs put back in the queue (their messages re-sent).
 
-        Two kinds: jobs a dead worker had claimed (`JobStore.reap`), and jobs whose message a
+        Three kinds: jobs a dead worker had claimed (`JobStore.reap`); jobs whose message a
         worker took but never claimed (it died between the two: the message waits unacked
-        for the visibility timeout, the job stays `queued`).
+        for the visibility timeout, the job stays `queued`); and jobs whose message vanished
+        (`JobStore.vanished`: taken from the queue by a consumer killed before kombu recorded it
+        as unacked, or never sent by a gateway that died after recording the job).
         """
         job_ids = store.reap()
         unclaimed = [
@@ -217,16 +221,41 @@ class WorkerProcess:
             for job_id in unacked_job_ids(store.redis, UNCLAIMED_SECONDS)
             if job_id not in job_ids and store.may_resend(job_id, UNCLAIMED_SECONDS)
         ]
-        for job_id in job_ids + unclaimed:
+        vanished = self._vanished(store, set(job_ids + unclaimed))
+        for job_id in job_ids + unclaimed + vanished:
             if self.requeue is not None:
                 self.requeue(job_id)
+        for name, found in (
+            ("jobs_of_dead_workers_requeued", job_ids),
+            ("unclaimed_jobs_resent", unclaimed),
+            ("vanished_messages_resent", vanished),
+        ):
+            if found:
+                event(log, name, logging.WARNING, count=len(found))
         if job_ids:
-            event(log, "jobs_of_dead_workers_requeued", logging.WARNING, count=len(job_ids))
             record_job("requeued_dead_worker")
         if unclaimed:
-            event(log, "unclaimed_jobs_resent", logging.WARNING, count=len(unclaimed))
             record_job("resent_unclaimed")
-        return job_ids + unclaimed
+        if vanished:
+            record_job("resent_vanished")
+        return job_ids + unclaimed + vanished
+
+    @staticmethod
+    def _vanished(store: JobStore, handled: set[str]) -> list[str]:
+        """The `JobStore.vanished` candidates with no unacked message, each at most once an
+        interval (`may_resend`); a live consumer records its message as unacked within
+        milliseconds, long before the margin lets a later claim make the job a candidate."""
+        candidates = store.vanished(VANISHED_MARGIN_SECONDS)
+        if not candidates:
+            return []
+        unacked = set(unacked_job_ids(store.redis, 0.0))
+        return [
+            job_id
+            for job_id in candidates
+            if job_id not in unacked
+            and job_id not in handled
+            and store.may_resend(job_id, UNCLAIMED_SECONDS)
+        ]
 
     def stop(self) -> None:
         """Called in the child before it exits: stop the heartbeat, remove its key."""

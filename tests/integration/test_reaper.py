@@ -158,3 +158,45 @@ def test_a_message_taken_by_a_worker_that_died_before_claiming_is_resent(
     assert not store.may_resend(job_id, 30.0)  # re-sent just now: at most once an interval
     store.claim(job_id, "live:1")  # the re-sent message ran: a running job is never re-sent
     assert not store.may_resend(job_id, 0.0)
+
+
+def test_a_message_that_vanished_from_the_queue_is_resent_once_a_later_job_is_claimed(
+    store, clean_redis, redis_url
+):
+    """kombu's Redis transport pops a message (BRPOP), then records it as unacked: a consumer
+    killed in between takes it along. The queue is FIFO, so once a job sent later is claimed,
+    an earlier job still queued with no unacked message has lost its message: it is re-sent."""
+    import multiprocessing
+
+    from shared.config import load_settings
+    from shared.constants import PENDING_KEY, QUEUE
+    from shared.crypto import generate_key
+    from shared.queue import enqueue_parse, make_celery, unacked_job_ids
+    from worker import process
+
+    settings = load_settings(
+        {"M2FP_REDIS_URL": redis_url, "M2FP_DATA_KEYS": f"k1:{generate_key()}"}
+    )
+    app = make_celery(settings)
+    lost, held = create(store), create(store)
+    enqueue_parse(app, lost)
+    assert clean_redis.rpop(QUEUE) is not None  # popped by a consumer that died at once
+    enqueue_parse(app, held)
+    child = multiprocessing.get_context("fork").Process(target=_take_and_die, args=(redis_url,))
+    child.start()
+    child.join(30)
+    assert unacked_job_ids(clean_redis, older_than=0) == [held]  # taken, recorded, never acked
+    sent: list[str] = []
+    reaper = process.WorkerProcess(settings, requeue=sent.append)
+    assert reaper.reap_once(store) == []  # nothing sent later was claimed: both may wait
+    backdated = time.time() - 2 * process.VANISHED_MARGIN_SECONDS
+    clean_redis.zadd(PENDING_KEY, {lost: backdated, held: backdated})
+    later = create(store)
+    enqueue_parse(app, later)
+    app.close()
+    assert store.claim(later, "live:1").outcome == "ok"
+    # `held` is unacked (the unclaimed path re-sends it after UNCLAIMED_SECONDS), `lost` is gone
+    assert reaper.reap_once(store) == [lost] and sent == [lost]
+    assert reaper.reap_once(store) == [] and sent == [lost]  # re-sent now: not a candidate again
+    assert store.claim(lost, "live:1").outcome == "ok"
+    assert clean_redis.zscore(PENDING_KEY, lost) is None  # a claimed job leaves `pending`
