@@ -466,7 +466,7 @@ def unfinished_report(stack: ChaosStack, load: Load, chaos: Chaos) -> dict:
         "jobs": [
             {
                 "job_id": job.job_id,
-                "due": job.due,
+                "sent": job.sent,
                 "record": records[job.job_id],
                 "messages": places.get(str(job.job_id), []),
                 "events": [
