@@ -6,6 +6,10 @@ inclusive wall times of those modules as the profiler saw them, averaged over th
 The encoder's sampling is the op's own entry (`m2fp::ms_deform_attn`) or, for the reference, what
 is left of the attention module once its four linears are taken out.
 
+`--path production` (the default) profiles the model as the worker runs it: `Predictor(model).model`,
+so the fused CPU backbone and the tuned malloc where they apply; `--path as-built` the checkpoint's
+modules as loaded (the figures before fusion).
+
 Usage:
   .venv/bin/python bench/forward_profile.py                  # 640x864, 2 threads, op and reference
   .venv/bin/python bench/forward_profile.py --modes op --runs 3 --top 15
@@ -23,6 +27,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 ENCODER = "sem_seg_head.pixel_decoder.transformer.encoder.layers."
+DECODER = "sem_seg_head.predictor."
 # (label, predicate on the module name); the first match wins, and a module inside a labelled one is
 # only labelled when it is itself a stage of interest (the encoder's parts).
 STAGES = [
@@ -80,6 +85,24 @@ STAGES = [
         ),
     ),
     ("transformer decoder (9 layers, mask heads)", lambda name: name == "sem_seg_head.predictor"),
+    (
+        "  decoder: cross-attention layers",
+        lambda name: (
+            name.startswith(DECODER + "transformer_cross_attention_layers.")
+            and name.count(".") == 3
+        ),
+    ),
+    (
+        "  decoder: self-attention layers",
+        lambda name: (
+            name.startswith(DECODER + "transformer_self_attention_layers.") and name.count(".") == 3
+        ),
+    ),
+    (
+        "  decoder: FFN layers",
+        lambda name: name.startswith(DECODER + "transformer_ffn_layers.") and name.count(".") == 3,
+    ),
+    ("  decoder: mask embed MLP", lambda name: name == DECODER + "mask_embed"),
 ]
 OP_NAME = "m2fp::ms_deform_attn"
 
@@ -143,6 +166,12 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         "--modes", nargs="+", default=["reference", "op"], choices=["reference", "op"]
     )
     parser.add_argument("--top", type=int, default=10, help="operators listed by self CPU time")
+    parser.add_argument(
+        "--path",
+        default="production",
+        choices=["production", "as-built"],
+        help="production: the Predictor's model (fused backbone, tuned malloc); as-built: as loaded",
+    )
     return parser.parse_args(argv)
 
 
@@ -231,6 +260,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{arguments.threads} threads; {arguments.size}; op {ops.status()['build_info']}"
     )
     model = golden_model()
+    if arguments.path == "production":
+        from worker.m2fp.predictor import Predictor
+
+        predictor = Predictor(model)
+        print(f"path: backbone {predictor.backbone_path}; malloc {predictor.allocator}")
+        model = predictor.model
     attach_stage_spans(model)
     tensor = torch.from_numpy(synthetic_image(*parse_size(arguments.size))).permute(2, 0, 1)[None]
 

@@ -102,7 +102,7 @@ def test_attention_masks_from_resized_features_equal_resized_masks(tiny_model: M
                 resized,
             )
         assert no_masks is None and masks is not None and torch.equal(classes, classes_fast)
-        near_zero = (small.abs() < 1e-5).flatten(2).repeat_interleave(TINY.decoder_heads, 0)
+        near_zero = (small.abs() < 1e-5).flatten(2)
         assert got.shape == expected.shape
         assert torch.equal(got[~near_zero], expected[~near_zero]), size
 
@@ -407,3 +407,37 @@ def test_presets() -> None:
 def test_invalid_config_raises(changes: dict) -> None:
     with pytest.raises(ValueError):
         M2FPConfig(**changes)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_masked_cross_attention_equals_multihead_attention_with_a_mask_per_head(batch: int) -> None:
+    """The decoder's cross-attention: one (B, Q, S) mask for all heads, the module's arithmetic."""
+    from worker.m2fp.transformer_decoder import masked_cross_attention
+
+    generator = torch.Generator().manual_seed(11)
+    attention = torch.nn.MultiheadAttention(64, 8, dropout=0.0).eval()
+    with torch.no_grad():
+        attention.in_proj_bias.normal_(generator=generator)
+        attention.out_proj.bias.normal_(generator=generator)
+    query = torch.randn(10, batch, 64, generator=generator)
+    key, value = torch.randn(2, 37, batch, 64, generator=generator).unbind(0)
+    blocked = torch.rand(batch, 10, 37, generator=generator) < 0.6
+    blocked[:, :, 0] = False  # no row fully blocked (the decoder opens those)
+    with torch.inference_mode():
+        expected = attention(
+            query, key, value, attn_mask=blocked.repeat_interleave(8, 0), need_weights=False
+        )[0]
+        got = masked_cross_attention(attention, query, key, value, blocked)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_sampling_locations_equal_the_broadcast_formula_bit_for_bit() -> None:
+    """`MultiScaleDeformableAttention.locations` is `reference + offsets / (W_l, H_l)`, exactly."""
+    attention = MultiScaleDeformableAttention(64, 4, 3, 4)
+    shapes = [(5, 7), (3, 4), (2, 2)]
+    generator = torch.Generator().manual_seed(3)
+    reference = torch.rand(2, 11, 3, 2, generator=generator)
+    offsets = torch.randn(2, 11, 4, 3, 4, 2, generator=generator) * 3
+    normalizer = torch.tensor([[width, height] for height, width in shapes], dtype=torch.float32)
+    expected = reference[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None]
+    assert torch.equal(attention.locations(reference, offsets, shapes), expected)

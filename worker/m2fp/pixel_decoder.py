@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,6 +15,25 @@ from worker.m2fp.position_encoding import PositionEmbeddingSine
 
 # The encoder runs on these backbone levels, coarsest first (the order of input_proj.{0,1,2}).
 TRANSFORMER_IN_FEATURES = ("res5", "res4", "res3")
+
+
+def pointwise_conv_nchw(
+    features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """A 1x1 convolution as one matrix product whose output is NCHW whatever the input's layout.
+
+    `conv2d` answers a channels-last input (the fused backbone's maps) in channels-last, and a 1x1
+    weight's strides are ambiguous enough that it may do so for an NCHW one too; the GroupNorm
+    that follows must see NCHW (it sums in another order on NHWC) and the resizes copy
+    channels-last maps back to NCHW: 35 MB per copy at /4. Here (O, C) @ (B, C, H*W) reads
+    either layout in place (NHWC is the transposed operand) and writes NCHW.
+    """
+    batch, channels, height, width = features.shape
+    matrix = weight.view(1, weight.shape[0], channels).expand(batch, -1, -1)
+    output = torch.bmm(matrix, features.flatten(2))  # (B, O, H*W), contiguous (matmul may not be)
+    if bias is not None:
+        output += bias.view(1, -1, 1)
+    return output.view(batch, -1, height, width)
 
 
 class DeformableEncoderLayer(nn.Module):
@@ -38,7 +59,8 @@ class DeformableEncoderLayer(nn.Module):
         """Update the (B, S, C) flattened multi-scale features; `position` has the same shape."""
         attended = self.self_attn(source + position, reference_points, source, spatial_shapes)
         source = self.norm1(source + attended)
-        source = self.norm2(source + self.linear2(F.relu(self.linear1(source))))
+        # ReLU in place: the hidden (S, 1024) activations are 46 MB at 640x864, not worth a copy
+        source = self.norm2(source + self.linear2(F.relu(self.linear1(source), inplace=True)))
         return source
 
 
@@ -106,14 +128,15 @@ class MSDeformAttnTransformerEncoder(nn.Module):
     def forward(
         self, sources: list[torch.Tensor], positions: list[torch.Tensor]
     ) -> list[torch.Tensor]:
-        """Encode per-level (B, C, H_l, W_l) features jointly; returns them in the same shapes and order."""
+        """Encode per-level (B, C, H_l, W_l) features jointly, given their (B, H_l*W_l, C) position
+        embeddings; returns the features in the same shapes and order."""
         spatial_shapes = [(source.shape[2], source.shape[3]) for source in sources]
         batch_size = sources[0].shape[0]
         # (B, C, H, W) -> (B, C, H*W) -> (B, H*W, C), concatenated over levels -> (B, S, C)
         flat_sources = torch.cat([source.flatten(2).transpose(1, 2) for source in sources], dim=1)
         flat_positions = torch.cat(
             [
-                position.flatten(2).transpose(1, 2) + self.level_embed[level].view(1, 1, -1)
+                position + self.level_embed[level].view(1, 1, -1)
                 for level, position in enumerate(positions)
             ],
             dim=1,
@@ -167,14 +190,29 @@ class MSDeformAttnPixelDecoder(nn.Module):
         sources = []
         positions = []
         for projection, name in zip(self.input_proj, TRANSFORMER_IN_FEATURES, strict=True):
+            conv, norm = cast(tuple[nn.Conv2d, nn.GroupNorm], tuple(projection.children()))
             feature = features[name].float()
-            sources.append(projection(feature))
-            positions.append(self.position_embedding(feature))
+            sources.append(norm(pointwise_conv_nchw(feature, conv.weight, conv.bias)))
+            positions.append(self.position_embedding.tokens(feature))
         multi_scale_features = self.transformer(sources, positions)  # [/32, /16, /8]
 
-        lateral = self.adapter_1(features["res2"].float())
+        adapter = self.adapter_1  # 1x1 convolution and GroupNorm, no ReLU
+        if adapter.norm is None:
+            raise ValueError("adapter_1 has a GroupNorm in every M2FP checkpoint")
+        lateral = adapter.norm(
+            pointwise_conv_nchw(features["res2"].float(), adapter.weight, adapter.bias)
+        )
+        # The encoder's maps are channels-last views of its tokens; upsampled as they are, the /4
+        # maps after them come out channels-last too, and every op at /4 (the GroupNorms, the
+        # decoder's resizes) then copies 35 MB to NCHW. One 9 MB copy at /8 instead.
         finest = lateral + F.interpolate(
-            multi_scale_features[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False
+            multi_scale_features[-1].contiguous(),
+            size=lateral.shape[-2:],
+            mode="bilinear",
+            align_corners=False,
         )
         finest = self.layer_1(finest)
-        return self.mask_features(finest), multi_scale_features
+        mask_features = pointwise_conv_nchw(
+            finest, self.mask_features.weight, self.mask_features.bias
+        )
+        return mask_features, multi_scale_features

@@ -23,6 +23,14 @@ class PositionEmbeddingSine(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Return the (B, 2*num_pos_feats, H, W) embedding for (B, C, H, W) features."""
+        return self.channels_last(features).permute(0, 3, 1, 2)
+
+    def tokens(self, features: torch.Tensor) -> torch.Tensor:
+        """The same embedding as (B, H*W, 2*num_pos_feats) tokens, row-major: no transposing copy."""
+        return self.channels_last(features).flatten(1, 2)
+
+    def channels_last(self, features: torch.Tensor) -> torch.Tensor:
+        """The embedding as computed, (B, H, W, 2*num_pos_feats) contiguous."""
         batch_size, _, height, width = features.shape
         device = features.device
         ones = torch.ones((batch_size, height, width), dtype=torch.float32, device=device)
@@ -46,4 +54,4 @@ class PositionEmbeddingSine(nn.Module):
         position_y = torch.stack(
             (position_y[..., 0::2].sin(), position_y[..., 1::2].cos()), dim=4
         ).flatten(3)
-        return torch.cat((position_y, position_x), dim=3).permute(0, 3, 1, 2)  # (B, 2F, H, W)
+        return torch.cat((position_y, position_x), dim=3)  # (B, H, W, 2F)

@@ -1,4 +1,11 @@
-"""Masked-attention transformer decoder (Mask2Former) predicting class and mask logits per query."""
+"""Masked-attention transformer decoder (Mask2Former) predicting class and mask logits per query.
+
+The cross-attention runs `nn.MultiheadAttention`'s arithmetic itself (`masked_cross_attention`:
+the module's own projections, then `F.scaled_dot_product_attention`), so that one additive mask
+per query serves all heads (the module wants it repeated per head: 8x the bool mask, its
+fully-masked test, its float conversion) and the per-level key/value inputs are made once, not
+once per layer.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +21,41 @@ from worker.m2fp.position_encoding import PositionEmbeddingSine
 NUM_FEATURE_LEVELS = 3  # the decoder cycles over the pixel decoder's [/32, /16, /8] features
 
 
+def masked_cross_attention(
+    attention: nn.MultiheadAttention,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    blocked: torch.Tensor,
+) -> torch.Tensor:
+    """`attention(query, key, value, attn_mask=...)[0]` with one mask for every head.
+
+    query (L, B, E), key and value (S, B, E); `blocked` (B, L, S) bool, True where a query may not
+    attend (no row all True). The arithmetic of `F.multi_head_attention_forward` for distinct
+    query, key and value without dropout: the three input projections, scaled dot-product
+    attention with -inf at the blocked positions, the output projection.
+    """
+    length, batch, embed = query.shape
+    heads = attention.num_heads
+    if attention.in_proj_weight is None or attention.in_proj_bias is None:
+        raise ValueError("masked_cross_attention needs a packed in-projection with bias")
+    w_q, w_k, w_v = attention.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = attention.in_proj_bias.chunk(3)
+
+    def heads_first(projected: torch.Tensor) -> torch.Tensor:
+        # (N, B, E) -> (N, B, heads, E/heads) -> (B, heads, N, E/heads)
+        return projected.view(projected.shape[0], batch, heads, -1).permute(1, 2, 0, 3)
+
+    queries = heads_first(F.linear(query, w_q, b_q))
+    mask = torch.zeros(blocked.shape, dtype=queries.dtype, device=queries.device)
+    mask = mask.masked_fill_(blocked, float("-inf")).unsqueeze(1)  # (B, 1, L, S): every head
+    attended = F.scaled_dot_product_attention(
+        queries, heads_first(F.linear(key, w_k, b_k)), heads_first(F.linear(value, w_v, b_v)), mask
+    )  # (B, heads, L, E/heads)
+    attended = attended.permute(2, 0, 1, 3).reshape(length, batch, embed)
+    return attention.out_proj(attended)
+
+
 class CrossAttentionLayer(nn.Module):
     """Post-norm cross-attention from the queries to one level of image features."""
 
@@ -26,18 +68,15 @@ class CrossAttentionLayer(nn.Module):
         self,
         queries: torch.Tensor,
         memory: torch.Tensor,
-        attention_mask: torch.Tensor,
-        memory_position: torch.Tensor,
+        blocked: torch.Tensor,
+        memory_keys: torch.Tensor,
         query_position: torch.Tensor,
     ) -> torch.Tensor:
-        """Update (Q, B, C) queries from (HW, B, C) memory; mask (B*heads, Q, HW) is True where blocked."""
-        attended = self.multihead_attn(
-            query=queries + query_position,
-            key=memory + memory_position,
-            value=memory,
-            attn_mask=attention_mask,
-            need_weights=False,
-        )[0]
+        """Update (Q, B, C) queries from (HW, B, C) memory; `memory_keys` is memory + its position
+        embedding, `blocked` (B, Q, HW) True where a query does not attend."""
+        attended = masked_cross_attention(
+            self.multihead_attn, queries + query_position, memory_keys, memory, blocked
+        )
         return self.norm(queries + attended)
 
 
@@ -130,8 +169,8 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Class logits (B, Q, C+1), mask logits (B, Q, H/4, W/4) and the next attention mask.
 
-        The attention mask is (B*heads, Q, h*w) at `attention_mask_size`, True where the query's own mask
-        probability is below 0.5 (those pixels are not attended). Given `attention_features` (the mask
+        The attention mask is (B, Q, h*w) at `attention_mask_size` (one for all heads), True where the
+        query's own mask probability is below 0.5 (those pixels are not attended). Given `attention_features` (the mask
         features already resized to that size), the mask logits at H/4 x W/4 are not computed (None)
         and the attention mask comes from the small map: the bilinear resize is linear, so resizing
         the features and then taking the products equals resizing the products, up to rounding, at
@@ -150,15 +189,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             )
         else:
             resized = torch.einsum("bqc,bchw->bqhw", mask_embeddings, attention_features)
-        # (B, Q, h, w) -> (B, Q, h*w) -> (B, heads, Q, h*w) -> (B*heads, Q, h*w)
-        attention_mask = (
-            resized.sigmoid()
-            .flatten(2)
-            .unsqueeze(1)
-            .expand(-1, self.num_heads, -1, -1)
-            .flatten(0, 1)
-            < 0.5
-        )
+        attention_mask = resized.sigmoid().flatten(2) < 0.5  # (B, Q, h, w) -> (B, Q, h*w)
         return class_logits, mask_logits, attention_mask.detach()
 
     def forward(
@@ -186,17 +217,17 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             )
         batch_size = mask_features.shape[0]
         memories = []
-        memory_positions = []
+        memory_keys = []
         attention_mask_sizes = []
         for level, features in enumerate(multi_scale_features):
             attention_mask_sizes.append((features.shape[2], features.shape[3]))
-            # (B, C, H, W) -> (B, C, HW) -> (HW, B, C)
-            memory_positions.append(self.position_embedding(features).flatten(2).permute(2, 0, 1))
-            memories.append(
-                (features.flatten(2) + self.level_embed.weight[level][None, :, None]).permute(
-                    2, 0, 1
-                )
+            # (B, C, H, W) -> (B, C, HW) -> (HW, B, C), contiguous once for every layer's linears
+            memory = (features.flatten(2) + self.level_embed.weight[level][None, :, None]).permute(
+                2, 0, 1
             )
+            memories.append(memory.contiguous())
+            position = self.position_embedding.tokens(features).transpose(0, 1)  # (HW, B, C)
+            memory_keys.append(memory + position)  # the keys' input, the same for every layer
 
         # (Q, C) -> (Q, B, C)
         query_position = self.query_embed.weight.unsqueeze(1).expand(-1, batch_size, -1)
@@ -228,10 +259,10 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         for layer_index in range(self.num_layers):
             level = layer_index % NUM_FEATURE_LEVELS
             # a query whose mask is empty at this level attends everywhere instead of nowhere
-            fully_masked = attention_mask.all(dim=-1, keepdim=True)  # (B*heads, Q, 1)
+            fully_masked = attention_mask.all(dim=-1, keepdim=True)  # (B, Q, 1)
             attention_mask = attention_mask & ~fully_masked
             queries = self.transformer_cross_attention_layers[layer_index](
-                queries, memories[level], attention_mask, memory_positions[level], query_position
+                queries, memories[level], attention_mask, memory_keys[level], query_position
             )
             queries = self.transformer_self_attention_layers[layer_index](queries, query_position)
             queries = self.transformer_ffn_layers[layer_index](queries)

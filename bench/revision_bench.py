@@ -1,0 +1,171 @@
+"""The network's forward in this tree against the same network at an earlier git revision, in one process.
+
+On a noisy machine two separate runs differ by more than a change of a few percent, so both
+versions run side by side: the model modules of `--base` (`worker/m2fp/` files that build the
+network: model, backbone, fusion, pixel decoder, decoder, attention, position encoding) are read
+with `git show` into a temporary package, their imports pointed at it; the compiled ops, the
+config and the checkpoint loader stay this tree's (they are shared, so the op is registered
+once). Both models get the golden CIHP weights and the production path (the fused CPU backbone
+where it applies, the tuned malloc: `Predictor`), then forward the synthetic photo of
+`model_bench.py`, interleaved round by round after a warm-up of each. Reported: min and median
+forward per side, their ratio, and the largest logit and mask differences between the two.
+
+Usage:
+  .venv/bin/python bench/revision_bench.py --base HEAD --runs 9 [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+MODULES = (
+    "model",
+    "backbone",
+    "fusion",
+    "pixel_decoder",
+    "transformer_decoder",
+    "deformable_attention",
+    "position_encoding",
+)
+PACKAGE = "m2fp_base"
+
+
+def import_base(revision: str, folder: Path):
+    """The `model` and `fusion` modules of `revision`, as package `m2fp_base` under `folder`."""
+    package = folder / PACKAGE
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    for name in MODULES:
+        source = subprocess.run(
+            ["git", "show", f"{revision}:worker/m2fp/{name}.py"],
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        for other in MODULES:
+            source = source.replace(f"worker.m2fp.{other} ", f"{PACKAGE}.{other} ")
+            source = source.replace(f"worker.m2fp.{other}\n", f"{PACKAGE}.{other}\n")
+        (package / f"{name}.py").write_text(source)
+    sys.path.insert(0, str(folder))
+    return importlib.import_module(f"{PACKAGE}.model"), importlib.import_module(f"{PACKAGE}.fusion")
+
+
+def production(model, fusion_module):
+    """`model` as the worker runs it on this CPU: the Predictor's path, with `fusion_module`."""
+    from worker.m2fp.predictor import Predictor
+
+    predictor = Predictor(model)  # tunes malloc, loads the ops, picks the precision
+    if predictor.backbone_path.startswith("fused"):
+        model = fusion_module.with_fused_backbone(model.eval())
+    return model.eval(), predictor.backbone_path
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line (see the module docstring)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", default="HEAD", help="git revision to compare with")
+    parser.add_argument("--runs", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--size", default="640x853")
+    parser.add_argument("--json", type=Path)
+    return parser.parse_args(argv)
+
+
+def build_both(base: str, folder: Path) -> tuple[dict, str]:
+    """{"this tree": model, "base <rev>": model} on the production path, and that path."""
+    from tests.golden_weights import golden_state_dict
+    from worker.m2fp import fusion
+    from worker.m2fp.checkpoint import load_into
+    from worker.m2fp.config import get_config
+    from worker.m2fp.model import M2FP
+
+    revision = subprocess.run(
+        ["git", "rev-parse", "--short", base], cwd=REPO, check=True, capture_output=True, text=True
+    ).stdout.strip()
+    base_model_module, base_fusion = import_base(base, folder)
+    weights = golden_state_dict(get_config("cihp"))
+    models, path = {}, ""
+    for name, model_class, fusion_module in (
+        ("this tree", M2FP, fusion),
+        (f"base {revision}", base_model_module.M2FP, base_fusion),
+    ):
+        model = model_class(get_config("cihp"))
+        load_into(model, weights)
+        models[name], path = production(model, fusion_module)
+    return models, path
+
+
+def interleaved(models: dict, padded, runs: int) -> tuple[dict, dict]:
+    """Forward seconds per model, round by round after one warm-up each; the outputs."""
+    import torch
+
+    with torch.inference_mode():
+        outputs = {name: model(padded) for name, model in models.items()}
+        times: dict[str, list[float]] = {name: [] for name in models}
+        for _ in range(runs):
+            for name, model in models.items():
+                started = time.perf_counter()
+                model(padded)
+                times[name].append(time.perf_counter() - started)
+    return times, outputs
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+    from deform_attn_bench import cpu_description
+    from model_bench import synthetic_image
+
+    torch.set_num_threads(args.threads)
+    height, width = (int(side) for side in args.size.split("x"))
+    image = torch.from_numpy(synthetic_image(height, width)).permute(2, 0, 1)[None]
+    with tempfile.TemporaryDirectory() as folder:
+        models, path = build_both(args.base, Path(folder))
+        padded, _ = next(iter(models.values())).normalize_and_pad(image)
+        times, outputs = interleaved(models, padded, args.runs)
+    (ours, ours_out), (base, base_out) = outputs.items()
+    report = {
+        "benchmark": "forward, this tree vs a base revision, interleaved in one process",
+        "cpu": cpu_description(),
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "size": args.size,
+        "padded": list(padded.shape[-2:]),
+        "backbone_path": path,
+        "runs": args.runs,
+        "forward_s": {
+            name: {
+                "min": round(min(values), 3),
+                "median": round(statistics.median(values), 3),
+                "all": [round(value, 3) for value in values],
+            }
+            for name, values in times.items()
+        },
+        "ratio_min": round(min(times[ours]) / min(times[base]), 3),
+        "ratio_median": round(statistics.median(times[ours]) / statistics.median(times[base]), 3),
+        "max_abs_diff": {
+            key: (getattr(ours_out, key) - getattr(base_out, key)).abs().max().item()
+            for key in ("pred_logits", "pred_masks")
+        },
+    }
+    print(json.dumps(report, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
