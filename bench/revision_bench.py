@@ -63,14 +63,22 @@ def import_base(revision: str, folder: Path):
     return importlib.import_module(f"{PACKAGE}.model"), importlib.import_module(f"{PACKAGE}.fusion")
 
 
-def production(model, fusion_module):
-    """`model` as the worker runs it on this CPU: the Predictor's path, with `fusion_module`."""
+def production(model, fusion_module, this_tree: bool):
+    """`model` as the worker runs it on this CPU. This tree: the Predictor's own model (every
+    fusion it applies); the base: its fused backbone where the Predictor would fuse one."""
     from worker.m2fp.predictor import Predictor
 
     predictor = Predictor(model)  # tunes malloc, loads the ops, picks the precision
-    if predictor.backbone_path.startswith("fused"):
+    if this_tree:
+        return (
+            predictor.model.eval(),
+            f"{predictor.backbone_path}; encoder {predictor.encoder_path}",
+        )
+    # the base's own check: this tree's isinstance tests do not know the base's classes
+    path = fusion_module.backbone_path(model, predictor.device, predictor.precision)
+    if path.startswith("fused"):
         model = fusion_module.with_fused_backbone(model.eval())
-    return model.eval(), predictor.backbone_path
+    return model.eval(), path
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -85,7 +93,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def build_both(base: str, folder: Path) -> tuple[dict, str]:
-    """{"this tree": model, "base <rev>": model} on the production path, and that path."""
+    """{"this tree": model, "base <rev>": model} on the production path, and each one's path."""
     from tests.golden_weights import golden_state_dict
     from worker.m2fp import fusion
     from worker.m2fp.checkpoint import load_into
@@ -97,15 +105,15 @@ def build_both(base: str, folder: Path) -> tuple[dict, str]:
     ).stdout.strip()
     base_model_module, base_fusion = import_base(base, folder)
     weights = golden_state_dict(get_config("cihp"))
-    models, path = {}, ""
+    models, paths = {}, {}
     for name, model_class, fusion_module in (
         ("this tree", M2FP, fusion),
         (f"base {revision}", base_model_module.M2FP, base_fusion),
     ):
         model = model_class(get_config("cihp"))
         load_into(model, weights)
-        models[name], path = production(model, fusion_module)
-    return models, path
+        models[name], paths[name] = production(model, fusion_module, name == "this tree")
+    return models, paths
 
 
 def interleaved(models: dict, padded, runs: int) -> tuple[dict, dict]:
@@ -133,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     height, width = (int(side) for side in args.size.split("x"))
     image = torch.from_numpy(synthetic_image(height, width)).permute(2, 0, 1)[None]
     with tempfile.TemporaryDirectory() as folder:
-        models, path = build_both(args.base, Path(folder))
+        models, paths = build_both(args.base, Path(folder))
         padded, _ = next(iter(models.values())).normalize_and_pad(image)
         times, outputs = interleaved(models, padded, args.runs)
     (ours, ours_out), (base, base_out) = outputs.items()
@@ -144,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "size": args.size,
         "padded": list(padded.shape[-2:]),
-        "backbone_path": path,
+        "paths": paths,
         "runs": args.runs,
         "forward_s": {
             name: {

@@ -136,6 +136,7 @@ class WorkerProcess:
             precision=predictor.precision,
             precision_reason=predictor.precision_choice.reason,
             backbone=predictor.backbone_path,
+            encoder=predictor.encoder_path,
             allocator=predictor.allocator,
             cpu_flags=predictor.precision_choice.features,
         )

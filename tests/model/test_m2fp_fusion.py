@@ -115,3 +115,25 @@ def test_fused_predictions_agree_with_the_backbone_as_built() -> None:
     labels = float(np.mean(fused.label_map == baseline.label_map))
     instances = float(np.mean(fused.instance_map == baseline.instance_map))
     assert labels >= LABEL_AGREEMENT and instances >= INSTANCE_AGREEMENT, (labels, instances)
+
+
+def test_fused_encoder_equals_the_encoder_as_built() -> None:
+    """The encoder FFNs as oneDNN linears (ReLU a post-op): same outputs within fp32 rounding,
+    the model as built untouched, and the Predictor says it runs them."""
+    model = M2FP(dataclasses.replace(get_config("cihp"), backbone_stage_blocks=(1, 1, 1, 1))).eval()
+    fused = fusion.with_fused_encoder(model)
+    layers = fused.get_submodule(fusion.ENCODER_PATH + ".layers")
+    assert all(isinstance(layer, fusion.FusedEncoderLayer) for layer in layers)
+    assert not any(
+        isinstance(layer, fusion.FusedEncoderLayer)
+        for layer in model.get_submodule(fusion.ENCODER_PATH + ".layers")
+    )
+    images = torch.rand(1, 3, 96, 128, generator=torch.Generator().manual_seed(2)) * 255
+    with torch.inference_mode():
+        padded, _ = model.normalize_and_pad(images)
+        expected = model.sem_seg_head.pixel_decoder(model.backbone(padded))
+        got = fused.sem_seg_head.pixel_decoder(model.backbone(padded))
+    for want, have in zip([expected[0], *expected[1]], [got[0], *got[1]], strict=True):
+        torch.testing.assert_close(have, want, rtol=1e-4, atol=1e-4)
+    assert Predictor(model, precision_mode="fp32").encoder_path == "fused FFN"
+    assert Predictor(model, precision_mode="fp32", fuse_backbone=False).encoder_path == "as built"

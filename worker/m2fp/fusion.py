@@ -21,7 +21,7 @@ precision is fp32 or int8 (bf16 autocast does not cover these ops).
 from __future__ import annotations
 
 import copy
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,9 @@ from worker.m2fp.backbone import (
     DeepLabResNet,
     FrozenBatchNorm2d,
 )
+from worker.m2fp.pixel_decoder import DeformableEncoderLayer
+
+ENCODER_PATH = "sem_seg_head.pixel_decoder.transformer.encoder"
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
 
@@ -170,3 +173,66 @@ def with_fused_backbone(model: ModelT) -> ModelT:
     fused._modules = dict(model._modules)  # copy.copy shares the dict; replace it before assigning
     fused.backbone = FusedBackbone(backbone)
     return fused
+
+
+class FusedEncoderLayer(nn.Module):
+    """`DeformableEncoderLayer` with its FFN as two oneDNN linears, the ReLU a post-op of the first.
+
+    MKL's `addmm` (what `nn.Linear` runs) first copies the bias into every output row, 46 MB for
+    the (11340, 1024) hidden activations at 640x864, and the ReLU is another pass; oneDNN adds the
+    bias and applies the ReLU as it writes. Measured on the FFN's shapes, interleaved, malloc tuned:
+    83.6 vs 94.5 ms (minima), 93.3 vs 138.0 ms (medians) per layer; outputs within 1e-5.
+    """
+
+    def __init__(self, layer: DeformableEncoderLayer) -> None:
+        super().__init__()
+        self.self_attn, self.norm1, self.norm2 = layer.self_attn, layer.norm1, layer.norm2
+        self.register_buffer("weight1", layer.linear1.weight.detach())
+        self.register_buffer("bias1", layer.linear1.bias.detach())
+        self.register_buffer("weight2", layer.linear2.weight.detach())
+        self.register_buffer("bias2", layer.linear2.bias.detach())
+
+    def forward(
+        self,
+        source: torch.Tensor,
+        position: torch.Tensor,
+        reference_points: torch.Tensor,
+        spatial_shapes: list[tuple[int, int]],
+    ) -> torch.Tensor:
+        """As `DeformableEncoderLayer.forward`."""
+        attended = self.self_attn(source + position, reference_points, source, spatial_shapes)
+        source = self.norm1(source + attended)
+        linear = torch.ops.mkldnn._linear_pointwise
+        hidden = linear(source, self.weight1, self.bias1, "relu", [], "")
+        return self.norm2(source + linear(hidden, self.weight2, self.bias2, "none", [], ""))
+
+
+def linear_fusion_available() -> bool:
+    """Whether this torch has oneDNN's linear with post-ops."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def with_fused_encoder(model: ModelT) -> ModelT:
+    """A shallow copy of `model` whose deformable encoder layers are `FusedEncoderLayer`s (fp32,
+    CPU); `model` itself is unchanged and shares every other submodule."""
+    encoder = model.get_submodule(ENCODER_PATH)
+    fused_encoder = copy.copy(encoder)
+    fused_encoder._modules = dict(encoder._modules)
+    fused_encoder._modules["layers"] = nn.ModuleList(
+        FusedEncoderLayer(cast(DeformableEncoderLayer, layer))
+        for layer in encoder.get_submodule("layers").children()
+    )
+    return _with_submodule(model, ENCODER_PATH, fused_encoder)
+
+
+def _with_submodule(root: ModelT, path: str, replacement: nn.Module) -> ModelT:
+    """A shallow copy of `root` with the submodule at dotted `path` replaced, every module on
+    the way copied (copy.copy shares `_modules`, so each copy gets its own dict first)."""
+    head, _, rest = path.partition(".")
+    copied = copy.copy(root)
+    copied._modules = dict(root._modules)
+    child = root._modules[head]
+    if child is None:
+        raise KeyError(path)
+    copied._modules[head] = _with_submodule(child, rest, replacement) if rest else replacement
+    return copied

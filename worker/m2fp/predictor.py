@@ -120,7 +120,9 @@ class Predictor:
     (`worker.m2fp.precision`); `self.precision` says which one runs, `self.precision_choice` why.
     `fuse_backbone` (default: where it applies) runs the backbone as `worker.m2fp.fusion.FusedBackbone`
     (batch norms folded, oneDNN conv + ReLU / + residual, channels-last) on CPU in fp32 and int8;
-    `self.backbone_path` says which backbone runs. The caller's `model` is not modified. On CPU the
+    `self.backbone_path` says which backbone runs; with it, in fp32, the encoder's FFNs run as oneDNN
+    linears with the ReLU as a post-op (`self.encoder_path`: "fused FFN" or "as built"). The
+    caller's `model` is not modified. On CPU the
     process's malloc is tuned once (`worker.m2fp.allocator`); `self.allocator` says how.
     """
 
@@ -159,6 +161,11 @@ class Predictor:
         self.backbone_path = fusion.backbone_path(model, device, self.precision, fuse_backbone)
         if self.backbone_path.startswith("fused"):
             model = fusion.with_fused_backbone(model.eval())
+        self.encoder_path = "as built"  # the encoder FFN: oneDNN linears on CPU in fp32
+        fused = self.backbone_path.startswith("fused") and self.precision == "fp32"
+        if fused and fusion.linear_fusion_available():
+            model = fusion.with_fused_encoder(model)
+            self.encoder_path = "fused FFN"
         self.model = precision.prepare_model(model.eval(), self.precision)
         self.config = model.config
         self.untrained = untrained  # build_model already announced it loudly
