@@ -59,9 +59,12 @@ class DeformableEncoderLayer(nn.Module):
         """Update the (B, S, C) flattened multi-scale features; `position` has the same shape."""
         attended = self.self_attn(source + position, reference_points, source, spatial_shapes)
         source = self.norm1(source + attended)
-        # ReLU in place: the hidden (S, 1024) activations are 46 MB at 640x864, not worth a copy
-        source = self.norm2(source + self.linear2(F.relu(self.linear1(source), inplace=True)))
-        return source
+        return self.norm2(source + self.feedforward(source))
+
+    def feedforward(self, source: torch.Tensor) -> torch.Tensor:
+        """linear2(relu(linear1(source))); the ReLU in place: the hidden (S, 1024) activations
+        are 46 MB at 640x864, not worth a copy."""
+        return self.linear2(F.relu(self.linear1(source), inplace=True))
 
 
 class DeformableEncoder(nn.Module):
