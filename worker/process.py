@@ -226,19 +226,14 @@ class WorkerProcess:
         for job_id in job_ids + unclaimed + vanished:
             if self.requeue is not None:
                 self.requeue(job_id)
-        for name, found in (
-            ("jobs_of_dead_workers_requeued", job_ids),
-            ("unclaimed_jobs_resent", unclaimed),
-            ("vanished_messages_resent", vanished),
+        for name, metric, found in (
+            ("jobs_of_dead_workers_requeued", "requeued_dead_worker", job_ids),
+            ("unclaimed_jobs_resent", "resent_unclaimed", unclaimed),
+            ("vanished_messages_resent", "resent_vanished", vanished),
         ):
             if found:
                 event(log, name, logging.WARNING, count=len(found))
-        if job_ids:
-            record_job("requeued_dead_worker")
-        if unclaimed:
-            record_job("resent_unclaimed")
-        if vanished:
-            record_job("resent_vanished")
+                record_job(metric)
         return job_ids + unclaimed + vanished
 
     @staticmethod

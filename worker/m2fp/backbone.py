@@ -69,10 +69,7 @@ class Conv2dNormActivation(nn.Conv2d):
         """Apply conv -> norm -> ReLU."""
         features = super().forward(features)
         if self.norm is not None:
-            # NCHW whatever the layout the convolution was given (the fused backbone hands on
-            # channels-last maps): GroupNorm sums in another order on NHWC, enough to move the
-            # golden logits past their tolerance. A no-op on contiguous maps.
-            features = self.norm(features.contiguous())
+            features = self.norm(features)
         if self.relu:
             features = F.relu(features)
         return features

@@ -169,10 +169,7 @@ def with_fused_backbone(model: ModelT) -> ModelT:
     backbone = model.get_submodule("backbone")
     if not isinstance(backbone, DeepLabResNet):
         raise TypeError(f"expected a DeepLabResNet backbone, but got {type(backbone).__name__}")
-    fused = copy.copy(model)
-    fused._modules = dict(model._modules)  # copy.copy shares the dict; replace it before assigning
-    fused.backbone = FusedBackbone(backbone)
-    return fused
+    return _with_submodule(model, "backbone", FusedBackbone(backbone))
 
 
 class FusedEncoderLayer(DeformableEncoderLayer):

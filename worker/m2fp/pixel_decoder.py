@@ -200,9 +200,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
         multi_scale_features = self.transformer(sources, positions)  # [/32, /16, /8]
 
         adapter = self.adapter_1  # 1x1 convolution and GroupNorm, no ReLU
-        if adapter.norm is None:
-            raise ValueError("adapter_1 has a GroupNorm in every M2FP checkpoint")
-        lateral = adapter.norm(
+        adapter_norm = cast(nn.GroupNorm, adapter.norm)
+        lateral = adapter_norm(
             pointwise_conv_nchw(features["res2"].float(), adapter.weight, adapter.bias)
         )
         # The encoder's maps are channels-last views of its tokens; upsampled as they are, the /4
