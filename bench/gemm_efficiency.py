@@ -6,7 +6,9 @@ throughput for its precision, over the network's FLOPs as `torch.utils.flop_coun
 elementwise work count zero, so they are part of what keeps the figure below 100 %).
 
 Measured side by side in one process, with the same thread count:
-- GEMM peak: `torch.mm` of square fp32 matrices (sizes `--gemm-sizes`), the best median;
+- GEMM peak: square fp32 products (sizes `--gemm-sizes`) through MKL (`torch.mm`) and oneDNN (its
+  linear, which the worker runs: worker.m2fp.dense), the best median of either; MKL runs its
+  AVX2 kernels on AMD CPUs, so on an AVX-512 EPYC oneDNN's is the machine's peak;
 - the forward: the golden CIHP network on the synthetic photo (`--size`, padded to /32) as the
   Predictor runs it (compiled deformable-attention op when available, fused backbone, malloc
   tuned), median of `--runs` after a warm-up; FLOPs are counted on the unfused modules, which
@@ -45,15 +47,26 @@ def timed(function, runs: int) -> float:
 
 
 def gemm_peak(sizes: list[int], runs: int) -> dict:
-    """fp32 GEMM throughput of square `torch.mm`s: GFLOP/s per size and the best."""
+    """fp32 GEMM throughput of square products through MKL (`torch.mm`) and oneDNN (its linear,
+    what worker.m2fp.dense runs): GFLOP/s per library and size, and the best of all."""
     import torch
 
-    per_size = {}
-    for size in sizes:
-        left, right = torch.randn(size, size), torch.randn(size, size)
-        seconds = timed(lambda left=left, right=right: torch.mm(left, right), runs)
-        per_size[size] = 2 * size**3 / seconds / 1e9
-    return {"per_size_gflops": per_size, "peak_gflops": max(per_size.values())}
+    from worker.m2fp import dense
+
+    products = {"mkl": torch.mm}
+    if dense.available():
+        products["onednn"] = lambda left, right: torch.ops.mkldnn._linear_pointwise(
+            left, right, None, "none", [], ""
+        )
+    by_library: dict[str, dict[int, float]] = {}
+    for name, product in products.items():
+        by_library[name] = {}
+        for size in sizes:
+            left, right = torch.randn(size, size), torch.randn(size, size)
+            seconds = timed(lambda a=left, b=right, p=product: p(a, b), runs)
+            by_library[name][size] = 2 * size**3 / seconds / 1e9
+    peak = max(g for per_size in by_library.values() for g in per_size.values())
+    return {"per_library_gflops": by_library, "peak_gflops": peak}
 
 
 def golden_model():
@@ -73,8 +86,10 @@ def count_flops(model, padded) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from worker.m2fp import dense
+
     counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), counter:
+    with torch.inference_mode(), dense.as_built(), counter:  # oneDNN's op would count zero
         model(padded)
     by_module = counter.get_flop_counts()
     parts = {label: sum(by_module.get(name, {}).values()) / 1e9 for label, name in PARTS.items()}
@@ -121,8 +136,10 @@ def report(result: dict, cpu: dict, threads: int) -> None:
     print(f"CPU: {cpu['model']} (flags: {', '.join(cpu['flags'])}); torch {torch.__version__}")
     print(f"threads {threads}; input {result['size']} padded to {result['padded']}")
     print(f"deformable attention: {result['deform_attn']}")
-    sizes = ", ".join(f"{n}: {g:.1f}" for n, g in result["per_size_gflops"].items())
-    print(f"fp32 GEMM GFLOP/s by size: {sizes}; peak {result['peak_gflops']:.1f}")
+    for library, per_size in result["per_library_gflops"].items():
+        sizes = ", ".join(f"{n}: {g:.1f}" for n, g in per_size.items())
+        print(f"fp32 GEMM GFLOP/s, {library}, by size: {sizes}")
+    print(f"GEMM peak (best of all): {result['peak_gflops']:.1f} GFLOP/s")
     parts = ", ".join(f"{k} {v:.1f}" for k, v in result["parts_gflop"].items())
     print(f"forward FLOPs: {result['total_gflop']:.1f} GFLOP ({parts})")
     print(

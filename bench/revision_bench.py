@@ -38,6 +38,7 @@ MODULES = (
     "transformer_decoder",
     "deformable_attention",
     "position_encoding",
+    "dense",  # from 2026-12-02 on; a module the base does not have is skipped
 )
 PACKAGE = "m2fp_base"
 
@@ -48,16 +49,22 @@ def import_base(revision: str, folder: Path):
     package.mkdir()
     (package / "__init__.py").write_text("")
     for name in MODULES:
-        source = subprocess.run(
+        shown = subprocess.run(
             ["git", "show", f"{revision}:worker/m2fp/{name}.py"],
             cwd=REPO,
-            check=True,
+            check=False,
             capture_output=True,
             text=True,
-        ).stdout
+        )
+        if shown.returncode != 0:
+            continue  # not in the base
+        source = shown.stdout
         for other in MODULES:
             source = source.replace(f"worker.m2fp.{other} ", f"{PACKAGE}.{other} ")
             source = source.replace(f"worker.m2fp.{other}\n", f"{PACKAGE}.{other}\n")
+            source = source.replace(
+                f"from worker.m2fp import {other}\n", f"from {PACKAGE} import {other}\n"
+            )
         (package / f"{name}.py").write_text(source)
     sys.path.insert(0, str(folder))
     return importlib.import_module(f"{PACKAGE}.model"), importlib.import_module(f"{PACKAGE}.fusion")
@@ -65,19 +72,26 @@ def import_base(revision: str, folder: Path):
 
 def production(model, fusion_module, this_tree: bool):
     """`model` as the worker runs it on this CPU. This tree: the Predictor's own model (every
-    fusion it applies); the base: its fused backbone where the Predictor would fuse one."""
+    fusion it applies); the base: its fused backbone where the Predictor would fuse one, and
+    its fused encoder and oneDNN linears where the base has them (its Predictor applied them)."""
     from worker.m2fp.predictor import Predictor
 
     predictor = Predictor(model)  # tunes malloc, loads the ops, picks the precision
     if this_tree:
         return (
             predictor.model.eval(),
-            f"{predictor.backbone_path}; encoder {predictor.encoder_path}",
+            f"{predictor.backbone_path}; encoder {predictor.encoder_path}; "
+            f"dense {predictor.dense_path}",
         )
     # the base's own check: this tree's isinstance tests do not know the base's classes
     path = fusion_module.backbone_path(model, predictor.device, predictor.precision)
     if path.startswith("fused"):
         model = fusion_module.with_fused_backbone(model.eval())
+        # and what the base's Predictor did after it, where the base has it (fp32 here)
+        if predictor.precision == "fp32" and hasattr(fusion_module, "with_fused_encoder"):
+            model, path = fusion_module.with_fused_encoder(model), path + "; encoder fused FFN"
+        if predictor.precision == "fp32" and hasattr(fusion_module, "with_onednn_linears"):
+            model, path = fusion_module.with_onednn_linears(model), path + "; dense oneDNN"
     return model.eval(), path
 
 

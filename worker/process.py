@@ -137,6 +137,7 @@ class WorkerProcess:
             precision_reason=predictor.precision_choice.reason,
             backbone=predictor.backbone_path,
             encoder=predictor.encoder_path,
+            dense=predictor.dense_path,
             allocator=predictor.allocator,
             cpu_flags=predictor.precision_choice.features,
         )

@@ -241,6 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"precision: {predictor.precision_choice.describe()}", file=sys.stderr)
         print(f"backbone: {predictor.backbone_path}", file=sys.stderr)
         print(f"encoder: {predictor.encoder_path}", file=sys.stderr)
+        print(f"dense products: {predictor.dense_path}", file=sys.stderr)
     arguments.out.mkdir(parents=True, exist_ok=True)
     paths = [Path(image) for image in arguments.images]
     progress = Progress(len(paths))

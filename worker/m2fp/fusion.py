@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from worker.m2fp import dense
 from worker.m2fp.backbone import (
     BottleneckBlock,
     Conv2dNormActivation,
@@ -189,14 +190,13 @@ class FusedEncoderLayer(DeformableEncoderLayer):
 
     def feedforward(self, source: torch.Tensor) -> torch.Tensor:
         """linear2(relu(linear1(source))) as two `mkldnn._linear_pointwise` calls."""
-        linear = torch.ops.mkldnn._linear_pointwise
-        hidden = linear(source, self.linear1.weight, self.linear1.bias, "relu", [], "")
-        return linear(hidden, self.linear2.weight, self.linear2.bias, "none", [], "")
+        hidden = dense.linear(source, self.linear1.weight, self.linear1.bias, "relu")
+        return dense.linear(hidden, self.linear2.weight, self.linear2.bias)
 
 
 def linear_fusion_available() -> bool:
     """Whether this torch has oneDNN's linear with post-ops."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    return dense.available()
 
 
 def with_fused_encoder(model: ModelT) -> ModelT:
@@ -210,6 +210,34 @@ def with_fused_encoder(model: ModelT) -> ModelT:
         for layer in encoder.get_submodule("layers").children()
     )
     return _with_submodule(model, ENCODER_PATH, fused_encoder)
+
+
+class OneDNNLinear(nn.Linear):
+    """An `nn.Linear` (the same weight and bias objects, the same state_dict keys) that runs
+    through `dense.linear`: oneDNN on the CPU in float32 inference, `F.linear` otherwise."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        nn.Module.__init__(self)  # not nn.Linear's __init__: it would build new weights
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.register_parameter("bias", linear.bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """features @ weight.T + bias."""
+        return dense.linear(features, self.weight, self.bias)
+
+
+def with_onednn_linears(model: ModelT) -> ModelT:
+    """A copy of `model`'s module tree with every `nn.Linear` an `OneDNNLinear`; every module is
+    a shallow copy (parameters and buffers shared), `model` itself is unchanged."""
+    if isinstance(model, nn.Linear) and not isinstance(model, OneDNNLinear):
+        return cast(ModelT, OneDNNLinear(model))
+    copied = copy.copy(model)
+    copied._modules = {
+        name: None if child is None else with_onednn_linears(child)
+        for name, child in model._modules.items()
+    }
+    return copied
 
 
 def _with_submodule(root: ModelT, path: str, replacement: nn.Module) -> ModelT:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from worker.m2fp import dense
 from worker.m2fp.backbone import Conv2dNormActivation
 from worker.m2fp.config import M2FPConfig
 from worker.m2fp.deformable_attention import MultiScaleDeformableAttention
@@ -26,14 +27,12 @@ def pointwise_conv_nchw(
     weight's strides are ambiguous enough that it may do so for an NCHW one too; the GroupNorm
     that follows must see NCHW (it sums in another order on NHWC) and the resizes copy
     channels-last maps back to NCHW: 35 MB per copy at /4. Here (O, C) @ (B, C, H*W) reads
-    either layout in place (NHWC is the transposed operand) and writes NCHW.
+    either layout in place and writes NCHW (`dense.matrix_times_map`: oneDNN on the CPU).
     """
-    batch, channels, height, width = features.shape
-    matrix = weight.view(1, weight.shape[0], channels).expand(batch, -1, -1)
-    output = torch.bmm(matrix, features.flatten(2))  # (B, O, H*W), contiguous (matmul may not be)
+    output = dense.matrix_times_map(weight.view(weight.shape[0], -1), features)
     if bias is not None:
-        output += bias.view(1, -1, 1)
-    return output.view(batch, -1, height, width)
+        output += bias.view(1, -1, 1, 1)
+    return output
 
 
 class DeformableEncoderLayer(nn.Module):

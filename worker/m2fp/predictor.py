@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 import torch
 
-from worker.m2fp import allocator, fusion, ops, precision
+from worker.m2fp import allocator, dense, fusion, ops, precision
 from worker.m2fp.checkpoint import build_model
 from worker.m2fp.model import M2FP
 from worker.m2fp.persons import describe_persons, scale_box
@@ -121,8 +121,9 @@ class Predictor:
     `fuse_backbone` (default: where it applies) runs the backbone as `worker.m2fp.fusion.FusedBackbone`
     (batch norms folded, oneDNN conv + ReLU / + residual, channels-last) on CPU in fp32 and int8;
     `self.backbone_path` says which backbone runs; with it, in fp32, the encoder's FFNs run as oneDNN
-    linears with the ReLU as a post-op (`self.encoder_path`: "fused FFN" or "as built"). The
-    caller's `model` is not modified. On CPU the
+    linears with the ReLU as a post-op (`self.encoder_path`: "fused FFN" or "as built"), and on
+    CPU in fp32 every `nn.Linear` runs through oneDNN (`self.dense_path`: "oneDNN" or "as built";
+    `worker.m2fp.dense`). The caller's `model` is not modified. On CPU the
     process's malloc is tuned once (`worker.m2fp.allocator`); `self.allocator` says how.
     """
 
@@ -166,6 +167,11 @@ class Predictor:
         if fused and fusion.linear_fusion_available():
             model = fusion.with_fused_encoder(model)
             self.encoder_path = "fused FFN"
+        # Every nn.Linear through oneDNN (worker.m2fp.dense: MKL runs AVX2 code on AMD CPUs).
+        self.dense_path = "as built"
+        if on_cpu and self.precision == "fp32" and dense.available():
+            model = fusion.with_onednn_linears(model)
+            self.dense_path = "oneDNN"
         self.model = precision.prepare_model(model.eval(), self.precision)
         self.config = model.config
         self.untrained = untrained  # build_model already announced it loudly

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from worker.m2fp import dense
 from worker.m2fp.config import M2FPConfig
 from worker.m2fp.position_encoding import PositionEmbeddingSine
 
@@ -46,11 +47,14 @@ def masked_cross_attention(
         # (N, B, E) -> (N, B, heads, E/heads) -> (B, heads, N, E/heads)
         return projected.view(projected.shape[0], batch, heads, -1).permute(1, 2, 0, 3)
 
-    queries = heads_first(F.linear(query, w_q, b_q))
+    queries = heads_first(dense.linear(query, w_q, b_q))
     mask = torch.zeros(blocked.shape, dtype=queries.dtype, device=queries.device)
     mask = mask.masked_fill_(blocked, float("-inf")).unsqueeze(1)  # (B, 1, L, S): every head
     attended = F.scaled_dot_product_attention(
-        queries, heads_first(F.linear(key, w_k, b_k)), heads_first(F.linear(value, w_v, b_v)), mask
+        queries,
+        heads_first(dense.linear(key, w_k, b_k)),
+        heads_first(dense.linear(value, w_v, b_v)),
+        mask,
     )  # (B, heads, L, E/heads)
     attended = attended.permute(2, 0, 1, 3).reshape(length, batch, embed)
     return attention.out_proj(attended)
@@ -181,14 +185,12 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         mask_embeddings = self.mask_embed(decoded)  # (B, Q, mask_dim)
         mask_logits = None
         if attention_features is None:
-            mask_logits = torch.einsum(
-                "bqc,bchw->bqhw", mask_embeddings, mask_features
-            )  # (B, Q, H/4, W/4)
+            mask_logits = dense.matrix_times_map(mask_embeddings, mask_features)  # (B, Q, H/4, W/4)
             resized = F.interpolate(
                 mask_logits, size=attention_mask_size, mode="bilinear", align_corners=False
             )
         else:
-            resized = torch.einsum("bqc,bchw->bqhw", mask_embeddings, attention_features)
+            resized = dense.matrix_times_map(mask_embeddings, attention_features)
         attention_mask = resized.sigmoid().flatten(2) < 0.5  # (B, Q, h, w) -> (B, Q, h*w)
         return class_logits, mask_logits, attention_mask.detach()
 

@@ -1,0 +1,84 @@
+"""Dense products on the CPU through oneDNN: linears and "matrix x feature map" products.
+
+Owns the choice between MKL (what `nn.Linear`, `bmm` and `einsum` run on the CPU) and oneDNN's
+`mkldnn._linear_pointwise` for the network's float32 dense products. MKL picks its kernels by
+vendor: on AMD CPUs it runs its AVX2 code even where AVX-512 is there, while oneDNN JITs for the
+CPU it finds. Measured on an AMD EPYC (Zen 5, avx512f, 2 threads): MKL sgemm 120-180 GFLOP/s,
+oneDNN 350-415 GFLOP/s on the same shapes (docs/BENCHMARKS.md, "Dense products"); on the
+AVX2-only EPYC of an earlier session, the encoder FFN ran 12 % faster through oneDNN.
+
+- `available()`: this torch has oneDNN's linear;
+- `applies(*tensors)`: the oneDNN path may run for these operands (CPU, float32, no autograd,
+  no autocast: `_linear_pointwise` has no backward and autocast does not cover it);
+- `matrix_times_map(matrix, features)`: (O, C) x (B, C, H, W) -> (B, O, H, W), NCHW out from an
+  NCHW or channels-last map, read in place (oneDNN takes the map as its "weight" operand, strided
+  as it is), the 1x1 convolutions' and the mask heads' product;
+- `linear(x, weight, bias, post)`: `F.linear`, optionally with a ReLU post-op;
+- `as_built()`: a context in which nothing here takes the oneDNN path (the FLOP counter of
+  bench/gemm_efficiency.py does not know oneDNN's op; tests compare the two paths).
+
+Results equal MKL's up to float32 summation order (about 1e-7 relative; tests/model/test_m2fp_dense.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+
+def available() -> bool:
+    """Whether this torch has oneDNN's linear with post-ops."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+_AVAILABLE = available()
+_as_built = False  # process-wide, set only by `as_built()`
+
+
+@contextlib.contextmanager
+def as_built() -> Iterator[None]:
+    """Within: `linear` is `F.linear` and `matrix_times_map` is `bmm` (MKL)."""
+    global _as_built  # noqa: PLW0603 (a process-wide switch, like torch.set_num_threads)
+    previous, _as_built = _as_built, True
+    try:
+        yield
+    finally:
+        _as_built = previous
+
+
+def applies(*tensors: torch.Tensor) -> bool:
+    """Whether the oneDNN path may compute a product of `tensors`."""
+    if not _AVAILABLE or _as_built or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
+        return False
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+
+
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, post: str = "none"
+) -> torch.Tensor:
+    """x @ weight.T + bias, then ReLU when `post` is "relu"; oneDNN where it `applies`."""
+    if applies(x, weight):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, post, [], "")
+    output = F.linear(x, weight, bias)
+    return F.relu(output, inplace=True) if post == "relu" else output
+
+
+def matrix_times_map(matrix: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """(O, C) or (B, O, C) `matrix` times (B, C, H, W) `features`: (B, O, H, W), contiguous NCHW.
+
+    `bmm` would do it too (and does where oneDNN does not apply), at MKL's rate; here each image's
+    map is oneDNN's weight operand, (H*W, C) with the map's own strides: out = matrix @ map.
+    """
+    batch, _, height, width = features.shape
+    tokens = features.flatten(2)  # (B, C, H*W), a view in either layout
+    if matrix.dim() == 2:
+        matrix = matrix.expand(batch, -1, -1)
+    if not applies(matrix, features):
+        return torch.bmm(matrix, tokens).view(batch, -1, height, width)
+    product = torch.ops.mkldnn._linear_pointwise
+    outputs = [product(matrix[i], tokens[i].t(), None, "none", [], "") for i in range(batch)]
+    output = outputs[0].unsqueeze(0) if batch == 1 else torch.stack(outputs)
+    return output.view(batch, -1, height, width)
