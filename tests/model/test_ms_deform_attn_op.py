@@ -374,3 +374,17 @@ def test_cli_honours_the_forced_reference(monkeypatch, tmp_path) -> None:
         == 0
     )
     assert ops.mode() == "reference" and (tmp_path / "photo.labels.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "scale", [1.0, 80.0]
+)  # 80: large logits, where exp without the max overflows
+def test_short_softmax_equals_softmax(scale: float) -> None:
+    logits = torch.randn(1, 300, 8, 12, generator=torch.Generator().manual_seed(5)) * scale
+    with torch.inference_mode():
+        got = deformable_attention.short_softmax(logits)
+    torch.testing.assert_close(got, logits.softmax(-1), rtol=1e-6, atol=1e-7)
+    assert not torch.equal(logits, got)  # a new tensor: the logits are not overwritten
+    trained = logits.clone().requires_grad_()
+    deformable_attention.short_softmax(trained)[..., 0].sum().backward()  # autograd: torch's own
+    assert trained.grad is not None
