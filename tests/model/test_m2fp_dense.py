@@ -122,3 +122,19 @@ def test_the_network_through_onednn_equals_it_as_built() -> None:
         torch.testing.assert_close(getattr(got, key), getattr(expected, key), rtol=1e-4, atol=1e-4)
     assert Predictor(model, precision_mode="fp32").dense_path == "oneDNN"
     assert Predictor(model, precision_mode="int8").dense_path == "as built"
+
+
+def test_strided_weights_are_copied_to_a_dense_layout() -> None:
+    """oneDNN takes a row- or column-major weight in place; one with other strides (a head of
+    interleaved heads) would take its slow path, so `linear` makes it contiguous first."""
+    generator = torch.Generator().manual_seed(4)
+    interleaved = torch.randn(300, 1, 8, 32, generator=generator)  # (S, B, heads, D)
+    head = interleaved[:, 0, 3]  # (300, 32), row stride 256
+    transposed = head.t()  # (32, 300): neither row- nor column-major
+    x = torch.randn(10, 300, generator=generator)
+    assert not (transposed.is_contiguous() or transposed.t().is_contiguous())
+    with torch.inference_mode():
+        got = dense.linear(x, transposed, None)
+        got_rows = dense.linear(torch.randn(10, 32, generator=generator), head, None)
+    assert relative(got, F.linear(x, transposed)) <= 1e-5
+    assert got_rows.shape == (10, 300)
