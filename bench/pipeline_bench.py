@@ -96,8 +96,10 @@ def throughput(server: str, jobs: int, size: tuple[int, int]) -> dict[str, float
     }
 
 
-def start_stack(port: int) -> subprocess.Popen:
-    """scripts/stack.py with random weights on `port`; waits until /readyz says ready."""
+def start_stack(port: int, log=None) -> subprocess.Popen:
+    """scripts/stack.py with random weights on `port`; waits until /readyz says ready. Its output
+    goes to `log` (an open file; the stack's JSON event log, which never holds image data) or
+    nowhere."""
     env = dict(
         os.environ,
         M2FP_PORT=str(port),
@@ -109,8 +111,8 @@ def start_stack(port: int) -> subprocess.Popen:
         [sys.executable, str(REPO / "scripts/stack.py")],
         env=env,
         cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=log if log is not None else subprocess.DEVNULL,
+        stderr=subprocess.STDOUT if log is not None else subprocess.DEVNULL,
         start_new_session=True,
     )
     deadline = time.monotonic() + 300
