@@ -4,7 +4,7 @@ Owns the choice between MKL (what `nn.Linear`, `bmm` and `einsum` run on the CPU
 `mkldnn._linear_pointwise` for the network's float32 dense products. MKL picks its kernels by
 vendor: on AMD CPUs it runs its AVX2 code even where AVX-512 is there, while oneDNN JITs for the
 CPU it finds. Measured on an AMD EPYC (Zen 5, avx512f, 2 threads): MKL sgemm 120-180 GFLOP/s,
-oneDNN 350-415 GFLOP/s on the same shapes (docs/BENCHMARKS.md, "Dense products"); on the
+oneDNN 350-415 GFLOP/s on the same shapes (docs/BENCHMARKS.md, "Run F"); on the
 AVX2-only EPYC of an earlier session, the encoder FFN ran 12 % faster through oneDNN.
 
 - `available()`: this torch has oneDNN's linear;

@@ -189,14 +189,9 @@ class FusedEncoderLayer(DeformableEncoderLayer):
         self.linear1, self.linear2 = layer.linear1, layer.linear2
 
     def feedforward(self, source: torch.Tensor) -> torch.Tensor:
-        """linear2(relu(linear1(source))) as two `mkldnn._linear_pointwise` calls."""
+        """linear2(relu(linear1(source))), the ReLU a post-op of the first (`dense.linear`)."""
         hidden = dense.linear(source, self.linear1.weight, self.linear1.bias, "relu")
         return dense.linear(hidden, self.linear2.weight, self.linear2.bias)
-
-
-def linear_fusion_available() -> bool:
-    """Whether this torch has oneDNN's linear with post-ops."""
-    return dense.available()
 
 
 def with_fused_encoder(model: ModelT) -> ModelT:

@@ -163,13 +163,13 @@ class Predictor:
         if self.backbone_path.startswith("fused"):
             model = fusion.with_fused_backbone(model.eval())
         self.encoder_path = "as built"  # the encoder FFN: oneDNN linears on CPU in fp32
-        fused = self.backbone_path.startswith("fused") and self.precision == "fp32"
-        if fused and fusion.linear_fusion_available():
+        onednn = on_cpu and self.precision == "fp32" and dense.available()
+        if onednn and self.backbone_path.startswith("fused"):
             model = fusion.with_fused_encoder(model)
             self.encoder_path = "fused FFN"
         # Every nn.Linear through oneDNN (worker.m2fp.dense: MKL runs AVX2 code on AMD CPUs).
         self.dense_path = "as built"
-        if on_cpu and self.precision == "fp32" and dense.available():
+        if onednn:
             model = fusion.with_onednn_linears(model)
             self.dense_path = "oneDNN"
         self.model = precision.prepare_model(model.eval(), self.precision)
