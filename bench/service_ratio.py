@@ -168,24 +168,35 @@ def fetch(server: str, job: dict) -> dict:
 
 
 def run_jobs(server: str, uploads: list[bytes], watch: int, poll: float, limit: float):
-    """Submit one job per upload at once, follow them until every result is fetched; polls only
-    the `watch` oldest unfinished jobs. Returns (s from first submit to last fetch, results)."""
+    """Submit one job per upload at once, follow them until every result is fetched. Polls only
+    the `watch` oldest unfinished jobs, oldest by when their submission was answered (the order
+    the gateway queued them in, not the order of `uploads`: the submissions run concurrently),
+    and sleeps `poll` s only after a round that found none of them done (a done job's successor
+    is asked at once). Returns (s from first submit to last fetch, results)."""
     start, count = time.perf_counter(), len(uploads)
+
+    def submitted(data: bytes) -> tuple[float, dict]:
+        job = submit(server, data)
+        return time.perf_counter(), job
+
     with ThreadPoolExecutor(max_workers=min(count, 32)) as pool:
-        jobs = list(pool.map(lambda data: submit(server, data), uploads))
+        jobs = [job for _, job in sorted(pool.map(submitted, uploads), key=lambda row: row[0])]
     results: dict[int, dict] = {}
     deadline = time.monotonic() + limit
     while len(results) < count:
         if time.monotonic() > deadline:
             raise SystemExit(f"bench: {count - len(results)} jobs not done within {limit:g} s")
         pending = [i for i in range(count) if i not in results][:watch]
+        finished = 0
         for index in pending:
             state = status(server, jobs[index])
             if state == "done":
                 results[index] = fetch(server, jobs[index])
+                finished += 1
             elif state in ("failed", "expired"):
                 raise SystemExit(f"bench: a job ended {state}")
-        time.sleep(poll)
+        if not finished:
+            time.sleep(poll)
     return time.perf_counter() - start, list(results.values())
 
 
