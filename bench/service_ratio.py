@@ -11,9 +11,14 @@ service  `make run`'s stack (scripts/stack.py, started as bench/pipeline_bench.p
          submitted at once over loopback HTTP; throughput is first submit to last result fetched.
 
 The image is bench/model_bench.py's synthetic photo as a JPEG (quality 90). The client polls
-frugally (only the oldest unfinished jobs, one per worker, every `--poll` s) so that the
-measuring client costs the 2 cores next to nothing. Phases run raw, service, service, raw
-(the stack is started once for the two service phases): the machine is shared and noisy.
+frugally (only the oldest unfinished jobs, one per worker, every `--poll` s, at once again after
+a round that found one done) so that the measuring client costs the 2 cores next to nothing.
+Phases alternate raw, service, raw, service, raw in one run of the stack: the machine is shared
+and its speed drifts over minutes (on the KVM guest of run G the last raw phase of an
+ABBA order was 6-10 % faster than the first, three runs out of three), so raw and service take
+turns. The raw phases run beside the idle stack; what it uses then is reported per phase
+(`stack_idle_cpu_share`: 0.45 % of the cores there, and raw beside it measured 1.080 against
+1.081 images/s without it).
 
     flock /tmp/m2fp-cpu.flock .venv/bin/python bench/service_ratio.py --images 6 \
         --json docs/bench/service-ratio.json
@@ -328,22 +333,49 @@ def with_stack(processes: int, variant: str, run) -> list[dict]:
         log_path.unlink(missing_ok=True)
 
 
+def idle_share(stack_pid: int, run) -> tuple[object, dict[str, float]]:
+    """`run()`, and the share of the cores each stack role used meanwhile (the stack idle)."""
+    before, tic = cpu_seconds_by_role(stack_pid), time.perf_counter()
+    result = run()
+    after, wall = cpu_seconds_by_role(stack_pid), time.perf_counter() - tic
+    cores = os.cpu_count() or 1
+    return result, {
+        role: round((after[role] - before.get(role, 0.0)) / (cores * wall), 4)
+        for role in after
+        if role != "client"
+    }
+
+
 def run_phases(args: argparse.Namespace, jpeg: bytes, jpeg_path: Path) -> list[dict]:
-    """raw, service, service, raw (or fewer with --repeats 1): the stack started once."""
+    """raw, service, raw, service, raw (`--repeats` service phases, one raw phase more), all with
+    the stack started once: the raw phases run while it idles, so that raw and service alternate
+    and a drift of the host's speed over the minutes of the run weighs on both sides alike."""
 
-    def service(server: str, stack_pid: int, log_path: Path) -> list[dict]:
+    def phases(server: str, stack_pid: int, log_path: Path) -> list[dict]:
         run_jobs(server, [jpeg] * args.processes, args.processes, args.poll, 600)  # warm-up
-        return [service_phase(server, jpeg, args, stack_pid, log_path) for _ in range(args.repeats)]
+        rows: list[dict] = []
+        for index in range(2 * args.repeats + 1):
+            if index % 2:
+                rows.append(service_phase(server, jpeg, args, stack_pid, log_path))
+            else:
+                raw, idle = idle_share(
+                    stack_pid,
+                    lambda: run_raw(jpeg_path, args.processes, args.images, args.variant),
+                )
+                rows.append(dict(raw, stack_idle_cpu_share=idle))
+            print(json.dumps(rows[-1]), flush=True)
+        return rows
 
-    phases = [run_raw(jpeg_path, args.processes, args.images, args.variant)]
-    print(json.dumps(phases[-1]), flush=True)
-    for row in with_stack(args.processes, args.variant, service):
-        phases.append(row)
-        print(json.dumps(row), flush=True)
-    if args.repeats > 1:
-        phases.append(run_raw(jpeg_path, args.processes, args.images, args.variant))
-        print(json.dumps(phases[-1]), flush=True)
-    return phases
+    return with_stack(args.processes, args.variant, phases)
+
+
+def bracketing_raw(phases: list[dict]) -> list[tuple[dict, float]]:
+    """Each service phase that has a raw phase just before and just after it, with their mean."""
+    return [
+        (phase, statistics.mean((phases[i - 1]["images_per_s"], phases[i + 1]["images_per_s"])))
+        for i, phase in enumerate(phases[1:-1], start=1)
+        if phase["phase"] == "service" and phases[i - 1]["phase"] == phases[i + 1]["phase"] == "raw"
+    ]
 
 
 def summarise(phases: list[dict], processes: int) -> dict:
@@ -358,6 +390,11 @@ def summarise(phases: list[dict], processes: int) -> dict:
         "ratio": round(service / raw, 3),  # the client's view: with its polling delay
         "service_view_images_per_s": round(own, 4),
         "ratio_service_view": round(own / raw, 3),
+        # each service phase against the mean of the raw phases just before and after it
+        "ratio_service_view_each": [
+            round(phase["images_per_s_service_view"] / neighbours, 3)
+            for phase, neighbours in bracketing_raw(phases)
+        ],
         "target_ratio": 0.95,
         "target_met": service / raw >= 0.95,
         "target_met_service_view": own / raw >= 0.95,
@@ -373,7 +410,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--size", default="640x640", help="upload HxW")
     parser.add_argument("--processes", type=int, default=2, help="raw processes = workers")
     parser.add_argument("--images", type=int, default=6, help="measured images per process")
-    parser.add_argument("--repeats", type=int, default=2, choices=(1, 2))
+    parser.add_argument("--repeats", type=int, default=2, help="service phases (raw: one more)")
     parser.add_argument("--poll", type=float, default=0.1, help="s between polls")
     parser.add_argument("--revision", default="", help="commit of an exported tree (no .git)")
     parser.add_argument("--json", type=Path)

@@ -12,14 +12,19 @@ def test_ratio_and_overhead_per_job() -> None:
     phases = [
         {"phase": "raw", "images_per_s": 0.30},
         {"phase": "service", "images_per_s": 0.28, "images_per_s_service_view": 0.29},
+        {"phase": "raw", "images_per_s": 0.32},
         {"phase": "service", "images_per_s": 0.26, "images_per_s_service_view": 0.285},
-        {"phase": "raw", "images_per_s": 0.30},
+        {"phase": "raw", "images_per_s": 0.28},
     ]
     summary = summarise(phases, processes=2)
-    assert summary["ratio"] == pytest.approx(0.9, abs=1e-3)
+    assert summary["ratio"] == pytest.approx(0.27 / 0.30, abs=1e-3)
     assert summary["target_met"] is False
     assert summary["ratio_service_view"] == pytest.approx(0.2875 / 0.30, abs=1e-3)
     assert summary["target_met_service_view"] is True
+    # each service phase against the raw phases on either side of it
+    assert summary["ratio_service_view_each"] == pytest.approx(
+        [0.29 / 0.31, 0.285 / 0.30], abs=1e-3
+    )
     # 2 slots: 2 / 0.27 s per service job vs 2 / 0.30 s per raw image.
     assert summary["overhead_per_job_s"] == pytest.approx(2 / 0.27 - 2 / 0.30, abs=1e-3)
 
