@@ -13,7 +13,12 @@ Measured side by side in one process, with the same thread count:
   Predictor runs it (compiled deformable-attention op when available, fused backbone, malloc
   tuned), median of `--runs` after a warm-up; FLOPs are counted on the unfused modules, which
   do the same arithmetic (the counter does not know the fused oneDNN op);
-- FLOPs per top-level part (backbone, pixel decoder, transformer decoder) and in total.
+- FLOPs per top-level part (backbone, pixel decoder, transformer decoder) and in total;
+- where the forward's time goes (one profiled forward, torch.profiler self times): the dense
+  kernels (`DENSE_KERNELS`: oneDNN's convolutions and linears, MKL's products), which do all the
+  counted FLOPs, against everything else (the deformable sampling, attention, norms, adds,
+  resizes, copies, Python). The kernels' own rate over the peak says how close the arithmetic
+  is to the machine's limit; the rest is time that no faster GEMM would save.
 
 Usage:
   .venv/bin/python bench/gemm_efficiency.py                       # 640x864, 2 threads
@@ -25,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,6 +42,18 @@ PARTS = {
     "pixel decoder": "M2FP.sem_seg_head.pixel_decoder",
     "transformer decoder": "M2FP.sem_seg_head.predictor",
 }
+
+
+# The operators that compute the network's FLOPs on the CPU paths (fused oneDNN, MKL, as built).
+DENSE_KERNELS = (
+    "mkldnn::_convolution_pointwise",
+    "mkldnn::_linear_pointwise",
+    "aten::mkldnn_convolution",
+    "aten::addmm",
+    "aten::mm",
+    "aten::bmm",
+    "aten::_convolution",
+)
 
 
 def timed(function, runs: int) -> float:
@@ -96,6 +114,20 @@ def count_flops(model, padded) -> dict:
     return {"total_gflop": counter.get_total_flops() / 1e9, "parts_gflop": parts}
 
 
+def kernel_split(forward) -> dict:
+    """Seconds of one profiled `forward()` in the dense kernels and outside them (self times)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as profiler:
+        tic = time.perf_counter()
+        forward()
+        wall = time.perf_counter() - tic
+    averages = profiler.key_averages()
+    dense = sum(e.self_cpu_time_total for e in averages if e.key in DENSE_KERNELS) / 1e6
+    return {"profiled_forward_s": wall, "dense_kernels_s": dense, "outside_kernels_s": wall - dense}
+
+
 def measure(size: str, runs: int, gemm_sizes: list[int]) -> dict:
     """GEMM peak, FLOPs and forward time of the golden network at `size` (H x W)."""
     import torch
@@ -115,8 +147,10 @@ def measure(size: str, runs: int, gemm_sizes: list[int]) -> dict:
     ).model  # the network as the worker runs it (fused backbone, malloc tuned)
     with torch.inference_mode():
         forward_s = timed(lambda: fast(padded), runs)
+    split = kernel_split(lambda: fast(padded))
     gemm = gemm_peak(gemm_sizes, runs)
     achieved = flops["total_gflop"] / forward_s
+    kernel_rate = flops["total_gflop"] / split["dense_kernels_s"]
     return {
         "size": size,
         "padded": list(padded.shape[-2:]),
@@ -124,6 +158,9 @@ def measure(size: str, runs: int, gemm_sizes: list[int]) -> dict:
         "forward_s": forward_s,
         "achieved_gflops": achieved,
         "efficiency": achieved / gemm["peak_gflops"],
+        **split,
+        "dense_kernels_gflops": kernel_rate,
+        "dense_kernels_efficiency": kernel_rate / gemm["peak_gflops"],
         **flops,
         **gemm,
     }
@@ -145,6 +182,12 @@ def report(result: dict, cpu: dict, threads: int) -> None:
     print(
         f"forward {result['forward_s']:.3f} s = {result['achieved_gflops']:.1f} GFLOP/s = "
         f"{100 * result['efficiency']:.1f} % of the GEMM peak"
+    )
+    print(
+        f"one profiled forward {result['profiled_forward_s']:.3f} s: dense kernels "
+        f"{result['dense_kernels_s']:.3f} s ({result['dense_kernels_gflops']:.1f} GFLOP/s = "
+        f"{100 * result['dense_kernels_efficiency']:.1f} % of the peak), everything else "
+        f"{result['outside_kernels_s']:.3f} s"
     )
 
 
