@@ -20,8 +20,8 @@ turns. The raw phases run beside the idle stack; what it uses then is reported p
 (`stack_idle_cpu_share`: 0.45 % of the cores there, and raw beside it measured 1.080 against
 1.081 images/s without it).
 
-    flock /tmp/m2fp-cpu.flock .venv/bin/python bench/service_ratio.py --images 6 \
-        --json docs/bench/service-ratio.json
+    flock /tmp/m2fp-cpu.flock .venv/bin/python bench/service_ratio.py \
+        --json docs/bench/service-ratio-run-g.json      # 24 images per process, 0.5 s polling
 """
 
 from __future__ import annotations
@@ -409,9 +409,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="640x640", help="upload HxW")
     parser.add_argument("--processes", type=int, default=2, help="raw processes = workers")
-    parser.add_argument("--images", type=int, default=6, help="measured images per process")
+    parser.add_argument("--images", type=int, default=24, help="measured images per process")
     parser.add_argument("--repeats", type=int, default=2, help="service phases (raw: one more)")
-    parser.add_argument("--poll", type=float, default=0.1, help="s between polls")
+    parser.add_argument("--poll", type=float, default=0.5, help="s between polls")
     parser.add_argument("--revision", default="", help="commit of an exported tree (no .git)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--variant", default="cihp", help="tiny: a smoke run of the harness only")
