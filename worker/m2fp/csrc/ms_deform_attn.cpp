@@ -13,7 +13,8 @@
 // uses every intra-op thread. Each item reads, per level and point, four corner rows of D
 // contiguous channels (value is channels-last per head) and accumulates them in a float32 row of D,
 // in one branch-free pass (corners outside the map weigh 0 at a clamped address): the inner loop
-// runs over the head dimension and is left to the compiler's auto-vectoriser.
+// runs over the head dimension and is left to the compiler's auto-vectoriser. Each item first
+// asks for the next item's corner rows (`prefetch_item`).
 //
 // Instruction set: the binary is built for the generic x86-64 baseline, and the kernels are
 // compiled a second and third time for x86-64-v3 (AVX2 + FMA) and x86-64-v4 (AVX-512) through
@@ -88,6 +89,43 @@ inline __attribute__((always_inline)) void axpy4(float* __restrict accumulator, 
   }
 }
 
+// Prefetch hints for one item's corner rows: the rows the next item will read are asked for
+// while this one computes, so that its loads find them in cache (the values of the three levels,
+// 11 MB at 640x864, are read in an order no hardware prefetcher follows). Only an address inside
+// the level is ever formed (clamped; NaN or far-off locations give corner 0), and a prefetch
+// never faults or changes a result. Measured inside the forward at 640x864 (golden weights,
+// 2 threads, 7 interleaved forwards): the op's time per forward went 73.3 -> 44.4 ms (medians).
+template <typename storage_t, int kHeadDim>
+inline __attribute__((always_inline)) void prefetch_item(const Problem& problem, int64_t item) {
+  const int64_t head_dim = kHeadDim > 0 ? kHeadDim : problem.head_dim;
+  const int64_t pixel_bytes = problem.num_heads * head_dim * static_cast<int64_t>(sizeof(storage_t));
+  const int64_t row_bytes = head_dim * static_cast<int64_t>(sizeof(storage_t));
+  const int64_t batch = item / (problem.num_queries * problem.num_heads), head = item % problem.num_heads;
+  const float* locations = problem.locations + item * problem.num_levels * problem.num_points * 2;
+  const char* item_base = static_cast<const char*>(problem.value) + batch * problem.num_values * pixel_bytes +
+                          head * row_bytes;
+  for (int64_t level = 0; level < problem.num_levels; ++level) {
+    const int64_t height = problem.heights[level], width = problem.widths[level];
+    if (height < 2 || width < 2) continue;
+    const float last_column = static_cast<float>(width - 2), last_row = static_cast<float>(height - 2);
+    const char* level_base = item_base + problem.starts[level] * pixel_bytes;
+    for (int64_t point = 0; point < problem.num_points; ++point, locations += 2) {
+      float x = locations[0] * static_cast<float>(width) - 0.5f;  // as in attend_items
+      float y = locations[1] * static_cast<float>(height) - 0.5f;
+      x = x >= 0.0f ? (x <= last_column ? x : last_column) : 0.0f;  // NaN -> 0
+      y = y >= 0.0f ? (y <= last_row ? y : last_row) : 0.0f;
+      const char* north = level_base + (static_cast<int64_t>(y) * width + static_cast<int64_t>(x)) * pixel_bytes;
+      const char* south = north + width * pixel_bytes;
+      for (int64_t offset = 0; offset < row_bytes; offset += 64) {
+        __builtin_prefetch(north + offset);
+        __builtin_prefetch(north + pixel_bytes + offset);
+        __builtin_prefetch(south + offset);
+        __builtin_prefetch(south + pixel_bytes + offset);
+      }
+    }
+  }
+}
+
 // Items [begin, end) of the flattened (batch, query, head) index; storage_t is float or the bits of bfloat16.
 template <typename storage_t, int kHeadDim>
 inline __attribute__((always_inline)) void attend_items(const Problem& problem, int64_t begin, int64_t end) {
@@ -107,6 +145,7 @@ inline __attribute__((always_inline)) void attend_items(const Problem& problem, 
     const float* weights = problem.weights + item * samples_per_item;
     const storage_t* value_head = value + batch * problem.num_values * pixel_stride + head * head_dim;
     for (int64_t channel = 0; channel < head_dim; ++channel) accumulator[channel] = 0.0f;
+    if (item + 1 < end) prefetch_item<storage_t, kHeadDim>(problem, item + 1);
 
     for (int64_t level = 0; level < problem.num_levels; ++level) {
       const int64_t height = problem.heights[level], width = problem.widths[level];
