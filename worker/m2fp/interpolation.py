@@ -1,6 +1,15 @@
-"""Separable bilinear interpolation taps: what the compiled mask readout resizes with.
+"""Separable bilinear interpolation: the compiled mask readout's taps, and exact integer downscales.
 
-Owns the composition of the readout's resize -> crop -> resize (`postprocess.resize_mask_logits`,
+Owns `downscale_bilinear`, the decoder's resize of its mask features to each attention level:
+`F.interpolate(..., mode="bilinear", align_corners=False)` by an exact integer factor s per axis
+(the levels are H/32, H/16, H/8 of a map at H/4, and padded sizes are multiples of 32: s = 8, 4,
+2) samples every output at s * d + (s - 1) / 2, i.e. the mean of the two middle inputs of each
+block of s (s even) or its middle input (s odd): one `avg_pool2d` with a 2 (or 1) wide window,
+stride s, over the map from offset (s - 1) // 2. PyTorch's CPU bilinear kernel copies a 256-channel
+NCHW map to channels-last before shrinking it to the two small levels: 35 MB, about 15 ms per copy
+at 640x864, where the pooling reads 4 values per output in place. Other sizes go to F.interpolate.
+
+And the composition of the readout's resize -> crop -> resize (`postprocess.resize_mask_logits`,
 multi-human: no crop box) into one set of taps per axis, so that the resized maps are
 `out = Ay . M . Ax^T` with Ay (H x h) and Ax (W x w) holding at most 4 nonzeros per row. Each
 stage follows PyTorch's CPU rule for `F.interpolate(size=..., mode="bilinear", align_corners=False)`
@@ -13,6 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 TAPS = 4
 
@@ -78,3 +88,37 @@ def mask_taps(
         low_size[1], padded_size[1], image_size[1], output_size[1], resize_again
     )
     return y_index, y_weight, x_index, x_weight
+
+
+def _exact_factor(in_size: int, out_size: int) -> int | None:
+    """The integer factor in / out, or None when out does not divide in."""
+    if out_size < 1 or in_size % out_size:
+        return None
+    return in_size // out_size
+
+
+def downscale_bilinear(features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """`F.interpolate(features, size, mode="bilinear", align_corners=False)` of a (B, C, H, W) map.
+
+    Equal to it up to float32 summation order (~1e-7 relative) where H / h and W / w are integers;
+    computed by F.interpolate itself otherwise.
+    """
+    (height, width), (out_height, out_width) = features.shape[-2:], size
+    factor_y, factor_x = _exact_factor(height, out_height), _exact_factor(width, out_width)
+    if factor_y is None or factor_x is None or factor_y == factor_x == 1:
+        return F.interpolate(features, size=size, mode="bilinear", align_corners=False)
+    rows = _middle(features, -2, factor_y)  # (B, C, h, W): rows of the blocks' middles
+    return _middle(rows, -1, factor_x)
+
+
+def _middle(features: torch.Tensor, axis: int, factor: int) -> torch.Tensor:
+    """Along `axis`, each block of `factor` inputs as bilinear sampling at its centre reads it: the
+    mean of its two middle inputs (even factor) or its middle input (odd factor)."""
+    offset = (factor - 1) // 2
+    first = features.narrow(axis, offset, features.shape[axis] - offset)
+    picked = first[..., ::factor, :] if axis == -2 else first[..., ::factor]
+    if factor % 2:
+        return picked
+    second = features.narrow(axis, offset + 1, features.shape[axis] - offset - 1)
+    neighbour = second[..., ::factor, :] if axis == -2 else second[..., ::factor]
+    return (picked + neighbour) * 0.5

@@ -17,6 +17,7 @@ from torch import nn
 
 from worker.m2fp import dense
 from worker.m2fp.config import M2FPConfig
+from worker.m2fp.interpolation import downscale_bilinear
 from worker.m2fp.position_encoding import PositionEmbeddingSine
 
 NUM_FEATURE_LEVELS = 3  # the decoder cycles over the pixel decoder's [/32, /16, /8] features
@@ -238,15 +239,13 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         resized_features: dict[int, torch.Tensor] = {}
 
         def attention_features(level: int, last: bool) -> torch.Tensor | None:
-            """The mask features at `level`'s size, once per level; None when the masks are wanted."""
+            """The mask features at `level`'s size (bilinear, `downscale_bilinear`: the levels divide
+            the mask features' size exactly), once per level; None when the masks are wanted."""
             if all_masks or last:
                 return None
             if level not in resized_features:
-                resized_features[level] = F.interpolate(
-                    mask_features,
-                    size=attention_mask_sizes[level],
-                    mode="bilinear",
-                    align_corners=False,
+                resized_features[level] = downscale_bilinear(
+                    mask_features, attention_mask_sizes[level]
                 )
             return resized_features[level]
 
