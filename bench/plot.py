@@ -34,6 +34,7 @@ RUNS = [
     ("run F start", "model-bench-640x853-run-f-start.json", ZEN5, 0.15),
     ("run F", "model-bench-640x853-run-f.json", ZEN5, 0.15),
     ("run G", "model-bench-640x853-run-g.json", ZEN5, 0.15),
+    ("run G end", "model-bench-640x853-run-g-end.json", ZEN5, 0.15),
 ]
 SERVICE_RUNS = [
     ("run F", "service-ratio-zen5.json"),
