@@ -376,6 +376,32 @@ def test_position_embedding_known_values() -> None:
     )
 
 
+def grid_embedding(module: PositionEmbeddingSine, batch: int, height: int, width: int):
+    """The embedding computed over the whole (B, H, W) grid, as the reference implementation does."""
+    ones = torch.ones((batch, height, width), dtype=torch.float32)
+    y_embed, x_embed = ones.cumsum(1), ones.cumsum(2)
+    y_embed = y_embed / (y_embed[:, -1:, :] + 1e-6) * module.scale
+    x_embed = x_embed / (x_embed[:, :, -1:] + 1e-6) * module.scale
+    index = torch.arange(module.num_pos_feats, dtype=torch.float32)
+    frequencies = module.temperature ** (
+        2 * torch.div(index, 2, rounding_mode="floor") / module.num_pos_feats
+    )
+    px, py = x_embed[..., None] / frequencies, y_embed[..., None] / frequencies
+    px = torch.stack((px[..., 0::2].sin(), px[..., 1::2].cos()), dim=4).flatten(3)
+    py = torch.stack((py[..., 0::2].sin(), py[..., 1::2].cos()), dim=4).flatten(3)
+    return torch.cat((py, px), dim=3)
+
+
+@pytest.mark.parametrize(
+    ("batch", "height", "width"), [(1, 20, 27), (2, 40, 54), (1, 80, 108), (1, 1, 3)]
+)
+def test_position_embedding_per_axis_equals_the_whole_grid(batch, height, width) -> None:
+    module = PositionEmbeddingSine(128)
+    computed = module.channels_last(torch.zeros(batch, 4, height, width))
+    assert computed.is_contiguous()
+    assert torch.equal(computed, grid_embedding(module, batch, height, width))
+
+
 # --------------------------------------------------------------------------- config
 
 
