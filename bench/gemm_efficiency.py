@@ -69,9 +69,9 @@ def timed(function, runs: int) -> float:
     return median_seconds(function, runs)
 
 
-def gemm_peak(sizes: list[int], runs: int) -> dict:
-    """fp32 GEMM throughput of square products through MKL (`torch.mm`) and oneDNN (its linear,
-    what worker.m2fp.dense runs): GFLOP/s per library and size, and the best of all."""
+def square_products() -> dict:
+    """The fp32 products the peak is measured with: MKL (`torch.mm`) and, where torch has it,
+    oneDNN's linear (what worker.m2fp.dense runs), each `product(left, right)`."""
     import torch
 
     from worker.m2fp import dense
@@ -81,15 +81,27 @@ def gemm_peak(sizes: list[int], runs: int) -> dict:
         products["onednn"] = lambda left, right: torch.ops.mkldnn._linear_pointwise(
             left, right, None, "none", [], ""
         )
+    return products
+
+
+def gemm_peak(sizes: list[int], runs: int) -> dict:
+    """fp32 GEMM throughput of square products per library (`square_products`) and size, and
+    the best of all, with the library and size that gave it."""
+    import torch
+
     by_library: dict[str, dict[int, float]] = {}
-    for name, product in products.items():
+    for name, product in square_products().items():
         by_library[name] = {}
         for size in sizes:
             left, right = torch.randn(size, size), torch.randn(size, size)
             seconds = timed(lambda a=left, b=right, p=product: p(a, b), runs)
             by_library[name][size] = 2 * size**3 / seconds / 1e9
-    peak = max(g for per_size in by_library.values() for g in per_size.values())
-    return {"per_library_gflops": by_library, "peak_gflops": peak}
+    peak, library, size = max(
+        (gflops, name, size)
+        for name, per_size in by_library.items()
+        for size, gflops in per_size.items()
+    )
+    return {"per_library_gflops": by_library, "peak_gflops": peak, "peak_at": (library, size)}
 
 
 def golden_model():
@@ -131,21 +143,17 @@ def interleaved_efficiency(forward, gemm: dict, total_gflop: float, rounds: int)
     (after a warm-up of each); efficiency = (FLOPs / forward time) / that round's GEMM rate."""
     import torch
 
-    library = max(
-        gemm["per_library_gflops"], key=lambda n: max(gemm["per_library_gflops"][n].values())
-    )
-    size = max(gemm["per_library_gflops"][library], key=gemm["per_library_gflops"][library].get)
+    library, size = gemm["peak_at"]
     left, right = torch.randn(size, size), torch.randn(size, size)
-    if library == "mkl":
-        product = lambda: torch.mm(left, right)  # noqa: E731
-    else:
-        product = lambda: torch.ops.mkldnn._linear_pointwise(left, right, None, "none", [], "")  # noqa: E731
+    square = square_products()[library]
+
+    def product() -> None:
+        square(left, right)
+
     forward(), product()
     efficiencies = []
     for _ in range(rounds):
-        tic = time.perf_counter()
-        forward()
-        forward_s = time.perf_counter() - tic
+        forward_s = _seconds(forward)
         product_s = min(_seconds(product) for _ in range(3))  # the round's peak: best of 3
         efficiencies.append(total_gflop / forward_s / (2 * size**3 / product_s / 1e9))
     return {

@@ -241,6 +241,16 @@ def cpu_seconds_by_role(root: int) -> dict[str, float]:
     return totals
 
 
+def cpu_share_by_role(
+    before: dict[str, float], after: dict[str, float], wall: float
+) -> dict[str, float]:
+    """The share of the cores x `wall` seconds each role used between two `cpu_seconds_by_role`."""
+    cores = os.cpu_count() or 1
+    return {
+        role: round((after[role] - before.get(role, 0.0)) / (cores * wall), 4) for role in after
+    }
+
+
 def service_timeline(log_path: Path, job_ids: set[str]) -> tuple[float, float]:
     """(first `job_started`, last `job_done`) epoch seconds of `job_ids` in the stack's log."""
     starts, ends = [], []
@@ -273,10 +283,7 @@ def service_phase(
     after = cpu_seconds_by_role(stack_pid)
     time.sleep(0.5)  # the last job_done line flushed
     first_start, last_done = service_timeline(log_path, {r["job_id"] for r in results})
-    cores = os.cpu_count() or 1
-    cpu_share = {
-        role: round((after[role] - before.get(role, 0.0)) / (cores * wall), 4) for role in after
-    }
+    cpu_share = cpu_share_by_role(before, after, wall)
     inference = [r["timings"]["inference"] for r in results]
     return {
         "phase": "service",
@@ -338,12 +345,8 @@ def idle_share(stack_pid: int, run) -> tuple[object, dict[str, float]]:
     before, tic = cpu_seconds_by_role(stack_pid), time.perf_counter()
     result = run()
     after, wall = cpu_seconds_by_role(stack_pid), time.perf_counter() - tic
-    cores = os.cpu_count() or 1
-    return result, {
-        role: round((after[role] - before.get(role, 0.0)) / (cores * wall), 4)
-        for role in after
-        if role != "client"
-    }
+    shares = cpu_share_by_role(before, after, wall)
+    return result, {role: share for role, share in shares.items() if role != "client"}
 
 
 def run_phases(args: argparse.Namespace, jpeg: bytes, jpeg_path: Path) -> list[dict]:

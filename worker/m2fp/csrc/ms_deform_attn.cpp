@@ -94,7 +94,7 @@ inline __attribute__((always_inline)) void axpy4(float* __restrict accumulator, 
 // 11 MB at 640x864, are read in an order no hardware prefetcher follows). Only an address inside
 // the level is ever formed (clamped; NaN or far-off locations give corner 0), and a prefetch
 // never faults or changes a result. Measured inside the forward at 640x864 (golden weights,
-// 2 threads, 7 interleaved forwards): the op's time per forward went 73.3 -> 44.4 ms (medians).
+// 2 threads, 7 interleaved forwards): the op's time per forward went 88.6 -> 51.2 ms (medians).
 template <typename storage_t, int kHeadDim>
 inline __attribute__((always_inline)) void prefetch_item(const Problem& problem, int64_t item) {
   const int64_t head_dim = kHeadDim > 0 ? kHeadDim : problem.head_dim;
