@@ -2,8 +2,9 @@
 
 On a noisy machine two separate runs differ by more than a change of a few percent, so both
 versions run side by side: the model modules of `--base` (`worker/m2fp/` files that build the
-network: model, backbone, fusion, pixel decoder, decoder, attention, position encoding) are read
-with `git show` into a temporary package, their imports pointed at it; the compiled ops, the
+network: model, backbone, fusion, pixel decoder, decoder, attention, position encoding, dense
+products, interpolation) are read with `git show` into a temporary package, their imports pointed
+at it; the compiled ops, the
 config and the checkpoint loader stay this tree's (they are shared, so the op is registered
 once). Both models get the golden CIHP weights and the production path (the fused CPU backbone
 where it applies, the tuned malloc: `Predictor`), then forward the synthetic photo of
@@ -39,6 +40,7 @@ MODULES = (
     "deformable_attention",
     "position_encoding",
     "dense",  # from 2026-12-02 on; a module the base does not have is skipped
+    "interpolation",  # the decoder's downscales since 2026-12-02 (the readout's taps before)
 )
 PACKAGE = "m2fp_base"
 
