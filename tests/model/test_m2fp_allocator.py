@@ -1,8 +1,12 @@
 """The inference process's malloc tuning (worker/m2fp/allocator.py), measured by page faults.
 
 Each case runs in a fresh interpreter (mallopt is process-wide): the tiny network predicts eight
-photos of varied sizes after a warm-up, and the kernel's count of minor page faults says how many
-pages had to be mapped and zeroed anew. Measured here: about 74,000 as is, 34,000-40,000 tuned.
+photos of varied sizes twice after a warm-up, and the kernel's count of minor page faults in the
+second round says how many pages each image still had to have mapped and zeroed anew once the
+process had seen every size. The first round is not compared: a tuned heap still grows there to
+the largest size's working set, and how often it grows depends on the host (a CI machine counted
+55,140 tuned against 68,772 as is over that round). Measured over the second round: 64,000-100,000
+faults as is, 2,800-4,600 tuned.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ PROBE = textwrap.dedent(
     rng = np.random.default_rng(0)
     sizes = rng.integers(300, 500, (8, 2))
     images = [rng.integers(0, 256, (int(h), int(w), 3), dtype=np.uint8) for h, w in sizes]
-    predictor.predict(images[0])
+    for image in [images[0], *images]:  # warm-up, then the first round: the heap grows
+        predictor.predict(image)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for image in images:
         predictor.predict(image)
@@ -61,7 +66,7 @@ def test_tuned_malloc_maps_fewer_pages_anew_per_prediction() -> None:
     as_is, tuned = probe("as is"), probe("tuned")
     assert as_is["described"] == "as is"
     assert tuned["described"].startswith("glibc malloc: large blocks reused"), tuned
-    assert tuned["faults"] < 0.8 * as_is["faults"], (as_is, tuned)
+    assert tuned["faults"] < 0.25 * as_is["faults"], (as_is, tuned)
 
 
 def test_configure_runs_once_per_process_and_says_what_runs() -> None:
