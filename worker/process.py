@@ -136,6 +136,7 @@ class WorkerProcess:
             precision=predictor.precision,
             precision_reason=predictor.precision_choice.reason,
             backbone=predictor.backbone_path,
+            winograd=predictor.winograd_path,
             encoder=predictor.encoder_path,
             dense=predictor.dense_path,
             allocator=predictor.allocator,

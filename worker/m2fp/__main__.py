@@ -240,6 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if predictor.precision != "fp32":
         print(f"precision: {predictor.precision_choice.describe()}", file=sys.stderr)
         print(f"backbone: {predictor.backbone_path}", file=sys.stderr)
+        print(f"3x3 convolutions: {predictor.winograd_path}", file=sys.stderr)
         print(f"encoder: {predictor.encoder_path}", file=sys.stderr)
         print(f"dense products: {predictor.dense_path}", file=sys.stderr)
     arguments.out.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,12 @@ from the loaded model (the checkpoint's modules stay as they are):
   bottleneck's last convolution adds the shortcut and applies the ReLU in the same call (the
   `.binary` post-op): no separate batch-norm, ReLU or add passes over the feature maps;
 - features are channels-last (NHWC in memory), the layout oneDNN's AVX2/AVX-512 convolutions use
-  natively, so no reorder happens between layers.
+  natively, so no reorder happens between layers;
+- with `winograd=True`, the 3x3 stride-1 convolutions wide enough to pay (the stem's last, every
+  bottleneck's middle one from res3 on) run as `winograd.WinogradConv`, F(4x4, 3x3).
+
+`with_winograd_fpn` gives the pixel decoder's 3x3 output convolution at stride 4 (`layer_1`, 41
+GFLOP at 640x864, the largest single convolution of the network) the same route.
 
 The outputs are the same res2..res5 maps (channels-last in memory) up to float32 rounding of the
 folded weights and of the NHWC kernels' summation order: about 1e-6 relative per layer, within the
@@ -27,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worker.m2fp import dense
+from worker.m2fp import dense, winograd
 from worker.m2fp.backbone import (
     BottleneckBlock,
     Conv2dNormActivation,
@@ -36,7 +41,8 @@ from worker.m2fp.backbone import (
 )
 from worker.m2fp.pixel_decoder import DeformableEncoderLayer
 
-ENCODER_PATH = "sem_seg_head.pixel_decoder.transformer.encoder"
+PIXEL_DECODER_PATH = "sem_seg_head.pixel_decoder"
+ENCODER_PATH = f"{PIXEL_DECODER_PATH}.transformer.encoder"
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
 
@@ -93,12 +99,21 @@ class FusedConv(nn.Module):
         )
 
 
+def fused_conv(conv: Conv2dNormActivation, use_winograd: bool) -> nn.Module:
+    """The folded convolution as a `WinogradConv` where `use_winograd` and it applies, else a
+    `FusedConv` (for convolutions that take no residual)."""
+    if use_winograd and winograd.applies(conv):
+        weight, bias = folded_weights(conv)
+        return winograd.WinogradConv(weight, bias, bool(conv.relu))
+    return FusedConv(conv)
+
+
 class FusedBottleneck(nn.Module):
     """`BottleneckBlock` as three (or four, with a projection) fused convolutions."""
 
-    def __init__(self, block: BottleneckBlock) -> None:
+    def __init__(self, block: BottleneckBlock, use_winograd: bool = False) -> None:
         super().__init__()
-        self.conv1, self.conv2 = FusedConv(block.conv1), FusedConv(block.conv2)
+        self.conv1, self.conv2 = FusedConv(block.conv1), fused_conv(block.conv2, use_winograd)
         self.conv3 = FusedConv(block.conv3)
         self.shortcut = None if block.shortcut is None else FusedConv(block.shortcut)
 
@@ -111,16 +126,16 @@ class FusedBottleneck(nn.Module):
 class FusedBackbone(nn.Module):
     """`DeepLabResNet` with folded, fused, channels-last convolutions (same outputs, same keys out)."""
 
-    def __init__(self, backbone: DeepLabResNet) -> None:
+    def __init__(self, backbone: DeepLabResNet, use_winograd: bool = False) -> None:
         super().__init__()
         stem = backbone.stem
         self.stem = nn.ModuleList(
-            [FusedConv(stem.conv1), FusedConv(stem.conv2), FusedConv(stem.conv3)]
+            [fused_conv(conv, use_winograd) for conv in (stem.conv1, stem.conv2, stem.conv3)]
         )
         self.stage_names = backbone.stage_names
         self.out_channels = dict(backbone.out_channels)
         for name in self.stage_names:
-            blocks = [FusedBottleneck(block) for block in getattr(backbone, name)]
+            blocks = [FusedBottleneck(block, use_winograd) for block in getattr(backbone, name)]
             self.add_module(name, nn.Sequential(*blocks))
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -162,7 +177,7 @@ def backbone_path(model: nn.Module, device: str, precision: str, fuse: bool | No
     return why
 
 
-def with_fused_backbone(model: ModelT) -> ModelT:
+def with_fused_backbone(model: ModelT, use_winograd: bool = False) -> ModelT:
     """A shallow copy of `model` whose `backbone` is a FusedBackbone; `model` itself is unchanged.
 
     The copy shares every other submodule (and so their weights) with `model`.
@@ -170,7 +185,36 @@ def with_fused_backbone(model: ModelT) -> ModelT:
     backbone = model.get_submodule("backbone")
     if not isinstance(backbone, DeepLabResNet):
         raise TypeError(f"expected a DeepLabResNet backbone, but got {type(backbone).__name__}")
-    return _with_submodule(model, "backbone", FusedBackbone(backbone))
+    return _with_submodule(model, "backbone", FusedBackbone(backbone, use_winograd))
+
+
+class WinogradNormConv(nn.Module):
+    """The pixel decoder's `layer_1` (3x3 convolution, GroupNorm, ReLU) with its convolution as
+    a `WinogradConv`; the GroupNorm and ReLU are the layer's own, on the NCHW map as before (the
+    GroupNorm's summation order on channels-last moves the golden logits, see FusedBackbone)."""
+
+    def __init__(self, layer: Conv2dNormActivation) -> None:
+        super().__init__()
+        bias = layer.bias if layer.bias is not None else torch.zeros(layer.out_channels)
+        self.conv = winograd.WinogradConv(layer.weight, bias, relu=False)
+        self.norm, self.relu = layer.norm, bool(layer.relu)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """conv -> norm -> ReLU, NCHW in and out."""
+        out = self.conv(features).contiguous()
+        if self.norm is not None:
+            out = self.norm(out)
+        return F.relu(out) if self.relu else out
+
+
+def with_winograd_fpn(model: ModelT) -> ModelT:
+    """A shallow copy of `model` whose pixel decoder's `layer_1` is a `WinogradNormConv` where
+    Winograd applies to it; `model` itself is unchanged and shares every other submodule."""
+    path = f"{PIXEL_DECODER_PATH}.layer_1"
+    layer = model.get_submodule(path)
+    if not isinstance(layer, Conv2dNormActivation) or not winograd.applies(layer):
+        return model
+    return _with_submodule(model, path, WinogradNormConv(layer))
 
 
 class FusedEncoderLayer(DeformableEncoderLayer):

@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 import torch
 
-from worker.m2fp import allocator, dense, fusion, ops, precision
+from worker.m2fp import allocator, dense, fusion, ops, precision, winograd
 from worker.m2fp.checkpoint import build_model
 from worker.m2fp.model import M2FP
 from worker.m2fp.persons import describe_persons, scale_box
@@ -123,7 +123,9 @@ class Predictor:
     `self.backbone_path` says which backbone runs; with it, in fp32, the encoder's FFNs run as oneDNN
     linears with the ReLU as a post-op (`self.encoder_path`: "fused FFN" or "as built"), and on
     CPU in fp32 every `nn.Linear` runs through oneDNN (`self.dense_path`: "oneDNN" or "as built";
-    `worker.m2fp.dense`). The caller's `model` is not modified. On CPU the
+    `worker.m2fp.dense`). With the fused backbone, the 3x3 convolutions that pay run as Winograd
+    F(4x4, 3x3) where the compiled transforms load (`self.winograd_path`: "F(4x4, 3x3) for N
+    convolutions" or "off: <why>"; `worker.m2fp.winograd`; `use_winograd=False`: never). The caller's `model` is not modified. On CPU the
     process's malloc is tuned once (`worker.m2fp.allocator`); `self.allocator` says how.
     """
 
@@ -136,6 +138,7 @@ class Predictor:
         deform_attn: str | None = None,
         precision_mode: str | None = None,
         fuse_backbone: bool | None = None,
+        use_winograd: bool = True,
     ) -> None:
         if max_side < 32:
             raise ValueError(f"max_side must be >= 32, but got {max_side}")
@@ -160,8 +163,15 @@ class Predictor:
             allocator.configure() if on_cpu else "not tuned (the model is not on the CPU)"
         )
         self.backbone_path = fusion.backbone_path(model, device, self.precision, fuse_backbone)
-        if self.backbone_path.startswith("fused"):
-            model = fusion.with_fused_backbone(model.eval())
+        fused = self.backbone_path.startswith("fused")
+        why_not = winograd.unavailable_reason() if fused else "the fused CPU backbone does not run"
+        if not use_winograd:
+            why_not = "switched off"
+        if fused:
+            model = fusion.with_fused_backbone(model.eval(), use_winograd=why_not is None)
+        if why_not is None:
+            model = fusion.with_winograd_fpn(model)
+        self.winograd_path = winograd.describe(model) if why_not is None else f"off: {why_not}"
         self.encoder_path = "as built"  # the encoder FFN: oneDNN linears on CPU in fp32
         onednn = on_cpu and self.precision == "fp32" and dense.available()
         if onednn and self.backbone_path.startswith("fused"):

@@ -1,0 +1,178 @@
+"""Winograd F(4x4, 3x3) (worker/m2fp/winograd.py, csrc/winograd.cpp) against direct convolution.
+
+The transforms against a float64 convolution on odd shapes (maps smaller than a tile, sizes not a
+multiple of 4, channel counts not a multiple of the kernels' 64-channel chunk, batches), where the
+route applies, the fused backbone and the Predictor with it against without, and agreement of
+whole predictions on the golden weights and the diverse checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.golden_weights import golden_state_dict
+from worker.m2fp import fusion, ops, winograd
+from worker.m2fp.backbone import Conv2dNormActivation
+from worker.m2fp.checkpoint import load_into
+from worker.m2fp.config import get_config
+from worker.m2fp.model import M2FP
+from worker.m2fp.predictor import Predictor
+
+pytestmark = pytest.mark.skipif(
+    winograd.unavailable_reason() is not None,
+    reason=f"Winograd route unavailable: {winograd.unavailable_reason()}",
+)
+
+# Measured: 3e-6 .. 8e-6 of the output's largest value (a direct float32 convolution: 2e-7).
+RELATIVE_ERROR = 2e-5
+LABEL_AGREEMENT, INSTANCE_AGREEMENT = 0.995, 0.99  # the bar every adopted fast path meets
+
+
+def random_case(batch, channels, out_channels, height, width, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(batch, channels, height, width, generator=generator).relu()
+    weight = torch.randn(out_channels, channels, 3, 3, generator=generator) / (9 * channels) ** 0.5
+    bias = torch.randn(out_channels, generator=generator)
+    return features, weight, bias
+
+
+@pytest.mark.parametrize(
+    ("batch", "channels", "out_channels", "height", "width"),
+    [
+        (1, 64, 64, 37, 53),  # neither side a multiple of 4
+        (2, 256, 256, 40, 54),  # the res4 shape at 640x864, two images
+        (1, 130, 70, 21, 19),  # channel counts across the 64-channel chunks
+        (1, 3, 5, 5, 6),
+        (1, 16, 24, 1, 1),  # a map smaller than one tile: padding on every side
+        (3, 8, 8, 4, 4),  # exactly one tile
+    ],
+)
+@pytest.mark.parametrize("relu", [False, True])
+def test_winograd_conv_equals_a_float64_convolution(
+    batch: int, channels: int, out_channels: int, height: int, width: int, relu: bool
+) -> None:
+    features, weight, bias = random_case(batch, channels, out_channels, height, width)
+    expected = F.conv2d(features.double(), weight.double(), bias.double(), padding=1)
+    if relu:
+        expected = expected.relu()
+    with torch.inference_mode():
+        got = winograd.WinogradConv(weight, bias, relu)(
+            features.contiguous(memory_format=torch.channels_last)
+        )
+    assert got.shape == expected.shape and got.dtype == torch.float32
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    error = (got.double() - expected).abs().max().item()
+    assert error <= RELATIVE_ERROR * expected.abs().max().item(), error
+
+
+def test_winograd_conv_takes_an_nchw_map_too() -> None:
+    features, weight, bias = random_case(1, 32, 48, 13, 18, seed=1)
+    conv = winograd.WinogradConv(weight, bias, relu=True)
+    with torch.inference_mode():
+        from_nchw = conv(features)
+        from_nhwc = conv(features.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(from_nchw, from_nhwc, rtol=0, atol=0)
+
+
+def test_the_transforms_refuse_what_they_cannot_read() -> None:
+    features, _, bias = random_case(1, 8, 8, 8, 8)
+    with pytest.raises(RuntimeError, match="channels-last"):
+        torch.ops.m2fp.winograd_input(features, 2, 2)  # NCHW
+    channels_last = features.contiguous(memory_format=torch.channels_last)
+    with pytest.raises(RuntimeError, match="do not cover"):
+        torch.ops.m2fp.winograd_input(channels_last, 1, 2)
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.m2fp.winograd_input(channels_last.double(), 2, 2)
+    with pytest.raises(RuntimeError, match=r"not \(4, 36 \* K\)"):
+        torch.ops.m2fp.winograd_output(torch.zeros(3, 36 * 8), 1, 8, 8, bias, False)
+    with pytest.raises(RuntimeError, match="bias"):
+        torch.ops.m2fp.winograd_output(torch.zeros(4, 36 * 8), 1, 8, 8, bias[:4], False)
+
+
+def test_the_route_applies_to_wide_stride_one_3x3_convolutions_only() -> None:
+    def conv(channels_in, channels_out, kernel=3, stride=1, padding=1):
+        return Conv2dNormActivation(
+            channels_in, channels_out, kernel, stride=stride, padding=padding
+        )
+
+    assert winograd.applies(conv(256, 256)) and winograd.applies(conv(64, 128))
+    assert winograd.applies(conv(512, 512))
+    assert not winograd.applies(conv(64, 64))  # measured not to pay
+    assert not winograd.applies(conv(256, 256, stride=2))
+    assert not winograd.applies(conv(256, 256, kernel=1, padding=0))
+    assert not winograd.applies(conv(256, 256, padding=0))
+
+
+def test_the_reference_mode_switches_the_route_off() -> None:
+    previous = ops.mode()
+    try:
+        ops.configure("reference")
+        assert "M2FP_DEFORM_ATTN=reference" in str(winograd.unavailable_reason())
+    finally:
+        ops.configure(previous)
+    assert winograd.unavailable_reason() is None
+
+
+def small_model() -> M2FP:
+    """The CIHP network with 1, 2, 2, 2 blocks per stage (random weights)."""
+    return M2FP(dataclasses.replace(get_config("cihp"), backbone_stage_blocks=(1, 2, 2, 2))).eval()
+
+
+def test_fused_backbone_with_winograd_equals_it_without() -> None:
+    model = small_model()
+    direct = fusion.FusedBackbone(model.backbone)
+    fast = fusion.FusedBackbone(model.backbone, use_winograd=True)
+    routed = [module for module in fast.modules() if isinstance(module, winograd.WinogradConv)]
+    # the stem's 64 -> 128 convolution and the stride-1 middle convolutions of res3..res5
+    assert len(routed) == 1 + 3
+    images = torch.randn(1, 3, 96, 136, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        expected, got = direct(images), fast(images)
+    for name, reference in expected.items():
+        scale = max(1.0, reference.abs().max().item())
+        assert (got[name] - reference).abs().max().item() <= 1e-4 * scale, name
+
+
+def test_predictor_runs_the_route_and_reports_it() -> None:
+    model = small_model()
+    on = Predictor(model, precision_mode="fp32")
+    assert on.winograd_path == "F(4x4, 3x3) for 5 convolutions"  # 4 backbone + the FPN's layer_1
+    layer = on.model.get_submodule(f"{fusion.PIXEL_DECODER_PATH}.layer_1")
+    assert isinstance(layer, fusion.WinogradNormConv)
+    assert not isinstance(
+        model.get_submodule(f"{fusion.PIXEL_DECODER_PATH}.layer_1"), fusion.WinogradNormConv
+    )
+    assert Predictor(model, use_winograd=False).winograd_path == "off: switched off"
+    unfused = Predictor(model, fuse_backbone=False)
+    assert unfused.winograd_path == "off: the fused CPU backbone does not run"
+    assert Predictor(model, precision_mode="bf16").winograd_path.startswith("off:")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("weights", ["golden", "diverse"])
+def test_predictions_with_winograd_agree_with_direct_convolution(weights: str) -> None:
+    """Whole predicts at 320x427 with the route and without. Measured at 640x853: golden 100 %
+    of labels and instances, the diverse checkpoint (13 classes) 100 % / 99.9996 %."""
+    from bench.model_bench import synthetic_image
+    from tests.diverse_weights import config_at, diverse_state_dict
+
+    size = (320, 427)
+    model = M2FP(config_at(*size))
+    recipe = golden_state_dict if weights == "golden" else diverse_state_dict
+    load_into(model, recipe(get_config("cihp")))
+    model.eval()
+    image = synthetic_image(*size)
+    fast = Predictor(model, max_side=max(size), precision_mode="fp32")
+    assert fast.winograd_path == "F(4x4, 3x3) for 29 convolutions"
+    direct = Predictor(model, max_side=max(size), precision_mode="fp32", use_winograd=False)
+    got, baseline = fast.predict(image), direct.predict(image)
+    if weights == "diverse":
+        assert len(baseline.classes_present) >= 8
+    labels = float(np.mean(got.label_map == baseline.label_map))
+    instances = float(np.mean(got.instance_map == baseline.instance_map))
+    assert labels >= LABEL_AGREEMENT and instances >= INSTANCE_AGREEMENT, (labels, instances)
