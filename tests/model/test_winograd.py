@@ -82,16 +82,41 @@ def test_winograd_conv_takes_an_nchw_map_too() -> None:
 def test_the_transforms_refuse_what_they_cannot_read() -> None:
     features, _, bias = random_case(1, 8, 8, 8, 8)
     with pytest.raises(RuntimeError, match="channels-last"):
-        torch.ops.m2fp.winograd_input(features, 2, 2)  # NCHW
+        torch.ops.m2fp.winograd_input(features, 2, 2, 0, 4)  # NCHW
     channels_last = features.contiguous(memory_format=torch.channels_last)
     with pytest.raises(RuntimeError, match="do not cover"):
-        torch.ops.m2fp.winograd_input(channels_last, 1, 2)
+        torch.ops.m2fp.winograd_input(channels_last, 1, 2, 0, 2)
+    with pytest.raises(RuntimeError, match="are not among the 4 tiles"):
+        torch.ops.m2fp.winograd_input(channels_last, 2, 2, 2, 3)
     with pytest.raises(RuntimeError, match="float32"):
-        torch.ops.m2fp.winograd_input(channels_last.double(), 2, 2)
-    with pytest.raises(RuntimeError, match=r"not \(4, 36 \* K\)"):
-        torch.ops.m2fp.winograd_output(torch.zeros(3, 36 * 8), 1, 8, 8, bias, False)
+        torch.ops.m2fp.winograd_input(channels_last.double(), 2, 2, 0, 4)
+    out = torch.empty_like(channels_last)
+    with pytest.raises(RuntimeError, match="among the 4 tiles"):
+        torch.ops.m2fp.winograd_output(torch.zeros(3, 36 * 8), out, 2, bias, False)
+    with pytest.raises(RuntimeError, match=r"not \(tiles, 36 \* 8\)"):
+        torch.ops.m2fp.winograd_output(torch.zeros(4, 36 * 4), out, 0, bias, False)
+    with pytest.raises(RuntimeError, match="channels-last"):
+        torch.ops.m2fp.winograd_output(torch.zeros(4, 36 * 8), features, 0, bias, False)
     with pytest.raises(RuntimeError, match="bias"):
-        torch.ops.m2fp.winograd_output(torch.zeros(4, 36 * 8), 1, 8, 8, bias[:4], False)
+        torch.ops.m2fp.winograd_output(torch.zeros(4, 36 * 8), out, 0, bias[:4], False)
+
+
+def test_bands_of_tiles_give_the_whole_map_s_result(monkeypatch) -> None:
+    """One tile per band, bands across images, a shorter last band: the same outputs as one band
+    for everything."""
+    features, weight, bias = random_case(2, 24, 40, 9, 14, seed=4)
+    conv = winograd.WinogradConv(weight, bias, relu=False)
+    with torch.inference_mode():
+        whole = conv(features)
+        assert winograd.band_tiles(24, 24, 40) == 24  # the default: one band here
+        monkeypatch.setattr(winograd, "BAND_BYTES", 1)
+        assert winograd.band_tiles(24, 24, 40) == 1
+        banded = conv(features)
+        monkeypatch.setattr(winograd, "BAND_BYTES", 5 * 36 * 64 * 4)  # at most 5 tiles
+        assert winograd.band_tiles(24, 24, 40) == 5  # 5 bands: 5, 5, 5, 5, 4
+        fives = conv(features)
+    torch.testing.assert_close(banded, whole, rtol=0, atol=0)
+    torch.testing.assert_close(fives, whole, rtol=0, atol=0)
 
 
 def test_the_route_applies_to_wide_stride_one_3x3_convolutions_only() -> None:

@@ -38,6 +38,12 @@ G = torch.tensor(
 # C * K / (C + K) = 40 the route does not pay (64 -> 64 channels: 22.2 vs 22.6 ms at 320x432, 5.65
 # vs 5.89 ms at 160x216; 64 -> 128: 31.3 vs 44.7 ms; docs/BENCHMARKS.md, "Winograd").
 MIN_CHANNEL_RATIO = 40
+# A convolution runs in bands of tiles whose transformed tiles and products take at most this:
+# the whole map at once needed up to 240 MB of temporaries (the stem's), which the tuned malloc
+# then returned to the kernel and faulted in again on every image (160,000 faults per predict).
+# Smaller bands make the products smaller matrices: the FPN's layer_1 took 48.6 ms in bands of
+# 24 MB, 41.5 ms in 64 MB, 38.4 ms whole (medians of 11, interleaved; direct: 93.5 ms).
+BAND_BYTES = 64 << 20
 
 
 def unavailable_reason() -> str | None:
@@ -96,21 +102,36 @@ class WinogradConv(nn.Module):
         self.relu = relu
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """Transform the 6x6 patches, multiply per position, transform back, + bias, ReLU."""
+        """Transform the 6x6 patches, multiply per position, transform back, + bias, ReLU;
+        in bands of tiles (`band_tiles`)."""
         batch, channels, height, width = features.shape
         features = features.contiguous(memory_format=torch.channels_last)
-        tiles = torch.ops.m2fp.winograd_input(features, (height + 3) // 4, (width + 3) // 4)
-        count = tiles.shape[0]
-        # (P, 36 * C) row-major is a channels-last (1, 36 * C, P, 1) map: the products are a
-        # grouped 1x1 convolution over it, which answers channels-last (P, 36 * K) again.
-        grouped = tiles.view(1, count, 1, POSITIONS * channels).permute(0, 3, 1, 2)
-        products = torch.ops.mkldnn._convolution_pointwise(
-            grouped, self.weight, None, [0, 0], [1, 1], [1, 1], POSITIONS, "none", [], ""
+        tiles_h, tiles_w = (height + 3) // 4, (width + 3) // 4
+        out = torch.empty(
+            (batch, self.out_channels, height, width), memory_format=torch.channels_last
         )
-        products = products.permute(0, 2, 3, 1).reshape(count, POSITIONS * self.out_channels)
-        return torch.ops.m2fp.winograd_output(
-            products.contiguous(), batch, height, width, self.bias, self.relu
-        )
+        total = batch * tiles_h * tiles_w
+        band = band_tiles(total, channels, self.out_channels)
+        for first in range(0, total, band):
+            count = min(band, total - first)
+            tiles = torch.ops.m2fp.winograd_input(features, tiles_h, tiles_w, first, count)
+            # (count, 36 * C) row-major is a channels-last (1, 36 * C, count, 1) map: the products
+            # are a grouped 1x1 convolution over it, which answers channels-last (count, 36 * K).
+            grouped = tiles.view(1, count, 1, POSITIONS * channels).permute(0, 3, 1, 2)
+            products = torch.ops.mkldnn._convolution_pointwise(
+                grouped, self.weight, None, [0, 0], [1, 1], [1, 1], POSITIONS, "none", [], ""
+            )
+            products = products.permute(0, 2, 3, 1).reshape(count, POSITIONS * self.out_channels)
+            torch.ops.m2fp.winograd_output(products.contiguous(), out, first, self.bias, self.relu)
+        return out
+
+
+def band_tiles(total: int, channels: int, out_channels: int) -> int:
+    """Tiles per band of `total`: as few bands as keep each within `BAND_BYTES` of transformed
+    tiles and products, all of one size (the last one may be smaller)."""
+    most = max(1, BAND_BYTES // (POSITIONS * (channels + out_channels) * 4))
+    bands = -(-total // most)
+    return -(-total // bands)
 
 
 def describe(model: nn.Module) -> str:

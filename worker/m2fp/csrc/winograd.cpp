@@ -11,12 +11,19 @@
 // so the 36 positions of a transformed tile are 36 independent (tiles x C) @ (C x K) products:
 // 36 multiply-adds per 16 outputs and channel pair instead of 144.
 //
-//   winograd_input(x, tiles_h, tiles_w)         x (N, C, H, W) float32, channels-last in memory
-//     -> V (N * tiles_h * tiles_w, 36 * C)      row p = tile (n, ty, tx); columns [36][C]
-//        tile (ty, tx) reads rows 4ty-1 .. 4ty+4 and columns 4tx-1 .. 4tx+4 of x, zero outside
-//        (padding 1 and the right/bottom remainder)
-//   winograd_output(m, N, H, W, bias, relu)     m (P, 36 * K) float32 row-major, the products
-//     -> Y (N, K, H, W) float32 channels-last   A^T m A per tile, + bias[k], then max(0, .) if relu
+//   winograd_input(x, tiles_h, tiles_w, first, count)
+//       x (N, C, H, W) float32, channels-last in memory; tiles are numbered p = (n, ty, tx)
+//       row-major over N x tiles_h x tiles_w, tile (ty, tx) reading rows 4ty-1 .. 4ty+4 and
+//       columns 4tx-1 .. 4tx+4 of x, zero outside (padding 1, the right/bottom remainder)
+//     -> V (count, 36 * C): row r the transformed tile first + r, columns [36][C]
+//   winograd_output(m, out, first, bias, relu)
+//       m (count, 36 * K) float32 row-major: the products of tiles first .. first + count
+//     -> writes those tiles' 4x4 outputs into out (N, K, H, W) float32 channels-last:
+//        A^T m A per tile, + bias[k], then max(0, .) if relu
+//
+// A convolution runs in bands of tiles (winograd.py), so that the transformed tiles and their
+// products stay a few MB: the whole map at once made the stem's 159 MB of products and their
+// inputs fresh memory on every image.
 //
 // Work is split over the tiles with at::parallel_for. Per tile, the channels go in chunks of 64:
 // a column pass over the six rows of the patch, then a row pass, through a 9 KB scratch that stays
@@ -49,15 +56,17 @@ constexpr int64_t kChunk = 64;  // channels per pass: 36 x 64 floats of scratch
 struct InputProblem {
   const float* x;
   const float* zeros;  // C zeros: what a position outside the map reads
-  float* out;          // (P, 36, C)
+  float* out;          // (count, 36, C): row r is tile first + r
+  int64_t first;
   int64_t channels, height, width, tiles_h, tiles_w;
   int64_t stride_n, stride_h, stride_w;  // of x, in floats; the channel stride is 1
 };
 
 struct OutputProblem {
-  const float* m;     // (P, 36, K)
+  const float* m;     // (count, 36, K): row r is tile first + r
   const float* bias;  // K
   float* out;         // (N, H, W, K)
+  int64_t first;
   int64_t channels, height, width, tiles_h, tiles_w;
   bool relu;
 };
@@ -78,7 +87,8 @@ inline __attribute__((always_inline)) void input_columns(const float* const* d, 
 M2FP_WINOGRAD_CLONES void input_tiles(const InputProblem& pr, int64_t begin, int64_t end) {
   alignas(64) float scratch[6 * 6 * kChunk];  // [row i][column j][channel]
   const int64_t per_image = pr.tiles_h * pr.tiles_w, C = pr.channels;
-  for (int64_t p = begin; p < end; ++p) {
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t p = pr.first + row;
     const int64_t n = p / per_image, ty = (p % per_image) / pr.tiles_w, tx = p % pr.tiles_w;
     const float* base[6][6];
     for (int64_t i = 0; i < 6; ++i) {
@@ -89,7 +99,7 @@ M2FP_WINOGRAD_CLONES void input_tiles(const InputProblem& pr, int64_t begin, int
         base[i][j] = inside ? pr.x + n * pr.stride_n + y * pr.stride_h + x * pr.stride_w : pr.zeros;
       }
     }
-    float* out = pr.out + p * 36 * C;
+    float* out = pr.out + row * 36 * C;
     for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
       const int64_t count = std::min(kChunk, C - c0);
       for (int64_t j = 0; j < 6; ++j) {  // column pass: t[i][j] = sum_k B^T[i][k] d[k][j]
@@ -133,9 +143,10 @@ M2FP_WINOGRAD_CLONES void output_tiles(const OutputProblem& pr, int64_t begin, i
   alignas(64) float scratch[4 * 6 * kChunk];  // [output row i][column j][channel]
   alignas(64) float sink[kChunk];            // where the columns beyond the map's width go
   const int64_t per_image = pr.tiles_h * pr.tiles_w, K = pr.channels;
-  for (int64_t p = begin; p < end; ++p) {
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t p = pr.first + row;
     const int64_t n = p / per_image, ty = (p % per_image) / pr.tiles_w, tx = p % pr.tiles_w;
-    const float* m = pr.m + p * 36 * K;
+    const float* m = pr.m + row * 36 * K;
     for (int64_t c0 = 0; c0 < K; c0 += kChunk) {
       const int64_t count = std::min(kChunk, K - c0);
       for (int64_t j = 0; j < 6; ++j) output_columns(m + j * K + c0, 6 * K, scratch + j * kChunk, count);
@@ -162,7 +173,8 @@ M2FP_WINOGRAD_CLONES void output_tiles(const OutputProblem& pr, int64_t begin, i
   }
 }
 
-at::Tensor winograd_input_cpu(const at::Tensor& x, int64_t tiles_h, int64_t tiles_w) {
+at::Tensor winograd_input_cpu(const at::Tensor& x, int64_t tiles_h, int64_t tiles_w, int64_t first,
+                              int64_t count) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
               "m2fp::winograd_input: x must be a float32 (N, C, H, W) CPU tensor, got ", x.sizes(), " ",
               x.scalar_type());
@@ -170,39 +182,42 @@ at::Tensor winograd_input_cpu(const at::Tensor& x, int64_t tiles_h, int64_t tile
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   TORCH_CHECK(tiles_h == (H + 3) / 4 && tiles_w == (W + 3) / 4, "m2fp::winograd_input: ", tiles_h, "x",
               tiles_w, " tiles do not cover ", H, "x", W, " outputs in 4x4 tiles");
-  at::Tensor out = at::empty({N * tiles_h * tiles_w, 36 * C}, x.options());
+  TORCH_CHECK(first >= 0 && count >= 0 && first + count <= N * tiles_h * tiles_w, "m2fp::winograd_input: tiles ",
+              first, " .. ", first + count, " are not among the ", N * tiles_h * tiles_w, " tiles");
+  at::Tensor out = at::empty({count, 36 * C}, x.options());
   if (out.numel() == 0) return out;
   const std::vector<float> zeros(static_cast<size_t>(C), 0.f);
-  const InputProblem problem{x.data_ptr<float>(), zeros.data(), out.data_ptr<float>(), C, H, W,
+  const InputProblem problem{x.data_ptr<float>(), zeros.data(), out.data_ptr<float>(), first, C, H, W,
                              tiles_h, tiles_w, x.stride(0), x.stride(2), x.stride(3)};
-  at::parallel_for(0, out.size(0), 8, [&](int64_t begin, int64_t end) { input_tiles(problem, begin, end); });
+  at::parallel_for(0, count, 8, [&](int64_t begin, int64_t end) { input_tiles(problem, begin, end); });
   return out;
 }
 
-at::Tensor winograd_output_cpu(const at::Tensor& m, int64_t batch, int64_t height, int64_t width,
-                               const at::Tensor& bias, bool relu) {
-  const int64_t tiles_h = (height + 3) / 4, tiles_w = (width + 3) / 4;
+void winograd_output_cpu(const at::Tensor& m, const at::Tensor& out, int64_t first, const at::Tensor& bias,
+                         bool relu) {
+  TORCH_CHECK(out.dim() == 4 && out.scalar_type() == at::kFloat && out.device().is_cpu() &&
+                  out.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "m2fp::winograd_output: out must be a channels-last float32 (N, K, H, W) CPU tensor");
+  const int64_t N = out.size(0), K = out.size(1), H = out.size(2), W = out.size(3);
+  const int64_t tiles_h = (H + 3) / 4, tiles_w = (W + 3) / 4;
   TORCH_CHECK(m.dim() == 2 && m.scalar_type() == at::kFloat && m.device().is_cpu() && m.is_contiguous(),
-              "m2fp::winograd_output: m must be a contiguous float32 (P, 36 * K) CPU tensor");
-  TORCH_CHECK(m.size(0) == batch * tiles_h * tiles_w && m.size(1) % 36 == 0, "m2fp::winograd_output: m is ",
-              m.sizes(), ", not (", batch * tiles_h * tiles_w, ", 36 * K) for ", batch, " maps of ", height,
-              "x", width);
-  const int64_t K = m.size(1) / 36;
+              "m2fp::winograd_output: m must be a contiguous float32 (tiles, 36 * K) CPU tensor");
+  TORCH_CHECK(m.size(1) == 36 * K && first >= 0 && first + m.size(0) <= N * tiles_h * tiles_w,
+              "m2fp::winograd_output: m is ", m.sizes(), ", not (tiles, 36 * ", K, ") for tiles from ", first,
+              " among the ", N * tiles_h * tiles_w, " tiles of ", N, " maps of ", H, "x", W);
   TORCH_CHECK(bias.dim() == 1 && bias.size(0) == K && bias.scalar_type() == at::kFloat && bias.is_contiguous(),
               "m2fp::winograd_output: bias must be a contiguous float32 vector of ", K);
-  at::Tensor out = at::empty({batch, K, height, width}, m.options().memory_format(at::MemoryFormat::ChannelsLast));
-  if (out.numel() == 0) return out;
-  const OutputProblem problem{m.data_ptr<float>(), bias.data_ptr<float>(), out.data_ptr<float>(), K, height,
-                              width, tiles_h, tiles_w, relu};
+  if (m.numel() == 0) return;
+  const OutputProblem problem{m.data_ptr<float>(), bias.data_ptr<float>(), out.data_ptr<float>(), first, K, H,
+                              W, tiles_h, tiles_w, relu};
   at::parallel_for(0, m.size(0), 8, [&](int64_t begin, int64_t end) { output_tiles(problem, begin, end); });
-  return out;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(m2fp, m) {
-  m.def("winograd_input(Tensor x, int tiles_h, int tiles_w) -> Tensor");
-  m.def("winograd_output(Tensor m, int batch, int height, int width, Tensor bias, bool relu) -> Tensor");
+  m.def("winograd_input(Tensor x, int tiles_h, int tiles_w, int first, int count) -> Tensor");
+  m.def("winograd_output(Tensor m, Tensor(a!) out, int first, Tensor bias, bool relu) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(m2fp, CPU, m) {
