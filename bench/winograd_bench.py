@@ -1,8 +1,9 @@
 """Winograd F(4x4, 3x3) against direct oneDNN convolution: per convolution, whole predict, agreement.
 
 1. Per convolution: every distinct 3x3 stride-1 shape of the CIHP network at 640x864 (including
-   the 64 -> 64 ones the route leaves direct), random weights, the direct fused convolution
-   (`mkldnn._convolution_pointwise` with the ReLU post-op) and `WinogradConv`, interleaved.
+   the ones the route leaves direct), random weights, the direct fused convolution
+   (`mkldnn._convolution_pointwise` with the ReLU post-op) and `WinogradConv` with 4x4 and 2x2
+   tiles, interleaved.
 2. Whole predict: the golden CIHP model on the synthetic photo (640x853), two Predictors of one
    model, with and without the route (`use_winograd`), interleaved round by round; medians and
    minima of the forward (the Predictor's own timing) and of the whole predict, and the page
@@ -32,13 +33,13 @@ sys.path.insert(0, str(REPO / "bench"))
 
 # (name, in channels, out channels, height, width) at 640x864: the stride-1 3x3 convolutions
 SHAPES = (
-    ("stem conv2 (stays direct)", 64, 64, 320, 432),
-    ("stem conv3", 64, 128, 320, 432),
-    ("res2 conv2 (stays direct)", 64, 64, 160, 216),
-    ("res3 conv2", 128, 128, 80, 108),
-    ("res4 conv2", 256, 256, 40, 54),
-    ("res5 conv2", 512, 512, 20, 27),
-    ("FPN layer_1", 256, 256, 160, 216),
+    ("stem conv2 (direct)", 64, 64, 320, 432),
+    ("stem conv3 (F(4x4))", 64, 128, 320, 432),
+    ("res2 conv2 (direct)", 64, 64, 160, 216),
+    ("res3 conv2 (F(4x4))", 128, 128, 80, 108),
+    ("res4 conv2 (F(2x2))", 256, 256, 40, 54),
+    ("res5 conv2 (direct)", 512, 512, 20, 27),
+    ("FPN layer_1 (F(4x4))", 256, 256, 160, 216),
 )
 PARTS = ("convolutions", "predict", "agreement")
 
@@ -72,14 +73,19 @@ def convolution_row(shape: tuple, runs: int) -> dict:
     weight = torch.randn(out_channels, channels, 3, 3, generator=generator) / (9 * channels) ** 0.5
     bias = torch.randn(out_channels, generator=generator)
     packed = weight.contiguous(memory_format=torch.channels_last)
-    conv = WinogradConv(weight, bias, relu=True)
+    four, two = (WinogradConv(weight, bias, relu=True, tile=tile) for tile in (4, 2))
 
     def direct() -> object:
         return torch.ops.mkldnn._convolution_pointwise(
             features, packed, bias, [1, 1], [1, 1], [1, 1], 1, "relu", [], ""
         )
 
-    figures = interleaved_ms({"direct": direct, "winograd": lambda: conv(features)}, runs)
+    functions = {
+        "direct": direct,
+        "F(4x4)": lambda: four(features),
+        "F(2x2)": lambda: two(features),
+    }
+    figures = interleaved_ms(functions, runs)
     gflop = 2 * channels * out_channels * 9 * height * width / 1e9
     return {"shape": name, "gflop": round(gflop, 2), **figures}
 

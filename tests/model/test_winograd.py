@@ -1,4 +1,5 @@
-"""Winograd F(4x4, 3x3) (worker/m2fp/winograd.py, csrc/winograd.cpp) against direct convolution.
+"""Winograd F(4x4, 3x3) and F(2x2, 3x3) (worker/m2fp/winograd.py, csrc/winograd.cpp) against
+direct convolution.
 
 The transforms against a float64 convolution on odd shapes (maps smaller than a tile, sizes not a
 multiple of 4, channel counts not a multiple of the kernels' 64-channel chunk, batches), where the
@@ -28,8 +29,9 @@ pytestmark = pytest.mark.skipif(
     reason=f"Winograd route unavailable: {winograd.unavailable_reason()}",
 )
 
-# Measured: 3e-6 .. 8e-6 of the output's largest value (a direct float32 convolution: 2e-7).
-RELATIVE_ERROR = 2e-5
+# Measured, of the output's largest value: F(4x4) 3e-6 .. 8e-6, F(2x2) about 1e-6 (a direct
+# float32 convolution: 2e-7).
+RELATIVE_ERROR = {4: 2e-5, 2: 5e-6}
 LABEL_AGREEMENT, INSTANCE_AGREEMENT = 0.995, 0.99  # the bar every adopted fast path meets
 
 
@@ -53,21 +55,22 @@ def random_case(batch, channels, out_channels, height, width, seed=0):
     ],
 )
 @pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("tile", [4, 2])
 def test_winograd_conv_equals_a_float64_convolution(
-    batch: int, channels: int, out_channels: int, height: int, width: int, relu: bool
+    batch: int, channels: int, out_channels: int, height: int, width: int, relu: bool, tile: int
 ) -> None:
     features, weight, bias = random_case(batch, channels, out_channels, height, width)
     expected = F.conv2d(features.double(), weight.double(), bias.double(), padding=1)
     if relu:
         expected = expected.relu()
     with torch.inference_mode():
-        got = winograd.WinogradConv(weight, bias, relu)(
+        got = winograd.WinogradConv(weight, bias, relu, tile)(
             features.contiguous(memory_format=torch.channels_last)
         )
     assert got.shape == expected.shape and got.dtype == torch.float32
     assert got.is_contiguous(memory_format=torch.channels_last)
     error = (got.double() - expected).abs().max().item()
-    assert error <= RELATIVE_ERROR * expected.abs().max().item(), error
+    assert error <= RELATIVE_ERROR[tile] * expected.abs().max().item(), error
 
 
 def test_winograd_conv_takes_an_nchw_map_too() -> None:
@@ -82,38 +85,51 @@ def test_winograd_conv_takes_an_nchw_map_too() -> None:
 def test_the_transforms_refuse_what_they_cannot_read() -> None:
     features, _, bias = random_case(1, 8, 8, 8, 8)
     with pytest.raises(RuntimeError, match="channels-last"):
-        torch.ops.m2fp.winograd_input(features, 2, 2, 0, 4)  # NCHW
+        torch.ops.m2fp.winograd_input(features, 4, 2, 2, 0, 4)  # NCHW
     channels_last = features.contiguous(memory_format=torch.channels_last)
+    with pytest.raises(RuntimeError, match="tile must be 4"):
+        torch.ops.m2fp.winograd_input(channels_last, 3, 3, 3, 0, 9)
     with pytest.raises(RuntimeError, match="do not cover"):
-        torch.ops.m2fp.winograd_input(channels_last, 1, 2, 0, 2)
+        torch.ops.m2fp.winograd_input(channels_last, 4, 1, 2, 0, 2)
+    with pytest.raises(RuntimeError, match="do not cover"):
+        torch.ops.m2fp.winograd_input(channels_last, 2, 2, 2, 0, 4)  # 2x2 tiles: 4 x 4 of them
     with pytest.raises(RuntimeError, match="are not among the 4 tiles"):
-        torch.ops.m2fp.winograd_input(channels_last, 2, 2, 2, 3)
+        torch.ops.m2fp.winograd_input(channels_last, 4, 2, 2, 2, 3)
     with pytest.raises(RuntimeError, match="float32"):
-        torch.ops.m2fp.winograd_input(channels_last.double(), 2, 2, 0, 4)
+        torch.ops.m2fp.winograd_input(channels_last.double(), 4, 2, 2, 0, 4)
     out = torch.empty_like(channels_last)
+    with pytest.raises(RuntimeError, match="tile must be 4"):
+        torch.ops.m2fp.winograd_output(torch.zeros(4, 36 * 8), out, 6, 0, bias, False)
     with pytest.raises(RuntimeError, match="among the 4 tiles"):
-        torch.ops.m2fp.winograd_output(torch.zeros(3, 36 * 8), out, 2, bias, False)
+        torch.ops.m2fp.winograd_output(torch.zeros(3, 36 * 8), out, 4, 2, bias, False)
     with pytest.raises(RuntimeError, match=r"not \(tiles, 36 \* 8\)"):
-        torch.ops.m2fp.winograd_output(torch.zeros(4, 36 * 4), out, 0, bias, False)
+        torch.ops.m2fp.winograd_output(torch.zeros(4, 36 * 4), out, 4, 0, bias, False)
+    with pytest.raises(RuntimeError, match=r"not \(tiles, 16 \* 8\)"):
+        torch.ops.m2fp.winograd_output(torch.zeros(16, 36 * 8), out, 2, 0, bias, False)
     with pytest.raises(RuntimeError, match="channels-last"):
-        torch.ops.m2fp.winograd_output(torch.zeros(4, 36 * 8), features, 0, bias, False)
+        torch.ops.m2fp.winograd_output(torch.zeros(4, 36 * 8), features, 4, 0, bias, False)
     with pytest.raises(RuntimeError, match="bias"):
-        torch.ops.m2fp.winograd_output(torch.zeros(4, 36 * 8), out, 0, bias[:4], False)
+        torch.ops.m2fp.winograd_output(torch.zeros(4, 36 * 8), out, 4, 0, bias[:4], False)
+    with pytest.raises(ValueError, match="tile must be one of"):
+        winograd.WinogradConv(torch.zeros(8, 8, 3, 3), bias, relu=False, tile=6)
 
 
-def test_bands_of_tiles_give_the_whole_map_s_result(monkeypatch) -> None:
+@pytest.mark.parametrize("tile", [4, 2])
+def test_bands_of_tiles_give_the_whole_map_s_result(monkeypatch, tile: int) -> None:
     """One tile per band, bands across images, a shorter last band: the same outputs as one band
     for everything."""
     features, weight, bias = random_case(2, 24, 40, 9, 14, seed=4)
-    conv = winograd.WinogradConv(weight, bias, relu=False)
+    conv = winograd.WinogradConv(weight, bias, relu=False, tile=tile)
+    total = 2 * (-(-9 // tile)) * (-(-14 // tile))  # 24 tiles of 4x4, 70 of 2x2
+    per_tile = winograd.positions(tile) * 64
     with torch.inference_mode():
         whole = conv(features)
-        assert winograd.band_tiles(24, 24, 40) == 24  # the default: one band here
+        assert winograd.band_tiles(total, per_tile) == total  # the default: one band here
         monkeypatch.setattr(winograd, "BAND_BYTES", 1)
-        assert winograd.band_tiles(24, 24, 40) == 1
+        assert winograd.band_tiles(total, per_tile) == 1
         banded = conv(features)
-        monkeypatch.setattr(winograd, "BAND_BYTES", 5 * 36 * 64 * 4)  # at most 5 tiles
-        assert winograd.band_tiles(24, 24, 40) == 5  # 5 bands: 5, 5, 5, 5, 4
+        monkeypatch.setattr(winograd, "BAND_BYTES", 5 * per_tile * 4)  # at most 5 tiles a band
+        assert winograd.band_tiles(total, per_tile) == 5  # 24: 5, 5, 5, 5, 4
         fives = conv(features)
     torch.testing.assert_close(banded, whole, rtol=0, atol=0)
     torch.testing.assert_close(fives, whole, rtol=0, atol=0)
@@ -153,8 +169,8 @@ def test_fused_backbone_with_winograd_equals_it_without() -> None:
     direct = fusion.FusedBackbone(model.backbone)
     fast = fusion.FusedBackbone(model.backbone, use_winograd=True)
     routed = [module for module in fast.modules() if isinstance(module, winograd.WinogradConv)]
-    # the stem's 64 -> 128 convolution and the stride-1 middle convolutions of res3..res5
-    assert len(routed) == 1 + 3
+    # the stem's 64 -> 128 convolution and the stride-1 middle convolutions of res3 and res4
+    assert [conv.tile for conv in routed] == [4, 4, 2]
     images = torch.randn(1, 3, 96, 136, generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
         expected, got = direct(images), fast(images)
@@ -166,7 +182,8 @@ def test_fused_backbone_with_winograd_equals_it_without() -> None:
 def test_predictor_runs_the_route_and_reports_it() -> None:
     model = small_model()
     on = Predictor(model, precision_mode="fp32")
-    assert on.winograd_path == "F(4x4, 3x3) for 5 convolutions"  # 4 backbone + the FPN's layer_1
+    # the stem's and res3's, the FPN's layer_1; res4's
+    assert on.winograd_path == "F(4x4, 3x3) for 3, F(2x2, 3x3) for 1 convolutions"
     layer = on.model.get_submodule(f"{fusion.PIXEL_DECODER_PATH}.layer_1")
     assert isinstance(layer, fusion.WinogradNormConv)
     assert not isinstance(
@@ -193,7 +210,7 @@ def test_predictions_with_winograd_agree_with_direct_convolution(weights: str) -
     model.eval()
     image = synthetic_image(*size)
     fast = Predictor(model, max_side=max(size), precision_mode="fp32")
-    assert fast.winograd_path == "F(4x4, 3x3) for 29 convolutions"
+    assert fast.winograd_path == "F(4x4, 3x3) for 5, F(2x2, 3x3) for 22 convolutions"
     direct = Predictor(model, max_side=max(size), precision_mode="fp32", use_winograd=False)
     got, baseline = fast.predict(image), direct.predict(image)
     if weights == "diverse":

@@ -9,8 +9,9 @@ from the loaded model (the checkpoint's modules stay as they are):
   `.binary` post-op): no separate batch-norm, ReLU or add passes over the feature maps;
 - features are channels-last (NHWC in memory), the layout oneDNN's AVX2/AVX-512 convolutions use
   natively, so no reorder happens between layers;
-- with `winograd=True`, the 3x3 stride-1 convolutions wide enough to pay (the stem's last, every
-  bottleneck's middle one from res3 on) run as `winograd.WinogradConv`, F(4x4, 3x3).
+- with `use_winograd=True`, the 3x3 stride-1 convolutions wide enough to pay (the stem's last,
+  the bottlenecks' middle ones in res3 and res4: `winograd.applies`) run as
+  `winograd.WinogradConv`, with the tile size `winograd.BACKBONE_TILES` gives their stage.
 
 `with_winograd_fpn` gives the pixel decoder's 3x3 output convolution at stride 4 (`layer_1`, 41
 GFLOP at 640x864, the largest single convolution of the network) the same route.
@@ -99,21 +100,21 @@ class FusedConv(nn.Module):
         )
 
 
-def fused_conv(conv: Conv2dNormActivation, use_winograd: bool) -> nn.Module:
-    """The folded convolution as a `WinogradConv` where `use_winograd` and it applies, else a
-    `FusedConv` (for convolutions that take no residual)."""
-    if use_winograd and winograd.applies(conv):
+def fused_conv(conv: Conv2dNormActivation, tile: int | None) -> nn.Module:
+    """The folded convolution as a `WinogradConv` of `tile` where one is given and it applies,
+    else a `FusedConv` (for convolutions that take no residual)."""
+    if tile is not None and winograd.applies(conv):
         weight, bias = folded_weights(conv)
-        return winograd.WinogradConv(weight, bias, bool(conv.relu))
+        return winograd.WinogradConv(weight, bias, bool(conv.relu), tile)
     return FusedConv(conv)
 
 
 class FusedBottleneck(nn.Module):
     """`BottleneckBlock` as three (or four, with a projection) fused convolutions."""
 
-    def __init__(self, block: BottleneckBlock, use_winograd: bool = False) -> None:
+    def __init__(self, block: BottleneckBlock, tile: int | None = None) -> None:
         super().__init__()
-        self.conv1, self.conv2 = FusedConv(block.conv1), fused_conv(block.conv2, use_winograd)
+        self.conv1, self.conv2 = FusedConv(block.conv1), fused_conv(block.conv2, tile)
         self.conv3 = FusedConv(block.conv3)
         self.shortcut = None if block.shortcut is None else FusedConv(block.shortcut)
 
@@ -128,14 +129,16 @@ class FusedBackbone(nn.Module):
 
     def __init__(self, backbone: DeepLabResNet, use_winograd: bool = False) -> None:
         super().__init__()
+        tiles = winograd.BACKBONE_TILES if use_winograd else {}
         stem = backbone.stem
         self.stem = nn.ModuleList(
-            [fused_conv(conv, use_winograd) for conv in (stem.conv1, stem.conv2, stem.conv3)]
+            [fused_conv(conv, tiles.get("stem")) for conv in (stem.conv1, stem.conv2, stem.conv3)]
         )
         self.stage_names = backbone.stage_names
         self.out_channels = dict(backbone.out_channels)
         for name in self.stage_names:
-            blocks = [FusedBottleneck(block, use_winograd) for block in getattr(backbone, name)]
+            tile = tiles.get(name)
+            blocks = [FusedBottleneck(block, tile) for block in getattr(backbone, name)]
             self.add_module(name, nn.Sequential(*blocks))
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -196,7 +199,7 @@ class WinogradNormConv(nn.Module):
     def __init__(self, layer: Conv2dNormActivation) -> None:
         super().__init__()
         bias = layer.bias if layer.bias is not None else torch.zeros(layer.out_channels)
-        self.conv = winograd.WinogradConv(layer.weight, bias, relu=False)
+        self.conv = winograd.WinogradConv(layer.weight, bias, relu=False, tile=winograd.FPN_TILE)
         self.norm, self.relu = layer.norm, bool(layer.relu)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:

@@ -1,17 +1,21 @@
-"""Winograd F(4x4, 3x3) for the CPU inference path's 3x3, stride-1 convolutions (float32).
+"""Winograd convolution, F(4x4, 3x3) and F(2x2, 3x3), for the CPU inference path's 3x3,
+stride-1 convolutions (float32).
 
-Owns `WinogradConv` (a folded 3x3 convolution with its bias and ReLU, computed as 36 matrix
+Owns `WinogradConv` (a folded 3x3 convolution with its bias and ReLU, computed as (m+2)^2 matrix
 products between two transforms), `transformed_weight` (the weight transform, in float64),
-`applies` (which convolutions take this route), `unavailable_reason` (whether this process can
-run it) and `describe` (what the Predictor reports). The two transforms are the compiled ops
-`m2fp::winograd_input` / `m2fp::winograd_output` (csrc/winograd.cpp, which states the algorithm
-and its layout); the 36 products are one grouped 1x1 convolution through oneDNN (`groups=36`), so
-they run at the library's GEMM speed on every CPU it supports.
+`applies` (which convolutions can take the route), where each variant runs (`BACKBONE_TILES`,
+`FPN_TILE`), `unavailable_reason` (whether this process can run it) and `describe` (what the
+Predictor reports). The two transforms are the compiled ops `m2fp::winograd_input` /
+`m2fp::winograd_output` (csrc/winograd.cpp, which states the algorithm and its layout); the
+products are one grouped 1x1 convolution through oneDNN (`groups=(m+2)^2`), so they run at the
+library's GEMM speed on every CPU it supports.
 
-A direct 3x3 convolution performs 144 multiply-adds per 4x4 outputs and channel pair, this route
-36 plus the transforms' additions. The route is numerically a different summation: about 25x
-a direct float32 convolution's rounding (6e-6 of the output's largest value at 256 channels),
-which the golden suites and tests/model/test_winograd.py hold it to.
+A direct 3x3 convolution performs 9 multiply-adds per output and channel pair; F(4x4, 3x3) 36
+per 16 outputs (2.25), F(2x2, 3x3) 16 per 4 (4), plus the transforms' additions. The cost is
+memory: the transformed weights take 36/9 = 4x (F(4x4)) or 16/9 = 1.8x (F(2x2)) the direct
+ones, and the inference process keeps them. And the route is numerically a different summation:
+F(4x4) about 25x a direct float32 convolution's rounding (6e-6 of the output's largest value at
+256 channels), which the golden suites and tests/model/test_winograd.py hold it to.
 """
 
 from __future__ import annotations
@@ -21,29 +25,52 @@ from torch import nn
 
 from worker.m2fp import ops
 
-POSITIONS = 36  # a transformed 6x6 tile
-# Lavin and Gray's F(4x4, 3x3) matrices (interpolation points 0, +-1, +-2, infinity)
-G = torch.tensor(
-    [
-        [1 / 4, 0, 0],
-        [-1 / 6, -1 / 6, -1 / 6],
-        [-1 / 6, 1 / 6, -1 / 6],
-        [1 / 24, 1 / 12, 1 / 6],
-        [1 / 24, -1 / 12, 1 / 6],
-        [0, 0, 1],
-    ],
-    dtype=torch.float64,
-)
+# Lavin and Gray's weight transforms G (interpolation points 0, +-1, +-2, infinity for 4x4 tiles,
+# 0, +-1, infinity for 2x2), per output tile size
+G = {
+    4: torch.tensor(
+        [
+            [1 / 4, 0, 0],
+            [-1 / 6, -1 / 6, -1 / 6],
+            [-1 / 6, 1 / 6, -1 / 6],
+            [1 / 24, 1 / 12, 1 / 6],
+            [1 / 24, -1 / 12, 1 / 6],
+            [0, 0, 1],
+        ],
+        dtype=torch.float64,
+    ),
+    2: torch.tensor(
+        [[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]], dtype=torch.float64
+    ),
+}
+# Where each variant runs, per backbone stage (the stem counts as one); a stage not named keeps
+# direct convolution. Measured at 640x864 (docs/BENCHMARKS.md, "Winograd"):
+# - F(4x4) wherever its weights are small: the stem's 64 -> 128 convolution (44.7 -> 31.3 ms),
+#   res3's 128-channel ones (5.7 -> 3.2 ms each);
+# - res4's 22 convolutions of 256 channels take F(2x2): with F(4x4) their weights took 155 MB more
+#   than direct (9.4 instead of 2.4 MB each), past the worker's 1.5 GB; F(2x2) takes 4.2 MB each;
+# - res5 stays direct: its maps are a few dozen tiles (35 at 640x864), where F(4x4) gains 1 ms
+#   per convolution (6.5 -> 5.6 ms) for 28 MB more weights each.
+BACKBONE_TILES = {"stem": 4, "res2": 4, "res3": 4, "res4": 2}
+FPN_TILE = 4  # the pixel decoder's layer_1, 41 GFLOP at stride 4: 90.9 -> 38-41 ms
 # The products saved grow with C * K per pixel, the transforms' memory traffic with C + K: below
-# C * K / (C + K) = 40 the route does not pay (64 -> 64 channels: 22.2 vs 22.6 ms at 320x432, 5.65
-# vs 5.89 ms at 160x216; 64 -> 128: 31.3 vs 44.7 ms; docs/BENCHMARKS.md, "Winograd").
+# C * K / (C + K) = 40 the route does not pay (64 -> 64 channels: 22.9 vs 23.2 ms at 320x432,
+# 5.82 vs 6.48 ms at 160x216, medians of 15; so res2's stay direct).
 MIN_CHANNEL_RATIO = 40
 # A convolution runs in bands of tiles whose transformed tiles and products take at most this:
 # the whole map at once needed up to 240 MB of temporaries (the stem's), which the tuned malloc
 # then returned to the kernel and faulted in again on every image (160,000 faults per predict).
 # Smaller bands make the products smaller matrices: the FPN's layer_1 took 48.6 ms in bands of
-# 24 MB, 41.5 ms in 64 MB, 38.4 ms whole (medians of 11, interleaved; direct: 93.5 ms).
-BAND_BYTES = 64 << 20
+# 24 MB, 42.8 in 40 MB, 41.5 ms in 64 MB, 38.4 ms whole (medians of 11, interleaved; direct:
+# 93.5 ms); larger bands leave a larger heap (RSS after four predicts of varied sizes: 1289 MiB
+# at 32 MB, 1513 MiB at 64 MB, 1349 MiB with direct convolution in the same sequence).
+BAND_BYTES = 32 << 20
+TRANSFORM_CHUNK = 32  # output channels per step of the weight transform
+
+
+def positions(tile: int) -> int:
+    """The (tile + 2)^2 positions of a transformed input patch."""
+    return (tile + 2) ** 2
 
 
 def unavailable_reason() -> str | None:
@@ -74,30 +101,39 @@ def applies(conv: nn.Conv2d) -> bool:
     )
 
 
-def transformed_weight(weight: torch.Tensor) -> torch.Tensor:
-    """G g G^T of a (K, C, 3, 3) weight, as oneDNN's grouped 1x1 weight (36 * K, C, 1, 1):
-    group t = 6 * i + j holds position (i, j) of every output channel's transformed tile."""
-    kernels = weight.detach().to(torch.float64)
-    transformed = torch.einsum("ai,kcij,bj->abkc", G, kernels, G)  # (6, 6, K, C)
+def transformed_weight(weight: torch.Tensor, tile: int) -> torch.Tensor:
+    """G g G^T of a (K, C, 3, 3) weight, as oneDNN's grouped 1x1 weight (T * K, C, 1, 1), T the
+    tile's positions: group t = (tile + 2) * i + j holds position (i, j) of every output
+    channel's transformed tile.
+
+    Computed in float64 a few output channels at a time: the inference process's heap keeps
+    what it frees (worker/m2fp/allocator.py), and float64 temporaries of whole weights left
+    900 MB of it resident after the CIHP network's 29 transforms.
+    """
     out_channels, in_channels = weight.shape[:2]
-    return (
-        transformed.reshape(POSITIONS * out_channels, in_channels, 1, 1)
-        .to(torch.float32)
-        .contiguous()
-    )
+    side, matrix = tile + 2, G[tile]
+    transformed = torch.empty((side, side, out_channels, in_channels), dtype=torch.float32)
+    for first in range(0, out_channels, TRANSFORM_CHUNK):
+        kernels = weight.detach()[first : first + TRANSFORM_CHUNK].to(torch.float64)
+        chunk = torch.einsum("ai,kcij,bj->abkc", matrix, kernels, matrix)
+        transformed[:, :, first : first + TRANSFORM_CHUNK] = chunk
+    return transformed.reshape(side * side * out_channels, in_channels, 1, 1)
 
 
 class WinogradConv(nn.Module):
-    """A 3x3, stride-1, padding-1 convolution with bias and optional ReLU, F(4x4, 3x3) on CPU.
+    """A 3x3, stride-1, padding-1 convolution with bias and optional ReLU, F(tile x tile, 3x3)
+    on CPU (`tile` 4 or 2).
 
-    Takes and returns channels-last (N, C, H, W) float32 maps, like the fused backbone's
-    convolutions.
+    Takes any (N, C, H, W) float32 map and returns a channels-last one, like the fused
+    backbone's convolutions.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, relu: bool) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, relu: bool, tile: int = 4) -> None:
         super().__init__()
-        self.out_channels = int(weight.shape[0])
-        self.register_buffer("weight", transformed_weight(weight))
+        if tile not in G:
+            raise ValueError(f"tile must be one of {sorted(G)}, but got {tile}")
+        self.tile, self.out_channels = tile, int(weight.shape[0])
+        self.register_buffer("weight", transformed_weight(weight, tile))
         self.register_buffer("bias", bias.detach().float().contiguous())
         self.relu = relu
 
@@ -106,35 +142,39 @@ class WinogradConv(nn.Module):
         in bands of tiles (`band_tiles`)."""
         batch, channels, height, width = features.shape
         features = features.contiguous(memory_format=torch.channels_last)
-        tiles_h, tiles_w = (height + 3) // 4, (width + 3) // 4
+        tile, count_positions = self.tile, positions(self.tile)
+        tiles_h, tiles_w = -(-height // tile), -(-width // tile)
         out = torch.empty(
             (batch, self.out_channels, height, width), memory_format=torch.channels_last
         )
         total = batch * tiles_h * tiles_w
-        band = band_tiles(total, channels, self.out_channels)
+        band = band_tiles(total, count_positions * (channels + self.out_channels))
         for first in range(0, total, band):
             count = min(band, total - first)
-            tiles = torch.ops.m2fp.winograd_input(features, tiles_h, tiles_w, first, count)
-            # (count, 36 * C) row-major is a channels-last (1, 36 * C, count, 1) map: the products
-            # are a grouped 1x1 convolution over it, which answers channels-last (count, 36 * K).
-            grouped = tiles.view(1, count, 1, POSITIONS * channels).permute(0, 3, 1, 2)
+            tiles = torch.ops.m2fp.winograd_input(features, tile, tiles_h, tiles_w, first, count)
+            # (count, T * C) row-major is a channels-last (1, T * C, count, 1) map: the products
+            # are a grouped 1x1 convolution over it, which answers channels-last (count, T * K).
+            grouped = tiles.view(1, count, 1, count_positions * channels).permute(0, 3, 1, 2)
             products = torch.ops.mkldnn._convolution_pointwise(
-                grouped, self.weight, None, [0, 0], [1, 1], [1, 1], POSITIONS, "none", [], ""
+                grouped, self.weight, None, [0, 0], [1, 1], [1, 1], count_positions, "none", [], ""
             )
-            products = products.permute(0, 2, 3, 1).reshape(count, POSITIONS * self.out_channels)
-            torch.ops.m2fp.winograd_output(products.contiguous(), out, first, self.bias, self.relu)
+            products = products.permute(0, 2, 3, 1).reshape(count, -1)
+            torch.ops.m2fp.winograd_output(
+                products.contiguous(), out, tile, first, self.bias, self.relu
+            )
         return out
 
 
-def band_tiles(total: int, channels: int, out_channels: int) -> int:
+def band_tiles(total: int, floats_per_tile: int) -> int:
     """Tiles per band of `total`: as few bands as keep each within `BAND_BYTES` of transformed
-    tiles and products, all of one size (the last one may be smaller)."""
-    most = max(1, BAND_BYTES // (POSITIONS * (channels + out_channels) * 4))
+    tiles and products (`floats_per_tile`), all of one size (the last one may be smaller)."""
+    most = max(1, BAND_BYTES // (floats_per_tile * 4))
     bands = -(-total // most)
     return -(-total // bands)
 
 
 def describe(model: nn.Module) -> str:
-    """What runs in `model`: "F(4x4, 3x3) for N convolutions"."""
-    count = sum(isinstance(module, WinogradConv) for module in model.modules())
-    return f"F(4x4, 3x3) for {count} convolutions"
+    """What runs in `model`: "F(4x4, 3x3) for N convolutions, F(2x2, 3x3) for M"."""
+    tiles = [module.tile for module in model.modules() if isinstance(module, WinogradConv)]
+    counts = [f"F({tile}x{tile}, 3x3) for {tiles.count(tile)}" for tile in sorted(G, reverse=True)]
+    return ", ".join(counts) + " convolutions"
