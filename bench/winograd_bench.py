@@ -109,7 +109,7 @@ def golden_predictors(weights: str, height: int, width: int) -> tuple:
     load_into(model, recipe(get_config("cihp")))
     model.eval()
     side = max(height, width)
-    return Predictor(model, max_side=side), Predictor(model, max_side=side, use_winograd=False)
+    return Predictor(model, max_side=side, use_winograd=True), Predictor(model, max_side=side)
 
 
 def predict(runs: int, image) -> dict:

@@ -181,7 +181,7 @@ def test_fused_backbone_with_winograd_equals_it_without() -> None:
 
 def test_predictor_runs_the_route_and_reports_it() -> None:
     model = small_model()
-    on = Predictor(model, precision_mode="fp32")
+    on = Predictor(model, precision_mode="fp32", use_winograd=True)
     # the stem's and res3's, the FPN's layer_1; res4's
     assert on.winograd_path == "F(4x4, 3x3) for 3, F(2x2, 3x3) for 1 convolutions"
     layer = on.model.get_submodule(f"{fusion.PIXEL_DECODER_PATH}.layer_1")
@@ -189,10 +189,12 @@ def test_predictor_runs_the_route_and_reports_it() -> None:
     assert not isinstance(
         model.get_submodule(f"{fusion.PIXEL_DECODER_PATH}.layer_1"), fusion.WinogradNormConv
     )
-    assert Predictor(model, use_winograd=False).winograd_path == "off: switched off"
-    unfused = Predictor(model, fuse_backbone=False)
+    assert Predictor(model).winograd_path == "off: switched off"  # the default
+    unfused = Predictor(model, fuse_backbone=False, use_winograd=True)
     assert unfused.winograd_path == "off: the fused CPU backbone does not run"
-    assert Predictor(model, precision_mode="bf16").winograd_path.startswith("off:")
+    assert Predictor(model, precision_mode="bf16", use_winograd=True).winograd_path.startswith(
+        "off:"
+    )
 
 
 @pytest.mark.slow
@@ -209,7 +211,7 @@ def test_predictions_with_winograd_agree_with_direct_convolution(weights: str) -
     load_into(model, recipe(get_config("cihp")))
     model.eval()
     image = synthetic_image(*size)
-    fast = Predictor(model, max_side=max(size), precision_mode="fp32")
+    fast = Predictor(model, max_side=max(size), precision_mode="fp32", use_winograd=True)
     assert fast.winograd_path == "F(4x4, 3x3) for 5, F(2x2, 3x3) for 22 convolutions"
     direct = Predictor(model, max_side=max(size), precision_mode="fp32", use_winograd=False)
     got, baseline = fast.predict(image), direct.predict(image)

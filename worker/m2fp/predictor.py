@@ -125,7 +125,10 @@ class Predictor:
     CPU in fp32 every `nn.Linear` runs through oneDNN (`self.dense_path`: "oneDNN" or "as built";
     `worker.m2fp.dense`). With the fused backbone, the 3x3 convolutions that pay run as Winograd
     F(4x4, 3x3) where the compiled transforms load (`self.winograd_path`: "F(4x4, 3x3) for N
-    convolutions" or "off: <why>"; `worker.m2fp.winograd`; `use_winograd=False`: never). The caller's `model` is not modified. On CPU the
+    convolutions" or "off: <why>"; `worker.m2fp.winograd`). Off unless `use_winograd=True`: with it a
+    worker child under its memory limit (M2FP_CHILD_MEMORY_LIMIT_MB=1500) could not run a small
+    job after a job that failed out_of_memory (tests/integration/test_process_hardening.py),
+    which direct convolution does; until that is understood the service runs direct. The caller's `model` is not modified. On CPU the
     process's malloc is tuned once (`worker.m2fp.allocator`); `self.allocator` says how.
     """
 
@@ -138,7 +141,7 @@ class Predictor:
         deform_attn: str | None = None,
         precision_mode: str | None = None,
         fuse_backbone: bool | None = None,
-        use_winograd: bool = True,
+        use_winograd: bool = False,
     ) -> None:
         if max_side < 32:
             raise ValueError(f"max_side must be >= 32, but got {max_side}")
