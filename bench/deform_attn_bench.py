@@ -40,10 +40,10 @@ def cpu_description() -> dict:
     return cpu_summary()
 
 
-def median_seconds(
+def interleaved_seconds(
     functions: dict[str, Callable[[], object]], runs: int, warmup: int = 1
-) -> dict[str, float]:
-    """Median wall time of each function, the functions interleaved run by run (same conditions for all)."""
+) -> dict[str, list[float]]:
+    """Wall times of each function, the functions interleaved run by run (same conditions for all)."""
     for _ in range(warmup):
         for function in functions.values():
             function()
@@ -53,6 +53,14 @@ def median_seconds(
             started = time.perf_counter()
             function()
             times[name].append(time.perf_counter() - started)
+    return times
+
+
+def median_seconds(
+    functions: dict[str, Callable[[], object]], runs: int, warmup: int = 1
+) -> dict[str, float]:
+    """Median wall time of each function, the functions interleaved run by run."""
+    times = interleaved_seconds(functions, runs, warmup)
     return {name: statistics.median(values) for name, values in times.items()}
 
 

@@ -46,17 +46,11 @@ PARTS = ("convolutions", "predict", "agreement")
 
 def interleaved_ms(functions: dict, runs: int) -> dict:
     """Min and median milliseconds of each function, the functions interleaved run by run."""
-    for function in functions.values():
-        function()
-    times: dict[str, list[float]] = {name: [] for name in functions}
-    for _ in range(runs):
-        for name, function in functions.items():
-            started = time.perf_counter()
-            function()
-            times[name].append((time.perf_counter() - started) * 1000)
+    from deform_attn_bench import interleaved_seconds
+
     return {
-        name: {"min_ms": min(values), "median_ms": statistics.median(values)}
-        for name, values in times.items()
+        name: {"min_ms": min(values) * 1000, "median_ms": statistics.median(values) * 1000}
+        for name, values in interleaved_seconds(functions, runs).items()
     }
 
 

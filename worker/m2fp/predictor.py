@@ -125,10 +125,11 @@ class Predictor:
     CPU in fp32 every `nn.Linear` runs through oneDNN (`self.dense_path`: "oneDNN" or "as built";
     `worker.m2fp.dense`). With the fused backbone, the 3x3 convolutions that pay run as Winograd
     F(4x4, 3x3) where the compiled transforms load (`self.winograd_path`: "F(4x4, 3x3) for N
-    convolutions" or "off: <why>"; `worker.m2fp.winograd`). Off unless `use_winograd=True`: with it a
-    worker child under its memory limit (M2FP_CHILD_MEMORY_LIMIT_MB=1500) could not run a small
-    job after a job that failed out_of_memory (tests/integration/test_process_hardening.py),
-    which direct convolution does; until that is understood the service runs direct. The caller's `model` is not modified. On CPU the
+    convolutions" or "off: <why>"; `worker.m2fp.winograd`). Off unless `use_winograd=True`: with
+    it a worker child under its memory limit (M2FP_CHILD_MEMORY_LIMIT_MB=1500) could not run a
+    small job after a job that failed out_of_memory (tests/integration/test_process_hardening.py),
+    which direct convolution does; until that is understood the service runs direct. The
+    caller's `model` is not modified. On CPU the
     process's malloc is tuned once (`worker.m2fp.allocator`); `self.allocator` says how.
     """
 
@@ -167,9 +168,12 @@ class Predictor:
         )
         self.backbone_path = fusion.backbone_path(model, device, self.precision, fuse_backbone)
         fused = self.backbone_path.startswith("fused")
-        why_not = winograd.unavailable_reason() if fused else "the fused CPU backbone does not run"
         if not use_winograd:
-            why_not = "switched off"
+            why_not: str | None = "switched off"
+        elif not fused:
+            why_not = "the fused CPU backbone does not run"
+        else:
+            why_not = winograd.unavailable_reason()
         if fused:
             model = fusion.with_fused_backbone(model.eval(), use_winograd=why_not is None)
         if why_not is None:
