@@ -16,7 +16,8 @@ allocation past the limit raises `MemoryError` in that one child instead of waki
 OOM killer, which may pick Redis. It also fixes glibc's mmap threshold, so that the memory of
 an outlier job counts against the limit only while that job runs; a CPU child's Predictor later
 turns mmap off for speed (worker/m2fp/allocator.py), after which freed blocks stay in the heap
-and only a freed top above 256 MiB is returned (the out_of_memory test still passes with it).
+and only a freed top above 256 MiB is returned; a child that ran out therefore leaves the pool
+after that job (worker/retirement.py).
 
 Neither flask nor torch is imported here; this runs on Linux and is a no-op elsewhere.
 """

@@ -22,12 +22,17 @@ from kombu import Queue
 from shared.constants import QUEUE, TASK_PARSE
 from shared.redis_conn import celery_broker, tls_options
 
+# billiard's per-child RSS limit where M2FP_MAX_MEMORY_PER_CHILD_MB sets none: no RSS reaches
+# it (1 PiB, in KiB), so only a child's own retirement request ends a child there
+NO_RSS_LIMIT_KB = 1 << 40
+
 # kombu's Redis transport keeps a delivered, not yet acknowledged message in these two keys
 # (its `unacked_key` and `unacked_index_key` defaults) until it is acked or, after the
 # visibility timeout, restored to its queue.
 UNACKED_KEY, UNACKED_INDEX_KEY = "unacked", "unacked_index"
 
 
+# long-by-design: the table of Celery settings both sides share, one setting per line
 def make_celery(settings, name: str = "m2fp") -> Celery:
     """A Celery app wired to the settings' Redis (or its sentinels) with the service's safe defaults."""
     broker_url, transport = celery_broker(settings)  # Sentinel: master_name, sentinel_kwargs
@@ -66,7 +71,8 @@ def make_celery(settings, name: str = "m2fp") -> Celery:
         # and the next job waits for a fresh model load: 4 s of a 5 s recovery target
         # (docs/RELIABILITY.md, redis-restart).
         worker_cancel_long_running_tasks_on_connection_loss=False,
-        worker_max_memory_per_child=settings.max_memory_per_child_kb,
+        # Always set: billiard's check between jobs is how a child retires (worker/retirement.py)
+        worker_max_memory_per_child=settings.max_memory_per_child_kb or NO_RSS_LIMIT_KB,
         # One broker connection per gateway thread at most: a thread never waits for another to publish.
         broker_pool_limit=max(4, settings.gateway_threads),
     )

@@ -4,7 +4,8 @@
 module-level `m2fp.parse` task of `worker.tasks` and configures it with `settings`, and wires
 Celery's process signals: each pool child, right after fork, hardens itself (`shared.hardening`:
 no core dumps, not dumpable, its data segment capped at `M2FP_CHILD_MEMORY_LIMIT_MB`, so an
-outlier job fails `out_of_memory` alone instead of waking the kernel's OOM killer), configures
+outlier job fails `out_of_memory` alone instead of waking the kernel's OOM killer, after which
+the child is replaced: worker/retirement.py), configures
 logging and starts its `WorkerProcess` (model load in the background, then the heartbeat); before
 it exits it removes its heartbeat. In batching mode (`settings.batching == "on"`, Celery's threads
 pool, worker/batching.py) the worker process itself does all of that.
@@ -21,7 +22,7 @@ from shared.constants import TASK_PARSE
 from shared.hardening import disable_core_dumps, limit_memory
 from shared.logging import configure_logging
 from shared.queue import make_celery
-from worker import tasks
+from worker import retirement, tasks
 from worker.metrics import child_exited
 
 
@@ -39,6 +40,7 @@ def create_worker_app(settings: Settings) -> Celery:
     def _child_started(**_):
         disable_core_dumps()
         limit_memory(settings.child_memory_limit_mb)
+        retirement.install()  # a job out of that memory ends the child after it (the pool forks anew)
         configure_logging(settings.log_level)
         task.start_process()
 

@@ -5,7 +5,7 @@ with a real Redis and no broker. It owns the job's failure semantics: bad input 
 `failed` with a public code and never raises into Celery (so the message is acked, not retried);
 an input that expired ends it `expired`; a withdrawn job's result is discarded; a job that runs
 out of the pool child's memory limit (`M2FP_CHILD_MEMORY_LIMIT_MB`) ends `failed/out_of_memory`
-and the child goes on. The plaintext image and result exist only in this function's locals, and
+and the pool child is replaced before its next job (worker/retirement.py). The plaintext image and result exist only in this function's locals, and
 are dropped as soon as sealed. A JPEG may be decoded smaller than uploaded (`draft()` down to the
 inference size); the maps and boxes are scaled back to the upload size here.
 """
@@ -27,6 +27,7 @@ from shared.crypto import Keyring, decrypt_payload, seal_result
 from shared.errors import DecodeTooLarge, DecryptionError, TooManyPixels, UndecodableImage
 from shared.jobstore import JobStore
 from shared.logging import event
+from worker import retirement
 from worker.imaging import decode_upload, png_base64
 from worker.metrics import record_job
 
@@ -118,8 +119,7 @@ def process_job(job_id: str, ctx: JobContext) -> str:
         if not is_out_of_memory(exc):
             raise
         del exc
-        gc.collect()
-        return _fail(ctx, job_id, "out_of_memory", started, "memory_limit")
+        return _out_of_memory(ctx, job_id, started)
     del image_bytes
     if not ctx.store.store_result(job_id, sealed):
         event(log, "job_discarded", reason="withdrawn_or_expired")
@@ -136,6 +136,14 @@ def process_job(job_id: str, ctx: JobContext) -> str:
     )
     record_job("done", seconds, timings["inference"], claim.attempts)
     return "done"
+
+
+def _out_of_memory(ctx: JobContext, job_id: str, started: float) -> str:
+    """End a job that ran out of the child's memory; the child leaves the pool after it (its heap
+    is left fragmented: worker/retirement.py)."""
+    gc.collect()
+    retirement.request("out_of_memory")
+    return _fail(ctx, job_id, "out_of_memory", started, "memory_limit")
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -1,12 +1,14 @@
 """The real gateway and worker processes harden themselves (shared.hardening), not only under
 `make run`: no core dumps in the gunicorn master and workers, the worker's parent and its pool children;
 each pool child runs under its memory limit, and an outlier job over it fails `out_of_memory`
-alone while the same child goes on serving."""
+alone: that child then leaves the pool gracefully (its heap is left fragmented,
+worker/retirement.py) and a fresh, equally hardened child serves the next job."""
 
 from __future__ import annotations
 
 import io
 import resource
+import time
 from pathlib import Path
 
 import numpy as np
@@ -51,8 +53,7 @@ def test_processes_harden_themselves_and_an_outlier_fails_alone(core_dumps_allow
         *pool,
     ]:  # master too
         assert _limit(process.pid, "Max core file size") == ("0", "0"), process.cmdline()
-    for child in pool:  # RLIMIT_DATA, soft limit
-        assert _limit(child.pid, "Max data size")[0] == str(1500 * 1024 * 1024)
+    _assert_hardened(pool)
 
     # 40 MP of flat RGBA: a small PNG within every upload limit and the decode budget (160 MB
     # decoded), but decoding, compositing and parsing it needs more than 1500 MB in all.
@@ -62,7 +63,31 @@ def test_processes_harden_themselves_and_an_outlier_fails_alone(core_dumps_allow
     failed = poll_until(stack, job, timeout=300)
     assert failed["status"] == "failed" and failed["error"]["code"] == "out_of_memory", failed
     small = submit(stack, photo_jpeg(96, 64, seed=3)).json()
-    outcome = poll_until(stack, small)
+    outcome = poll_until(stack, small, timeout=180)
     assert outcome["status"] == "done", (outcome, stack.log("worker1")[-3000:])
-    assert all(child.is_running() for child in pool)  # the same child did it
-    assert sorted(stack.child_pids()) == sorted(child.pid for child in pool)
+
+    # The child that ran out left after reporting its job (no lost worker, no redelivery), and
+    # the pool forked a new one, hardened like the first, which did the small job.
+    _wait_gone(pool)
+    log = stack.log("worker1")
+    assert '"child_retiring"' in log and "WorkerLostError" not in log, log[-3000:]
+    assert worker.is_running()
+    fresh = [psutil.Process(pid) for pid in stack.child_pids()]
+    assert fresh and not {child.pid for child in fresh} & {child.pid for child in pool}
+    _assert_hardened(fresh)
+    assert all(worker in child.parents() for child in fresh)
+
+
+def _assert_hardened(children: list[psutil.Process]) -> None:
+    for child in children:
+        assert _limit(child.pid, "Max core file size") == ("0", "0")
+        assert _limit(child.pid, "Max data size")[0] == str(1500 * 1024 * 1024)  # soft limit
+
+
+def _wait_gone(children: list[psutil.Process], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children):
+            return
+        time.sleep(0.2)
+    raise AssertionError("the child that ran out of memory is still running")

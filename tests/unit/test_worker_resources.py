@@ -206,6 +206,37 @@ def test_out_of_memory_is_its_own_job_code():
     assert "out_of_memory" in JOB_ERRORS
 
 
+def test_a_child_out_of_memory_retires_through_billiards_check_between_jobs(settings):
+    # In a fresh interpreter: the hook patches billiard's module, which must not leak into others.
+    code = textwrap.dedent("""
+        from billiard import pool
+        from worker import retirement
+        retirement.request("out_of_memory")          # no hook yet (tests, CLI): nothing happens
+        print(retirement.requested() == "", pool.mem_rss() < 1 << 30)
+        print(retirement.install(), retirement.install(), pool.mem_rss() < 1 << 30)
+        retirement.request("out_of_memory")
+        retirement.request("something else")          # the first reason stays
+        print(retirement.requested(), pool.mem_rss() == retirement.ABOVE_EVERY_LIMIT_KB)
+    """)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert out.stdout.split() == ["True", "True", "True", "True", "True", "out_of_memory", "True"]
+    assert "child_retiring" in out.stderr  # logged once, at warning level
+
+    # billiard compares that reading with the pool's limit only where one is set: always.
+    from shared.queue import NO_RSS_LIMIT_KB, make_celery
+    from worker.retirement import ABOVE_EVERY_LIMIT_KB
+
+    assert make_celery(settings, "t").conf.worker_max_memory_per_child == NO_RSS_LIMIT_KB
+    assert NO_RSS_LIMIT_KB < ABOVE_EVERY_LIMIT_KB
+
+
 def test_core_dumps_off_and_not_dumpable():
     code = textwrap.dedent("""
         import resource
