@@ -1,9 +1,9 @@
 """Winograd F(4x4, 3x3) against direct oneDNN convolution: per convolution, whole predict, agreement.
 
-1. Per convolution: every distinct 3x3 stride-1 shape of the CIHP network at 640x864 (including
-   the ones the route leaves direct), random weights, the direct fused convolution
-   (`mkldnn._convolution_pointwise` with the ReLU post-op) and `WinogradConv` with 4x4 and 2x2
-   tiles, interleaved.
+1. Per convolution: every distinct 3x3 stride-1 shape of the CIHP network at 640x864, random
+   weights, the direct fused convolution (`mkldnn._convolution_pointwise` with the ReLU post-op)
+   and `WinogradConv` with 4x4 and 2x2 tiles, interleaved; each row names what this CPU's plan
+   (`winograd.plan_for`) picks for it.
 2. Whole predict: the golden CIHP model on the synthetic photo (640x853), two Predictors of one
    model, with and without the route (`use_winograd`), interleaved round by round; medians and
    minima of the forward (the Predictor's own timing) and of the whole predict, and the page
@@ -31,15 +31,16 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-# (name, in channels, out channels, height, width) at 640x864: the stride-1 3x3 convolutions
+# (name, stage of the plan, in channels, out channels, height, width) at 640x864: the stride-1
+# 3x3 convolutions; "fpn" is the pixel decoder's layer_1
 SHAPES = (
-    ("stem conv2 (direct)", 64, 64, 320, 432),
-    ("stem conv3 (F(4x4))", 64, 128, 320, 432),
-    ("res2 conv2 (direct)", 64, 64, 160, 216),
-    ("res3 conv2 (F(4x4))", 128, 128, 80, 108),
-    ("res4 conv2 (F(2x2))", 256, 256, 40, 54),
-    ("res5 conv2 (direct)", 512, 512, 20, 27),
-    ("FPN layer_1 (F(4x4))", 256, 256, 160, 216),
+    ("stem conv2", "stem", 64, 64, 320, 432),
+    ("stem conv3", "stem", 64, 128, 320, 432),
+    ("res2 conv2", "res2", 64, 64, 160, 216),
+    ("res3 conv2", "res3", 128, 128, 80, 108),
+    ("res4 conv2", "res4", 256, 256, 40, 54),
+    ("res5 conv2", "res5", 512, 512, 20, 27),
+    ("FPN layer_1", "fpn", 256, 256, 160, 216),
 )
 PARTS = ("convolutions", "predict", "agreement")
 
@@ -58,9 +59,10 @@ def convolution_row(shape: tuple, runs: int) -> dict:
     """Direct vs Winograd on one (name, in, out, height, width) shape, random weights."""
     import torch
 
-    from worker.m2fp.winograd import WinogradConv
+    from worker.m2fp.cpu import cpu_features
+    from worker.m2fp.winograd import WinogradConv, plan_for
 
-    name, channels, out_channels, height, width = shape
+    name, stage, channels, out_channels, height, width = shape
     generator = torch.Generator().manual_seed(0)
     features = torch.randn(1, channels, height, width, generator=generator).relu()
     features = features.contiguous(memory_format=torch.channels_last)
@@ -81,7 +83,11 @@ def convolution_row(shape: tuple, runs: int) -> dict:
     }
     figures = interleaved_ms(functions, runs)
     gflop = 2 * channels * out_channels * 9 * height * width / 1e9
-    return {"shape": name, "gflop": round(gflop, 2), **figures}
+    plan = plan_for(cpu_features())
+    conv = torch.nn.Conv2d(channels, out_channels, 3, padding=1)
+    tile = plan.fpn_tile if stage == "fpn" else plan.backbone_tiles.get(stage)
+    chosen = f"F({tile}x{tile})" if tile and plan.applies(conv) else "direct"
+    return {"shape": name, "gflop": round(gflop, 2), f"{plan.isa} plan": chosen, **figures}
 
 
 def convolutions(runs: int) -> list[dict]:
@@ -103,7 +109,10 @@ def golden_predictors(weights: str, height: int, width: int) -> tuple:
     load_into(model, recipe(get_config("cihp")))
     model.eval()
     side = max(height, width)
-    return Predictor(model, max_side=side, use_winograd=True), Predictor(model, max_side=side)
+    return (
+        Predictor(model, max_side=side, use_winograd=True),
+        Predictor(model, max_side=side, use_winograd=False),
+    )
 
 
 def predict(runs: int, image) -> dict:

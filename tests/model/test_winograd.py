@@ -21,6 +21,7 @@ from worker.m2fp import fusion, ops, winograd
 from worker.m2fp.backbone import Conv2dNormActivation
 from worker.m2fp.checkpoint import load_into
 from worker.m2fp.config import get_config
+from worker.m2fp.cpu import cpu_features
 from worker.m2fp.model import M2FP
 from worker.m2fp.predictor import Predictor
 
@@ -141,12 +142,23 @@ def test_the_route_applies_to_wide_stride_one_3x3_convolutions_only() -> None:
             channels_in, channels_out, kernel, stride=stride, padding=padding
         )
 
-    assert winograd.applies(conv(256, 256)) and winograd.applies(conv(64, 128))
-    assert winograd.applies(conv(512, 512))
-    assert not winograd.applies(conv(64, 64))  # measured not to pay
-    assert not winograd.applies(conv(256, 256, stride=2))
-    assert not winograd.applies(conv(256, 256, kernel=1, padding=0))
-    assert not winograd.applies(conv(256, 256, padding=0))
+    avx512, avx2 = winograd.PLANS["avx512"], winograd.PLANS["avx2"]
+    for plan in (avx512, avx2):
+        assert plan.applies(conv(256, 256)) and plan.applies(conv(64, 128))
+        assert plan.applies(conv(512, 512))
+        assert not plan.applies(conv(256, 256, stride=2))
+        assert not plan.applies(conv(256, 256, kernel=1, padding=0))
+        assert not plan.applies(conv(256, 256, padding=0))
+    assert avx2.applies(conv(64, 64)) and not avx512.applies(conv(64, 64))  # measured per CPU
+    assert not avx2.applies(conv(32, 32))
+
+
+def test_each_cpu_gets_the_plan_measured_on_its_kind() -> None:
+    assert winograd.plan_for(frozenset({"avx2", "avx512f", "avx512_bf16"})).isa == "avx512"
+    assert winograd.plan_for(frozenset({"avx2"})).isa == "avx2"
+    assert winograd.plan_for(frozenset()).isa == "avx2"  # the compiled transforms' baseline
+    assert "res5" in winograd.PLANS["avx2"].backbone_tiles
+    assert "res5" not in winograd.PLANS["avx512"].backbone_tiles
 
 
 def test_the_reference_mode_switches_the_route_off() -> None:
@@ -164,13 +176,19 @@ def small_model() -> M2FP:
     return M2FP(dataclasses.replace(get_config("cihp"), backbone_stage_blocks=(1, 2, 2, 2))).eval()
 
 
-def test_fused_backbone_with_winograd_equals_it_without() -> None:
+# The tiles each plan gives small_model()'s backbone, in module order: AVX-512's the stem's
+# 64 -> 128 convolution and the stride-1 middle convolutions of res3 and res4; AVX2's also the
+# stem's 64 -> 64 one, res2's and res5's.
+SMALL_MODEL_TILES = {"avx512": [4, 4, 2], "avx2": [4, 4, 4, 4, 2, 2]}
+
+
+@pytest.mark.parametrize("isa", sorted(winograd.PLANS))
+def test_fused_backbone_with_winograd_equals_it_without(isa: str) -> None:
     model = small_model()
     direct = fusion.FusedBackbone(model.backbone)
-    fast = fusion.FusedBackbone(model.backbone, use_winograd=True)
+    fast = fusion.FusedBackbone(model.backbone, winograd.PLANS[isa])
     routed = [module for module in fast.modules() if isinstance(module, winograd.WinogradConv)]
-    # the stem's 64 -> 128 convolution and the stride-1 middle convolutions of res3 and res4
-    assert [conv.tile for conv in routed] == [4, 4, 2]
+    assert [conv.tile for conv in routed] == SMALL_MODEL_TILES[isa]
     images = torch.randn(1, 3, 96, 136, generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
         expected, got = direct(images), fast(images)
@@ -181,15 +199,19 @@ def test_fused_backbone_with_winograd_equals_it_without() -> None:
 
 def test_predictor_runs_the_route_and_reports_it() -> None:
     model = small_model()
-    on = Predictor(model, precision_mode="fp32", use_winograd=True)
-    # the stem's and res3's, the FPN's layer_1; res4's
-    assert on.winograd_path == "F(4x4, 3x3) for 3, F(2x2, 3x3) for 1 convolutions"
+    on = Predictor(model, precision_mode="fp32")  # on by default, with this CPU's plan
+    plan = winograd.plan_for(cpu_features())
+    tiles = [*SMALL_MODEL_TILES[plan.isa], 4]  # and the FPN's layer_1
+    assert on.winograd_path == (
+        f"F(4x4, 3x3) for {tiles.count(4)}, F(2x2, 3x3) for {tiles.count(2)} convolutions "
+        f"({plan.isa} plan)"
+    )
     layer = on.model.get_submodule(f"{fusion.PIXEL_DECODER_PATH}.layer_1")
     assert isinstance(layer, fusion.WinogradNormConv)
     assert not isinstance(
         model.get_submodule(f"{fusion.PIXEL_DECODER_PATH}.layer_1"), fusion.WinogradNormConv
     )
-    assert Predictor(model).winograd_path == "off: switched off"  # the default
+    assert Predictor(model, use_winograd=False).winograd_path == "off: switched off"
     unfused = Predictor(model, fuse_backbone=False, use_winograd=True)
     assert unfused.winograd_path == "off: the fused CPU backbone does not run"
     assert Predictor(model, precision_mode="bf16", use_winograd=True).winograd_path.startswith(
@@ -212,7 +234,13 @@ def test_predictions_with_winograd_agree_with_direct_convolution(weights: str) -
     model.eval()
     image = synthetic_image(*size)
     fast = Predictor(model, max_side=max(size), precision_mode="fp32", use_winograd=True)
-    assert fast.winograd_path == "F(4x4, 3x3) for 5, F(2x2, 3x3) for 22 convolutions"
+    assert (
+        fast.winograd_path
+        == {  # the full network: stem, res2-res5 blocks, the FPN's layer_1
+            "avx512": "F(4x4, 3x3) for 5, F(2x2, 3x3) for 22 convolutions (avx512 plan)",
+            "avx2": "F(4x4, 3x3) for 9, F(2x2, 3x3) for 24 convolutions (avx2 plan)",
+        }[winograd.plan_for(cpu_features()).isa]
+    )
     direct = Predictor(model, max_side=max(size), precision_mode="fp32", use_winograd=False)
     got, baseline = fast.predict(image), direct.predict(image)
     if weights == "diverse":

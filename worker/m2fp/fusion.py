@@ -9,9 +9,9 @@ from the loaded model (the checkpoint's modules stay as they are):
   `.binary` post-op): no separate batch-norm, ReLU or add passes over the feature maps;
 - features are channels-last (NHWC in memory), the layout oneDNN's AVX2/AVX-512 convolutions use
   natively, so no reorder happens between layers;
-- with `use_winograd=True`, the 3x3 stride-1 convolutions wide enough to pay (the stem's last,
-  the bottlenecks' middle ones in res3 and res4: `winograd.applies`) run as
-  `winograd.WinogradConv`, with the tile size `winograd.BACKBONE_TILES` gives their stage.
+- given a `winograd.Plan` (the CPU's: `winograd.plan_for`), the 3x3 stride-1 convolutions it
+  names (per stage, wide enough to pay: `Plan.applies`) run as `winograd.WinogradConv` with the
+  tile the plan gives their stage.
 
 `with_winograd_fpn` gives the pixel decoder's 3x3 output convolution at stride 4 (`layer_1`, 41
 GFLOP at 640x864, the largest single convolution of the network) the same route.
@@ -100,10 +100,13 @@ class FusedConv(nn.Module):
         )
 
 
-def fused_conv(conv: Conv2dNormActivation, tile: int | None) -> nn.Module:
-    """The folded convolution as a `WinogradConv` of `tile` where one is given and it applies,
-    else a `FusedConv` (for convolutions that take no residual)."""
-    if tile is not None and winograd.applies(conv):
+def fused_conv(
+    conv: Conv2dNormActivation, plan: winograd.Plan | None = None, stage: str = ""
+) -> nn.Module:
+    """The folded convolution as a `WinogradConv` where `plan` gives `stage` a tile and applies
+    to `conv`, else a `FusedConv` (for convolutions that take no residual)."""
+    tile = plan.backbone_tiles.get(stage) if plan is not None else None
+    if plan is not None and tile is not None and plan.applies(conv):
         weight, bias = folded_weights(conv)
         return winograd.WinogradConv(weight, bias, bool(conv.relu), tile)
     return FusedConv(conv)
@@ -112,9 +115,11 @@ def fused_conv(conv: Conv2dNormActivation, tile: int | None) -> nn.Module:
 class FusedBottleneck(nn.Module):
     """`BottleneckBlock` as three (or four, with a projection) fused convolutions."""
 
-    def __init__(self, block: BottleneckBlock, tile: int | None = None) -> None:
+    def __init__(
+        self, block: BottleneckBlock, plan: winograd.Plan | None = None, stage: str = ""
+    ) -> None:
         super().__init__()
-        self.conv1, self.conv2 = FusedConv(block.conv1), fused_conv(block.conv2, tile)
+        self.conv1, self.conv2 = FusedConv(block.conv1), fused_conv(block.conv2, plan, stage)
         self.conv3 = FusedConv(block.conv3)
         self.shortcut = None if block.shortcut is None else FusedConv(block.shortcut)
 
@@ -127,18 +132,16 @@ class FusedBottleneck(nn.Module):
 class FusedBackbone(nn.Module):
     """`DeepLabResNet` with folded, fused, channels-last convolutions (same outputs, same keys out)."""
 
-    def __init__(self, backbone: DeepLabResNet, use_winograd: bool = False) -> None:
+    def __init__(self, backbone: DeepLabResNet, plan: winograd.Plan | None = None) -> None:
         super().__init__()
-        tiles = winograd.BACKBONE_TILES if use_winograd else {}
         stem = backbone.stem
         self.stem = nn.ModuleList(
-            [fused_conv(conv, tiles.get("stem")) for conv in (stem.conv1, stem.conv2, stem.conv3)]
+            [fused_conv(conv, plan, "stem") for conv in (stem.conv1, stem.conv2, stem.conv3)]
         )
         self.stage_names = backbone.stage_names
         self.out_channels = dict(backbone.out_channels)
         for name in self.stage_names:
-            tile = tiles.get(name)
-            blocks = [FusedBottleneck(block, tile) for block in getattr(backbone, name)]
+            blocks = [FusedBottleneck(block, plan, name) for block in getattr(backbone, name)]
             self.add_module(name, nn.Sequential(*blocks))
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -180,15 +183,16 @@ def backbone_path(model: nn.Module, device: str, precision: str, fuse: bool | No
     return why
 
 
-def with_fused_backbone(model: ModelT, use_winograd: bool = False) -> ModelT:
-    """A shallow copy of `model` whose `backbone` is a FusedBackbone; `model` itself is unchanged.
+def with_fused_backbone(model: ModelT, plan: winograd.Plan | None = None) -> ModelT:
+    """A shallow copy of `model` whose `backbone` is a FusedBackbone (with Winograd where `plan`
+    says); `model` itself is unchanged.
 
     The copy shares every other submodule (and so their weights) with `model`.
     """
     backbone = model.get_submodule("backbone")
     if not isinstance(backbone, DeepLabResNet):
         raise TypeError(f"expected a DeepLabResNet backbone, but got {type(backbone).__name__}")
-    return _with_submodule(model, "backbone", FusedBackbone(backbone, use_winograd))
+    return _with_submodule(model, "backbone", FusedBackbone(backbone, plan))
 
 
 class WinogradNormConv(nn.Module):
@@ -196,10 +200,10 @@ class WinogradNormConv(nn.Module):
     a `WinogradConv`; the GroupNorm and ReLU are the layer's own, on the NCHW map as before (the
     GroupNorm's summation order on channels-last moves the golden logits, see FusedBackbone)."""
 
-    def __init__(self, layer: Conv2dNormActivation) -> None:
+    def __init__(self, layer: Conv2dNormActivation, tile: int) -> None:
         super().__init__()
         bias = layer.bias if layer.bias is not None else torch.zeros(layer.out_channels)
-        self.conv = winograd.WinogradConv(layer.weight, bias, relu=False, tile=winograd.FPN_TILE)
+        self.conv = winograd.WinogradConv(layer.weight, bias, relu=False, tile=tile)
         self.norm, self.relu = layer.norm, bool(layer.relu)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -210,14 +214,15 @@ class WinogradNormConv(nn.Module):
         return F.relu(out) if self.relu else out
 
 
-def with_winograd_fpn(model: ModelT) -> ModelT:
-    """A shallow copy of `model` whose pixel decoder's `layer_1` is a `WinogradNormConv` where
-    Winograd applies to it; `model` itself is unchanged and shares every other submodule."""
+def with_winograd_fpn(model: ModelT, plan: winograd.Plan) -> ModelT:
+    """A shallow copy of `model` whose pixel decoder's `layer_1` is a `WinogradNormConv` of the
+    plan's tile where the plan applies to it; `model` itself is unchanged and shares every other
+    submodule."""
     path = f"{PIXEL_DECODER_PATH}.layer_1"
     layer = model.get_submodule(path)
-    if not isinstance(layer, Conv2dNormActivation) or not winograd.applies(layer):
+    if not isinstance(layer, Conv2dNormActivation) or not plan.applies(layer):
         return model
-    return _with_submodule(model, path, WinogradNormConv(layer))
+    return _with_submodule(model, path, WinogradNormConv(layer, plan.fpn_tile))
 
 
 class FusedEncoderLayer(DeformableEncoderLayer):

@@ -24,6 +24,7 @@ import torch
 
 from worker.m2fp import allocator, dense, fusion, ops, precision, winograd
 from worker.m2fp.checkpoint import build_model
+from worker.m2fp.cpu import cpu_features
 from worker.m2fp.model import M2FP
 from worker.m2fp.persons import describe_persons, scale_box
 from worker.m2fp.postprocess import (
@@ -123,12 +124,10 @@ class Predictor:
     `self.backbone_path` says which backbone runs; with it, in fp32, the encoder's FFNs run as oneDNN
     linears with the ReLU as a post-op (`self.encoder_path`: "fused FFN" or "as built"), and on
     CPU in fp32 every `nn.Linear` runs through oneDNN (`self.dense_path`: "oneDNN" or "as built";
-    `worker.m2fp.dense`). With the fused backbone, the 3x3 convolutions that pay run as Winograd
-    F(4x4, 3x3) where the compiled transforms load (`self.winograd_path`: "F(4x4, 3x3) for N
-    convolutions" or "off: <why>"; `worker.m2fp.winograd`). Off unless `use_winograd=True`: with
-    it a worker child under its memory limit (M2FP_CHILD_MEMORY_LIMIT_MB=1500) could not run a
-    small job after a job that failed out_of_memory (tests/integration/test_process_hardening.py),
-    which direct convolution does; until that is understood the service runs direct. The
+    `worker.m2fp.dense`). With the fused backbone, the 3x3 convolutions that pay on this CPU
+    (`worker.m2fp.winograd.plan_for` its flags) run as Winograd F(4x4, 3x3) or F(2x2, 3x3) where
+    the compiled transforms load (`self.winograd_path`: "F(4x4, 3x3) for N, F(2x2, 3x3) for M
+    convolutions (avx2 plan)" or "off: <why>"); `use_winograd=False` runs them direct. The
     caller's `model` is not modified. On CPU the
     process's malloc is tuned once (`worker.m2fp.allocator`); `self.allocator` says how.
     """
@@ -142,7 +141,7 @@ class Predictor:
         deform_attn: str | None = None,
         precision_mode: str | None = None,
         fuse_backbone: bool | None = None,
-        use_winograd: bool = False,
+        use_winograd: bool = True,
     ) -> None:
         if max_side < 32:
             raise ValueError(f"max_side must be >= 32, but got {max_side}")
@@ -174,11 +173,12 @@ class Predictor:
             why_not = "the fused CPU backbone does not run"
         else:
             why_not = winograd.unavailable_reason()
+        plan = winograd.plan_for(cpu_features()) if why_not is None else None
         if fused:
-            model = fusion.with_fused_backbone(model.eval(), use_winograd=why_not is None)
-        if why_not is None:
-            model = fusion.with_winograd_fpn(model)
-        self.winograd_path = winograd.describe(model) if why_not is None else f"off: {why_not}"
+            model = fusion.with_fused_backbone(model.eval(), plan)
+        if plan is not None:
+            model = fusion.with_winograd_fpn(model, plan)
+        self.winograd_path = winograd.describe(model, plan) if plan else f"off: {why_not}"
         self.encoder_path = "as built"  # the encoder FFN: oneDNN linears on CPU in fp32
         onednn = on_cpu and self.precision == "fp32" and dense.available()
         if onednn and self.backbone_path.startswith("fused"):

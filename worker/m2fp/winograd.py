@@ -3,9 +3,9 @@ stride-1 convolutions (float32).
 
 Owns `WinogradConv` (a folded 3x3 convolution with its bias and ReLU, computed as (m+2)^2 matrix
 products between two transforms), `transformed_weight` (the weight transform, in float64),
-`applies` (which convolutions can take the route), where each variant runs (`BACKBONE_TILES`,
-`FPN_TILE`), `unavailable_reason` (whether this process can run it) and `describe` (what the
-Predictor reports). The two transforms are the compiled ops `m2fp::winograd_input` /
+`shape_applies` (which convolutions have the route's geometry), `Plan` / `plan_for` (where each
+variant runs on a CPU with given flags), `unavailable_reason` (whether this process can run it)
+and `describe` (what the Predictor reports). The two transforms are the compiled ops `m2fp::winograd_input` /
 `m2fp::winograd_output` (csrc/winograd.cpp, which states the algorithm and its layout); the
 products are one grouped 1x1 convolution through oneDNN (`groups=(m+2)^2`), so they run at the
 library's GEMM speed on every CPU it supports.
@@ -19,6 +19,8 @@ F(4x4) about 25x a direct float32 convolution's rounding (6e-6 of the output's l
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -43,20 +45,50 @@ G = {
         [[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]], dtype=torch.float64
     ),
 }
-# Where each variant runs, per backbone stage (the stem counts as one); a stage not named keeps
-# direct convolution. Measured at 640x864 (docs/BENCHMARKS.md, "Winograd"):
-# - F(4x4) wherever its weights are small: the stem's 64 -> 128 convolution (44.7 -> 31.3 ms),
-#   res3's 128-channel ones (5.7 -> 3.2 ms each);
-# - res4's 22 convolutions of 256 channels take F(2x2): with F(4x4) their weights took 155 MB more
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where the route runs on one kind of CPU: the tile per backbone stage (the stem counts as
+    one; a stage not named stays direct), the pixel decoder's `layer_1` tile, and the least
+    C * K / (C + K) of a convolution that takes it (the products saved grow with C * K per pixel,
+    the transforms' memory traffic with C + K)."""
+
+    isa: str
+    backbone_tiles: dict[str, int]
+    fpn_tile: int
+    min_channel_ratio: int
+
+    def applies(self, conv: nn.Conv2d) -> bool:
+        """Whether `conv` takes the route under this plan (`shape_applies` and wide enough)."""
+        channels_in, channels_out = conv.in_channels, conv.out_channels
+        ratio = channels_in * channels_out / (channels_in + channels_out)
+        return shape_applies(conv) and ratio >= self.min_channel_ratio
+
+
+# Measured at 640x864, per convolution, direct vs F(4x4) vs F(2x2) (docs/BENCHMARKS.md, runs H/I):
+# - AVX-512 (Zen 5): F(4x4) wherever its weights are small: the stem's 64 -> 128 convolution
+#   (44.0 -> 34.1 ms), res3's 128-channel ones (5.6 -> 3.5 ms each); res4's 22 convolutions of 256
+#   channels take F(2x2) (5.9 -> 4.0 ms): with F(4x4) (3.6 ms) their weights took 155 MB more
 #   than direct (9.4 instead of 2.4 MB each), past the worker's 1.5 GB; F(2x2) takes 4.2 MB each;
-# - res5 stays direct: its maps are a few dozen tiles (35 at 640x864), where F(4x4) gains 1 ms
-#   per convolution (6.5 -> 5.6 ms) for 28 MB more weights each.
-BACKBONE_TILES = {"stem": 4, "res2": 4, "res3": 4, "res4": 2}
-FPN_TILE = 4  # the pixel decoder's layer_1, 41 GFLOP at stride 4: 90.9 -> 38-41 ms
-# The products saved grow with C * K per pixel, the transforms' memory traffic with C + K: below
-# C * K / (C + K) = 40 the route does not pay (64 -> 64 channels: 22.9 vs 23.2 ms at 320x432,
-# 5.82 vs 6.48 ms at 160x216, medians of 15; so res2's stay direct).
-MIN_CHANNEL_RATIO = 40
+#   res5 stays direct (6.4 -> 5.1 ms for 7 MB more weights each, within the noise of the
+#   forward); the 64 -> 64 ones do not pay (C * K / (C + K) = 32: 22.9 vs 23.2 ms at 320x432).
+# - AVX2 only (Zen 3), where a direct convolution is bound by the fp32 multiply-adds (115 GFLOP/s
+#   on 2 cores) and every one saved shows: the 64 -> 64 ones pay too (stem conv2 88.8 -> 64.0 ms,
+#   res2's 19.5 -> 16.3 ms), res5 takes F(2x2) (20.6 -> 14.9 ms), res4 keeps F(2x2) for memory
+#   (17.2 -> 12.6 ms; F(4x4) 9.9 ms), the FPN's layer_1 290.6 -> 132.6 ms.
+PLANS = {
+    "avx512": Plan("avx512", {"stem": 4, "res2": 4, "res3": 4, "res4": 2}, 4, 40),
+    "avx2": Plan("avx2", {"stem": 4, "res2": 4, "res3": 4, "res4": 2, "res5": 2}, 4, 32),
+}
+
+
+def plan_for(features: frozenset[str]) -> Plan:
+    """The plan for a CPU with these flags (`worker.m2fp.cpu.cpu_features()`): AVX-512's where
+    `avx512f` is there, else AVX2's (the compiled transforms' baseline, x86-64-v3)."""
+    return PLANS["avx512" if "avx512f" in features else "avx2"]
+
+
 # A convolution runs in bands of tiles whose transformed tiles and products take at most this:
 # the whole map at once needed up to 240 MB of temporaries (the stem's), which the tuned malloc
 # then returned to the kernel and faulted in again on every image (160,000 faults per predict).
@@ -87,17 +119,14 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def applies(conv: nn.Conv2d) -> bool:
-    """Whether `conv` takes the Winograd route: 3x3, stride 1, padding 1, dilation 1, ungrouped,
-    and wide enough to pay (`MIN_CHANNEL_RATIO`)."""
-    channels_in, channels_out = conv.in_channels, conv.out_channels
+def shape_applies(conv: nn.Conv2d) -> bool:
+    """Whether `conv` has the route's geometry: 3x3, stride 1, padding 1, dilation 1, ungrouped."""
     return (
         tuple(conv.kernel_size) == (3, 3)
         and tuple(conv.stride) == (1, 1)
         and tuple(conv.padding) == (1, 1)
         and tuple(conv.dilation) == (1, 1)
         and conv.groups == 1
-        and channels_in * channels_out >= MIN_CHANNEL_RATIO * (channels_in + channels_out)
     )
 
 
@@ -173,8 +202,8 @@ def band_tiles(total: int, floats_per_tile: int) -> int:
     return -(-total // bands)
 
 
-def describe(model: nn.Module) -> str:
-    """What runs in `model`: "F(4x4, 3x3) for N convolutions, F(2x2, 3x3) for M"."""
+def describe(model: nn.Module, plan: Plan) -> str:
+    """What runs in `model`: "F(4x4, 3x3) for N, F(2x2, 3x3) for M convolutions (avx2 plan)"."""
     tiles = [module.tile for module in model.modules() if isinstance(module, WinogradConv)]
     counts = [f"F({tile}x{tile}, 3x3) for {tiles.count(tile)}" for tile in sorted(G, reverse=True)]
-    return ", ".join(counts) + " convolutions"
+    return ", ".join(counts) + f" convolutions ({plan.isa} plan)"
