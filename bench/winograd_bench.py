@@ -135,8 +135,9 @@ def predict(runs: int, image) -> dict:
     summary: dict[str, object] = {"route": fast.winograd_path}
     for name, stages in times.items():
         for stage, values in stages.items():
-            summary[f"{name}_{stage}_median_s"] = round(statistics.median(values), 4)
-            summary[f"{name}_{stage}_min_s"] = round(min(values), 4)
+            unit = "" if stage == "faults" else "_s"  # page faults are a count
+            summary[f"{name}_{stage}_median{unit}"] = round(statistics.median(values), 4)
+            summary[f"{name}_{stage}_min{unit}"] = round(min(values), 4)
     for stage in ("forward", "predict"):
         summary[f"{stage}_ratio_median"] = round(
             statistics.median(times["winograd"][stage]) / statistics.median(times["direct"][stage]),

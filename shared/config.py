@@ -41,6 +41,7 @@ DEFORM_ATTN_MODES = (
     "reference",
 )  # compiled deformable-attention op or the PyTorch reference
 PRECISION_MODES = ("auto", "fp32", "bf16", "int8")  # M2FP_PRECISION, see worker/m2fp/precision.py
+WINOGRAD_MODES = ("auto", "off")  # M2FP_WINOGRAD, see worker/m2fp/winograd.py
 BATCHING_MODES = ("auto", "on", "off")  # M2FP_BATCHING: on CUDA only, always, never
 DEFAULT_WEIGHTS_DIR = "weights/cihp"
 PROMETHEUS_MULTIPROC_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
@@ -114,6 +115,7 @@ class Settings:
     infer_max_side: int = 1920
     deform_attn: str = "auto"
     precision: str = "auto"
+    winograd: str = "auto"
     max_memory_per_child_kb: int | None = None
     max_decode_mb: int = 128
     child_memory_limit_mb: int | None = 4096
@@ -257,6 +259,15 @@ def precision_mode(env: Mapping[str, str] | None = None) -> str:
     Read on its own too, for the offline CLI and the Predictor (no Redis or keys needed).
     """
     return _choice(os.environ if env is None else env, "M2FP_PRECISION", PRECISION_MODES, "auto")
+
+
+def winograd_mode(env: Mapping[str, str] | None = None) -> str:
+    """M2FP_WINOGRAD: `auto` (the 3x3 convolutions this CPU's plan names run as Winograd, where
+    the compiled transforms load and the precision is fp32) or `off` (direct convolution).
+
+    Read on its own too, for the offline CLI and the Predictor (no Redis or keys needed).
+    """
+    return _choice(os.environ if env is None else env, "M2FP_WINOGRAD", WINOGRAD_MODES, "auto")
 
 
 def prometheus_multiproc_dir(env: Mapping[str, str] | None = None) -> str | None:
@@ -494,6 +505,7 @@ def _model_fields(env: Mapping[str, str]) -> dict:
         "infer_max_side": _int(env, "M2FP_INFER_MAX_SIDE", 1920, 64),
         "deform_attn": deform_attn_mode(env),
         "precision": precision_mode(env),
+        "winograd": winograd_mode(env),
         "max_memory_per_child_kb": _int(env, "M2FP_MAX_MEMORY_PER_CHILD_MB", 0, 0) * 1024 or None,
         "max_decode_mb": _int(env, "M2FP_MAX_DECODE_MB", 128, 1),
         "child_memory_limit_mb": _int(env, "M2FP_CHILD_MEMORY_LIMIT_MB", 4096, 0) or None,

@@ -13,7 +13,7 @@ import time
 
 from shared.config import ConfigError, load_settings, resolve_weights
 from shared.hardening import disable_core_dumps
-from worker.weights import load_predictor
+from worker.weights import settings_predictor
 
 
 def main() -> int:
@@ -26,14 +26,7 @@ def main() -> int:
 
         torch.set_num_threads(1)
         tic = time.monotonic()
-        predictor = load_predictor(
-            weights,
-            variant=settings.variant,
-            device="cpu",
-            max_side=settings.infer_max_side,
-            sha256=settings.weights_sha256,
-            key_file=settings.weights_key_file,
-        )
+        predictor = settings_predictor(settings, "cpu", weights)
         loaded = time.monotonic() - tic
         untrained = predictor.untrained
         del predictor

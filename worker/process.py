@@ -26,7 +26,7 @@ import redis
 from kombu.exceptions import KombuError
 
 from shared import heartbeat as heartbeats
-from shared.config import Settings, resolve_weights
+from shared.config import Settings
 from shared.constants import UNTRAINED_WARNING
 from shared.heartbeat import HEARTBEAT_SECONDS, Heartbeat
 from shared.jobstore import JobStore
@@ -36,7 +36,7 @@ from shared.watchdog import MemoryWatchdog
 from worker.batching import Batcher
 from worker.metrics import record_batch, record_job
 from worker.pipeline import JobContext
-from worker.weights import load_predictor
+from worker.weights import settings_predictor
 
 if TYPE_CHECKING:  # torch is imported in pool children only
     from worker.m2fp.predictor import Predictor
@@ -86,16 +86,7 @@ class WorkerProcess:
             torch.set_num_threads(self.settings.torch_threads_per_child())
             device = self._device()
             tic = time.monotonic()
-            predictor = load_predictor(
-                resolve_weights(self.settings),
-                variant=self.settings.variant,
-                device=device,
-                max_side=self.settings.infer_max_side,
-                sha256=self.settings.weights_sha256,
-                key_file=self.settings.weights_key_file,
-                deform_attn=self.settings.deform_attn,
-                precision_mode=self.settings.precision,
-            )
+            predictor = settings_predictor(self.settings, device)
             self.predictor = predictor
             self._announce(predictor, device, time.monotonic() - tic, torch.get_num_threads())
             batch = self._start_batcher(predictor)

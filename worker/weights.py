@@ -6,7 +6,8 @@
   SHA-256 to pin with `M2FP_WEIGHTS_SHA256`.
 - `python -m worker.weights sha256 PATH` prints the SHA-256 of a plaintext checkpoint.
 
-`load_predictor` is what a worker calls: it reads the checkpoint bytes, decrypts them in memory
+`settings_predictor(settings, device)` is what a worker calls (`load_predictor` with what the
+settings say): it reads the checkpoint bytes, decrypts them in memory
 when `M2FP_WEIGHTS_KEY_FILE` is set (the plaintext never touches disk), checks the pinned digest
 before unpickling anything, and hands the bytes to `Predictor.from_weights`, i.e. to the same
 `worker.m2fp.checkpoint.build_model` the offline CLI uses (`configuration.json` check included;
@@ -24,6 +25,7 @@ import hashlib
 import sys
 from pathlib import Path
 
+from shared.config import resolve_weights
 from shared.constants import RANDOM_WEIGHTS
 from shared.crypto import KEY_BYTES, generate_key, open_sealed, seal
 from shared.errors import DecryptionError
@@ -91,6 +93,7 @@ def load_predictor(
     key_file: str | None = None,
     deform_attn: str | None = None,
     precision_mode: str | None = None,
+    winograd: str | None = None,
 ):
     """Build the worker's Predictor from settings-level inputs (imports torch: children only)."""
     from worker.m2fp.predictor import Predictor
@@ -111,6 +114,23 @@ def load_predictor(
         deform_attn=deform_attn,
         data=data,
         precision_mode=precision_mode,
+        use_winograd=None if winograd is None else winograd == "auto",
+    )
+
+
+def settings_predictor(settings, device: str, weights: str | None = None):
+    """`load_predictor` with everything the worker's settings say (`weights`: the resolved
+    checkpoint path, else `resolve_weights(settings)`)."""
+    return load_predictor(
+        weights or resolve_weights(settings),
+        variant=settings.variant,
+        device=device,
+        max_side=settings.infer_max_side,
+        sha256=settings.weights_sha256,
+        key_file=settings.weights_key_file,
+        deform_attn=settings.deform_attn,
+        precision_mode=settings.precision,
+        winograd=settings.winograd,
     )
 
 

@@ -106,6 +106,13 @@ def test_invalid_deform_attn_mode_is_refused_by_settings(settings_env) -> None:
     )
 
 
+def test_winograd_mode_is_auto_or_off(settings_env) -> None:
+    assert load_settings(settings_env).winograd == "auto"
+    assert load_settings({**settings_env, "M2FP_WINOGRAD": " OFF "}).winograd == "off"
+    with pytest.raises(ConfigError, match="M2FP_WINOGRAD"):
+        load_settings({**settings_env, "M2FP_WINOGRAD": "on"})
+
+
 def test_metrics_token_from_env_or_file_and_never_in_repr(settings_env, tmp_path):
     assert load_settings(settings_env).metrics_token is None  # unset: /metrics is off
     token = "scraper-token-0123456789"

@@ -50,6 +50,7 @@ def variables_read() -> set[str]:
     config.load_stack_settings(env)
     config.prometheus_multiproc_dir(env)
     config.deform_attn_mode(env)
+    config.winograd_mode(env)
     spelled = NAME.findall((REPO / "shared" / "config.py").read_text())
     return env.asked | set(spelled)
 

@@ -127,7 +127,8 @@ class Predictor:
     `worker.m2fp.dense`). With the fused backbone, the 3x3 convolutions that pay on this CPU
     (`worker.m2fp.winograd.plan_for` its flags) run as Winograd F(4x4, 3x3) or F(2x2, 3x3) where
     the compiled transforms load (`self.winograd_path`: "F(4x4, 3x3) for N, F(2x2, 3x3) for M
-    convolutions (avx2 plan)" or "off: <why>"); `use_winograd=False` runs them direct. The
+    convolutions (avx2 plan)" or "off: <why>"); `use_winograd` (default: M2FP_WINOGRAD) False runs
+    them direct. The
     caller's `model` is not modified. On CPU the
     process's malloc is tuned once (`worker.m2fp.allocator`); `self.allocator` says how.
     """
@@ -141,7 +142,7 @@ class Predictor:
         deform_attn: str | None = None,
         precision_mode: str | None = None,
         fuse_backbone: bool | None = None,
-        use_winograd: bool = True,
+        use_winograd: bool | None = None,
     ) -> None:
         if max_side < 32:
             raise ValueError(f"max_side must be >= 32, but got {max_side}")
@@ -167,6 +168,10 @@ class Predictor:
         )
         self.backbone_path = fusion.backbone_path(model, device, self.precision, fuse_backbone)
         fused = self.backbone_path.startswith("fused")
+        if use_winograd is None:  # M2FP_WINOGRAD, read where all settings are read
+            from shared.config import winograd_mode
+
+            use_winograd = winograd_mode() == "auto"
         if not use_winograd:
             why_not: str | None = "switched off"
         elif not fused:
@@ -210,6 +215,7 @@ class Predictor:
         deform_attn: str | None = None,
         data: bytes | None = None,
         precision_mode: str | None = None,
+        use_winograd: bool | None = None,
     ) -> Predictor:
         """Build the model from `weights` (see `build_model`, `data` included) and wrap it."""
         if threads is not None:
@@ -225,6 +231,7 @@ class Predictor:
             max_side=max_side,
             deform_attn=deform_attn,
             precision_mode=precision_mode,
+            use_winograd=use_winograd,
         )
 
     def preprocess(self, image: np.ndarray) -> PreprocessedImage:
