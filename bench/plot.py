@@ -36,6 +36,7 @@ RUNS = [
     ("run G", "model-bench-640x853-run-g.json", ZEN5, 0.15),
     ("run G end", "model-bench-640x853-run-g-end.json", ZEN5, 0.15),
     ("run H end", "model-bench-640x853-run-h.json", ZEN5, 0.15),
+    ("run I", "model-bench-640x853-run-i.json", AVX2, 0.35),
 ]
 SERVICE_RUNS = [
     ("run F", "service-ratio-zen5.json"),

@@ -74,12 +74,14 @@ class Plan:
 #   res5 stays direct (6.4 -> 5.1 ms for 7 MB more weights each, within the noise of the
 #   forward); the 64 -> 64 ones do not pay (C * K / (C + K) = 32: 22.9 vs 23.2 ms at 320x432).
 # - AVX2 only (Zen 3), where a direct convolution is bound by the fp32 multiply-adds (115 GFLOP/s
-#   on 2 cores) and every one saved shows: the 64 -> 64 ones pay too (stem conv2 88.8 -> 64.0 ms,
-#   res2's 19.5 -> 16.3 ms), res5 takes F(2x2) (20.6 -> 14.9 ms), res4 keeps F(2x2) for memory
-#   (17.2 -> 12.6 ms; F(4x4) 9.9 ms), the FPN's layer_1 290.6 -> 132.6 ms.
+#   on 2 cores) and every one saved shows: the 64 -> 64 ones pay too (stem conv2 72.6 -> 62.9 ms,
+#   res2's 15.6 -> 14.6 ms), res3's 18.1 -> 11.0 ms, the FPN's layer_1 239.4 -> 127.2 ms (medians).
+#   res4 and res5 stay direct here: F(2x2) would save 3.6 ms on each of res4's 22 (18.4 -> 14.8)
+#   and 5.6 on res5's 2, for 55 MB more weights, and with them the real-size worker bench peaked
+#   at 1511 MiB, past the worker's 1.5 GB (1427 MiB without them; direct convolution 1448).
 PLANS = {
     "avx512": Plan("avx512", {"stem": 4, "res2": 4, "res3": 4, "res4": 2}, 4, 40),
-    "avx2": Plan("avx2", {"stem": 4, "res2": 4, "res3": 4, "res4": 2, "res5": 2}, 4, 32),
+    "avx2": Plan("avx2", {"stem": 4, "res2": 4, "res3": 4}, 4, 32),
 }
 
 
