@@ -57,6 +57,18 @@ def jpeg(width: int, height: int, orientation: int | None = None) -> bytes:
     return out.getvalue()
 
 
+def run_python(code: str, *arguments: str) -> subprocess.CompletedProcess:
+    """`code` in a fresh interpreter at the repository root (process-wide state stays there)."""
+    return subprocess.run(
+        [sys.executable, "-c", code, *arguments],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+
+
 def test_a_small_rgba_png_that_decodes_to_160_mb_is_refused_from_its_header():
     data = png_header_only(10000, 4000, 8, 6)
     assert len(data) < 400_000
@@ -76,14 +88,7 @@ def test_a_small_rgba_png_that_decodes_to_160_mb_is_refused_from_its_header():
     path.parent.mkdir(exist_ok=True)
     path.write_bytes(data)
     try:
-        out = subprocess.run(
-            [sys.executable, "-c", code, str(path)],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        ).stdout.split()
+        out = run_python(code, str(path)).stdout.split()
     finally:
         path.unlink()
     assert out[0] == "refused"
@@ -181,14 +186,7 @@ def test_child_memory_limit_turns_an_outlier_into_a_memory_error_not_an_oom_kill
         small = np.ones(64 << 20, dtype=np.uint8)   # the process goes on
         print("alive", small.sum() == 64 << 20)
     """)
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout.split()
+    out = run_python(code).stdout.split()
     assert out == ["memory_error", "alive", "True"]
 
 
@@ -218,14 +216,7 @@ def test_a_child_out_of_memory_retires_through_billiards_check_between_jobs(sett
         retirement.request("something else")          # the first reason stays
         print(retirement.requested(), pool.mem_rss() == retirement.ABOVE_EVERY_LIMIT_KB)
     """)
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
+    out = run_python(code)
     assert out.stdout.split() == ["True", "True", "True", "True", "True", "out_of_memory", "True"]
     assert "child_retiring" in out.stderr  # logged once, at warning level
 
@@ -245,22 +236,13 @@ def test_core_dumps_off_and_not_dumpable():
         disable_core_dumps()
         print(before, is_dumpable(), resource.getrlimit(resource.RLIMIT_CORE))
     """)
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout.strip()
+    out = run_python(code).stdout.strip()
     assert out == "True False (0, 0)"
 
 
 def test_hardening_imports_neither_flask_nor_torch():
     code = "import sys, shared.hardening; print('flask' in sys.modules, 'torch' in sys.modules)"
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
-    )
+    out = run_python(code)
     assert out.stdout.strip() == "False False"
 
 
