@@ -43,6 +43,7 @@ SERVICE_RUNS = [
     ("run G1", "service-ratio-run-g-16.json"),
     ("run G3", "service-ratio-run-g.json"),
     ("run G4", "service-ratio-run-g-end.json"),
+    ("run I", "service-ratio-run-i.json"),
 ]
 COLOURS = {"ours": "#2b6cb0", "reference": "#a0aec0", "rest": "#dd6b20", "mark": "#c53030"}
 LABEL_WIDTH, BAR_WIDTH, ROW, BAR = 300, 480, 22, 9
