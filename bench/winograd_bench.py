@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 # (name, stage of the plan, in channels, out channels, height, width) at 640x864: the stride-1
-# 3x3 convolutions; "fpn" is the pixel decoder's layer_1
+# 3x3 convolutions; "fpn" (winograd.FPN_STAGE) is the pixel decoder's layer_1
 SHAPES = (
     ("stem conv2", "stem", 64, 64, 320, 432),
     ("stem conv3", "stem", 64, 128, 320, 432),
@@ -85,8 +85,8 @@ def convolution_row(shape: tuple, runs: int) -> dict:
     gflop = 2 * channels * out_channels * 9 * height * width / 1e9
     plan = plan_for(cpu_features())
     conv = torch.nn.Conv2d(channels, out_channels, 3, padding=1)
-    tile = plan.fpn_tile if stage == "fpn" else plan.backbone_tiles.get(stage)
-    chosen = f"F({tile}x{tile})" if tile and plan.applies(conv) else "direct"
+    tile = plan.tile_for(conv, stage)
+    chosen = "direct" if tile is None else f"F({tile}x{tile})"
     return {"shape": name, "gflop": round(gflop, 2), f"{plan.isa} plan": chosen, **figures}
 
 

@@ -5,9 +5,8 @@ module-level `m2fp.parse` task of `worker.tasks` and configures it with `setting
 Celery's process signals: each pool child, right after fork, hardens itself (`shared.hardening`:
 no core dumps, not dumpable, its data segment capped at `M2FP_CHILD_MEMORY_LIMIT_MB`, so an
 outlier job fails `out_of_memory` alone instead of waking the kernel's OOM killer, after which
-the child is replaced: worker/retirement.py), configures
-logging and starts its `WorkerProcess` (model load in the background, then the heartbeat); before
-it exits it removes its heartbeat. In batching mode (`settings.batching == "on"`, Celery's threads
+the child is replaced: worker/retirement.py), configures logging and starts its `WorkerProcess`
+(model load in the background, then the heartbeat); before it exits it removes its heartbeat. In batching mode (`settings.batching == "on"`, Celery's threads
 pool, worker/batching.py) the worker process itself does all of that.
 """
 

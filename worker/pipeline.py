@@ -5,8 +5,8 @@ with a real Redis and no broker. It owns the job's failure semantics: bad input 
 `failed` with a public code and never raises into Celery (so the message is acked, not retried);
 an input that expired ends it `expired`; a withdrawn job's result is discarded; a job that runs
 out of the pool child's memory limit (`M2FP_CHILD_MEMORY_LIMIT_MB`) ends `failed/out_of_memory`
-and the pool child is replaced before its next job (worker/retirement.py). The plaintext image and result exist only in this function's locals, and
-are dropped as soon as sealed. A JPEG may be decoded smaller than uploaded (`draft()` down to the
+and the pool child is replaced before its next job (worker/retirement.py). The plaintext image
+and result exist only in this function's locals, and are dropped as soon as sealed. A JPEG may be decoded smaller than uploaded (`draft()` down to the
 inference size); the maps and boxes are scaled back to the upload size here.
 """
 

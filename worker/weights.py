@@ -7,8 +7,8 @@
 - `python -m worker.weights sha256 PATH` prints the SHA-256 of a plaintext checkpoint.
 
 `settings_predictor(settings, device)` is what a worker calls (`load_predictor` with what the
-settings say): it reads the checkpoint bytes, decrypts them in memory
-when `M2FP_WEIGHTS_KEY_FILE` is set (the plaintext never touches disk), checks the pinned digest
+settings say): it reads the checkpoint bytes, decrypts them in memory when
+`M2FP_WEIGHTS_KEY_FILE` is set (the plaintext never touches disk), checks the pinned digest
 before unpickling anything, and hands the bytes to `Predictor.from_weights`, i.e. to the same
 `worker.m2fp.checkpoint.build_model` the offline CLI uses (`configuration.json` check included;
 `torch.load(..., weights_only=True)` then reads from memory). Any mismatch is a clear error.

@@ -105,8 +105,8 @@ def fused_conv(
 ) -> nn.Module:
     """The folded convolution as a `WinogradConv` where `plan` gives `stage` a tile and applies
     to `conv`, else a `FusedConv` (for convolutions that take no residual)."""
-    tile = plan.backbone_tiles.get(stage) if plan is not None else None
-    if plan is not None and tile is not None and plan.applies(conv):
+    tile = plan.tile_for(conv, stage) if plan is not None else None
+    if tile is not None:
         weight, bias = folded_weights(conv)
         return winograd.WinogradConv(weight, bias, bool(conv.relu), tile)
     return FusedConv(conv)
@@ -220,9 +220,10 @@ def with_winograd_fpn(model: ModelT, plan: winograd.Plan) -> ModelT:
     submodule."""
     path = f"{PIXEL_DECODER_PATH}.layer_1"
     layer = model.get_submodule(path)
-    if not isinstance(layer, Conv2dNormActivation) or not plan.applies(layer):
+    if not isinstance(layer, Conv2dNormActivation):
         return model
-    return _with_submodule(model, path, WinogradNormConv(layer, plan.fpn_tile))
+    tile = plan.tile_for(layer, winograd.FPN_STAGE)
+    return model if tile is None else _with_submodule(model, path, WinogradNormConv(layer, tile))
 
 
 class FusedEncoderLayer(DeformableEncoderLayer):

@@ -128,9 +128,8 @@ class Predictor:
     (`worker.m2fp.winograd.plan_for` its flags) run as Winograd F(4x4, 3x3) or F(2x2, 3x3) where
     the compiled transforms load (`self.winograd_path`: "F(4x4, 3x3) for N, F(2x2, 3x3) for M
     convolutions (avx2 plan)" or "off: <why>"); `use_winograd` (default: M2FP_WINOGRAD) False runs
-    them direct. The
-    caller's `model` is not modified. On CPU the
-    process's malloc is tuned once (`worker.m2fp.allocator`); `self.allocator` says how.
+    them direct. The caller's `model` is not modified. On CPU the process's malloc is tuned once
+    (`worker.m2fp.allocator`); `self.allocator` says how.
     """
 
     def __init__(

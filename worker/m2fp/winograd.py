@@ -5,8 +5,9 @@ Owns `WinogradConv` (a folded 3x3 convolution with its bias and ReLU, computed a
 products between two transforms), `transformed_weight` (the weight transform, in float64),
 `shape_applies` (which convolutions have the route's geometry), `Plan` / `plan_for` (where each
 variant runs on a CPU with given flags), `unavailable_reason` (whether this process can run it)
-and `describe` (what the Predictor reports). The two transforms are the compiled ops `m2fp::winograd_input` /
-`m2fp::winograd_output` (csrc/winograd.cpp, which states the algorithm and its layout); the
+and `describe` (what the Predictor reports). The two transforms are the compiled ops
+`m2fp::winograd_input` / `m2fp::winograd_output` (csrc/winograd.cpp, which states the algorithm
+and its layout); the
 products are one grouped 1x1 convolution through oneDNN (`groups=(m+2)^2`), so they run at the
 library's GEMM speed on every CPU it supports.
 
@@ -64,6 +65,14 @@ class Plan:
         channels_in, channels_out = conv.in_channels, conv.out_channels
         ratio = channels_in * channels_out / (channels_in + channels_out)
         return shape_applies(conv) and ratio >= self.min_channel_ratio
+
+    def tile_for(self, conv: nn.Conv2d, stage: str) -> int | None:
+        """The tile `conv` of `stage` (a backbone stage, or `FPN_STAGE`) runs with, None: direct."""
+        tile = self.fpn_tile if stage == FPN_STAGE else self.backbone_tiles.get(stage)
+        return tile if tile is not None and self.applies(conv) else None
+
+
+FPN_STAGE = "fpn"  # the pixel decoder's layer_1, as a stage name for `Plan.tile_for`
 
 
 # Measured at 640x864, per convolution, direct vs F(4x4) vs F(2x2) (docs/BENCHMARKS.md, runs H/I):
