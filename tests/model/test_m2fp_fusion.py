@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from tests.golden_weights import golden_state_dict
 from tests.model.golden_cases import (
@@ -22,6 +23,7 @@ from worker.m2fp.backbone import DeepLabResNet
 from worker.m2fp.checkpoint import load_into
 from worker.m2fp.config import get_config
 from worker.m2fp.model import M2FP
+from worker.m2fp.pixel_decoder import DeformableEncoderLayer
 from worker.m2fp.predictor import Predictor
 
 pytestmark = pytest.mark.skipif(not fusion.available(), reason="this torch has no oneDNN")
@@ -115,6 +117,29 @@ def test_fused_predictions_agree_with_the_backbone_as_built() -> None:
     labels = float(np.mean(fused.label_map == baseline.label_map))
     instances = float(np.mean(fused.instance_map == baseline.instance_map))
     assert labels >= LABEL_AGREEMENT and instances >= INSTANCE_AGREEMENT, (labels, instances)
+
+
+@pytest.mark.parametrize("chunk", [7, 64, fusion.ENCODER_CHUNK_TOKENS])
+def test_encoder_post_attention_in_chunks_equals_the_whole_map(
+    chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fused layer's post-attention block, a chunk of rows at a time (chunks that do not
+    divide the rows, a batch of 2, one chunk for all), equals the layer's own whole-map ops."""
+    monkeypatch.setattr(fusion, "ENCODER_CHUNK_TOKENS", chunk)
+    torch.manual_seed(3)
+    layer = DeformableEncoderLayer(
+        embed_dim=32, num_heads=4, num_levels=3, num_points=4, feedforward_dim=64
+    ).eval()
+    for norm in (layer.norm1, layer.norm2):
+        nn.init.normal_(norm.weight)
+        nn.init.normal_(norm.bias)
+    source, attended = torch.randn(2, 61, 32), torch.randn(2, 61, 32)
+    with torch.inference_mode():
+        tokens = layer.norm1(source + attended)
+        expected = layer.norm2(tokens + layer.feedforward(tokens))
+        got = fusion.FusedEncoderLayer(layer).after_attention(source, attended.clone())
+    assert got.shape == source.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_fused_encoder_equals_the_encoder_as_built() -> None:

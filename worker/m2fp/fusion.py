@@ -226,20 +226,53 @@ def with_winograd_fpn(model: ModelT, plan: winograd.Plan) -> ModelT:
     return model if tile is None else _with_submodule(model, path, WinogradNormConv(layer, tile))
 
 
-class FusedEncoderLayer(DeformableEncoderLayer):
-    """`DeformableEncoderLayer` with its FFN as two oneDNN linears, the ReLU a post-op of the first.
+ENCODER_CHUNK_TOKENS = 1024  # rows per pass of the post-attention block (below)
 
-    MKL's `addmm` (what `nn.Linear` runs) first copies the bias into every output row, 46 MB for
-    the (11340, 1024) hidden activations at 640x864, and the ReLU is another pass; oneDNN adds the
-    bias and applies the ReLU as it writes. Measured on the FFN's shapes, interleaved, malloc tuned:
-    83.6 vs 94.5 ms (minima), 93.3 vs 138.0 ms (medians) per layer; outputs within 1e-5. The
-    layer's own modules are shared (same state_dict keys), only `feedforward` differs.
+
+class FusedEncoderLayer(DeformableEncoderLayer):
+    """`DeformableEncoderLayer` whose post-attention block runs a chunk of tokens at a time.
+
+    After the deformable attention every step is per token: the residual add, `norm1`, the FFN
+    (two oneDNN linears, the ReLU a post-op of the first), the second residual add and `norm2`.
+    Over the whole map at once each step streams its operands through memory: at 640x864 the
+    (11340, 1024) hidden activations alone are 46 MB. `ENCODER_CHUNK_TOKENS` rows at a time keep
+    a chunk's activations (4 MB hidden) in cache from the first add to `norm2`. Measured on an
+    Intel Xeon (avx512f, 2 threads; docs/BENCHMARKS.md, run J), interleaved, per layer: 57.3 vs
+    72.2 ms (medians), 45.7 vs 58.4 ms (minima) against the whole map at once with the same ops;
+    chunks of 2048 were as fast (60.4 / 49.1), 256 slower. Before that, the oneDNN FFN itself
+    had replaced MKL's `addmm` (which first copies the bias into every output row, and runs the
+    ReLU as another pass): 93.3 vs 138.0 ms (medians). The layer's own modules are shared (same
+    state_dict keys), only the arithmetic's order in memory differs; outputs within 1e-5.
     """
 
     def __init__(self, layer: DeformableEncoderLayer) -> None:
         nn.Module.__init__(self)  # not the layer's __init__: it would build new weights
         self.self_attn, self.norm1, self.norm2 = layer.self_attn, layer.norm1, layer.norm2
         self.linear1, self.linear2 = layer.linear1, layer.linear2
+
+    def forward(
+        self,
+        source: torch.Tensor,
+        position: torch.Tensor,
+        reference_points: torch.Tensor,
+        spatial_shapes: list[tuple[int, int]],
+    ) -> torch.Tensor:
+        """As `DeformableEncoderLayer.forward`, the post-attention block chunk by chunk."""
+        attended = self.self_attn(source + position, reference_points, source, spatial_shapes)
+        return self.after_attention(source, attended)
+
+    def after_attention(self, source: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """norm2(x + FFN(x)) with x = norm1(source + attended), `ENCODER_CHUNK_TOKENS` rows at a
+        time; (B, S, C) in and out. `attended` is consumed (the first add is made in it)."""
+        channels = source.shape[-1]
+        rows, sums = source.reshape(-1, channels), attended.reshape(-1, channels)
+        output = torch.empty_like(rows)
+        for start in range(0, rows.shape[0], ENCODER_CHUNK_TOKENS):
+            chunk = slice(start, start + ENCODER_CHUNK_TOKENS)
+            tokens = self.norm1(sums[chunk].add_(rows[chunk]))
+            updated = self.feedforward(tokens).add_(tokens)
+            output[chunk] = self.norm2(updated)
+        return output.view_as(source)
 
     def feedforward(self, source: torch.Tensor) -> torch.Tensor:
         """linear2(relu(linear1(source))), the ReLU a post-op of the first (`dense.linear`)."""
