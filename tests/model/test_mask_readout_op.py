@@ -149,6 +149,35 @@ def assert_masks_match_but_near_zero(ours, reference, logits) -> None:
     assert (np.abs(logits[differing]) < 1e-4).all(), "a kept mask differs at a clear pixel"
 
 
+def test_mask_bits_packs_every_byte_pattern_and_the_tail() -> None:
+    """`mask_bits` on identity taps: all 256 patterns of eight pixels come out as np.packbits
+    makes them (the multiply-pack of eight 0/1 bytes), and a last partial byte too."""
+    patterns = np.unpackbits(np.arange(256, dtype=np.uint8))  # 2048 pixels, MSB first
+    flat = np.concatenate([patterns, [1, 0, 1]]).astype(np.float32) * 2 - 1  # +-1, 2051 pixels
+    size = (1, flat.size)
+    logits = torch.from_numpy(flat).reshape(1, *size)
+    bits = ops.mask_bits(logits, mask_taps(size, size, size, size)).numpy()
+    np.testing.assert_array_equal(bits[0], np.packbits(flat > 0))
+    assert bits[0, 256] == 0b10100000
+
+
+@pytest.mark.parametrize(("queries", "height", "width", "padded", "image", "output"), GEOMETRIES)
+def test_mask_bits_equal_the_resized_logits_above_zero(
+    queries, height, width, padded, image, output
+) -> None:
+    """Every query's packed mask equals np.packbits(PyTorch's resized logits > 0) but where a
+    logit is within rounding of 0 (the op interpolates along x first)."""
+    _, mask_logits = random_prediction(queries, height, width, seed=5)
+    taps = mask_taps((height, width), padded, image, output)
+    bits = ops.mask_bits(mask_logits, taps).numpy()
+    resized = resize_mask_logits(mask_logits, padded, image, output).numpy()
+    pixels = output[0] * output[1]
+    assert bits.shape == (queries, (pixels + 7) // 8)
+    for query in range(queries):
+        ours = np.unpackbits(bits[query])[:pixels].reshape(output).astype(bool)
+        assert_masks_match_but_near_zero(ours, resized[query] > 0, resized[query])
+
+
 def test_op_results_do_not_depend_on_the_thread_count() -> None:
     class_logits, mask_logits = random_prediction(40, 30, 41, seed=3)
     before = torch.get_num_threads()
