@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "docs" / "bench"
 AVX2 = "EPYC Zen 3, AVX2 only"
 ZEN5 = "EPYC Zen 5, AVX512-BF16"
+XEON = "Intel Xeon, AVX512-BF16, no AMX"
 # (label, model_bench JSON, CPU, target ratio on that CPU)
 RUNS = [
     ("run C", "model-bench-640x853.json", AVX2, 0.35),
@@ -37,6 +38,8 @@ RUNS = [
     ("run G end", "model-bench-640x853-run-g-end.json", ZEN5, 0.15),
     ("run H end", "model-bench-640x853-run-h.json", ZEN5, 0.15),
     ("run I", "model-bench-640x853-run-i.json", AVX2, 0.35),
+    ("run J start", "model-bench-640x853-run-j-start.json", XEON, 0.15),
+    ("run J", "model-bench-640x853-run-j.json", XEON, 0.15),
 ]
 SERVICE_RUNS = [
     ("run F", "service-ratio-zen5.json"),
@@ -44,6 +47,8 @@ SERVICE_RUNS = [
     ("run G3", "service-ratio-run-g.json"),
     ("run G4", "service-ratio-run-g-end.json"),
     ("run I", "service-ratio-run-i.json"),
+    ("run J start", "service-ratio-run-j-start.json"),
+    ("run J", "service-ratio-run-j.json"),
 ]
 COLOURS = {"ours": "#2b6cb0", "reference": "#a0aec0", "rest": "#dd6b20", "mark": "#c53030"}
 LABEL_WIDTH, BAR_WIDTH, ROW, BAR = 300, 480, 22, 9
