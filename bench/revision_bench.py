@@ -41,8 +41,29 @@ MODULES = (
     "position_encoding",
     "dense",  # from 2026-12-02 on; a module the base does not have is skipped
     "interpolation",  # the decoder's downscales since 2026-12-02 (the readout's taps before)
+    "winograd",  # the Winograd route's plans since 2026-12-02 (its compiled ops are this tree's)
 )
 PACKAGE = "m2fp_base"
+
+
+def pointed_at_base(source: str) -> str:
+    """`source` with its imports of the MODULES pointed at the base's package; other
+    `worker.m2fp` imports (the compiled ops, the config) stay this tree's. `from worker.m2fp
+    import a, b` is split between the two."""
+    lines = []
+    for original in source.splitlines(keepends=True):
+        line = original
+        for other in MODULES:
+            line = line.replace(f"worker.m2fp.{other} ", f"{PACKAGE}.{other} ")
+            line = line.replace(f"worker.m2fp.{other}\n", f"{PACKAGE}.{other}\n")
+        if line.startswith("from worker.m2fp import "):
+            names = [n.strip() for n in line.removeprefix("from worker.m2fp import ").split(",")]
+            ours = [n for n in names if n in MODULES]
+            theirs = [n for n in names if n not in MODULES]
+            line = f"from {PACKAGE} import {', '.join(ours)}\n" if ours else ""
+            line += f"from worker.m2fp import {', '.join(theirs)}\n" if theirs else ""
+        lines.append(line)
+    return "".join(lines)
 
 
 def import_base(revision: str, folder: Path):
@@ -60,22 +81,29 @@ def import_base(revision: str, folder: Path):
         )
         if shown.returncode != 0:
             continue  # not in the base
-        source = shown.stdout
-        for other in MODULES:
-            source = source.replace(f"worker.m2fp.{other} ", f"{PACKAGE}.{other} ")
-            source = source.replace(f"worker.m2fp.{other}\n", f"{PACKAGE}.{other}\n")
-            source = source.replace(
-                f"from worker.m2fp import {other}\n", f"from {PACKAGE} import {other}\n"
-            )
-        (package / f"{name}.py").write_text(source)
+        (package / f"{name}.py").write_text(pointed_at_base(shown.stdout))
     sys.path.insert(0, str(folder))
     return importlib.import_module(f"{PACKAGE}.model"), importlib.import_module(f"{PACKAGE}.fusion")
 
 
+def base_winograd_plan(fusion_module):
+    """The base's Winograd plan for this CPU, as its Predictor would take it (M2FP_WINOGRAD=auto,
+    the compiled transforms loaded), or None, also where the base has no plans."""
+    from shared.config import winograd_mode
+    from worker.m2fp.cpu import cpu_features
+
+    winograd = getattr(fusion_module, "winograd", None)
+    if winograd is None or not hasattr(winograd, "plan_for") or winograd_mode() != "auto":
+        return None
+    return winograd.plan_for(cpu_features()) if winograd.unavailable_reason() is None else None
+
+
 def production(model, fusion_module, this_tree: bool):
     """`model` as the worker runs it on this CPU. This tree: the Predictor's own model (every
-    fusion it applies); the base: its fused backbone where the Predictor would fuse one, and
-    its fused encoder and oneDNN linears where the base has them (its Predictor applied them)."""
+    fusion it applies); the base: its fused backbone where the Predictor would fuse one, with
+    its Winograd plan for this CPU where it has plans (`base_winograd_plan`),
+    and its fused encoder and oneDNN linears where the base has them (its Predictor applied
+    them)."""
     from worker.m2fp.predictor import Predictor
 
     predictor = Predictor(model)  # tunes malloc, loads the ops, picks the precision
@@ -83,12 +111,18 @@ def production(model, fusion_module, this_tree: bool):
         return (
             predictor.model.eval(),
             f"{predictor.backbone_path}; encoder {predictor.encoder_path}; "
-            f"dense {predictor.dense_path}",
+            f"dense {predictor.dense_path}"
+            + ("" if predictor.winograd_path.startswith("off") else "; winograd"),
         )
     # the base's own check: this tree's isinstance tests do not know the base's classes
     path = fusion_module.backbone_path(model, predictor.device, predictor.precision)
     if path.startswith("fused"):
-        model = fusion_module.with_fused_backbone(model.eval())
+        plan = base_winograd_plan(fusion_module)
+        if plan is None:
+            model = fusion_module.with_fused_backbone(model.eval())
+        else:  # the base has the Winograd route and this CPU takes it
+            model = fusion_module.with_fused_backbone(model.eval(), plan)
+            model, path = fusion_module.with_winograd_fpn(model, plan), path + "; winograd"
         # and what the base's Predictor did after it, where the base has it (fp32 here)
         if predictor.precision == "fp32" and hasattr(fusion_module, "with_fused_encoder"):
             model, path = fusion_module.with_fused_encoder(model), path + "; encoder fused FFN"

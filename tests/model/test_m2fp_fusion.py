@@ -7,7 +7,6 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from tests.golden_weights import golden_state_dict
 from tests.model.golden_cases import (
@@ -23,7 +22,6 @@ from worker.m2fp.backbone import DeepLabResNet
 from worker.m2fp.checkpoint import load_into
 from worker.m2fp.config import get_config
 from worker.m2fp.model import M2FP
-from worker.m2fp.pixel_decoder import DeformableEncoderLayer
 from worker.m2fp.predictor import Predictor
 
 pytestmark = pytest.mark.skipif(not fusion.available(), reason="this torch has no oneDNN")
@@ -119,27 +117,19 @@ def test_fused_predictions_agree_with_the_backbone_as_built() -> None:
     assert labels >= LABEL_AGREEMENT and instances >= INSTANCE_AGREEMENT, (labels, instances)
 
 
-@pytest.mark.parametrize("chunk", [7, 64, fusion.ENCODER_CHUNK_TOKENS])
-def test_encoder_post_attention_in_chunks_equals_the_whole_map(
-    chunk: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The fused layer's post-attention block, a chunk of rows at a time (chunks that do not
-    divide the rows, a batch of 2, one chunk for all), equals the layer's own whole-map ops."""
-    monkeypatch.setattr(fusion, "ENCODER_CHUNK_TOKENS", chunk)
-    torch.manual_seed(3)
-    layer = DeformableEncoderLayer(
-        embed_dim=32, num_heads=4, num_levels=3, num_points=4, feedforward_dim=64
-    ).eval()
-    for norm in (layer.norm1, layer.norm2):
-        nn.init.normal_(norm.weight)
-        nn.init.normal_(norm.bias)
-    source, attended = torch.randn(2, 61, 32), torch.randn(2, 61, 32)
-    with torch.inference_mode():
-        tokens = layer.norm1(source + attended)
-        expected = layer.norm2(tokens + layer.feedforward(tokens))
-        got = fusion.FusedEncoderLayer(layer).after_attention(source, attended.clone())
-    assert got.shape == source.shape
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("shape", [(1, 256, 20, 27), (2, 5, 33, 31), (1, 3, 1, 1), (1, 8, 0, 4)])
+def test_channels_first_equals_contiguous(shape, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The blocked transposition gives `.contiguous()`'s NCHW map bit for bit (blocks that do
+    not divide the pixels, a batch of 2, empty maps); NCHW and other strides pass through it."""
+    monkeypatch.setattr(fusion, "NCHW_BLOCK_PIXELS", 64)
+    nchw = torch.randn(shape)
+    channels_last = nchw.contiguous(memory_format=torch.channels_last)
+    out = fusion.channels_first(channels_last)
+    assert out.is_contiguous()
+    assert torch.equal(out, nchw)
+    assert fusion.channels_first(nchw) is nchw
+    transposed = nchw.transpose(2, 3)  # neither layout: `.contiguous()`
+    assert torch.equal(fusion.channels_first(transposed), transposed.contiguous())
 
 
 def test_fused_encoder_equals_the_encoder_as_built() -> None:

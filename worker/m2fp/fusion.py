@@ -195,10 +195,37 @@ def with_fused_backbone(model: ModelT, plan: winograd.Plan | None = None) -> Mod
     return _with_submodule(model, "backbone", FusedBackbone(backbone, plan))
 
 
+NCHW_BLOCK_PIXELS = 512  # pixels per block of `channels_first`'s transposition
+
+
+def channels_first(features: torch.Tensor) -> torch.Tensor:
+    """`features.contiguous()` (NCHW in memory) of a (B, C, H, W) map, the same values; a
+    channels-last one is transposed `NCHW_BLOCK_PIXELS` pixels at a time, so that a block's rows
+    and columns stay in cache. The FPN's (1, 256, 160, 216) map, alone in a loop on run J's Intel
+    Xeon (2 threads): 18-19 ms against 33-35 ms for PyTorch's copy (docs/BENCHMARKS.md, run J)."""
+    if features.is_contiguous() or not features.is_contiguous(memory_format=torch.channels_last):
+        return features.contiguous()
+    batch, channels, height, width = features.shape
+    pixels = features.permute(0, 2, 3, 1).reshape(batch, height * width, channels)  # a view
+    out = features.new_empty((batch, channels, height * width))
+    for start in range(0, height * width, NCHW_BLOCK_PIXELS):
+        block = slice(start, start + NCHW_BLOCK_PIXELS)
+        out[:, :, block] = pixels[:, block].transpose(1, 2)
+    return out.view(batch, channels, height, width)
+
+
 class WinogradNormConv(nn.Module):
     """The pixel decoder's `layer_1` (3x3 convolution, GroupNorm, ReLU) with its convolution as
     a `WinogradConv`; the GroupNorm and ReLU are the layer's own, on the NCHW map as before (the
-    GroupNorm's summation order on channels-last moves the golden logits, see FusedBackbone)."""
+    GroupNorm's summation order on channels-last moves the golden logits, see FusedBackbone).
+
+    `input_memory_format` tells the pixel decoder to write the sum it feeds this layer as
+    channels-last (the layout the Winograd transforms read) in the add itself: one pass over the
+    35 MB map at 640x864 instead of an add and then a copy (16 vs 34 ms alone in a loop). With
+    `channels_first` on the way out, the whole forward on run J's Xeon: 0.991x (median of 11
+    interleaved rounds), outputs bit for bit the same."""
+
+    input_memory_format = torch.channels_last
 
     def __init__(self, layer: Conv2dNormActivation, tile: int) -> None:
         super().__init__()
@@ -207,8 +234,8 @@ class WinogradNormConv(nn.Module):
         self.norm, self.relu = layer.norm, bool(layer.relu)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """conv -> norm -> ReLU, NCHW in and out."""
-        out = self.conv(features).contiguous()
+        """conv -> norm -> ReLU, NCHW out (from NCHW or channels-last in)."""
+        out = channels_first(self.conv(features))
         if self.norm is not None:
             out = self.norm(out)
         return F.relu(out) if self.relu else out
@@ -226,53 +253,20 @@ def with_winograd_fpn(model: ModelT, plan: winograd.Plan) -> ModelT:
     return model if tile is None else _with_submodule(model, path, WinogradNormConv(layer, tile))
 
 
-ENCODER_CHUNK_TOKENS = 1024  # rows per pass of the post-attention block (below)
-
-
 class FusedEncoderLayer(DeformableEncoderLayer):
-    """`DeformableEncoderLayer` whose post-attention block runs a chunk of tokens at a time.
+    """`DeformableEncoderLayer` with its FFN as two oneDNN linears, the ReLU a post-op of the first.
 
-    After the deformable attention every step is per token: the residual add, `norm1`, the FFN
-    (two oneDNN linears, the ReLU a post-op of the first), the second residual add and `norm2`.
-    Over the whole map at once each step streams its operands through memory: at 640x864 the
-    (11340, 1024) hidden activations alone are 46 MB. `ENCODER_CHUNK_TOKENS` rows at a time keep
-    a chunk's activations (4 MB hidden) in cache from the first add to `norm2`. Measured on an
-    Intel Xeon (avx512f, 2 threads; docs/BENCHMARKS.md, run J), interleaved, per layer: 57.3 vs
-    72.2 ms (medians), 45.7 vs 58.4 ms (minima) against the whole map at once with the same ops;
-    chunks of 2048 were as fast (60.4 / 49.1), 256 slower. Before that, the oneDNN FFN itself
-    had replaced MKL's `addmm` (which first copies the bias into every output row, and runs the
-    ReLU as another pass): 93.3 vs 138.0 ms (medians). The layer's own modules are shared (same
-    state_dict keys), only the arithmetic's order in memory differs; outputs within 1e-5.
+    MKL's `addmm` (what `nn.Linear` runs) first copies the bias into every output row, 46 MB for
+    the (11340, 1024) hidden activations at 640x864, and the ReLU is another pass; oneDNN adds the
+    bias and applies the ReLU as it writes. Measured on the FFN's shapes, interleaved, malloc tuned:
+    83.6 vs 94.5 ms (minima), 93.3 vs 138.0 ms (medians) per layer; outputs within 1e-5. The
+    layer's own modules are shared (same state_dict keys), only `feedforward` differs.
     """
 
     def __init__(self, layer: DeformableEncoderLayer) -> None:
         nn.Module.__init__(self)  # not the layer's __init__: it would build new weights
         self.self_attn, self.norm1, self.norm2 = layer.self_attn, layer.norm1, layer.norm2
         self.linear1, self.linear2 = layer.linear1, layer.linear2
-
-    def forward(
-        self,
-        source: torch.Tensor,
-        position: torch.Tensor,
-        reference_points: torch.Tensor,
-        spatial_shapes: list[tuple[int, int]],
-    ) -> torch.Tensor:
-        """As `DeformableEncoderLayer.forward`, the post-attention block chunk by chunk."""
-        attended = self.self_attn(source + position, reference_points, source, spatial_shapes)
-        return self.after_attention(source, attended)
-
-    def after_attention(self, source: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-        """norm2(x + FFN(x)) with x = norm1(source + attended), `ENCODER_CHUNK_TOKENS` rows at a
-        time; (B, S, C) in and out. `attended` is consumed (the first add is made in it)."""
-        channels = source.shape[-1]
-        rows, sums = source.reshape(-1, channels), attended.reshape(-1, channels)
-        output = torch.empty_like(rows)
-        for start in range(0, rows.shape[0], ENCODER_CHUNK_TOKENS):
-            chunk = slice(start, start + ENCODER_CHUNK_TOKENS)
-            tokens = self.norm1(sums[chunk].add_(rows[chunk]))
-            updated = self.feedforward(tokens).add_(tokens)
-            output[chunk] = self.norm2(updated)
-        return output.view_as(source)
 
     def feedforward(self, source: torch.Tensor) -> torch.Tensor:
         """linear2(relu(linear1(source))), the ReLU a post-op of the first (`dense.linear`)."""

@@ -206,12 +206,16 @@ class MSDeformAttnPixelDecoder(nn.Module):
         # The encoder's maps are channels-last views of its tokens; upsampled as they are, the /4
         # maps after them come out channels-last too, and every op at /4 (the GroupNorms, the
         # decoder's resizes) then copies 35 MB to NCHW. One 9 MB copy at /8 instead.
-        finest = lateral + F.interpolate(
+        upsampled = F.interpolate(
             multi_scale_features[-1].contiguous(),
             size=lateral.shape[-2:],
             mode="bilinear",
             align_corners=False,
         )
+        # The sum in the layout `layer_1` reads (a CPU inference variant may want channels-last:
+        # worker/m2fp/fusion.py); the values are the same either way.
+        layout = getattr(self.layer_1, "input_memory_format", torch.contiguous_format)
+        finest = torch.add(lateral, upsampled, out=torch.empty_like(lateral, memory_format=layout))
         finest = self.layer_1(finest)
         mask_features = pointwise_conv_nchw(
             finest, self.mask_features.weight, self.mask_features.bias
