@@ -358,9 +358,10 @@ M2FP_INLINE void pack_bytes(const uint8_t* mask, int64_t pixels, uint8_t* bits) 
 //     vectorised) and `> 0` as a 0/1 byte per pixel (`band`, kBandRows x W bytes);
 //  3. the band's bytes eight at a time into bit-bytes: a band starts at pixel y * W with y a
 //     multiple of 8, so on a byte boundary of `bits`.
-// Measured for 100 queries at 640x853, 2 threads (Intel Xeon, avx512f; docs/BENCHMARKS.md, run
-// J), min / median: 29 / 31 ms; y first (gathers on every output pixel) with bytes 87 / 89 ms;
-// y first, each bit written into its byte in place, 130 / 222 ms. The two orders round
+// Measured for 100 queries at 640x853, 2 threads, the worker's tuned malloc (Intel Xeon, avx512f;
+// docs/BENCHMARKS.md, run J), min / median: 17 / 17 ms, against 61 / 62 ms for y first with each
+// bit written into its byte in place (y first with bytes: 3x the time of x first, in a test
+// without the tuned heap). The two orders round
 // differently, so a logit within rounding of 0 can fall the other way than in `mask_readout`
 // (as between it and PyTorch's resize: tests/model/test_mask_readout_op.py).
 constexpr int64_t kBandRows = 8;
