@@ -40,6 +40,7 @@ RUNS = [
     ("run I", "model-bench-640x853-run-i.json", AVX2, 0.35),
     ("run J start", "model-bench-640x853-run-j-start.json", XEON, 0.15),
     ("run J", "model-bench-640x853-run-j.json", XEON, 0.15),
+    ("run J end", "model-bench-640x853-run-j-end.json", XEON, 0.15),
 ]
 SERVICE_RUNS = [
     ("run F", "service-ratio-zen5.json"),
