@@ -109,8 +109,16 @@ def test_with_onednn_linears_shares_weights_and_keys() -> None:
 
 def test_the_network_through_onednn_equals_it_as_built() -> None:
     """A small CIHP network with every dense product through oneDNN (the Predictor's fp32 CPU
-    path) gives the logits it gives through MKL, and the Predictor says which path runs."""
-    model = M2FP(dataclasses.replace(get_config("cihp"), backbone_stage_blocks=(1, 1, 1, 1))).eval()
+    path) gives the logits it gives through MKL, and the Predictor says which path runs.
+
+    Seeded: the decoder's attention masks are `sigmoid(mask logit) < 0.5`, so a draw of random
+    weights that puts a logit within rounding of 0 flips a mask pixel between the two paths and
+    moves the outputs by ~1e-3. Drawn from whatever state the suite had left, that happened once
+    on an Intel Xeon (run J); seeds 0-15 all gave 1-3e-6 there."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        config = dataclasses.replace(get_config("cihp"), backbone_stage_blocks=(1, 1, 1, 1))
+        model = M2FP(config).eval()
     converted = fusion.with_onednn_linears(model)
     images = torch.rand(1, 3, 96, 128, generator=torch.Generator().manual_seed(3)) * 255
     with torch.inference_mode():
