@@ -190,7 +190,7 @@ def describe_parts(
                 "name": class_names[instance.category_id],
                 "score": float(instance.score),
                 "person": owning_person(instance_map, mask, num_persons),
-                "area": int(mask.sum()),
+                "area": int(np.count_nonzero(mask)),  # = mask.sum(), 10x faster on bools
                 "box": mask_box(mask),
             }
         )
@@ -209,7 +209,7 @@ def single_human_persons(
     instance_map = foreground.astype(np.uint8)
     if not foreground.any():
         return instance_map, []
-    person_score = float(winning[foreground].sum() / (foreground.sum() + 1.0))
+    person_score = float(winning[foreground].sum() / (np.count_nonzero(foreground) + 1.0))
     return instance_map, describe_persons(
         label_map, instance_map, [person_score], [[0, 0, 0, 0]], class_names
     )
@@ -233,7 +233,7 @@ def single_human_parts(
                 "name": class_names[class_id],
                 "score": float(score),
                 "person": 1,
-                "area": int(mask.sum()),
+                "area": int(np.count_nonzero(mask)),  # = mask.sum(), 10x faster on bools
                 "box": mask_box(mask),
             }
         )
