@@ -100,10 +100,9 @@ def base_winograd_plan(fusion_module):
 
 def production(model, fusion_module, this_tree: bool):
     """`model` as the worker runs it on this CPU. This tree: the Predictor's own model (every
-    fusion it applies); the base: its fused backbone where the Predictor would fuse one, with
-    its Winograd plan for this CPU where it has plans (`base_winograd_plan`),
-    and its fused encoder and oneDNN linears where the base has them (its Predictor applied
-    them)."""
+    fusion it applies); the base: its fused backbone where the Predictor would fuse one (with
+    its Winograd plan for this CPU where it has plans: `base_winograd_plan`), and its fused
+    encoder and oneDNN linears where the base has them (its Predictor applied them)."""
     from worker.m2fp.predictor import Predictor
 
     predictor = Predictor(model)  # tunes malloc, loads the ops, picks the precision

@@ -361,9 +361,9 @@ M2FP_INLINE void pack_bytes(const uint8_t* mask, int64_t pixels, uint8_t* bits) 
 // Measured for 100 queries at 640x853, 2 threads, the worker's tuned malloc (Intel Xeon, avx512f;
 // docs/BENCHMARKS.md, run J), min / median: 17 / 17 ms, against 61 / 62 ms for y first with each
 // bit written into its byte in place (y first with bytes: 3x the time of x first, in a test
-// without the tuned heap). The two orders round
-// differently, so a logit within rounding of 0 can fall the other way than in `mask_readout`
-// (as between it and PyTorch's resize: tests/model/test_mask_readout_op.py).
+// without the tuned heap). The two orders round differently, so a logit within rounding of 0
+// can fall the other way than in `mask_readout` (as between it and PyTorch's resize:
+// tests/model/test_mask_readout_op.py).
 constexpr int64_t kBandRows = 8;
 
 M2FP_READOUT_CLONES
