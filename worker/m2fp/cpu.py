@@ -73,6 +73,11 @@ def has_native_bf16(features: frozenset[str]) -> bool:
     return any(flag in features for flag in BF16_FLAGS)
 
 
+def has_amx_bf16(features: frozenset[str]) -> bool:
+    """Whether the CPU has AMX-BF16, the one place oneDNN's bf16 math mode computes in bf16."""
+    return "amx_bf16" in features
+
+
 def cpu_summary(cpuinfo: Path = CPUINFO) -> dict[str, object]:
     """{"model", "cores", "flags"}: the CPU a benchmark ran on, its REPORTED_FLAGS in order."""
     try:

@@ -21,7 +21,8 @@ folded weights and of the NHWC kernels' summation order: about 1e-6 relative per
 golden tolerances (tests/model/test_m2fp_fusion.py, and the golden pipeline suite, which runs the
 Predictor and so this backbone).
 Forward-only, float32, CPU; the Predictor uses it where `available()` (oneDNN built in) and the
-precision is fp32 or int8 (bf16 autocast does not cover these ops).
+precision is fp32, int8 or bf16 (which on the CPU is oneDNN's bf16 math mode around these same
+ops: worker.m2fp.precision).
 """
 
 from __future__ import annotations
@@ -162,7 +163,10 @@ class FusedBackbone(nn.Module):
 
 
 def backbone_path(model: nn.Module, device: str, precision: str, fuse: bool | None = None) -> str:
-    """`fused` or `as built: <why>` for `model` on `device` at `precision`; `fuse` None: where it applies.
+    """`fused` or `as built: <why>` for `model` on `device`; `fuse` None: where it applies.
+
+    Every precision fuses on the CPU now (bf16 is oneDNN's math mode around these same ops); the
+    `precision` argument stays for bench/revision_bench.py, which calls older revisions too.
 
     Raises ValueError when `fuse` is True where the fused backbone cannot run.
     """
@@ -170,8 +174,6 @@ def backbone_path(model: nn.Module, device: str, precision: str, fuse: bool | No
         why = f"as built: the fused backbone is CPU-only (device {device})"
     elif not available():
         why = "as built: this torch has no oneDNN convolution with post-ops"
-    elif precision == "bf16":
-        why = "as built: bf16 autocast does not cover the fused convolutions"
     elif not isinstance(getattr(model, "backbone", None), DeepLabResNet):
         why = "as built: the backbone is not a DeepLabResNet"
     elif fuse is False:

@@ -1,20 +1,30 @@
-"""The inference precision: which one runs (`choose_precision`) and how (`prepare_model`, `autocast`).
+"""The inference precision: which one runs (`choose_precision`) and how (`prepare_model`, `arithmetic`).
 
 - `fp32`: the model as built, float32 throughout (the reference's arithmetic);
-- `bf16`: `torch.autocast(dtype=torch.bfloat16)` around the network's forward (convolutions and
-  linears in bf16, the compiled deformable-attention op takes bf16 values and accumulates in fp32);
-  the outputs are turned back to fp32 before the postprocess, which always runs in fp32;
+- `bf16` on the CPU: the fp32 network as the Predictor runs it (fused backbone, Winograd, oneDNN
+  linears) with oneDNN's floating-point math mode set to bf16 around the forward
+  (`torch.backends.mkldnn.{matmul,conv}.fp32_precision`): oneDNN may then compute a convolution's
+  or product's multiplies in bf16, accumulating in fp32 into fp32 outputs; every other op (norms,
+  softmaxes, the deformable sampling, adds) stays fp32, and no tensor is ever rounded to bf16. oneDNN
+  takes that liberty only on AMX-BF16: without it (AVX512-BF16 alone, AVX2) it keeps the products
+  in fp32 and the results are fp32's (bit for bit at AVX2, within 1.2e-6 at AVX512-BF16, where it
+  picks other fp32 kernels; measured with ONEDNN_MAX_CPU_ISA on an AMX CPU, docs/BENCHMARKS.md
+  run K). On AMX this runs the 640x853 forward 1.48x faster than fp32 and 1.38x
+  faster than the `torch.autocast` bf16 it replaced, which rounded every activation and could not
+  run the fused ops. On CUDA `bf16` is `torch.autocast(dtype=torch.bfloat16)`;
 - `int8`: the network's `nn.Linear` layers dynamically quantized (int8 weights, activations
   quantized per call) through PyTorch's x86 quantization engine, everything else fp32;
 - `auto` (default): fp32 on every CPU and on CUDA, for now. bf16 where the CPU has it in hardware
-  (AMX-BF16, AVX512-BF16: `worker.m2fp.cpu`) was the plan, and int8 on AVX2, but neither met the
-  agreement bar against fp32 (label maps >= 99.5 % equal, instance maps >= 99 %) on the diverse
-  synthetic checkpoint (tests/diverse_weights.py): bf16 97.5-98.0 % of labels, int8 84-89 %; and
-  int8 was no faster than fp32 beyond the noise on the AVX2 machine (docs/BENCHMARKS.md,
-  "Precision by CPU features"). `AUTO_CANDIDATES` lists what `auto` may pick; a precision joins it
-  only once it agrees (tests/model/test_m2fp_precision.py checks that). bf16 without hardware
-  support is emulated and about 10x slower than fp32: asking for it says so in the reason.
+  (`worker.m2fp.cpu`) was the plan, and int8 on AVX2, but neither met the agreement bar against
+  fp32 (label maps >= 99.5 % equal, instance maps >= 99 %) on the diverse synthetic checkpoint
+  (tests/diverse_weights.py): bf16 96.7-98.0 % of labels (any one stage of the network in bf16
+  alone already moves 0.25-0.66 % of them on AMX), int8 84-89 %; and int8 was no faster than fp32
+  beyond the noise on the AVX2 machine (docs/BENCHMARKS.md, "Precision by CPU features").
+  `AUTO_CANDIDATES` lists what `auto` may pick; a precision joins it only once it agrees
+  (tests/model/test_m2fp_precision.py checks that).
 
+The math mode is process-wide (PyTorch's global context, like the thread count): a process runs one
+forward at a time (a pool child, the CLI), and `arithmetic` restores the previous mode on the way out.
 The mode comes from `M2FP_PRECISION`, read by `shared.config` and passed to the Predictor (and so
 to the worker and the offline CLI).
 """
@@ -23,13 +33,14 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TypeVar, cast
 
 import torch
 from torch import nn
 
-from worker.m2fp.cpu import cpu_features, describe_features, has_native_bf16
+from worker.m2fp.cpu import cpu_features, describe_features, has_amx_bf16, has_native_bf16
 
 PRECISIONS = ("fp32", "bf16", "int8")
 AUTO_CANDIDATES = ("fp32",)  # what `auto` may pick: only precisions that agree with fp32
@@ -74,8 +85,13 @@ def choose_precision(
             raise ValueError(f"M2FP_PRECISION=int8 needs torch's {INT8_ENGINE!r} engine")
     if mode != "auto":
         reason = f"forced by M2FP_PRECISION={mode}"
-        if mode == "bf16" and on_cpu and not has_native_bf16(features):
-            reason += "; this CPU has no AMX-BF16 or AVX512-BF16, bf16 is emulated and slow"
+        if mode == "bf16" and on_cpu:
+            reason += (
+                "; oneDNN computes the products in bf16 on AMX (fp32 accumulation and outputs)"
+                if has_amx_bf16(features)
+                else "; this CPU has no AMX-BF16, so oneDNN keeps the products in fp32: "
+                "the results (to fp32 rounding) and the speed are fp32's"
+            )
         return PrecisionChoice(mode, reason, described)
     if not on_cpu:
         return PrecisionChoice("fp32", f"auto on {device}", described)
@@ -101,8 +117,25 @@ def prepare_model(model: ModelT, precision: str) -> ModelT:
     return cast(ModelT, quantized)  # a copy of the same class, its linears replaced
 
 
-def autocast(precision: str, device: str) -> contextlib.AbstractContextManager:
-    """The context the network's forward runs in: bf16 autocast for bf16, else nothing."""
+@contextlib.contextmanager
+def onednn_bf16_math() -> Iterator[None]:
+    """Within: oneDNN may compute fp32 convolutions and products with bf16 multiplies (on AMX)."""
+    knobs = (torch.backends.mkldnn.matmul, torch.backends.mkldnn.conv)  # type: ignore[attr-defined]
+    previous = [knob.fp32_precision for knob in knobs]
+    try:
+        for knob in knobs:
+            knob.fp32_precision = "bf16"
+        yield
+    finally:
+        for knob, mode in zip(knobs, previous, strict=True):
+            knob.fp32_precision = mode
+
+
+def arithmetic(precision: str, device: str) -> contextlib.AbstractContextManager:
+    """The context the network's forward runs in: for bf16 oneDNN's bf16 math on the CPU and
+    autocast on CUDA; nothing for fp32 and int8."""
     if precision != "bf16":
         return contextlib.nullcontext()
+    if torch.device(device).type == "cpu":
+        return onednn_bf16_math()
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)

@@ -120,10 +120,10 @@ class Predictor:
     `precision_mode` (`auto`, `fp32`, `bf16` or `int8`; default: M2FP_PRECISION) picks the arithmetic
     (`worker.m2fp.precision`); `self.precision` says which one runs, `self.precision_choice` why.
     `fuse_backbone` (default: where it applies) runs the backbone as `worker.m2fp.fusion.FusedBackbone`
-    (batch norms folded, oneDNN conv + ReLU / + residual, channels-last) on CPU in fp32 and int8;
-    `self.backbone_path` says which backbone runs; with it, in fp32, the encoder's FFNs run as oneDNN
-    linears with the ReLU as a post-op (`self.encoder_path`: "fused FFN" or "as built"), and on
-    CPU in fp32 every `nn.Linear` runs through oneDNN (`self.dense_path`: "oneDNN" or "as built";
+    (batch norms folded, oneDNN conv + ReLU / + residual, channels-last) on CPU at every precision;
+    `self.backbone_path` says which backbone runs; with it, in fp32 and bf16, the encoder's FFNs run
+    as oneDNN linears with the ReLU as a post-op (`self.encoder_path`: "fused FFN" or "as built"),
+    and on CPU in fp32 and bf16 every `nn.Linear` runs through oneDNN (`self.dense_path`: "oneDNN" or "as built";
     `worker.m2fp.dense`). With the fused backbone, the 3x3 convolutions that pay on this CPU
     (`worker.m2fp.winograd.plan_for` its flags) run as Winograd F(4x4, 3x3) or F(2x2, 3x3) where
     the compiled transforms load (`self.winograd_path`: "F(4x4, 3x3) for N, F(2x2, 3x3) for M
@@ -183,8 +183,8 @@ class Predictor:
         if plan is not None:
             model = fusion.with_winograd_fpn(model, plan)
         self.winograd_path = winograd.describe(model, plan) if plan else f"off: {why_not}"
-        self.encoder_path = "as built"  # the encoder FFN: oneDNN linears on CPU in fp32
-        onednn = on_cpu and self.precision == "fp32" and dense.available()
+        self.encoder_path = "as built"  # the encoder FFN: oneDNN linears on CPU in fp32 and bf16
+        onednn = on_cpu and self.precision in ("fp32", "bf16") and dense.available()
         if onednn and self.backbone_path.startswith("fused"):
             model = fusion.with_fused_encoder(model)
             self.encoder_path = "fused FFN"
@@ -255,7 +255,7 @@ class Predictor:
             torch.from_numpy(array).permute(2, 0, 1) for array in arrays
         ]  # (h, w, 3) -> (3, h, w) each
         padded, image_sizes = self.model.normalize_and_pad(tensors)  # (B, 3, Hp, Wp)
-        with precision.autocast(self.precision, self.device):
+        with precision.arithmetic(self.precision, self.device):
             output = self.model(padded)
         return (
             output.pred_logits.float(),  # the postprocess runs in fp32 whatever the precision
