@@ -457,7 +457,7 @@ _DOCUMENT: dict = {
                     "persons": {"type": "array", "items": {"type": "object"}},
                     "precision": {
                         "type": "string",
-                        "enum": ["fp32", "bf16", "int8"],
+                        "enum": ["fp32", "bf16x3", "bf16", "int8"],
                         "description": "The arithmetic the worker's network ran in "
                         "(M2FP_PRECISION); the postprocess is always fp32.",
                     },

@@ -221,7 +221,7 @@ def readyz() -> flask.Response:
         workers=len(workers),
         untrained=untrained,
         warnings=[UNTRAINED_WARNING] if untrained else [],
-        # How many live workers run each precision (fp32, bf16, int8: M2FP_PRECISION).
+        # How many live workers run each precision (fp32, bf16x3, bf16, int8: M2FP_PRECISION).
         precisions=dict(Counter(worker.precision or "unknown" for worker in workers)),
         # Workers in batching mode (worker/batching.py) and the most jobs one forward takes.
         batching={

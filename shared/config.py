@@ -40,7 +40,13 @@ DEFORM_ATTN_MODES = (
     "op",
     "reference",
 )  # compiled deformable-attention op or the PyTorch reference
-PRECISION_MODES = ("auto", "fp32", "bf16", "int8")  # M2FP_PRECISION, see worker/m2fp/precision.py
+PRECISION_MODES = (
+    "auto",
+    "fp32",
+    "bf16x3",
+    "bf16",
+    "int8",
+)  # M2FP_PRECISION, see worker/m2fp/precision.py
 WINOGRAD_MODES = ("auto", "off")  # M2FP_WINOGRAD, see worker/m2fp/winograd.py
 BATCHING_MODES = ("auto", "on", "off")  # M2FP_BATCHING: on CUDA only, always, never
 DEFAULT_WEIGHTS_DIR = "weights/cihp"
@@ -254,7 +260,7 @@ def deform_attn_mode(env: Mapping[str, str] | None = None) -> str:
 
 def precision_mode(env: Mapping[str, str] | None = None) -> str:
     """M2FP_PRECISION: `auto` (what worker.m2fp.precision finds agrees with fp32 on this CPU:
-    fp32 for now), `fp32`, `bf16` or `int8`.
+    bf16x3 where it has AMX-BF16, fp32 elsewhere), `fp32`, `bf16x3`, `bf16` or `int8`.
 
     Read on its own too, for the offline CLI and the Predictor (no Redis or keys needed).
     """

@@ -33,7 +33,9 @@ class Heartbeat:
     untrained: bool = False
     pid: int = 0
     deform_op: str = ""
-    precision: str = ""  # the arithmetic it runs: fp32, bf16 or int8 (worker/m2fp/precision.py)
+    precision: str = (
+        ""  # the arithmetic it runs: fp32, bf16x3, bf16 or int8 (worker/m2fp/precision.py)
+    )
     started: float = 0.0
     batch: int = 1  # most jobs per forward: 1 = per job, more = batching mode (worker/batching.py)
     batch_wait_ms: int = 0  # how long a batch waits for more jobs after its first

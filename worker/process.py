@@ -128,6 +128,7 @@ class WorkerProcess:
             precision_reason=predictor.precision_choice.reason,
             backbone=predictor.backbone_path,
             winograd=predictor.winograd_path,
+            amx=predictor.amx_path,
             encoder=predictor.encoder_path,
             dense=predictor.dense_path,
             allocator=predictor.allocator,

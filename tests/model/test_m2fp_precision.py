@@ -21,7 +21,7 @@ from PIL import Image
 
 from shared.config import load_settings, precision_mode
 from shared.errors import ConfigError
-from worker.m2fp import cpu, precision
+from worker.m2fp import amx, cpu, precision
 from worker.m2fp.predictor import Predictor
 
 EPYC_FLAGS = "fpu vme sse sse2 ssse3 fma sse4_1 sse4_2 avx f16c avx2 bmi2 sha_ni vaes"
@@ -65,8 +65,8 @@ def test_without_cpuinfo_the_flags_come_from_torch(tmp_path) -> None:
     ("flags", "device", "expected"),
     [
         (EPYC_FLAGS, "cpu", "fp32"),  # AVX2 only: bf16 would be emulated, int8 disagrees
-        (SAPPHIRE_RAPIDS_FLAGS, "cpu", "fp32"),  # AMX-BF16, but bf16 disagrees with fp32
-        (ZEN4_FLAGS, "cpu", "fp32"),  # AVX512-BF16, likewise
+        (SAPPHIRE_RAPIDS_FLAGS, "cpu", "bf16x3"),  # AMX-BF16: three bf16 products agree
+        (ZEN4_FLAGS, "cpu", "fp32"),  # AVX512-BF16 without AMX: bf16 disagrees with fp32
         ("sse avx avx2 avx512f avx512_vnni", "cpu", "fp32"),  # AVX-512 without bf16
         (SAPPHIRE_RAPIDS_FLAGS, "cuda:0", "fp32"),
     ],
@@ -77,8 +77,9 @@ def test_auto_picks_by_cpu_features(flags, device, expected) -> None:
     choice = precision.choose_precision("auto", device, features)
     assert choice.precision == expected
     assert choice.precision in precision.AUTO_CANDIDATES
-    if device == "cpu" and cpu.has_native_bf16(features):
+    if device == "cpu" and cpu.has_native_bf16(features) and expected == "fp32":
         assert "bf16 is in hardware" in choice.reason  # the start log says what was left out
+        assert "no bf16x3: this CPU has no AMX-BF16" in choice.reason
 
 
 def test_forced_precisions_and_their_limits() -> None:
@@ -93,6 +94,18 @@ def test_forced_precisions_and_their_limits() -> None:
     assert precision.choose_precision("fp32", "cpu", frozenset(cpu.BF16_FLAGS)).precision == "fp32"
     with pytest.raises(ValueError, match="CPU only"):
         precision.choose_precision("int8", "cuda", avx2)
+    with pytest.raises(ValueError, match="bf16x3 needs AMX: this CPU has no AMX-BF16"):
+        precision.choose_precision("bf16x3", "cpu", avx2)
+    amx = cpu.flags_from_cpuinfo(cpuinfo(SAPPHIRE_RAPIDS_FLAGS))
+    assert amx is not None
+    assert precision.choose_precision("bf16x3", "cpu", amx).precision == "bf16x3"
+    with pytest.raises(ValueError, match="CPU only"):
+        precision.choose_precision("bf16x3", "cuda", amx)
+    missing = "the compiled ops are not loaded"
+    with pytest.raises(ValueError, match=missing):  # an AMX CPU where the op did not build
+        precision.choose_precision("bf16x3", "cpu", amx, amx_missing=missing)
+    fallback = precision.choose_precision("auto", "cpu", amx, amx_missing=missing)
+    assert fallback.precision == "fp32" and missing in fallback.reason
     with pytest.raises(ValueError, match="precision must be"):
         precision.choose_precision("fp16", "cpu", avx2)
 
@@ -232,8 +245,11 @@ def full_size_predictors(request):
     load_into(model, recipe(get_config("cihp")))
     model.eval()
     side = max(AGREEMENT_SIZE)
+    runnable = [mode for mode in precision.PRECISIONS if mode != "bf16x3"]
+    if amx.unavailable_reason() is None:  # bf16x3 needs an AMX CPU
+        runnable.append("bf16x3")
     return request.param, {
-        mode: Predictor(model, max_side=side, precision_mode=mode) for mode in precision.PRECISIONS
+        mode: Predictor(model, max_side=side, precision_mode=mode) for mode in runnable
     }
 
 
@@ -241,10 +257,11 @@ def full_size_predictors(request):
 def test_auto_picks_only_precisions_that_agree_with_fp32(full_size_predictors) -> None:
     """bf16 and int8 against fp32; one that misses the bar must not be among auto's picks.
 
-    Measured (128x171, the synthetic photo): golden weights 100 % equal for both; the diverse
+    Measured (128x171, the synthetic photo): golden weights 100 % equal for all; the diverse
     checkpoint (14 classes) int8 84-85 % of labels; bf16 97.5 % under autocast (emulated on an
-    AVX2-only CPU), 98.0 % / 99.7 % instances as oneDNN's bf16 math on run K's AMX Xeon. So `auto`
-    stays fp32 (docs/BENCHMARKS.md). Without AMX-BF16 bf16 is fp32 here and trivially agrees.
+    AVX2-only CPU), 98.0 % / 99.7 % instances as oneDNN's bf16 math on run K's AMX Xeon; bf16x3
+    (AMX CPUs only) agrees, so `auto` picks it there and fp32 elsewhere (docs/BENCHMARKS.md).
+    Without AMX-BF16 bf16 is fp32 here and trivially agrees.
     """
     from bench.model_bench import synthetic_image
 
@@ -255,7 +272,7 @@ def test_auto_picks_only_precisions_that_agree_with_fp32(full_size_predictors) -
     if weights == "diverse":  # the proxy is only worth its name if its maps are varied
         assert len(baseline.classes_present) >= 8
     figures = {}
-    for mode in ("int8", "bf16"):
+    for mode in [mode for mode in predictors if mode != "fp32"]:
         labels = float((results[mode].label_map == baseline.label_map).mean())
         instances = float((results[mode].instance_map == baseline.instance_map).mean())
         figures[mode] = (round(labels, 5), round(instances, 5))

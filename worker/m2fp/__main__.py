@@ -4,7 +4,7 @@ For each image NAME.ext it writes NAME.labels.png (8-bit, class id per pixel), N
 person index per pixel, 0 = no person) and NAME.json (size, persons, parts, classes present, timings).
 Unreadable images are reported on one line each and skipped; the exit status is 1 if any image failed.
 M2FP_DEFORM_ATTN (auto|op|reference) chooses the deformable-attention path, and M2FP_PRECISION
-(auto|fp32|bf16|int8, or --precision) the network's arithmetic, as in the worker.
+(auto|fp32|bf16x3|bf16|int8, or --precision) the network's arithmetic, as in the worker.
 """
 
 from __future__ import annotations
@@ -241,6 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"precision: {predictor.precision_choice.describe()}", file=sys.stderr)
         print(f"backbone: {predictor.backbone_path}", file=sys.stderr)
         print(f"3x3 convolutions: {predictor.winograd_path}", file=sys.stderr)
+        print(f"AMX products: {predictor.amx_path}", file=sys.stderr)
         print(f"encoder: {predictor.encoder_path}", file=sys.stderr)
         print(f"dense products: {predictor.dense_path}", file=sys.stderr)
     arguments.out.mkdir(parents=True, exist_ok=True)

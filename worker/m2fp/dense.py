@@ -15,7 +15,10 @@ AVX2-only EPYC of an earlier session, the encoder FFN ran 12 % faster through on
   as it is), the 1x1 convolutions' and the mask heads' product;
 - `linear(x, weight, bias, post)`: `F.linear`, optionally with a ReLU post-op;
 - `as_built()`: a context in which nothing here takes the oneDNN path (the FLOP counter of
-  bench/gemm_efficiency.py does not know oneDNN's op; tests compare the two paths).
+  bench/gemm_efficiency.py does not know oneDNN's op; tests compare the two paths);
+- `amx_products(packs)`: a context in which `linear` computes with a weight found in `packs`
+  (`weight_key` -> `amx.PackedWeight`, made by `fusion.with_amx` for one Predictor) on AMX as
+  three bf16 products (worker/m2fp/amx.py); the Predictor enters it around its forward.
 
 Results equal MKL's up to float32 summation order (about 1e-7 relative; tests/model/test_m2fp_dense.py).
 """
@@ -28,6 +31,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from worker.m2fp import amx
+
 
 def available() -> bool:
     """Whether this torch has oneDNN's linear with post-ops."""
@@ -36,6 +41,24 @@ def available() -> bool:
 
 _AVAILABLE = available()
 _as_built = False  # process-wide, set only by `as_built()`
+_amx_packs: dict | None = None  # process-wide, set only by `amx_products()`
+
+
+def weight_key(weight: torch.Tensor) -> tuple:
+    """What identifies a weight, or the same view of it made again (the attention's in-projection
+    chunks are new tensors on every call): storage address, shape and strides."""
+    return (weight.data_ptr(), tuple(weight.shape), weight.stride())
+
+
+@contextlib.contextmanager
+def amx_products(packs: dict) -> Iterator[None]:
+    """Within: `linear` takes the AMX path for every weight `packs` holds (`weight_key` keys)."""
+    global _amx_packs  # noqa: PLW0603 (a process-wide switch, like torch.set_num_threads)
+    previous, _amx_packs = _amx_packs, packs
+    try:
+        yield
+    finally:
+        _amx_packs = previous
 
 
 @contextlib.contextmanager
@@ -68,7 +91,12 @@ def _dense(weight: torch.Tensor) -> torch.Tensor:
 def linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, post: str = "none"
 ) -> torch.Tensor:
-    """x @ weight.T + bias, then ReLU when `post` is "relu"; oneDNN where it `applies`."""
+    """x @ weight.T + bias, then ReLU when `post` is "relu"; AMX where `amx_products` holds the
+    weight, else oneDNN where it `applies`."""
+    if _amx_packs and applies(x, weight):
+        packed = _amx_packs.get(weight_key(weight))
+        if packed is not None:
+            return amx.linear(x, packed, bias, relu=post == "relu")
     if applies(x, weight):
         return torch.ops.mkldnn._linear_pointwise(x, _dense(weight), bias, post, [], "")
     output = F.linear(x, weight, bias)

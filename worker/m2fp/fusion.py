@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worker.m2fp import dense, winograd
+from worker.m2fp import amx, dense, winograd
 from worker.m2fp.backbone import (
     BottleneckBlock,
     Conv2dNormActivation,
@@ -77,6 +77,9 @@ def folded_weights(conv: Conv2dNormActivation) -> tuple[torch.Tensor, torch.Tens
 class FusedConv(nn.Module):
     """One folded convolution with its ReLU (and optionally a residual add) as oneDNN post-ops."""
 
+    weight: torch.Tensor
+    bias: torch.Tensor
+
     def __init__(self, conv: Conv2dNormActivation) -> None:
         super().__init__()
         weight, bias = folded_weights(conv)
@@ -87,9 +90,24 @@ class FusedConv(nn.Module):
         self.dilation = list(conv.dilation)
         self.groups = conv.groups
         self.relu = bool(conv.relu)
+        self.packed: amx.PackedWeight | None = None  # set by `with_amx` for a pointwise one
+
+    def pointwise(self) -> bool:
+        """Whether this is a 1x1 convolution without padding or groups (an AMX product)."""
+        return (
+            tuple(self.weight.shape[2:]) == (1, 1)
+            and self.padding == [0, 0]
+            and self.groups == 1
+            and self.stride[0] == self.stride[1]
+        )
 
     def forward(self, features: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """conv(features) [+ residual] [-> ReLU] in one call; `residual` implies the ReLU after the add."""
+        if self.packed is not None and amx.applies(features):
+            relu = self.relu or residual is not None
+            return amx.pointwise_conv(
+                features, self.packed, self.bias, relu, self.stride[0], residual
+            )
         geometry = (self.padding, self.stride, self.dilation, self.groups)
         if residual is None:
             unary = "relu" if self.relu else "none"
@@ -315,6 +333,34 @@ def with_onednn_linears(model: ModelT) -> ModelT:
         for name, child in model._modules.items()
     }
     return copied
+
+
+def with_amx(model: nn.Module) -> tuple[dict, str]:
+    """Pack the weights of `model`'s products for AMX (`worker.m2fp.amx`): the fused backbone's
+    1x1 convolutions and Winograd convolutions get their packed weights (in place: they are
+    the Predictor's own modules, made by `with_fused_backbone` / `with_winograd_fpn`); every
+    `nn.Linear` and attention in-projection goes into the returned packs, for
+    `dense.amx_products` (their weights may be shared with the caller's model, so they are not
+    touched). Returns (packs, "bf16x3 for N linears, M 1x1 and W Winograd convolutions")."""
+    packs: dict = {}
+    pointwise = winograd_convs = 0
+    for module in model.modules():
+        if isinstance(module, FusedConv) and module.pointwise():
+            module.packed = amx.PackedWeight(module.weight)
+            pointwise += 1
+        elif isinstance(module, winograd.WinogradConv):
+            module.packed = [amx.PackedWeight(position) for position in module.position_weights()]
+            winograd_convs += 1
+        elif isinstance(module, nn.Linear):
+            packs[dense.weight_key(module.weight)] = amx.PackedWeight(module.weight)
+        elif isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
+            for chunk in module.in_proj_weight.chunk(3):  # masked_cross_attention's projections
+                packs[dense.weight_key(chunk)] = amx.PackedWeight(chunk)
+    described = (
+        f"bf16x3 for {len(packs)} linears, {pointwise} 1x1 and {winograd_convs} Winograd "
+        "convolutions"
+    )
+    return packs, described
 
 
 def _with_submodule(root: ModelT, path: str, replacement: nn.Module) -> ModelT:

@@ -34,9 +34,19 @@ logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
 SOURCES = tuple(
     Path(__file__).resolve().parent / "csrc" / name
-    for name in ("ms_deform_attn.cpp", "mask_readout.cpp", "winograd.cpp")
+    for name in ("ms_deform_attn.cpp", "mask_readout.cpp", "winograd.cpp", "amx_gemm.cpp")
 )
-OP_NAMES = ("ms_deform_attn", "mask_readout", "mask_bits", "winograd_input", "winograd_output")
+OP_NAMES = (
+    "ms_deform_attn",
+    "mask_readout",
+    "mask_bits",
+    "winograd_input",
+    "winograd_output",
+    "amx_available",
+    "amx_pack",
+    "amx_linear",
+    "amx_linear_into",
+)
 READOUT_OPS = {"mask_readout", "mask_bits"}  # what the compiled multi-human readout needs
 READOUT_MAX_CLASSES = 32  # the mask readout op's class limit (csrc/mask_readout.cpp)
 BUILD_DIR = REPO / "build" / "m2fp_ops"

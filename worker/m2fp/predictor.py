@@ -21,6 +21,7 @@ from typing import Any, cast
 import cv2
 import numpy as np
 import torch
+from torch import nn
 
 from worker.m2fp import allocator, dense, fusion, ops, precision, winograd
 from worker.m2fp.checkpoint import build_model
@@ -128,7 +129,10 @@ class Predictor:
     (`worker.m2fp.winograd.plan_for` its flags) run as Winograd F(4x4, 3x3) or F(2x2, 3x3) where
     the compiled transforms load (`self.winograd_path`: "F(4x4, 3x3) for N, F(2x2, 3x3) for M
     convolutions (avx2 plan)" or "off: <why>"); `use_winograd` (default: M2FP_WINOGRAD) False runs
-    them direct. The caller's `model` is not modified. On CPU the process's malloc is tuned once
+    them direct. In bf16x3 (what `auto` picks on a CPU with AMX-BF16) the linears, the backbone's
+    1x1 convolutions and the Winograd products run as three bf16 AMX products
+    (`worker.m2fp.amx`; `self.amx_path`: "bf16x3 for N linears, ..." or "off: precision fp32").
+    The caller's `model` is not modified. On CPU the process's malloc is tuned once
     (`worker.m2fp.allocator`); `self.allocator` says how.
     """
 
@@ -184,7 +188,7 @@ class Predictor:
             model = fusion.with_winograd_fpn(model, plan)
         self.winograd_path = winograd.describe(model, plan) if plan else f"off: {why_not}"
         self.encoder_path = "as built"  # the encoder FFN: oneDNN linears on CPU in fp32 and bf16
-        onednn = on_cpu and self.precision in ("fp32", "bf16") and dense.available()
+        onednn = on_cpu and self.precision in ("fp32", "bf16x3", "bf16") and dense.available()
         if onednn and self.backbone_path.startswith("fused"):
             model = fusion.with_fused_encoder(model)
             self.encoder_path = "fused FFN"
@@ -193,6 +197,7 @@ class Predictor:
         if onednn:
             model = fusion.with_onednn_linears(model)
             self.dense_path = "oneDNN"
+        self.amx_path, self._amx_packs = self._prepare_amx(model)
         self.model = precision.prepare_model(model.eval(), self.precision)
         self.config = model.config
         self.untrained = untrained  # build_model already announced it loudly
@@ -202,6 +207,14 @@ class Predictor:
         self.class_names: tuple[str, ...] = tuple(
             model.config.class_names[: model.config.num_parsing]
         )
+
+    def _prepare_amx(self, model: nn.Module) -> tuple[str, dict]:
+        """(what runs, the linears' packs): in bf16x3, the products as three bf16 AMX products
+        (`worker.m2fp.amx`, `fusion.with_amx`); else "off: <precision>"."""
+        if self.precision != "bf16x3":
+            return f"off: precision {self.precision}", {}
+        packs, described = fusion.with_amx(model)
+        return described, packs
 
     @classmethod
     def from_weights(
@@ -255,7 +268,7 @@ class Predictor:
             torch.from_numpy(array).permute(2, 0, 1) for array in arrays
         ]  # (h, w, 3) -> (3, h, w) each
         padded, image_sizes = self.model.normalize_and_pad(tensors)  # (B, 3, Hp, Wp)
-        with precision.arithmetic(self.precision, self.device):
+        with precision.arithmetic(self.precision, self.device), dense.amx_products(self._amx_packs):
             output = self.model(padded)
         return (
             output.pred_logits.float(),  # the postprocess runs in fp32 whatever the precision

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from worker.m2fp import ops
+from worker.m2fp import amx, ops
 
 # Lavin and Gray's weight transforms G (interpolation points 0, +-1, +-2, infinity for 4x4 tiles,
 # 0, +-1, infinity for 2x2), per output tile size
@@ -168,6 +168,9 @@ class WinogradConv(nn.Module):
     backbone's convolutions.
     """
 
+    weight: torch.Tensor
+    bias: torch.Tensor
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, relu: bool, tile: int = 4) -> None:
         super().__init__()
         if tile not in G:
@@ -176,6 +179,11 @@ class WinogradConv(nn.Module):
         self.register_buffer("weight", transformed_weight(weight, tile))
         self.register_buffer("bias", bias.detach().float().contiguous())
         self.relu = relu
+        self.packed: list | None = None  # per position, `amx.PackedWeight`s (fusion.with_amx)
+
+    def position_weights(self) -> list[torch.Tensor]:
+        """The transformed weight per tile position: T (K, C) matrices (views)."""
+        return list(self.weight.view(positions(self.tile), self.out_channels, -1).unbind(0))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Transform the 6x6 patches, multiply per position, transform back, + bias, ReLU;
@@ -192,17 +200,25 @@ class WinogradConv(nn.Module):
         for first in range(0, total, band):
             count = min(band, total - first)
             tiles = torch.ops.m2fp.winograd_input(features, tile, tiles_h, tiles_w, first, count)
-            # (count, T * C) row-major is a channels-last (1, T * C, count, 1) map: the products
-            # are a grouped 1x1 convolution over it, which answers channels-last (count, T * K).
-            grouped = tiles.view(1, count, 1, count_positions * channels).permute(0, 3, 1, 2)
-            products = torch.ops.mkldnn._convolution_pointwise(
-                grouped, self.weight, None, [0, 0], [1, 1], [1, 1], count_positions, "none", [], ""
-            )
-            products = products.permute(0, 2, 3, 1).reshape(count, -1)
-            torch.ops.m2fp.winograd_output(
-                products.contiguous(), out, tile, first, self.bias, self.relu
-            )
+            products = self._products(tiles, count, channels)
+            torch.ops.m2fp.winograd_output(products, out, tile, first, self.bias, self.relu)
         return out
+
+    def _products(self, tiles: torch.Tensor, count: int, channels: int) -> torch.Tensor:
+        """(count, T * C) transformed tiles -> (count, T * K) products, row-major: on AMX
+        (`amx.products_into`) where `with_amx` packed the weights, else one oneDNN call."""
+        count_positions = positions(self.tile)
+        if self.packed is not None and amx.applies(tiles):
+            products = tiles.new_empty((count, count_positions * self.out_channels))
+            amx.products_into(tiles, self.packed, channels, products)
+            return products
+        # (count, T * C) row-major is a channels-last (1, T * C, count, 1) map: the products
+        # are a grouped 1x1 convolution over it, which answers channels-last (count, T * K).
+        grouped = tiles.view(1, count, 1, count_positions * channels).permute(0, 3, 1, 2)
+        products = torch.ops.mkldnn._convolution_pointwise(
+            grouped, self.weight, None, [0, 0], [1, 1], [1, 1], count_positions, "none", [], ""
+        )
+        return products.permute(0, 2, 3, 1).reshape(count, -1).contiguous()
 
 
 def band_tiles(total: int, floats_per_tile: int) -> int:

@@ -1,0 +1,116 @@
+"""float32 products on Intel AMX as three bf16 products ("bf16x3"): whether they run, and how.
+
+Owns the choice (`unavailable_reason()`: the compiled op `m2fp::amx_linear` loaded, the CPU has
+AMX-BF16 and Linux granted the process AMX's tile state; `M2FP_AMX=auto|off` through
+`shared.config`), the packed weights (`PackedWeight`) and the calls: `linear` for a (..., K)
+input and `pointwise_conv` for a 1x1 convolution over a channels-last map, both with bias,
+ReLU and (the bottlenecks' third convolution) the residual add in the same pass.
+
+Each operand is split into hi = bf16(x) and lo = bf16(x - hi), and x . w is computed as
+hi . hi + lo . hi + hi . lo with fp32 accumulation on AMX (worker/m2fp/csrc/amx_gemm.cpp): 3-4e-6
+of the output's largest value against float64, where oneDNN's fp32 is 5-9e-7 and Winograd
+F(4x4) 6e-6, at 1.4-2.3x oneDNN's fp32 speed on the network's shapes. So it is fp32's arithmetic
+to within what the service already accepts from Winograd, and `M2FP_PRECISION=fp32` (what `auto`
+picks) runs it where the CPU has AMX; bf16 (oneDNN's bf16 math, one bf16 product) is not this.
+
+Where it runs: the Predictor hands the fused CPU model to `fusion.with_amx`, which packs the
+weights of every oneDNN linear (encoder and decoder), the backbone's 1x1 convolutions and the
+Winograd products, once, when the model is prepared. The packed weights (hi and lo, 2 bytes
+each) cost as much memory as the fp32 weights they stand beside.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from worker.m2fp import ops
+from worker.m2fp.cpu import cpu_features, has_amx_bf16
+
+OPS = ("amx_available", "amx_pack", "amx_linear", "amx_linear_into")
+
+
+def unavailable_reason() -> str | None:
+    """Why the AMX products cannot run in this process, or None when they can."""
+    if not has_amx_bf16(cpu_features()):
+        return "this CPU has no AMX-BF16"
+    status = ops.status()
+    if not status["loaded"]:
+        return f"the compiled ops are not loaded ({status['reason']})"
+    if not set(OPS) <= set(status["ops"]):
+        return "the compiled ops were built without the AMX products"
+    if not torch.ops.m2fp.amx_available():
+        return "the kernel refused AMX here (no AMX-TILE or AVX512-BF16, or no tile permission)"
+    return None
+
+
+class PackedWeight:
+    """A float32 (N, K) weight of out = x @ w.T as the op's AMX tiles (hi and lo halves)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        matrix = weight.detach().float().reshape(weight.shape[0], -1)
+        self.out_features, self.in_features = matrix.shape
+        self.tiles = torch.ops.m2fp.amx_pack(matrix)
+
+    def nbytes(self) -> int:
+        """The packed tiles' size in bytes (padding included)."""
+        return self.tiles.numel() * self.tiles.element_size()
+
+
+def applies(x: torch.Tensor) -> bool:
+    """Whether `x` may go through the op: a float32 CPU tensor, no autograd."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+
+
+def linear(
+    x: torch.Tensor,
+    packed: PackedWeight,
+    bias: torch.Tensor | None,
+    relu: bool = False,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x @ w.T [+ bias] [+ residual] [-> ReLU] for x (..., K): out (..., N)."""
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    extra = None if residual is None else residual.reshape(-1, packed.out_features)
+    out = torch.ops.m2fp.amx_linear(rows, packed.tiles, packed.out_features, bias, extra, relu)
+    return out.view(*x.shape[:-1], packed.out_features)
+
+
+def pointwise_conv(
+    features: torch.Tensor,
+    packed: PackedWeight,
+    bias: torch.Tensor | None,
+    relu: bool,
+    stride: int = 1,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A 1x1 convolution (no padding) of an (N, C, H, W) map, answered channels-last, as the
+    fused backbone's convolutions are; `residual` (the output's shape) is added before the ReLU."""
+    if stride != 1:
+        features = features[:, :, ::stride, ::stride]
+    pixels = features.permute(0, 2, 3, 1)  # a view when the map is channels-last
+    if not pixels.is_contiguous():
+        pixels = pixels.contiguous()
+    extra = None if residual is None else residual.permute(0, 2, 3, 1)
+    if extra is not None and not extra.is_contiguous():
+        extra = extra.contiguous()
+    out = linear(pixels, packed, bias, relu, extra)  # (N, H, W, K)
+    return out.permute(0, 3, 1, 2)  # (N, K, H, W), channels-last in memory
+
+
+def products_into(
+    tiles: torch.Tensor, packed: list[PackedWeight], in_channels: int, out: torch.Tensor
+) -> None:
+    """The Winograd products: for each position t, out[:, t*K:(t+1)*K] = tiles[:, t*C:(t+1)*C] @
+    w_t.T, from (count, T * C) transformed tiles into (count, T * K) row-major products."""
+    for position, weight in enumerate(packed):
+        k = weight.out_features
+        torch.ops.m2fp.amx_linear_into(
+            tiles[:, position * in_channels : (position + 1) * in_channels],
+            weight.tiles,
+            k,
+            None,
+            False,
+            out[:, position * k : (position + 1) * k],
+        )

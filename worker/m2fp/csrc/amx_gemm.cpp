@@ -1,0 +1,326 @@
+// float32 matrix products on Intel AMX as three bf16 products ("bf16x3"), fp32 accumulation: the ops
+// `m2fp::amx_available`, `m2fp::amx_pack` and `m2fp::amx_linear` (worker/m2fp/amx.py owns where
+// they run: the linears, the backbone's 1x1 convolutions and the Winograd products).
+//
+// AMX's TDPBF16PS multiplies bf16 pairs and accumulates into fp32 tiles at ~16x the rate of
+// AVX-512 fp32 FMAs. A float32 operand x is split into hi = bf16(x) (round to nearest even) and
+// lo = bf16(x - hi); then
+//
+//   x . w  ~=  hi_x . hi_w  +  lo_x . hi_w  +  hi_x . lo_w          (lo_x . lo_w, ~2^-18, dropped)
+//
+// all accumulated in the same fp32 tile. The relative error per product is ~2^-17 (lo's own
+// rounding and the dropped term): 3.5-4e-6 of the output's largest value at K = 256-2048
+// against float64, where oneDNN's fp32 is 5-9e-7 and Winograd F(4x4) 6e-6
+// (tests/model/test_amx_gemm.py). Three AMX products still cost less than one fp32 product on
+// AVX-512: 2.0-2.5x oneDNN's fp32 rate on the network's linear shapes (docs/BENCHMARKS.md run K).
+//
+//   amx_available() -> bool
+//       this CPU has AMX-TILE, AMX-BF16 and AVX512-BF16 (CPUID) and Linux granted this process
+//       the tile data state (arch_prctl ARCH_REQ_XCOMP_PERM); asked once.
+//   amx_pack(w) -> packed
+//       w (N, K) float32, the weight of out = x @ w.T -> (2, ceil(N/16), ceil(K/32), 512) int16:
+//       [0] the hi and [1] the lo halves, each as AMX B tiles (16 K-pairs x 16 columns x 2),
+//       zero padded. Done once per weight, when the model is prepared.
+//   amx_linear(x, packed, n, bias, residual, relu) -> out
+//       x (M, K) float32 with unit column stride (any row stride); out (M, n) float32 =
+//       x @ w.T [+ bias[n]] [+ residual (M, n)], then max(0, .) if relu.
+//   amx_linear_into(x, packed, n, bias, relu, out)
+//       the same (no residual) written into out (M, n), unit column stride, any row stride: a
+//       column slice of a larger matrix (the Winograd products, one tile position at a time).
+//
+// x is split and packed as A tiles (16 rows x 32 K) per call, in parallel over row blocks; the
+// products run per 32 x 32 output block (2 x 2 accumulator tiles, four operand tiles reloaded
+// between the three products), the blocks split over threads row-major so that one thread's
+// blocks share their rows and stream the packed weight from L2. The tile configuration is per
+// thread, loaded at the start of each parallel chunk and released at its end.
+//
+// Everything that executes AMX or AVX-512 instructions carries its own target attribute and runs
+// only after amx_available(); the library still builds and loads on any x86-64 CPU.
+
+// GCC 12's AVX-512 headers build some results from _mm512_undefined_*(), which -Wall reports as
+// "may be used uninitialized" inside the intrinsics themselves.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#if defined(__x86_64__)
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define M2FP_AMX_TARGET \
+  __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#endif
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+constexpr int64_t kTileK = 32;       // bf16 per A tile row (64 bytes)
+constexpr int64_t kTileElems = 512;  // one 16 x 64-byte tile of bf16
+
+#if defined(__x86_64__)
+
+bool cpu_has_amx() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+  const bool tile = (edx >> 24) & 1, bf16 = (edx >> 22) & 1, avx512f = (ebx >> 16) & 1;
+  if (!__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx)) return false;
+  const bool avx512_bf16 = (eax >> 5) & 1;
+  return tile && bf16 && avx512f && avx512_bf16;
+}
+
+bool amx_permitted() {
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  static const bool ok =
+      cpu_has_amx() && syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+M2FP_AMX_TARGET void load_tile_config() {
+  TileConfig config;
+  std::memset(&config, 0, sizeof(config));
+  config.palette_id = 1;
+  for (int t = 0; t < 8; ++t) {
+    config.rows[t] = 16;
+    config.colsb[t] = 64;
+  }
+  _tile_loadconfig(&config);
+}
+
+// hi = bf16(x), lo = bf16(x - hi) for 16 floats.
+M2FP_AMX_TARGET inline void split16(const float* x, uint16_t* hi, uint16_t* lo) {
+  const __m512 v = _mm512_loadu_ps(x);
+  const __m256bh h = _mm512_cvtneps_pbh(v);
+  const __m512 h32 = _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(h)), 16));
+  const __m256bh l = _mm512_cvtneps_pbh(_mm512_sub_ps(v, h32));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi), reinterpret_cast<__m256i>(h));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo), reinterpret_cast<__m256i>(l));
+}
+
+struct Operands {
+  const float* x;
+  int64_t m, k, ldx;
+  int64_t row_blocks, k_blocks, column_blocks;  // of 16 rows, 32 K, 16 columns
+  uint16_t *a_hi, *a_lo;
+  const uint16_t *b_hi, *b_lo;
+  const float* bias;
+  const float* residual;
+  int64_t ldr;
+  float* out;
+  int64_t n, ldo;
+  bool relu;
+};
+
+// Rows [16 * first, 16 * last) of x as A tiles [row block][K block][16][32], hi and lo.
+M2FP_AMX_TARGET void pack_rows(const Operands& p, int64_t first, int64_t last) {
+  alignas(64) float padded[kTileK];
+  for (int64_t block = first; block < last; ++block) {
+    for (int64_t kb = 0; kb < p.k_blocks; ++kb) {
+      uint16_t* hi = p.a_hi + (block * p.k_blocks + kb) * kTileElems;
+      uint16_t* lo = p.a_lo + (block * p.k_blocks + kb) * kTileElems;
+      const int64_t k0 = kb * kTileK;
+      for (int64_t r = 0; r < 16; ++r) {
+        const int64_t row = block * 16 + r;
+        const float* source = p.x + row * p.ldx + k0;
+        if (row >= p.m || k0 + kTileK > p.k) {
+          for (int64_t j = 0; j < kTileK; ++j)
+            padded[j] = row < p.m && k0 + j < p.k ? source[j] : 0.f;
+          source = padded;
+        }
+        split16(source, hi + r * kTileK, lo + r * kTileK);
+        split16(source + 16, hi + r * kTileK + 16, lo + r * kTileK + 16);
+      }
+    }
+  }
+}
+
+// out block rows [row0, row0 + rows) x columns [col0, col0 + cols) from the 32 x 32 accumulators.
+M2FP_AMX_TARGET void write_block(const Operands& p, const float (*c)[32], int64_t row0,
+                                 int64_t col0) {
+  const int64_t rows = std::min<int64_t>(32, p.m - row0), cols = std::min<int64_t>(32, p.n - col0);
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t half = 0; half < 32 && half < cols; half += 16) {
+    const int64_t width = std::min<int64_t>(16, cols - half);
+    const __mmask16 mask = width == 16 ? 0xFFFF : static_cast<__mmask16>((1u << width) - 1);
+    const __m512 bias =
+        p.bias ? _mm512_maskz_loadu_ps(mask, p.bias + col0 + half) : _mm512_setzero_ps();
+    for (int64_t r = 0; r < rows; ++r) {
+      __m512 v = _mm512_add_ps(_mm512_loadu_ps(&c[r][half]), bias);
+      if (p.residual)
+        v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, p.residual + (row0 + r) * p.ldr + col0 + half));
+      if (p.relu) v = _mm512_max_ps(v, zero);
+      _mm512_mask_storeu_ps(p.out + (row0 + r) * p.ldo + col0 + half, mask, v);
+    }
+  }
+}
+
+// Output blocks [first, last) of 32 x 32, numbered row-major over (row pairs, column pairs).
+M2FP_AMX_TARGET void product_blocks(const Operands& p, int64_t first, int64_t last) {
+  load_tile_config();
+  alignas(64) float c[32][32];
+  const int64_t column_pairs = (p.column_blocks + 1) / 2;
+  for (int64_t index = first; index < last; ++index) {
+    const int64_t i = index / column_pairs, j = index % column_pairs;
+    const int64_t m0 = 2 * i, m1 = std::min(2 * i + 1, p.row_blocks - 1);
+    const int64_t n0 = 2 * j, n1 = std::min(2 * j + 1, p.column_blocks - 1);
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t kb = 0; kb < p.k_blocks; ++kb) {
+      const int64_t a0 = (m0 * p.k_blocks + kb) * kTileElems, a1 = (m1 * p.k_blocks + kb) * kTileElems;
+      const int64_t b0 = (n0 * p.k_blocks + kb) * kTileElems, b1 = (n1 * p.k_blocks + kb) * kTileElems;
+      _tile_loadd(4, p.a_lo + a0, 64);  // the small terms first
+      _tile_loadd(5, p.a_lo + a1, 64);
+      _tile_loadd(6, p.b_hi + b0, 64);
+      _tile_loadd(7, p.b_hi + b1, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+      _tile_loadd(4, p.a_hi + a0, 64);
+      _tile_loadd(5, p.a_hi + a1, 64);
+      _tile_loadd(6, p.b_lo + b0, 64);
+      _tile_loadd(7, p.b_lo + b1, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+      _tile_loadd(6, p.b_hi + b0, 64);
+      _tile_loadd(7, p.b_hi + b1, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, &c[0][0], 128);
+    _tile_stored(1, &c[0][16], 128);
+    _tile_stored(2, &c[16][0], 128);
+    _tile_stored(3, &c[16][16], 128);
+    write_block(p, c, i * 32, j * 32);
+  }
+  _tile_release();
+}
+
+#else  // not x86-64: never available
+
+bool amx_permitted() { return false; }
+
+#endif
+
+bool amx_available_cpu() { return amx_permitted(); }
+
+at::Tensor amx_pack_cpu(const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat && weight.device().is_cpu(),
+              "amx_pack: weight must be a 2-D float32 CPU tensor");
+  const at::Tensor w = weight.contiguous();
+  const int64_t n = w.size(0), k = w.size(1);
+  const int64_t column_blocks = (n + 15) / 16, k_blocks = (k + kTileK - 1) / kTileK;
+  at::Tensor packed = at::zeros({2, column_blocks, k_blocks, kTileElems}, w.options().dtype(at::kShort));
+  auto* hi = reinterpret_cast<uint16_t*>(packed.data_ptr<int16_t>());
+  uint16_t* lo = hi + column_blocks * k_blocks * kTileElems;
+  const float* source = w.data_ptr<float>();
+  for (int64_t column = 0; column < n; ++column) {
+    for (int64_t depth = 0; depth < k; ++depth) {
+      const float value = source[column * k + depth];
+      const c10::BFloat16 high(value);  // round to nearest even
+      const c10::BFloat16 low(value - static_cast<float>(high));
+      // B tile (column block, K block): row = K pair, then 16 columns x 2 of the pair.
+      const int64_t at = ((column / 16) * k_blocks + depth / kTileK) * kTileElems +
+                         ((depth % kTileK) / 2) * 32 + (column % 16) * 2 + depth % 2;
+      hi[at] = high.x;
+      lo[at] = low.x;
+    }
+  }
+  return packed;
+}
+
+void check_operands(const at::Tensor& x, const at::Tensor& packed, int64_t n,
+                    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual) {
+  TORCH_CHECK(amx_permitted(), "amx_linear: this CPU or process cannot run AMX");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu() && x.stride(1) == 1,
+              "amx_linear: x must be a 2-D float32 CPU tensor with unit column stride");
+  const int64_t m = x.size(0), k = x.size(1);
+  TORCH_CHECK(packed.dim() == 4 && packed.size(0) == 2 && packed.scalar_type() == at::kShort &&
+                  packed.size(1) == (n + 15) / 16 && packed.size(2) == (k + kTileK - 1) / kTileK &&
+                  packed.size(3) == kTileElems && packed.is_contiguous(),
+              "amx_linear: packed does not hold a (", n, ", ", k, ") weight from amx_pack");
+  if (bias.has_value())
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == n,
+                "amx_linear: bias must be a contiguous float32 tensor of ", n);
+  if (residual.has_value())
+    TORCH_CHECK(residual->scalar_type() == at::kFloat && residual->dim() == 2 &&
+                    residual->size(0) == m && residual->size(1) == n && residual->stride(1) == 1,
+                "amx_linear: residual must be an (M, n) float32 tensor with unit column stride");
+}
+
+// out (M, n), unit column stride, any row stride: x @ w.T [+ bias] [+ residual], ReLU if asked.
+void run(const at::Tensor& x, const at::Tensor& packed, int64_t n, const std::optional<at::Tensor>& bias,
+         const std::optional<at::Tensor>& residual, bool relu, at::Tensor& out) {
+  const int64_t m = x.size(0), k = x.size(1);
+  if (m == 0 || n == 0) return;
+#if defined(__x86_64__)
+  const int64_t row_blocks = ((m + 31) / 32) * 2, k_blocks = packed.size(2), column_blocks = packed.size(1);
+  at::Tensor a = at::empty({2, row_blocks, k_blocks, kTileElems}, packed.options());
+  auto* a_hi = reinterpret_cast<uint16_t*>(a.data_ptr<int16_t>());
+  const auto* b_hi = reinterpret_cast<const uint16_t*>(packed.data_ptr<int16_t>());
+  Operands p{x.data_ptr<float>(), m, k, x.stride(0), row_blocks, k_blocks, column_blocks,
+             a_hi, a_hi + row_blocks * k_blocks * kTileElems,
+             b_hi, b_hi + column_blocks * k_blocks * kTileElems,
+             bias.has_value() ? bias->data_ptr<float>() : nullptr,
+             residual.has_value() ? residual->data_ptr<float>() : nullptr,
+             residual.has_value() ? residual->stride(0) : 0,
+             out.data_ptr<float>(), n, out.stride(0), relu};
+  at::parallel_for(0, row_blocks, 4, [&](int64_t begin, int64_t end) { pack_rows(p, begin, end); });
+  const int64_t blocks = (row_blocks / 2) * ((column_blocks + 1) / 2);
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) { product_blocks(p, begin, end); });
+#endif
+}
+
+at::Tensor amx_linear_cpu(const at::Tensor& x, const at::Tensor& packed, int64_t n,
+                          const std::optional<at::Tensor>& bias,
+                          const std::optional<at::Tensor>& residual, bool relu) {
+  check_operands(x, packed, n, bias, residual);
+  at::Tensor out = at::empty({x.size(0), n}, x.options());
+  run(x, packed, n, bias, residual, relu, out);
+  return out;
+}
+
+void amx_linear_into_cpu(const at::Tensor& x, const at::Tensor& packed, int64_t n,
+                         const std::optional<at::Tensor>& bias, bool relu, at::Tensor out) {
+  check_operands(x, packed, n, bias, std::nullopt);
+  TORCH_CHECK(out.dim() == 2 && out.scalar_type() == at::kFloat && out.size(0) == x.size(0) &&
+                  out.size(1) == n && out.stride(1) == 1,
+              "amx_linear_into: out must be an (M, n) float32 tensor with unit column stride");
+  run(x, packed, n, bias, std::nullopt, relu, out);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(m2fp, m) {
+  m.def("amx_available() -> bool", &amx_available_cpu);
+  m.def("amx_pack(Tensor weight) -> Tensor");
+  m.def("amx_linear(Tensor x, Tensor packed, int n, Tensor? bias, Tensor? residual, bool relu) -> Tensor");
+  m.def("amx_linear_into(Tensor x, Tensor packed, int n, Tensor? bias, bool relu, Tensor(a!) out) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(m2fp, CPU, m) {
+  m.impl("amx_pack", &amx_pack_cpu);
+  m.impl("amx_linear", &amx_linear_cpu);
+  m.impl("amx_linear_into", &amx_linear_into_cpu);
+}
