@@ -127,7 +127,7 @@ def test_pointwise_conv_equals_float64(stride: int) -> None:
 
 
 @needs_amx
-@pytest.mark.parametrize("tile", [4, 2])
+@pytest.mark.parametrize("tile", [2])  # F(4x4) keeps oneDNN's fp32 products (fusion.with_amx)
 def test_winograd_with_amx_products_equals_float64(tile: int) -> None:
     generator = torch.Generator().manual_seed(tile)
     features = torch.randn(1, 64, 21, 30, generator=generator)
@@ -136,9 +136,12 @@ def test_winograd_with_amx_products_equals_float64(tile: int) -> None:
         torch.randn(48, generator=generator),
     )
     conv = winograd.WinogradConv(weight, bias, relu=False, tile=tile)
-    conv.packed = [amx.PackedWeight(position) for position in conv.position_weights()]
+    conv.pack_for_amx()
+    assert conv.weight.numel() == 0  # held once, as tiles
     reference = F.conv2d(features.double(), weight.double(), bias.double(), padding=1)
-    assert relative_error(conv(features), reference) <= 4 * BOUND  # Winograd's own factor
+    with torch.no_grad():
+        out = conv(features)
+    assert relative_error(out, reference) <= BOUND
 
 
 @needs_amx
@@ -148,10 +151,13 @@ def test_bf16x3_predictor_packs_every_product_and_stays_near_fp32() -> None:
     model = M2FP(config).eval()
     auto, strict = Predictor(model), Predictor(model, precision_mode="fp32")
     assert auto.precision == "bf16x3" and strict.amx_path == "off: precision fp32"
-    assert auto.amx_path.startswith(f"bf16x3 for {len(auto._amx_packs)} linears")
-    for module in auto.model.modules():
-        if isinstance(module, torch.nn.Linear):
+    for module in auto.model.modules():  # every product packed, each weight held once
+        if isinstance(module, fusion.OneDNNLinear) and module.packed is not None:
+            assert module.weight.numel() == 0
+        elif isinstance(module, torch.nn.Linear):  # an attention's output projection
             assert dense.weight_key(module.weight) in auto._amx_packs
+    with torch.enable_grad(), pytest.raises(RuntimeError, match="inference only"):
+        auto.model.backbone(torch.zeros(1, 3, 64, 64))
     pointwise = [
         m for m in auto.model.modules() if isinstance(m, fusion.FusedConv) and m.pointwise()
     ]
@@ -160,3 +166,21 @@ def test_bf16x3_predictor_packs_every_product_and_stays_near_fp32() -> None:
     ours, theirs = auto.infer(image), strict.infer(image)
     for a, b in ((ours.pred_logits, theirs.pred_logits), (ours.pred_masks, theirs.pred_masks)):
         assert relative_error(a, b.double()) < 1e-3
+
+
+@needs_amx
+@pytest.mark.parametrize(
+    ("stride", "channels", "height", "width"), [(1, 64, 13, 17), (2, 32, 14, 20), (2, 96, 9, 11)]
+)
+def test_conv3x3_equals_float64(stride: int, channels: int, height: int, width: int) -> None:
+    generator = torch.Generator().manual_seed(channels + stride)
+    features = torch.randn(2, channels, height, width, generator=generator)
+    features = features.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(40, channels, 3, 3, generator=generator) / (3 * channels**0.5)
+    bias = torch.randn(40, generator=generator)
+    out = amx.conv3x3(features, amx.conv3x3_weight(weight), bias, True, stride)
+    reference = torch.relu(
+        F.conv2d(features.double(), weight.double(), bias.double(), stride=stride, padding=1)
+    )
+    assert out.shape == reference.shape and out.is_contiguous(memory_format=torch.channels_last)
+    assert relative_error(out, reference) <= BOUND

@@ -38,7 +38,9 @@ PROBE = textwrap.dedent(
     from worker.m2fp.checkpoint import build_untrained_model
     from worker.m2fp.config import TINY
     from worker.m2fp.predictor import Predictor
-    predictor = Predictor(build_untrained_model(TINY), max_side=512, use_winograd=False)
+    predictor = Predictor(
+        build_untrained_model(TINY), max_side=512, use_winograd=False, precision_mode="fp32"
+    )
     rng = np.random.default_rng(0)
     sizes = rng.integers(300, 500, (8, 2))
     images = [rng.integers(0, 256, (int(h), int(w), 3), dtype=np.uint8) for h, w in sizes]
@@ -69,6 +71,9 @@ def probe(mode: str) -> dict:
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only"
 )
 def test_tuned_malloc_maps_fewer_pages_anew_per_prediction() -> None:
+    """In fp32: bf16x3 (auto on an AMX CPU) frees and reallocates 4 MB band buffers, which move
+    untuned glibc's adaptive mmap threshold from run to run (11,000-57,000 faults "as is" on run
+    K's Xeon, tuned 4,200-4,500), so the "as is" side is not a stable reference there."""
     as_is, tuned = probe("as is"), probe("tuned")
     assert as_is["described"] == "as is"
     assert tuned["described"].startswith("glibc malloc: large blocks reused"), tuned

@@ -4,7 +4,8 @@ Owns the choice (`unavailable_reason()`: the compiled op `m2fp::amx_linear` load
 AMX-BF16 and Linux granted the process AMX's tile state; `M2FP_AMX=auto|off` through
 `shared.config`), the packed weights (`PackedWeight`) and the calls: `linear` for a (..., K)
 input and `pointwise_conv` for a 1x1 convolution over a channels-last map, both with bias,
-ReLU and (the bottlenecks' third convolution) the residual add in the same pass.
+ReLU and (the bottlenecks' third convolution) the residual add in the same pass, and
+`conv3x3` for the 3x3 convolutions that run direct (stride 1 or 2, channels a multiple of 32).
 
 Each operand is split into hi = bf16(x) and lo = bf16(x - hi), and x . w is computed as
 hi . hi + lo . hi + hi . lo with fp32 accumulation on AMX (worker/m2fp/csrc/amx_gemm.cpp): 3-4e-6
@@ -14,19 +15,20 @@ to within what the service already accepts from Winograd, and `M2FP_PRECISION=fp
 picks) runs it where the CPU has AMX; bf16 (oneDNN's bf16 math, one bf16 product) is not this.
 
 Where it runs: the Predictor hands the fused CPU model to `fusion.with_amx`, which packs the
-weights of every oneDNN linear (encoder and decoder), the backbone's 1x1 convolutions and the
-Winograd products, once, when the model is prepared. The packed weights (hi and lo, 2 bytes
+weights of every oneDNN linear (encoder and decoder), the backbone's 1x1 and direct 3x3
+convolutions and the Winograd products, once, when the model is prepared. The packed weights (hi and lo, 2 bytes
 each) cost as much memory as the fp32 weights they stand beside.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from worker.m2fp import ops
 from worker.m2fp.cpu import cpu_features, has_amx_bf16
 
-OPS = ("amx_available", "amx_pack", "amx_linear", "amx_linear_into")
+OPS = ("amx_available", "amx_pack", "amx_linear", "amx_linear_into", "amx_conv3x3")
 
 
 def unavailable_reason() -> str | None:
@@ -97,6 +99,26 @@ def pointwise_conv(
         extra = extra.contiguous()
     out = linear(pixels, packed, bias, relu, extra)  # (N, H, W, K)
     return out.permute(0, 3, 1, 2)  # (N, K, H, W), channels-last in memory
+
+
+def conv3x3_weight(weight: torch.Tensor) -> PackedWeight:
+    """A (K, C, 3, 3) convolution weight packed as the (K, 9 C) matrix `conv3x3` multiplies by
+    (tap-major columns: t * C + c, t = 3 * dy + dx)."""
+    return PackedWeight(weight.detach().float().permute(0, 2, 3, 1).reshape(weight.shape[0], -1))
+
+
+def conv3x3(
+    features: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None, relu: bool, stride: int
+) -> torch.Tensor:
+    """A 3x3 convolution with padding 1 (stride 1 or 2) of an (N, C, H, W) map, C a multiple of
+    32, answered channels-last: one product with K = 9 C whose rows the op gathers from the
+    zero-padded NHWC map (one padded copy of the input, no im2col)."""
+    batch = features.shape[0]
+    padded = F.pad(features.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1)).contiguous()
+    out = torch.ops.m2fp.amx_conv3x3(padded, packed.tiles, packed.out_features, stride, bias, relu)
+    height = (padded.shape[1] - 3) // stride + 1
+    width = (padded.shape[2] - 3) // stride + 1
+    return out.view(batch, height, width, -1).permute(0, 3, 1, 2)
 
 
 def products_into(

@@ -90,21 +90,45 @@ class FusedConv(nn.Module):
         self.dilation = list(conv.dilation)
         self.groups = conv.groups
         self.relu = bool(conv.relu)
-        self.packed: amx.PackedWeight | None = None  # set by `with_amx` for a pointwise one
+        self.kernel_size = tuple(weight.shape[2:])
+        self.in_channels = int(weight.shape[1])
+        self.packed: amx.PackedWeight | None = None  # `pack_for_amx`
 
     def pointwise(self) -> bool:
         """Whether this is a 1x1 convolution without padding or groups (an AMX product)."""
         return (
-            tuple(self.weight.shape[2:]) == (1, 1)
+            self.kernel_size == (1, 1)
             and self.padding == [0, 0]
             and self.groups == 1
             and self.stride[0] == self.stride[1]
         )
 
+    def three_by_three(self) -> bool:
+        """Whether this is a 3x3, padding 1, stride 1 or 2 convolution over channels a multiple
+        of 32, without groups or dilation (`amx.conv3x3`)."""
+        return (
+            self.kernel_size == (3, 3)
+            and self.padding == [1, 1]
+            and self.groups == 1
+            and self.dilation == [1, 1]
+            and self.stride[0] == self.stride[1] in (1, 2)
+            and self.in_channels % 32 == 0
+        )
+
+    def pack_for_amx(self) -> None:
+        """Hold the weight as AMX tiles only (1x1 or 3x3: `pointwise`, `three_by_three`)."""
+        weight = self.weight
+        self.packed = amx.PackedWeight(weight) if self.pointwise() else amx.conv3x3_weight(weight)
+        self.weight = torch.empty(0)  # the tiles are the same bytes again: not held twice
+
     def forward(self, features: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """conv(features) [+ residual] [-> ReLU] in one call; `residual` implies the ReLU after the add."""
-        if self.packed is not None and amx.applies(features):
+        if self.packed is not None:
+            if not amx.applies(features):
+                raise RuntimeError("a bf16x3 convolution runs float32 CPU inference only")
             relu = self.relu or residual is not None
+            if residual is None and self.three_by_three():
+                return amx.conv3x3(features, self.packed, self.bias, relu, self.stride[0])
             return amx.pointwise_conv(
                 features, self.packed, self.bias, relu, self.stride[0], residual
             )
@@ -290,8 +314,7 @@ class FusedEncoderLayer(DeformableEncoderLayer):
 
     def feedforward(self, source: torch.Tensor) -> torch.Tensor:
         """linear2(relu(linear1(source))), the ReLU a post-op of the first (`dense.linear`)."""
-        hidden = dense.linear(source, self.linear1.weight, self.linear1.bias, "relu")
-        return dense.linear(hidden, self.linear2.weight, self.linear2.bias)
+        return apply_linear(self.linear2, apply_linear(self.linear1, source, "relu"))
 
 
 def with_fused_encoder(model: ModelT) -> ModelT:
@@ -316,10 +339,31 @@ class OneDNNLinear(nn.Linear):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.register_parameter("bias", linear.bias)
+        self.packed: amx.PackedWeight | None = None  # `pack_for_amx`
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """features @ weight.T + bias."""
-        return dense.linear(features, self.weight, self.bias)
+    def forward(self, features: torch.Tensor, post: str = "none") -> torch.Tensor:
+        """features @ weight.T + bias, then ReLU when `post` is "relu"."""
+        if self.packed is not None:
+            if not amx.applies(features):
+                raise RuntimeError("a bf16x3 linear runs float32 CPU inference only (no autograd)")
+            return amx.linear(features, self.packed, self.bias, relu=post == "relu")
+        return dense.linear(features, self.weight, self.bias, post)
+
+    def pack_for_amx(self) -> None:
+        """Hold the weight as AMX tiles only (`amx.PackedWeight`, the same bytes as the float32
+        weight): the module's own reference to the float32 weight is dropped, so that the
+        weights are not held twice once the checkpoint's modules are gone (a worker keeps only
+        the Predictor's model)."""
+        self.packed = amx.PackedWeight(self.weight)
+        self.weight = nn.Parameter(torch.empty(0), requires_grad=False)
+
+
+def apply_linear(module: nn.Module, features: torch.Tensor, post: str = "none") -> torch.Tensor:
+    """`module` (an nn.Linear) applied to `features`, its ReLU (`post` "relu") fused where it can."""
+    if isinstance(module, OneDNNLinear):
+        return module(features, post)
+    linear = cast(nn.Linear, module)
+    return dense.linear(features, linear.weight, linear.bias, post)
 
 
 def with_onednn_linears(model: ModelT) -> ModelT:
@@ -337,28 +381,41 @@ def with_onednn_linears(model: ModelT) -> ModelT:
 
 def with_amx(model: nn.Module) -> tuple[dict, str]:
     """Pack the weights of `model`'s products for AMX (`worker.m2fp.amx`): the fused backbone's
-    1x1 convolutions and Winograd convolutions get their packed weights (in place: they are
-    the Predictor's own modules, made by `with_fused_backbone` / `with_winograd_fpn`); every
-    `nn.Linear` and attention in-projection goes into the returned packs, for
-    `dense.amx_products` (their weights may be shared with the caller's model, so they are not
-    touched). Returns (packs, "bf16x3 for N linears, M 1x1 and W Winograd convolutions")."""
+    1x1, direct 3x3 and F(2x2) Winograd convolutions and the `OneDNNLinear`s get their packed weights
+    and drop their float32 ones (in place: they are the Predictor's own modules, made by
+    `with_fused_backbone`, `with_winograd_fpn` and `with_onednn_linears`); the attentions'
+    in-projections and output projections, whose weights `nn.MultiheadAttention` reads itself,
+    and any other `nn.Linear`, go into the returned packs for `dense.amx_products`, their
+    weights untouched. Returns (packs, "bf16x3 for N linears, M 1x1, D 3x3 and W Winograd F(2x2) convolutions")."""
     packs: dict = {}
-    pointwise = winograd_convs = 0
+    pointwise = direct = winograd_convs = linears = 0
+    # nn.MultiheadAttention's forward reads its out_proj's weight itself: those stay as they are.
+    read_directly = {
+        id(module.out_proj)
+        for module in model.modules()
+        if isinstance(module, nn.MultiheadAttention)
+    }
     for module in model.modules():
-        if isinstance(module, FusedConv) and module.pointwise():
-            module.packed = amx.PackedWeight(module.weight)
-            pointwise += 1
-        elif isinstance(module, winograd.WinogradConv):
-            module.packed = [amx.PackedWeight(position) for position in module.position_weights()]
+        if isinstance(module, FusedConv) and (module.pointwise() or module.three_by_three()):
+            pointwise, direct = pointwise + module.pointwise(), direct + module.three_by_three()
+            module.pack_for_amx()
+        elif isinstance(module, winograd.WinogradConv) and module.tile == 2:
+            # F(4x4)'s transforms (constants up to 8) amplify the three products' error to 1e-4 of
+            # the output, against 5e-6 for F(2x2) and 1e-5 for F(4x4) on oneDNN's fp32 products,
+            # which are as fast there (FPN layer_1 62 vs 64 ms, res3 4.1 vs 4.1): those stay.
+            module.pack_for_amx()
             winograd_convs += 1
+        elif isinstance(module, OneDNNLinear) and id(module) not in read_directly:
+            module.pack_for_amx()
+            linears += 1
         elif isinstance(module, nn.Linear):
             packs[dense.weight_key(module.weight)] = amx.PackedWeight(module.weight)
         elif isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
             for chunk in module.in_proj_weight.chunk(3):  # masked_cross_attention's projections
                 packs[dense.weight_key(chunk)] = amx.PackedWeight(chunk)
     described = (
-        f"bf16x3 for {len(packs)} linears, {pointwise} 1x1 and {winograd_convs} Winograd "
-        "convolutions"
+        f"bf16x3 for {linears + len(packs)} linears, {pointwise} 1x1, {direct} 3x3 and "
+        f"{winograd_convs} Winograd F(2x2) convolutions"
     )
     return packs, described
 

@@ -46,6 +46,7 @@ OP_NAMES = (
     "amx_pack",
     "amx_linear",
     "amx_linear_into",
+    "amx_conv3x3",
 )
 READOUT_OPS = {"mask_readout", "mask_bits"}  # what the compiled multi-human readout needs
 READOUT_MAX_CLASSES = 32  # the mask readout op's class limit (csrc/mask_readout.cpp)

@@ -185,6 +185,11 @@ class WinogradConv(nn.Module):
         """The transformed weight per tile position: T (K, C) matrices (views)."""
         return list(self.weight.view(positions(self.tile), self.out_channels, -1).unbind(0))
 
+    def pack_for_amx(self) -> None:
+        """The products on AMX (`amx.products_into`), the weight held as AMX tiles only."""
+        self.packed = [amx.PackedWeight(position) for position in self.position_weights()]
+        self.weight = torch.empty(0)  # the tiles are the same bytes again: not held twice
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Transform the 6x6 patches, multiply per position, transform back, + bias, ReLU;
         in bands of tiles (`band_tiles`)."""
@@ -208,7 +213,9 @@ class WinogradConv(nn.Module):
         """(count, T * C) transformed tiles -> (count, T * K) products, row-major: on AMX
         (`amx.products_into`) where `with_amx` packed the weights, else one oneDNN call."""
         count_positions = positions(self.tile)
-        if self.packed is not None and amx.applies(tiles):
+        if self.packed is not None:
+            if not amx.applies(tiles):
+                raise RuntimeError("a bf16x3 Winograd convolution runs float32 CPU inference only")
             products = tiles.new_empty((count, count_positions * self.out_channels))
             amx.products_into(tiles, self.packed, channels, products)
             return products

@@ -27,6 +27,11 @@
 //   amx_linear_into(x, packed, n, bias, relu, out)
 //       the same (no residual) written into out (M, n), unit column stride, any row stride: a
 //       column slice of a larger matrix (the Winograd products, one tile position at a time).
+//   amx_conv3x3(x, packed, n, stride, bias, relu) -> out
+//       a 3x3 convolution, stride 1 or 2, as one product with K = 9 C: x the zero-padded NHWC map
+//       (B, H + 2, W + 2, C), C a multiple of 32, packed from the (n, 3, 3, C) weight as (n, 9 C);
+//       out (B * Ho * Wo, n), each row an output pixel. The packer gathers each row's nine taps
+//       from x directly (an implicit im2col: no 9x copy of the map).
 //
 // x is split and packed as A tiles (16 rows x 32 K) per call, in parallel over row blocks; the
 // products run per 32 x 32 output block (2 x 2 accumulator tiles, four operand tiles reloaded
@@ -115,7 +120,13 @@ M2FP_AMX_TARGET inline void split16(const float* x, uint16_t* hi, uint16_t* lo) 
 struct Operands {
   const float* x;
   int64_t m, k, ldx;
-  int64_t row_blocks, k_blocks, column_blocks;  // of 16 rows, 32 K, 16 columns
+  // A 3x3 convolution (amx_conv3x3) instead of rows of x: x is the zero-padded NHWC map
+  // (B, hp, wp, channels), row `row` of A the output pixel (b, oy, ox) of a (ho, wo) grid and
+  // column t * channels + c its tap t = 3 * dy + dx: x[b, oy * stride + dy, ox * stride + dx, c].
+  bool conv;
+  int64_t channels, stride, ho, wo, hp, wp;
+  int64_t row_offset;  // the band's first row: A's row r is row row_offset + r of the whole product
+  int64_t row_blocks, k_blocks, column_blocks;  // of 16 rows, 32 K, 16 columns (the band's rows)
   uint16_t *a_hi, *a_lo;
   const uint16_t *b_hi, *b_lo;
   const float* bias;
@@ -126,7 +137,17 @@ struct Operands {
   bool relu;
 };
 
-// Rows [16 * first, 16 * last) of x as A tiles [row block][K block][16][32], hi and lo.
+// Where A's row `row` has its columns k0 .. k0 + 31 (contiguous in x).
+inline const float* source_row(const Operands& p, int64_t band_row, int64_t k0) {
+  const int64_t row = p.row_offset + band_row;
+  if (!p.conv) return p.x + row * p.ldx + k0;
+  const int64_t tap = k0 / p.channels, channel = k0 % p.channels;
+  const int64_t image = row / (p.ho * p.wo), pixel = row % (p.ho * p.wo);
+  const int64_t y = (pixel / p.wo) * p.stride + tap / 3, x = (pixel % p.wo) * p.stride + tap % 3;
+  return p.x + ((image * p.hp + y) * p.wp + x) * p.channels + channel;
+}
+
+// Rows [16 * first, 16 * last) of A as tiles [row block][K block][16][32], hi and lo.
 M2FP_AMX_TARGET void pack_rows(const Operands& p, int64_t first, int64_t last) {
   alignas(64) float padded[kTileK];
   for (int64_t block = first; block < last; ++block) {
@@ -136,11 +157,12 @@ M2FP_AMX_TARGET void pack_rows(const Operands& p, int64_t first, int64_t last) {
       const int64_t k0 = kb * kTileK;
       for (int64_t r = 0; r < 16; ++r) {
         const int64_t row = block * 16 + r;
-        const float* source = p.x + row * p.ldx + k0;
-        if (row >= p.m || k0 + kTileK > p.k) {
-          for (int64_t j = 0; j < kTileK; ++j)
-            padded[j] = row < p.m && k0 + j < p.k ? source[j] : 0.f;
-          source = padded;
+        const float* source = padded;
+        if (row < p.m && k0 + kTileK <= p.k) {
+          source = source_row(p, row, k0);
+        } else {
+          const float* values = row < p.m ? source_row(p, row, k0) : nullptr;
+          for (int64_t j = 0; j < kTileK; ++j) padded[j] = values && k0 + j < p.k ? values[j] : 0.f;
         }
         split16(source, hi + r * kTileK, lo + r * kTileK);
         split16(source + 16, hi + r * kTileK + 16, lo + r * kTileK + 16);
@@ -269,27 +291,86 @@ void check_operands(const at::Tensor& x, const at::Tensor& packed, int64_t n,
                 "amx_linear: residual must be an (M, n) float32 tensor with unit column stride");
 }
 
+// Rows of A per band: the band's packed A (hi and lo, 4 bytes per element) within kBandBytes,
+// so that it stays in cache and its buffer is reused (a whole 3x3 stem map would be 318 MB).
+constexpr int64_t kBandBytes = 4 << 20;
+
+int64_t band_rows(int64_t k_blocks) {
+  const int64_t rows = kBandBytes / (k_blocks * kTileK * 4);
+  return std::max<int64_t>(32, rows / 32 * 32);
+}
+
+// The products of `p` (m rows), band after band: pack the band's rows, multiply them.
+void execute(Operands p) {
+#if defined(__x86_64__)
+  const int64_t band = band_rows(p.k_blocks), m = p.m;
+  at::Tensor a = at::empty({2, band / 16, p.k_blocks, kTileElems}, at::TensorOptions().dtype(at::kShort));
+  auto* a_hi = reinterpret_cast<uint16_t*>(a.data_ptr<int16_t>());
+  p.a_hi = a_hi;
+  p.a_lo = a_hi + (band / 16) * p.k_blocks * kTileElems;
+  const float* residual = p.residual;
+  float* out = p.out;
+  for (int64_t first = 0; first < m; first += band) {
+    Operands q = p;
+    q.m = std::min(band, m - first);
+    q.row_blocks = ((q.m + 31) / 32) * 2;
+    q.row_offset = first;
+    q.out = out + first * p.ldo;
+    q.residual = residual ? residual + first * p.ldr : nullptr;
+    at::parallel_for(0, q.row_blocks, 4, [&](int64_t begin, int64_t end) { pack_rows(q, begin, end); });
+    const int64_t blocks = (q.row_blocks / 2) * ((q.column_blocks + 1) / 2);
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) { product_blocks(q, begin, end); });
+  }
+#endif
+}
+
 // out (M, n), unit column stride, any row stride: x @ w.T [+ bias] [+ residual], ReLU if asked.
 void run(const at::Tensor& x, const at::Tensor& packed, int64_t n, const std::optional<at::Tensor>& bias,
          const std::optional<at::Tensor>& residual, bool relu, at::Tensor& out) {
   const int64_t m = x.size(0), k = x.size(1);
   if (m == 0 || n == 0) return;
-#if defined(__x86_64__)
-  const int64_t row_blocks = ((m + 31) / 32) * 2, k_blocks = packed.size(2), column_blocks = packed.size(1);
-  at::Tensor a = at::empty({2, row_blocks, k_blocks, kTileElems}, packed.options());
-  auto* a_hi = reinterpret_cast<uint16_t*>(a.data_ptr<int16_t>());
   const auto* b_hi = reinterpret_cast<const uint16_t*>(packed.data_ptr<int16_t>());
-  Operands p{x.data_ptr<float>(), m, k, x.stride(0), row_blocks, k_blocks, column_blocks,
-             a_hi, a_hi + row_blocks * k_blocks * kTileElems,
+  const int64_t k_blocks = packed.size(2), column_blocks = packed.size(1);
+  Operands p{x.data_ptr<float>(), m, k, x.stride(0), false, 0, 0, 0, 0, 0, 0, 0,
+             0, k_blocks, column_blocks, nullptr, nullptr,
              b_hi, b_hi + column_blocks * k_blocks * kTileElems,
              bias.has_value() ? bias->data_ptr<float>() : nullptr,
              residual.has_value() ? residual->data_ptr<float>() : nullptr,
              residual.has_value() ? residual->stride(0) : 0,
              out.data_ptr<float>(), n, out.stride(0), relu};
-  at::parallel_for(0, row_blocks, 4, [&](int64_t begin, int64_t end) { pack_rows(p, begin, end); });
-  const int64_t blocks = (row_blocks / 2) * ((column_blocks + 1) / 2);
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) { product_blocks(p, begin, end); });
-#endif
+  execute(p);
+}
+
+// out (B * ho * wo, n) of a 3x3 convolution (stride 1 or 2) over the zero-padded NHWC map x.
+at::Tensor amx_conv3x3_cpu(const at::Tensor& x, const at::Tensor& packed, int64_t n,
+                           int64_t stride, const std::optional<at::Tensor>& bias, bool relu) {
+  TORCH_CHECK(amx_permitted(), "amx_conv3x3: this CPU or process cannot run AMX");
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.device().is_cpu() && x.is_contiguous(),
+              "amx_conv3x3: x must be a contiguous (B, H + 2, W + 2, C) float32 CPU tensor");
+  TORCH_CHECK(stride == 1 || stride == 2, "amx_conv3x3: stride must be 1 or 2");
+  const int64_t batch = x.size(0), hp = x.size(1), wp = x.size(2), channels = x.size(3);
+  TORCH_CHECK(channels % kTileK == 0 && hp >= 3 && wp >= 3,
+              "amx_conv3x3: C must be a multiple of 32 and the padded map at least 3x3");
+  const int64_t ho = (hp - 3) / stride + 1, wo = (wp - 3) / stride + 1, k = 9 * channels;
+  const int64_t m = batch * ho * wo;
+  TORCH_CHECK(packed.dim() == 4 && packed.size(0) == 2 && packed.scalar_type() == at::kShort &&
+                  packed.size(1) == (n + 15) / 16 && packed.size(2) == k / kTileK &&
+                  packed.size(3) == kTileElems && packed.is_contiguous(),
+              "amx_conv3x3: packed does not hold a (", n, ", 9 x ", channels, ") weight from amx_pack");
+  if (bias.has_value())
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == n,
+                "amx_conv3x3: bias must be a contiguous float32 tensor of ", n);
+  at::Tensor out = at::empty({m, n}, x.options());
+  if (m == 0 || n == 0) return out;
+  const auto* b_hi = reinterpret_cast<const uint16_t*>(packed.data_ptr<int16_t>());
+  const int64_t k_blocks = k / kTileK, column_blocks = packed.size(1);
+  Operands p{x.data_ptr<float>(), m, k, 0, true, channels, stride, ho, wo, hp, wp, 0,
+             0, k_blocks, column_blocks, nullptr, nullptr,
+             b_hi, b_hi + column_blocks * k_blocks * kTileElems,
+             bias.has_value() ? bias->data_ptr<float>() : nullptr, nullptr, 0,
+             out.data_ptr<float>(), n, n, relu};
+  execute(p);
+  return out;
 }
 
 at::Tensor amx_linear_cpu(const at::Tensor& x, const at::Tensor& packed, int64_t n,
@@ -317,10 +398,12 @@ TORCH_LIBRARY_FRAGMENT(m2fp, m) {
   m.def("amx_pack(Tensor weight) -> Tensor");
   m.def("amx_linear(Tensor x, Tensor packed, int n, Tensor? bias, Tensor? residual, bool relu) -> Tensor");
   m.def("amx_linear_into(Tensor x, Tensor packed, int n, Tensor? bias, bool relu, Tensor(a!) out) -> ()");
+  m.def("amx_conv3x3(Tensor x, Tensor packed, int n, int stride, Tensor? bias, bool relu) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(m2fp, CPU, m) {
   m.impl("amx_pack", &amx_pack_cpu);
   m.impl("amx_linear", &amx_linear_cpu);
   m.impl("amx_linear_into", &amx_linear_into_cpu);
+  m.impl("amx_conv3x3", &amx_conv3x3_cpu);
 }
