@@ -66,6 +66,9 @@ DENSE_KERNELS = (
     "aten::_convolution",
     "m2fp::winograd_input",  # the Winograd convolutions' transforms (worker/m2fp/winograd.py)
     "m2fp::winograd_output",
+    "m2fp::amx_linear",  # bf16x3 on AMX (worker/m2fp/amx.py)
+    "m2fp::amx_linear_into",
+    "m2fp::amx_conv3x3",
 )
 
 
@@ -77,28 +80,38 @@ def timed(function, runs: int) -> float:
     return median_seconds(function, runs)
 
 
-def square_products() -> dict:
+def square_products(bf16x3: bool = False) -> dict:
     """The fp32 products the peak is measured with: MKL (`torch.mm`) and, where torch has it,
-    oneDNN's linear (what worker.m2fp.dense runs), each `product(left, right)`."""
+    oneDNN's linear (what worker.m2fp.dense runs), each `product(left, right)`; with `bf16x3`,
+    the AMX op too (worker/m2fp/amx.py: the precision `auto` runs on an AMX CPU, whose peak is
+    then the one its forward is measured against)."""
     import torch
 
-    from worker.m2fp import dense
+    from worker.m2fp import amx, dense
 
     products = {"mkl": torch.mm}
     if dense.available():
         products["onednn"] = lambda left, right: torch.ops.mkldnn._linear_pointwise(
             left, right, None, "none", [], ""
         )
+    if bf16x3:
+        packed: dict = {}
+
+        def three(left, right):
+            weight = packed.setdefault(right.data_ptr(), amx.PackedWeight(right))  # once per size
+            return amx.linear(left, weight, None)
+
+        products["bf16x3"] = three
     return products
 
 
-def gemm_peak(sizes: list[int], runs: int) -> dict:
+def gemm_peak(sizes: list[int], runs: int, bf16x3: bool = False) -> dict:
     """fp32 GEMM throughput of square products per library (`square_products`) and size, and
     the best of all, with the library and size that gave it."""
     import torch
 
     by_library: dict[str, dict[int, float]] = {}
-    for name, product in square_products().items():
+    for name, product in square_products(bf16x3).items():
         by_library[name] = {}
         for size in sizes:
             left, right = torch.randn(size, size), torch.randn(size, size)
@@ -153,7 +166,7 @@ def interleaved_efficiency(forward, gemm: dict, total_gflop: float, rounds: int)
 
     library, size = gemm["peak_at"]
     left, right = torch.randn(size, size), torch.randn(size, size)
-    square = square_products()[library]
+    square = square_products(bf16x3=library == "bf16x3")[library]
 
     def product() -> None:
         square(left, right)
@@ -228,6 +241,17 @@ def executed_figures(model, padded, counted_gflop: float, forward_s: float, peak
     }
 
 
+def production_forward(predictor, padded):
+    """One forward of the Predictor's network on `padded`, within its context (bf16x3's AMX
+    projections), as `Predictor.predict` runs it."""
+
+    def forward():
+        with predictor.network_context():
+            return predictor.model(padded)
+
+    return forward
+
+
 def measure(size: str, runs: int, gemm_sizes: list[int]) -> dict:
     """GEMM peak, FLOPs and forward time of the golden network at `size` (H x W)."""
     import torch
@@ -242,21 +266,23 @@ def measure(size: str, runs: int, gemm_sizes: list[int]) -> dict:
     with torch.inference_mode():
         padded, _ = model.normalize_and_pad(tensor)
     flops = count_flops(model, padded)  # the fused convolutions do the same arithmetic, uncounted
-    fast = Predictor(
-        model
-    ).model  # the network as the worker runs it (fused backbone, malloc tuned)
+    predictor = Predictor(model)  # the network as the worker runs it (fused, malloc tuned, auto)
+    forward = production_forward(predictor, padded)
     with torch.inference_mode():
-        forward_s = timed(lambda: fast(padded), runs)
-    split = kernel_split(lambda: fast(padded))
-    gemm = gemm_peak(gemm_sizes, runs)
+        forward_s = timed(forward, runs)
+    split = kernel_split(forward)
+    gemm = gemm_peak(gemm_sizes, runs, bf16x3=predictor.precision == "bf16x3")
     with torch.inference_mode():
-        rounds = interleaved_efficiency(lambda: fast(padded), gemm, flops["total_gflop"], runs)
+        rounds = interleaved_efficiency(forward, gemm, flops["total_gflop"], runs)
     achieved = flops["total_gflop"] / forward_s
     kernel_rate = flops["total_gflop"] / split["dense_kernels_s"]
-    executed = executed_figures(fast, padded, flops["total_gflop"], forward_s, gemm["peak_gflops"])
+    executed = executed_figures(
+        predictor.model, padded, flops["total_gflop"], forward_s, gemm["peak_gflops"]
+    )
     return {
         "size": size,
         "padded": list(padded.shape[-2:]),
+        **{"precision": predictor.precision, "amx": predictor.amx_path},
         "deform_attn": ops.describe(),
         "forward_s": forward_s,
         "achieved_gflops": achieved,
@@ -277,7 +303,9 @@ def report(result: dict, cpu: dict, threads: int) -> None:
 
     print(f"CPU: {cpu['model']} (flags: {', '.join(cpu['flags'])}); torch {torch.__version__}")
     print(f"threads {threads}; input {result['size']} padded to {result['padded']}")
-    print(f"deformable attention: {result['deform_attn']}")
+    print(
+        f"deformable attention: {result['deform_attn']}; precision {result['precision']} ({result['amx']})"
+    )
     for library, per_size in result["per_library_gflops"].items():
         sizes = ", ".join(f"{n}: {g:.1f}" for n, g in per_size.items())
         print(f"fp32 GEMM GFLOP/s, {library}, by size: {sizes}")

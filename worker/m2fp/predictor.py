@@ -11,10 +11,11 @@ the maps are scaled back with nearest-neighbour sampling.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -208,6 +209,14 @@ class Predictor:
             model.config.class_names[: model.config.num_parsing]
         )
 
+    @contextlib.contextmanager
+    def network_context(self) -> Iterator[None]:
+        """What `self.model`'s forward runs within: the precision's arithmetic and, in bf16x3,
+        the attention projections' AMX weights (`dense.amx_products`). The benchmarks that call
+        `self.model` themselves enter it too."""
+        with precision.arithmetic(self.precision, self.device), dense.amx_products(self._amx_packs):
+            yield
+
     def _prepare_amx(self, model: nn.Module) -> tuple[str, dict]:
         """(what runs, the linears' packs): in bf16x3, the products as three bf16 AMX products
         (`worker.m2fp.amx`, `fusion.with_amx`); else "off: <precision>"."""
@@ -268,7 +277,7 @@ class Predictor:
             torch.from_numpy(array).permute(2, 0, 1) for array in arrays
         ]  # (h, w, 3) -> (3, h, w) each
         padded, image_sizes = self.model.normalize_and_pad(tensors)  # (B, 3, Hp, Wp)
-        with precision.arithmetic(self.precision, self.device), dense.amx_products(self._amx_packs):
+        with self.network_context():
             output = self.model(padded)
         return (
             output.pred_logits.float(),  # the postprocess runs in fp32 whatever the precision
