@@ -98,8 +98,9 @@ def square_products(bf16x3: bool = False) -> dict:
         packed: dict = {}
 
         def three(left, right):
-            weight = packed.setdefault(right.data_ptr(), amx.PackedWeight(right))  # once per size
-            return amx.linear(left, weight, None)
+            if right.data_ptr() not in packed:  # packed once per operand, as the model's weights
+                packed[right.data_ptr()] = amx.PackedWeight(right)
+            return amx.linear(left, packed[right.data_ptr()], None)
 
         products["bf16x3"] = three
     return products
