@@ -27,6 +27,7 @@ DATA = REPO / "docs" / "bench"
 AVX2 = "EPYC Zen 3, AVX2 only"
 ZEN5 = "EPYC Zen 5, AVX512-BF16"
 XEON = "Intel Xeon, AVX512-BF16, no AMX"
+XEON_AMX = "Intel Xeon, AMX-BF16"
 # (label, model_bench JSON, CPU, target ratio on that CPU)
 RUNS = [
     ("run C", "model-bench-640x853.json", AVX2, 0.35),
@@ -41,6 +42,8 @@ RUNS = [
     ("run J start", "model-bench-640x853-run-j-start.json", XEON, 0.15),
     ("run J", "model-bench-640x853-run-j.json", XEON, 0.15),
     ("run J end", "model-bench-640x853-run-j-end.json", XEON, 0.15),
+    ("run K start (fp32)", "model-bench-640x853-run-k-start.json", XEON_AMX, 0.15),
+    ("run K (bf16x3)", "model-bench-640x853-run-k.json", XEON_AMX, 0.15),
 ]
 SERVICE_RUNS = [
     ("run F", "service-ratio-zen5.json"),
@@ -50,6 +53,8 @@ SERVICE_RUNS = [
     ("run I", "service-ratio-run-i.json"),
     ("run J start", "service-ratio-run-j-start.json"),
     ("run J", "service-ratio-run-j.json"),
+    ("run K start (fp32)", "service-ratio-run-k-start.json"),
+    ("run K (bf16x3)", "service-ratio-run-k.json"),
 ]
 COLOURS = {"ours": "#2b6cb0", "reference": "#a0aec0", "rest": "#dd6b20", "mark": "#c53030"}
 LABEL_WIDTH, BAR_WIDTH, ROW, BAR = 300, 480, 22, 9

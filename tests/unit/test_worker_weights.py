@@ -51,6 +51,7 @@ def test_encrypt_then_load_in_memory(tiny_checkpoint, tmp_path, capsys):
         sha256=digest,
         key_file=str(key),
         winograd="off",
+        precision_mode="fp32",  # bf16x3 (auto on AMX) holds the linears as AMX tiles only
     )
     assert not predictor.untrained
     loaded = predictor.model.state_dict()
