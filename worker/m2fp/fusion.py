@@ -16,13 +16,17 @@ from the loaded model (the checkpoint's modules stay as they are):
 `with_winograd_fpn` gives the pixel decoder's 3x3 output convolution at stride 4 (`layer_1`, 41
 GFLOP at 640x864, the largest single convolution of the network) the same route.
 
+`with_amx` (bf16x3, the precision `auto` runs on an AMX CPU) packs the products' weights for
+`worker.m2fp.amx` once the model is built: the 1x1 and direct 3x3 convolutions, the F(2x2)
+Winograd products and the linears then run as three bf16 AMX products each.
+
 The outputs are the same res2..res5 maps (channels-last in memory) up to float32 rounding of the
 folded weights and of the NHWC kernels' summation order: about 1e-6 relative per layer, within the
 golden tolerances (tests/model/test_m2fp_fusion.py, and the golden pipeline suite, which runs the
 Predictor and so this backbone).
 Forward-only, float32, CPU; the Predictor uses it where `available()` (oneDNN built in) and the
-precision is fp32, int8 or bf16 (which on the CPU is oneDNN's bf16 math mode around these same
-ops: worker.m2fp.precision).
+precision is fp32, bf16x3, int8 or bf16 (which on the CPU is oneDNN's bf16 math mode around these
+same ops: worker.m2fp.precision).
 """
 
 from __future__ import annotations
@@ -127,7 +131,9 @@ class FusedConv(nn.Module):
             if not amx.applies(features):
                 raise RuntimeError("a bf16x3 convolution runs float32 CPU inference only")
             relu = self.relu or residual is not None
-            if residual is None and self.three_by_three():
+            if self.three_by_three():
+                if residual is not None:  # a bottleneck adds its shortcut in the last, 1x1 one
+                    raise NotImplementedError("a bf16x3 3x3 convolution takes no residual")
                 return amx.conv3x3(features, self.packed, self.bias, relu, self.stride[0])
             return amx.pointwise_conv(
                 features, self.packed, self.bias, relu, self.stride[0], residual

@@ -1,6 +1,7 @@
 // float32 matrix products on Intel AMX as three bf16 products ("bf16x3"), fp32 accumulation: the ops
-// `m2fp::amx_available`, `m2fp::amx_pack` and `m2fp::amx_linear` (worker/m2fp/amx.py owns where
-// they run: the linears, the backbone's 1x1 convolutions and the Winograd products).
+// `m2fp::amx_available`, `amx_pack`, `amx_linear`, `amx_linear_into` and `amx_conv3x3`
+// (worker/m2fp/amx.py owns where they run: the linears, the backbone's 1x1 and direct 3x3
+// convolutions and the F(2x2) Winograd products).
 //
 // AMX's TDPBF16PS multiplies bf16 pairs and accumulates into fp32 tiles at ~16x the rate of
 // AVX-512 fp32 FMAs. A float32 operand x is split into hi = bf16(x) (round to nearest even) and
@@ -9,10 +10,10 @@
 //   x . w  ~=  hi_x . hi_w  +  lo_x . hi_w  +  hi_x . lo_w          (lo_x . lo_w, ~2^-18, dropped)
 //
 // all accumulated in the same fp32 tile. The relative error per product is ~2^-17 (lo's own
-// rounding and the dropped term): 3.5-4e-6 of the output's largest value at K = 256-2048
+// rounding and the dropped term): 2.3-4e-6 of the output's largest value at K = 256-2048
 // against float64, where oneDNN's fp32 is 5-9e-7 and Winograd F(4x4) 6e-6
 // (tests/model/test_amx_gemm.py). Three AMX products still cost less than one fp32 product on
-// AVX-512: 2.0-2.5x oneDNN's fp32 rate on the network's linear shapes (docs/BENCHMARKS.md run K).
+// AVX-512: 1.24-2.3x oneDNN's fp32 rate on the network's shapes (docs/BENCHMARKS.md run K).
 //
 //   amx_available() -> bool
 //       this CPU has AMX-TILE, AMX-BF16 and AVX512-BF16 (CPUID) and Linux granted this process
@@ -33,11 +34,14 @@
 //       out (B * Ho * Wo, n), each row an output pixel. The packer gathers each row's nine taps
 //       from x directly (an implicit im2col: no 9x copy of the map).
 //
-// x is split and packed as A tiles (16 rows x 32 K) per call, in parallel over row blocks; the
-// products run per 32 x 32 output block (2 x 2 accumulator tiles, four operand tiles reloaded
-// between the three products), the blocks split over threads row-major so that one thread's
-// blocks share their rows and stream the packed weight from L2. The tile configuration is per
-// thread, loaded at the start of each parallel chunk and released at its end.
+// The rows of A go in bands of at most 4 MB of packed tiles (a whole 3x3 stem map would be 318 MB,
+// faulted in anew on every call): per band, x is split and packed as A tiles (16 rows x 32 K) in
+// parallel over row blocks, then the products run per 32 x 32 output block (2 x 2 accumulator
+// tiles, four operand tiles reloaded between the three products), the blocks split over threads
+// row-major so that one thread's blocks share their rows and stream the packed weight from L2.
+// (Packing each thread's rows just before it multiplies them was measured too: 10-40 % slower on
+// N <= 1024.) The tile configuration is per thread, loaded at the start of each parallel chunk
+// and released at its end.
 //
 // Everything that executes AMX or AVX-512 instructions carries its own target attribute and runs
 // only after amx_available(); the library still builds and loads on any x86-64 CPU.
@@ -303,7 +307,7 @@ int64_t band_rows(int64_t k_blocks) {
 // The products of `p` (m rows), band after band: pack the band's rows, multiply them.
 void execute(Operands p) {
 #if defined(__x86_64__)
-  const int64_t band = band_rows(p.k_blocks), m = p.m;
+  const int64_t m = p.m, band = std::min(band_rows(p.k_blocks), (m + 31) / 32 * 32);
   at::Tensor a = at::empty({2, band / 16, p.k_blocks, kTileElems}, at::TensorOptions().dtype(at::kShort));
   auto* a_hi = reinterpret_cast<uint16_t*>(a.data_ptr<int16_t>());
   p.a_hi = a_hi;
