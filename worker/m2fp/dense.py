@@ -40,8 +40,18 @@ def available() -> bool:
 
 
 _AVAILABLE = available()
-_as_built = False  # process-wide, set only by `as_built()`
-_amx_packs: dict | None = None  # process-wide, set only by `amx_products()`
+# Process-wide switches, like torch.set_num_threads: "as_built" set only by `as_built()`,
+# "amx_packs" only by `amx_products()`.
+_switches: dict = {"as_built": False, "amx_packs": None}
+
+
+@contextlib.contextmanager
+def _switched(name: str, value: object) -> Iterator[None]:
+    previous, _switches[name] = _switches[name], value
+    try:
+        yield
+    finally:
+        _switches[name] = previous
 
 
 def weight_key(weight: torch.Tensor) -> tuple:
@@ -50,31 +60,24 @@ def weight_key(weight: torch.Tensor) -> tuple:
     return (weight.data_ptr(), tuple(weight.shape), weight.stride())
 
 
-@contextlib.contextmanager
-def amx_products(packs: dict) -> Iterator[None]:
+def amx_products(packs: dict) -> contextlib.AbstractContextManager:
     """Within: `linear` takes the AMX path for every weight `packs` holds (`weight_key` keys)."""
-    global _amx_packs  # noqa: PLW0603 (a process-wide switch, like torch.set_num_threads)
-    previous, _amx_packs = _amx_packs, packs
-    try:
-        yield
-    finally:
-        _amx_packs = previous
+    return _switched("amx_packs", packs)
 
 
-@contextlib.contextmanager
-def as_built() -> Iterator[None]:
+def as_built() -> contextlib.AbstractContextManager:
     """Within: `linear` is `F.linear` and `matrix_times_map` is `bmm` (MKL)."""
-    global _as_built  # noqa: PLW0603 (a process-wide switch, like torch.set_num_threads)
-    previous, _as_built = _as_built, True
-    try:
-        yield
-    finally:
-        _as_built = previous
+    return _switched("as_built", True)
 
 
 def applies(*tensors: torch.Tensor) -> bool:
     """Whether the oneDNN path may compute a product of `tensors`."""
-    if not _AVAILABLE or _as_built or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
+    if (
+        not _AVAILABLE
+        or _switches["as_built"]
+        or torch.is_grad_enabled()
+        or torch.is_autocast_enabled("cpu")
+    ):
         return False
     return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
 
@@ -93,8 +96,9 @@ def linear(
 ) -> torch.Tensor:
     """x @ weight.T + bias, then ReLU when `post` is "relu"; AMX where `amx_products` holds the
     weight, else oneDNN where it `applies`."""
-    if _amx_packs and applies(x, weight):
-        packed = _amx_packs.get(weight_key(weight))
+    packs = _switches["amx_packs"]
+    if packs and applies(x, weight):
+        packed = packs.get(weight_key(weight))
         if packed is not None:
             return amx.linear(x, packed, bias, relu=post == "relu")
     if applies(x, weight):
