@@ -1,23 +1,26 @@
 """float32 products on Intel AMX as three bf16 products ("bf16x3"): whether they run, and how.
 
-Owns the choice (`unavailable_reason()`: the compiled op `m2fp::amx_linear` loaded, the CPU has
-AMX-BF16 and Linux granted the process AMX's tile state; `M2FP_AMX=auto|off` through
-`shared.config`), the packed weights (`PackedWeight`) and the calls: `linear` for a (..., K)
-input and `pointwise_conv` for a 1x1 convolution over a channels-last map, both with bias,
-ReLU and (the bottlenecks' third convolution) the residual add in the same pass, and
-`conv3x3` for the 3x3 convolutions that run direct (stride 1 or 2, channels a multiple of 32).
+Owns whether they can run here (`unavailable_reason()`: the CPU has AMX-BF16, the compiled ops
+`m2fp::amx_*` loaded, and Linux granted the process AMX's tile state), the packed weights
+(`PackedWeight`) and the calls: `linear` for a (..., K) input and `pointwise_conv` for a 1x1
+convolution over a channels-last map, both with bias, ReLU and (the bottlenecks' third
+convolution) the residual add in the same pass, `conv3x3` for the 3x3 convolutions that run
+direct (stride 1 or 2, channels a multiple of 32) and `products_into` for the Winograd products.
+Whether they do run is the precision's: `M2FP_PRECISION=bf16x3`, which `auto` picks where
+`unavailable_reason()` is None (worker/m2fp/precision.py).
 
 Each operand is split into hi = bf16(x) and lo = bf16(x - hi), and x . w is computed as
-hi . hi + lo . hi + hi . lo with fp32 accumulation on AMX (worker/m2fp/csrc/amx_gemm.cpp): 3-4e-6
-of the output's largest value against float64, where oneDNN's fp32 is 5-9e-7 and Winograd
-F(4x4) 6e-6, at 1.4-2.3x oneDNN's fp32 speed on the network's shapes. So it is fp32's arithmetic
-to within what the service already accepts from Winograd, and `M2FP_PRECISION=fp32` (what `auto`
-picks) runs it where the CPU has AMX; bf16 (oneDNN's bf16 math, one bf16 product) is not this.
+hi . hi + lo . hi + hi . lo with fp32 accumulation on AMX (worker/m2fp/csrc/amx_gemm.cpp):
+2.3-4e-6 of the output's largest value against float64, where oneDNN's fp32 is 5-9e-7 and
+Winograd F(4x4) 6e-6, at 1.24-2.3x oneDNN's fp32 speed on the network's shapes. Label maps agree
+with fp32's far inside the bar (99.99 % on the diverse checkpoint); the golden parity tolerances,
+which fp32 is held to, it does not keep (docs/BENCHMARKS.md run K). bf16 (oneDNN's bf16 math,
+one bf16 product) is not this.
 
 Where it runs: the Predictor hands the fused CPU model to `fusion.with_amx`, which packs the
-weights of every oneDNN linear (encoder and decoder), the backbone's 1x1 and direct 3x3
-convolutions and the Winograd products, once, when the model is prepared. The packed weights (hi and lo, 2 bytes
-each) cost as much memory as the fp32 weights they stand beside.
+weights of the oneDNN linears, the backbone's 1x1 and direct 3x3 convolutions and the F(2x2)
+Winograd products once, when the model is prepared; those modules then drop their float32
+copy, so each weight is held once (hi and lo, 2 bytes each: the bytes of the float32 weight).
 """
 
 from __future__ import annotations
