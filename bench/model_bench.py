@@ -109,7 +109,7 @@ def ours_runner(stage: str, image, variant: str, device: str):
     tensor = torch.from_numpy(image.copy()).permute(2, 0, 1)[None]  # (1, 3, H, W)
 
     def forward():
-        with torch.inference_mode():
+        with torch.inference_mode(), predictor.network_context():  # as `predict` runs it
             padded, _ = model.normalize_and_pad(tensor)
             output = model(padded)
             if device.startswith("cuda"):
