@@ -56,14 +56,23 @@ class PackedWeight:
         self.out_features, self.in_features = matrix.shape
         self.tiles = torch.ops.m2fp.amx_pack(matrix)
 
-    def nbytes(self) -> int:
-        """The packed tiles' size in bytes (padding included)."""
-        return self.tiles.numel() * self.tiles.element_size()
-
 
 def applies(x: torch.Tensor) -> bool:
     """Whether `x` may go through the op: a float32 CPU tensor, no autograd."""
     return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+
+
+def require(x: torch.Tensor, what: str) -> None:
+    """Raise for an input a module whose weights are AMX tiles only cannot take (`applies`)."""
+    if not applies(x):
+        raise RuntimeError(f"a bf16x3 {what} runs float32 CPU inference only (no autograd)")
+
+
+def _unit_columns(x: torch.Tensor) -> torch.Tensor:
+    """(..., K) as the (rows, K) matrix the op reads: a view where its columns are contiguous
+    (any row stride), else a copy."""
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
 def linear(
@@ -74,10 +83,7 @@ def linear(
     residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x @ w.T [+ bias] [+ residual] [-> ReLU] for x (..., K): out (..., N)."""
-    rows = x.reshape(-1, x.shape[-1])
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
-    extra = None if residual is None else residual.reshape(-1, packed.out_features)
+    rows, extra = _unit_columns(x), None if residual is None else _unit_columns(residual)
     out = torch.ops.m2fp.amx_linear(rows, packed.tiles, packed.out_features, bias, extra, relu)
     return out.view(*x.shape[:-1], packed.out_features)
 
@@ -95,11 +101,7 @@ def pointwise_conv(
     if stride != 1:
         features = features[:, :, ::stride, ::stride]
     pixels = features.permute(0, 2, 3, 1)  # a view when the map is channels-last
-    if not pixels.is_contiguous():
-        pixels = pixels.contiguous()
     extra = None if residual is None else residual.permute(0, 2, 3, 1)
-    if extra is not None and not extra.is_contiguous():
-        extra = extra.contiguous()
     out = linear(pixels, packed, bias, relu, extra)  # (N, H, W, K)
     return out.permute(0, 3, 1, 2)  # (N, K, H, W), channels-last in memory
 

@@ -96,12 +96,11 @@ def linear(
 ) -> torch.Tensor:
     """x @ weight.T + bias, then ReLU when `post` is "relu"; AMX where `amx_products` holds the
     weight, else oneDNN where it `applies`."""
-    packs = _switches["amx_packs"]
-    if packs and applies(x, weight):
-        packed = packs.get(weight_key(weight))
+    if applies(x, weight):
+        packs = _switches["amx_packs"]
+        packed = packs.get(weight_key(weight)) if packs else None
         if packed is not None:
             return amx.linear(x, packed, bias, relu=post == "relu")
-    if applies(x, weight):
         return torch.ops.mkldnn._linear_pointwise(x, _dense(weight), bias, post, [], "")
     output = F.linear(x, weight, bias)
     return F.relu(output, inplace=True) if post == "relu" else output

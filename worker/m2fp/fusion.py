@@ -128,8 +128,7 @@ class FusedConv(nn.Module):
     def forward(self, features: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """conv(features) [+ residual] [-> ReLU] in one call; `residual` implies the ReLU after the add."""
         if self.packed is not None:
-            if not amx.applies(features):
-                raise RuntimeError("a bf16x3 convolution runs float32 CPU inference only")
+            amx.require(features, "convolution")
             relu = self.relu or residual is not None
             if self.three_by_three():
                 if residual is not None:  # a bottleneck adds its shortcut in the last, 1x1 one
@@ -350,8 +349,7 @@ class OneDNNLinear(nn.Linear):
     def forward(self, features: torch.Tensor, post: str = "none") -> torch.Tensor:
         """features @ weight.T + bias, then ReLU when `post` is "relu"."""
         if self.packed is not None:
-            if not amx.applies(features):
-                raise RuntimeError("a bf16x3 linear runs float32 CPU inference only (no autograd)")
+            amx.require(features, "linear")
             return amx.linear(features, self.packed, self.bias, relu=post == "relu")
         return dense.linear(features, self.weight, self.bias, post)
 

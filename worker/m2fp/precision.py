@@ -13,10 +13,11 @@
   faster than the `torch.autocast` bf16 it replaced, which rounded every activation and could not
   run the fused ops. On CUDA `bf16` is `torch.autocast(dtype=torch.bfloat16)`;
 - `bf16x3` (CPUs with AMX-BF16 only): the fp32 network as fp32 runs it, with its linears, the
-  backbone's 1x1 convolutions and the Winograd products computed as three bf16 products on AMX
-  (hi.hi + lo.hi + hi.lo, fp32 accumulation: `worker.m2fp.amx`): 3-4e-6 of the output's largest
-  value per product against float64 (oneDNN's fp32: 5-9e-7, Winograd F(4x4): 6e-6), 1.4-2.3x
-  oneDNN's fp32 speed; the 640x853 forward 1.10 vs 1.43 s. It agrees with fp32 far inside the
+  backbone's 1x1 and direct 3x3 convolutions and the F(2x2) Winograd products computed as three
+  bf16 products on AMX (hi.hi + lo.hi + hi.lo, fp32 accumulation: `worker.m2fp.amx`): 2.3-4e-6 of
+  the output's largest value per product against float64 (oneDNN's fp32: 5-9e-7, Winograd
+  F(4x4): 6e-6), 1.24-2.3x oneDNN's fp32 speed; the 640x853 forward 1.02-1.08 vs 1.35-1.41 s
+  (docs/BENCHMARKS.md run K). It agrees with fp32 far inside the
   bar (diverse checkpoint: 99.99 % of labels, 99.999 % of instances), so `auto` picks it where
   it can run; it does not stay within the golden parity suite's tolerances, which fp32 is held
   to (tests/model/test_m2fp_pipeline_golden.py runs fp32);

@@ -123,15 +123,16 @@ class Predictor:
     (`worker.m2fp.precision`); `self.precision` says which one runs, `self.precision_choice` why.
     `fuse_backbone` (default: where it applies) runs the backbone as `worker.m2fp.fusion.FusedBackbone`
     (batch norms folded, oneDNN conv + ReLU / + residual, channels-last) on CPU at every precision;
-    `self.backbone_path` says which backbone runs; with it, in fp32 and bf16, the encoder's FFNs run
-    as oneDNN linears with the ReLU as a post-op (`self.encoder_path`: "fused FFN" or "as built"),
-    and on CPU in fp32 and bf16 every `nn.Linear` runs through oneDNN (`self.dense_path`: "oneDNN" or "as built";
+    `self.backbone_path` says which backbone runs; with it, in fp32, bf16x3 and bf16, the encoder's
+    FFNs run as oneDNN linears with the ReLU as a post-op (`self.encoder_path`: "fused FFN" or "as
+    built"), and on CPU in those precisions every `nn.Linear` runs through oneDNN
+    (`self.dense_path`: "oneDNN" or "as built";
     `worker.m2fp.dense`). With the fused backbone, the 3x3 convolutions that pay on this CPU
     (`worker.m2fp.winograd.plan_for` its flags) run as Winograd F(4x4, 3x3) or F(2x2, 3x3) where
     the compiled transforms load (`self.winograd_path`: "F(4x4, 3x3) for N, F(2x2, 3x3) for M
     convolutions (avx2 plan)" or "off: <why>"); `use_winograd` (default: M2FP_WINOGRAD) False runs
     them direct. In bf16x3 (what `auto` picks on a CPU with AMX-BF16) the linears, the backbone's
-    1x1 convolutions and the Winograd products run as three bf16 AMX products
+    1x1 and direct 3x3 convolutions and the F(2x2) Winograd products run as three bf16 AMX products
     (`worker.m2fp.amx`; `self.amx_path`: "bf16x3 for N linears, ..." or "off: precision fp32").
     The caller's `model` is not modified. On CPU the process's malloc is tuned once
     (`worker.m2fp.allocator`); `self.allocator` says how.
@@ -188,7 +189,7 @@ class Predictor:
         if plan is not None:
             model = fusion.with_winograd_fpn(model, plan)
         self.winograd_path = winograd.describe(model, plan) if plan else f"off: {why_not}"
-        self.encoder_path = "as built"  # the encoder FFN: oneDNN linears on CPU in fp32 and bf16
+        self.encoder_path = "as built"  # the encoder FFN: oneDNN linears on CPU but in int8
         onednn = on_cpu and self.precision in ("fp32", "bf16x3", "bf16") and dense.available()
         if onednn and self.backbone_path.startswith("fused"):
             model = fusion.with_fused_encoder(model)

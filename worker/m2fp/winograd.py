@@ -214,8 +214,7 @@ class WinogradConv(nn.Module):
         (`amx.products_into`) where `with_amx` packed the weights, else one oneDNN call."""
         count_positions = positions(self.tile)
         if self.packed is not None:
-            if not amx.applies(tiles):
-                raise RuntimeError("a bf16x3 Winograd convolution runs float32 CPU inference only")
+            amx.require(tiles, "Winograd convolution")
             products = tiles.new_empty((count, count_positions * self.out_channels))
             amx.products_into(tiles, self.packed, channels, products)
             return products

@@ -275,19 +275,25 @@ at::Tensor amx_pack_cpu(const at::Tensor& weight) {
   return packed;
 }
 
+// `packed` holds an (n, k) weight from amx_pack; `bias`, if any, n floats.
+void check_weight(const char* op, const at::Tensor& packed, int64_t n, int64_t k,
+                  const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(packed.dim() == 4 && packed.size(0) == 2 && packed.scalar_type() == at::kShort &&
+                  packed.size(1) == (n + 15) / 16 && packed.size(2) == (k + kTileK - 1) / kTileK &&
+                  packed.size(3) == kTileElems && packed.is_contiguous(),
+              op, ": packed does not hold a (", n, ", ", k, ") weight from amx_pack");
+  if (bias.has_value())
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == n,
+                op, ": bias must be a contiguous float32 tensor of ", n);
+}
+
 void check_operands(const at::Tensor& x, const at::Tensor& packed, int64_t n,
                     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual) {
   TORCH_CHECK(amx_permitted(), "amx_linear: this CPU or process cannot run AMX");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu() && x.stride(1) == 1,
               "amx_linear: x must be a 2-D float32 CPU tensor with unit column stride");
   const int64_t m = x.size(0), k = x.size(1);
-  TORCH_CHECK(packed.dim() == 4 && packed.size(0) == 2 && packed.scalar_type() == at::kShort &&
-                  packed.size(1) == (n + 15) / 16 && packed.size(2) == (k + kTileK - 1) / kTileK &&
-                  packed.size(3) == kTileElems && packed.is_contiguous(),
-              "amx_linear: packed does not hold a (", n, ", ", k, ") weight from amx_pack");
-  if (bias.has_value())
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == n,
-                "amx_linear: bias must be a contiguous float32 tensor of ", n);
+  check_weight("amx_linear", packed, n, k, bias);
   if (residual.has_value())
     TORCH_CHECK(residual->scalar_type() == at::kFloat && residual->dim() == 2 &&
                     residual->size(0) == m && residual->size(1) == n && residual->stride(1) == 1,
@@ -356,13 +362,7 @@ at::Tensor amx_conv3x3_cpu(const at::Tensor& x, const at::Tensor& packed, int64_
               "amx_conv3x3: C must be a multiple of 32 and the padded map at least 3x3");
   const int64_t ho = (hp - 3) / stride + 1, wo = (wp - 3) / stride + 1, k = 9 * channels;
   const int64_t m = batch * ho * wo;
-  TORCH_CHECK(packed.dim() == 4 && packed.size(0) == 2 && packed.scalar_type() == at::kShort &&
-                  packed.size(1) == (n + 15) / 16 && packed.size(2) == k / kTileK &&
-                  packed.size(3) == kTileElems && packed.is_contiguous(),
-              "amx_conv3x3: packed does not hold a (", n, ", 9 x ", channels, ") weight from amx_pack");
-  if (bias.has_value())
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == n,
-                "amx_conv3x3: bias must be a contiguous float32 tensor of ", n);
+  check_weight("amx_conv3x3", packed, n, k, bias);  // k = 9 C, a multiple of 32
   at::Tensor out = at::empty({m, n}, x.options());
   if (m == 0 || n == 0) return out;
   const auto* b_hi = reinterpret_cast<const uint16_t*>(packed.data_ptr<int16_t>());
