@@ -142,23 +142,25 @@ def test_the_route_applies_to_wide_stride_one_3x3_convolutions_only() -> None:
             channels_in, channels_out, kernel, stride=stride, padding=padding
         )
 
-    avx512, avx2 = winograd.PLANS["avx512"], winograd.PLANS["avx2"]
-    for plan in (avx512, avx2):
+    amx, avx512, avx2 = (winograd.PLANS[isa] for isa in ("amx", "avx512", "avx2"))
+    for plan in (amx, avx512, avx2):
         assert plan.applies(conv(256, 256)) and plan.applies(conv(64, 128))
         assert plan.applies(conv(512, 512))
         assert not plan.applies(conv(256, 256, stride=2))
         assert not plan.applies(conv(256, 256, kernel=1, padding=0))
         assert not plan.applies(conv(256, 256, padding=0))
-    assert avx2.applies(conv(64, 64)) and not avx512.applies(conv(64, 64))  # measured per CPU
-    assert not avx2.applies(conv(32, 32))
+        assert not plan.applies(conv(32, 32))
+    assert avx512.applies(conv(64, 64)) and avx2.applies(conv(64, 64))  # measured per CPU
+    assert not amx.applies(conv(64, 64))  # bf16x3 runs them direct on AMX
 
 
 def test_each_cpu_gets_the_plan_measured_on_its_kind() -> None:
+    assert winograd.plan_for(frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16"})).isa == "amx"
     assert winograd.plan_for(frozenset({"avx2", "avx512f", "avx512_bf16"})).isa == "avx512"
     assert winograd.plan_for(frozenset({"avx2"})).isa == "avx2"
     assert winograd.plan_for(frozenset()).isa == "avx2"  # the compiled transforms' baseline
-    assert winograd.PLANS["avx2"].min_channel_ratio < winograd.PLANS["avx512"].min_channel_ratio
-    assert "res4" in winograd.PLANS["avx512"].backbone_tiles
+    assert "res4" in winograd.PLANS["avx512"].backbone_tiles  # measured per CPU
+    assert "res4" not in winograd.PLANS["avx2"].backbone_tiles
 
 
 def test_the_reference_mode_switches_the_route_off() -> None:
@@ -176,10 +178,11 @@ def small_model() -> M2FP:
     return M2FP(dataclasses.replace(get_config("cihp"), backbone_stage_blocks=(1, 2, 2, 2))).eval()
 
 
-# The tiles each plan gives small_model()'s backbone, in module order: AVX-512's the stem's
-# 64 -> 128 convolution and the stride-1 middle convolutions of res3 and res4; AVX2's the stem's
-# two, res2's and res3's (res4 and res5 stay direct there, for memory).
-SMALL_MODEL_TILES = {"avx512": [4, 4, 2], "avx2": [4, 4, 4, 4]}
+# The tiles each plan gives small_model()'s backbone, in module order: AVX2's the stem's two,
+# res2's and res3's (res4 and res5 stay direct there, for memory); AVX-512's those and res4's
+# stride-1 middle convolution; AMX's the stem's 64 -> 128 one, res3's and res4's (its 64 -> 64
+# ones run direct on the AMX kernel).
+SMALL_MODEL_TILES = {"amx": [4, 4, 2], "avx512": [4, 4, 4, 4, 2], "avx2": [4, 4, 4, 4]}
 
 
 @pytest.mark.parametrize("isa", sorted(winograd.PLANS))
@@ -237,7 +240,8 @@ def test_predictions_with_winograd_agree_with_direct_convolution(weights: str) -
     assert (
         fast.winograd_path
         == {  # the full network: stem, res2-res5 blocks, the FPN's layer_1
-            "avx512": "F(4x4, 3x3) for 5, F(2x2, 3x3) for 22 convolutions (avx512 plan)",
+            "amx": "F(4x4, 3x3) for 5, F(2x2, 3x3) for 22 convolutions (amx plan)",
+            "avx512": "F(4x4, 3x3) for 9, F(2x2, 3x3) for 22 convolutions (avx512 plan)",
             "avx2": "F(4x4, 3x3) for 9, F(2x2, 3x3) for 0 convolutions (avx2 plan)",
         }[winograd.plan_for(cpu_features()).isa]
     )

@@ -75,28 +75,39 @@ class Plan:
 FPN_STAGE = "fpn"  # the pixel decoder's layer_1, as a stage name for `Plan.tile_for`
 
 
-# Measured at 640x864, per convolution, direct vs F(4x4) vs F(2x2) (docs/BENCHMARKS.md, runs H/I):
+# Measured at 640x864, per convolution, direct vs F(4x4) vs F(2x2) (docs/BENCHMARKS.md, runs H-L):
 # - AVX-512 (Zen 5): F(4x4) wherever its weights are small: the stem's 64 -> 128 convolution
 #   (44.0 -> 34.1 ms), res3's 128-channel ones (5.6 -> 3.5 ms each); res4's 22 convolutions of 256
 #   channels take F(2x2) (5.9 -> 4.0 ms): with F(4x4) (3.6 ms) their weights took 155 MB more
 #   than direct (9.4 instead of 2.4 MB each), past the worker's 1.5 GB; F(2x2) takes 4.2 MB each;
 #   res5 stays direct (6.4 -> 5.1 ms for 7 MB more weights each, within the noise of the
-#   forward); the 64 -> 64 ones do not pay (C * K / (C + K) = 32: 22.9 vs 23.2 ms at 320x432).
+#   forward). The 64 -> 64 ones (C * K / (C + K) = 32) take F(4x4) since run L: on Zen 4, whose
+#   512-bit multiply-adds take two cycles, stem conv2 45.4 -> 31.0 ms and res2's 11.3 -> 6.9 ms
+#   (the whole forward 0.982x, interleaved, labels 99.9998 % equal); on Zen 5 20.4 vs 22.6 and
+#   4.7 vs 5.6 ms (run H; an earlier run 24.0 vs 22.9), on the Xeon 32.8 vs 34.6, 8.5 vs 8.3 ms.
 # - AVX2 only (Zen 3), where a direct convolution is bound by the fp32 multiply-adds (115 GFLOP/s
 #   on 2 cores) and every one saved shows: the 64 -> 64 ones pay too (stem conv2 72.6 -> 62.9 ms,
 #   res2's 15.6 -> 14.6 ms), res3's 18.1 -> 11.0 ms, the FPN's layer_1 239.4 -> 127.2 ms (medians).
 #   res4 and res5 stay direct here: F(2x2) would save 3.6 ms on each of res4's 22 (18.4 -> 14.8)
 #   and 5.6 on res5's 2, for 55 MB more weights, and with them the real-size worker bench peaked
 #   at 1511 MiB, past the worker's 1.5 GB (1427 MiB without them; direct convolution 1448).
+# - AMX (the Xeon of run K): AVX-512's plan as it was there, the 64 -> 64 convolutions direct. In
+#   bf16x3 they run on the AMX kernel (one product with K = 9 C), which ran the stem's 64 -> 128 one
+#   in 46.0 ms against F(4x4)'s 49.2 on oneDNN fp32; F(4x4) for the 64 -> 64 ones was not measured
+#   there, so that CPU keeps what was.
 PLANS = {
-    "avx512": Plan("avx512", {"stem": 4, "res2": 4, "res3": 4, "res4": 2}, 4, 40),
+    "amx": Plan("amx", {"stem": 4, "res2": 4, "res3": 4, "res4": 2}, 4, 40),
+    "avx512": Plan("avx512", {"stem": 4, "res2": 4, "res3": 4, "res4": 2}, 4, 32),
     "avx2": Plan("avx2", {"stem": 4, "res2": 4, "res3": 4}, 4, 32),
 }
 
 
 def plan_for(features: frozenset[str]) -> Plan:
-    """The plan for a CPU with these flags (`worker.m2fp.cpu.cpu_features()`): AVX-512's where
-    `avx512f` is there, else AVX2's (the compiled transforms' baseline, x86-64-v3)."""
+    """The plan for a CPU with these flags (`worker.m2fp.cpu.cpu_features()`): AMX's where
+    `amx_bf16` is there, AVX-512's where `avx512f` is, else AVX2's (the compiled transforms'
+    baseline, x86-64-v3)."""
+    if "amx_bf16" in features:
+        return PLANS["amx"]
     return PLANS["avx512" if "avx512f" in features else "avx2"]
 
 
