@@ -25,6 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "docs" / "bench"
 AVX2 = "EPYC Zen 3, AVX2 only"
+ZEN4 = "EPYC Zen 4, AVX512-BF16 on 256-bit units"
 ZEN5 = "EPYC Zen 5, AVX512-BF16"
 XEON = "Intel Xeon, AVX512-BF16, no AMX"
 XEON_AMX = "Intel Xeon, AMX-BF16"
@@ -44,6 +45,8 @@ RUNS = [
     ("run J end", "model-bench-640x853-run-j-end.json", XEON, 0.15),
     ("run K start (fp32)", "model-bench-640x853-run-k-start.json", XEON_AMX, 0.15),
     ("run K (bf16x3)", "model-bench-640x853-run-k.json", XEON_AMX, 0.15),
+    ("run L start", "model-bench-640x853-run-l-start.json", ZEN4, 0.15),
+    ("run L end", "model-bench-640x853-run-l.json", ZEN4, 0.15),
 ]
 SERVICE_RUNS = [
     ("run F", "service-ratio-zen5.json"),
@@ -55,6 +58,7 @@ SERVICE_RUNS = [
     ("run J", "service-ratio-run-j.json"),
     ("run K start (fp32)", "service-ratio-run-k-start.json"),
     ("run K (bf16x3)", "service-ratio-run-k.json"),
+    ("run L", "service-ratio-run-l.json"),
 ]
 COLOURS = {"ours": "#2b6cb0", "reference": "#a0aec0", "rest": "#dd6b20", "mark": "#c53030"}
 LABEL_WIDTH, BAR_WIDTH, ROW, BAR = 300, 480, 22, 9
