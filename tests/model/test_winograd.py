@@ -9,6 +9,7 @@ whole predictions on the golden weights and the diverse checkpoint.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -81,6 +82,31 @@ def test_winograd_conv_takes_an_nchw_map_too() -> None:
         from_nchw = conv(features)
         from_nhwc = conv(features.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(from_nchw, from_nhwc, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("tile", [4, 2])
+def test_the_products_weight_is_packed_for_onednn_once_and_computes_the_same(tile: int) -> None:
+    """Held in oneDNN's blocked layout (not reordered on every call), it is the transformed
+    weight bit for bit and gives the plain weight's products bit for bit, at band sizes other
+    than the one it was packed for, and with a band of one tile."""
+    features, weight, bias = random_case(1, 32, 48, 26, 35, seed=5)
+    conv = winograd.WinogradConv(weight, bias, relu=True, tile=tile)
+    plain = winograd.transformed_weight(weight, tile)
+    assert conv.weight.is_mkldnn
+    assert torch.equal(conv.weight.to_dense(), plain)
+    assert torch.equal(torch.cat(conv.position_weights()), plain.flatten(1))
+    unpacked = winograd.WinogradConv(weight, bias, relu=True, tile=tile)
+    unpacked.weight = plain
+    with torch.inference_mode():
+        for channels_last in (False, True):
+            batch = torch.cat([features, features.flip(2)])
+            batch = batch.contiguous(memory_format=torch.channels_last) if channels_last else batch
+            torch.testing.assert_close(conv(batch), unpacked(batch), rtol=0, atol=0)
+        one_tile = features[:, :, :tile, :tile]
+        torch.testing.assert_close(conv(one_tile), unpacked(one_tile), rtol=0, atol=0)
+        copied = copy.deepcopy(conv)  # int8's quantize_dynamic copies the model
+        assert copied.weight is conv.weight and copied.bias is not conv.bias
+        torch.testing.assert_close(copied(features), conv(features), rtol=0, atol=0)
 
 
 def test_the_transforms_refuse_what_they_cannot_read() -> None:

@@ -18,7 +18,13 @@ AVX2-only EPYC of an earlier session, the encoder FFN ran 12 % faster through on
   bench/gemm_efficiency.py does not know oneDNN's op; tests compare the two paths);
 - `amx_products(packs)`: a context in which `linear` computes with a weight found in `packs`
   (`weight_key` -> `amx.PackedWeight`, made by `fusion.with_amx` for one Predictor) on AMX as
-  three bf16 products (worker/m2fp/amx.py); the Predictor enters it around its forward.
+  three bf16 products (worker/m2fp/amx.py); the Predictor enters it around its forward;
+- `packed_conv_weight`: a float32 convolution weight reordered once into oneDNN's own blocked
+  layout (an opaque mkldnn tensor, which `mkldnn._convolution_pointwise` takes as it is; given a
+  plain weight it reorders it on every call), for inputs of a given shape: that layout depends
+  on the input's size (worker/m2fp/winograd.py packs its products' weights, whose inputs keep
+  their shape from image to image; docs/BENCHMARKS.md run L says why the other convolutions and
+  the linears do not).
 
 Results equal MKL's up to float32 summation order (about 1e-7 relative; tests/model/test_m2fp_dense.py).
 """
@@ -80,6 +86,18 @@ def applies(*tensors: torch.Tensor) -> bool:
     ):
         return False
     return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+
+
+def packed_conv_weight(
+    weight: torch.Tensor, geometry: tuple[list[int], list[int], list[int], int], input_shape: list
+) -> torch.Tensor:
+    """`weight` (K, C / groups, kh, kw), float32, in oneDNN's blocked layout for a convolution of
+    `geometry` (padding, stride, dilation, groups) over inputs of `input_shape` (N, C, H, W).
+    `.to_dense()` gives the weight back, bit for bit."""
+    padding, stride, dilation, groups = geometry
+    plain = weight.detach().float().contiguous().to_mkldnn()
+    reorder = torch._C._nn.mkldnn_reorder_conv2d_weight  # its stub lacks the input size
+    return reorder(plain, padding, stride, dilation, groups, input_shape)  # type: ignore[call-arg]
 
 
 def _dense(weight: torch.Tensor) -> torch.Tensor:
