@@ -87,8 +87,9 @@ def test_winograd_conv_takes_an_nchw_map_too() -> None:
 @pytest.mark.parametrize("tile", [4, 2])
 def test_the_products_weight_is_packed_for_onednn_once_and_computes_the_same(tile: int) -> None:
     """Held in oneDNN's blocked layout (not reordered on every call), it is the transformed
-    weight bit for bit and gives the plain weight's products bit for bit, at band sizes other
-    than the one it was packed for, and with a band of one tile."""
+    weight bit for bit and gives the plain weight's products, at band sizes other than the one
+    it was packed for and with a band of one tile (bit for bit on the Zen 4 of run L; within
+    float32 summation order wherever oneDNN would pick another kernel for the packed layout)."""
     features, weight, bias = random_case(1, 32, 48, 26, 35, seed=5)
     conv = winograd.WinogradConv(weight, bias, relu=True, tile=tile)
     plain = winograd.transformed_weight(weight, tile)
@@ -101,9 +102,9 @@ def test_the_products_weight_is_packed_for_onednn_once_and_computes_the_same(til
         for channels_last in (False, True):
             batch = torch.cat([features, features.flip(2)])
             batch = batch.contiguous(memory_format=torch.channels_last) if channels_last else batch
-            torch.testing.assert_close(conv(batch), unpacked(batch), rtol=0, atol=0)
+            torch.testing.assert_close(conv(batch), unpacked(batch), rtol=1e-5, atol=1e-5)
         one_tile = features[:, :, :tile, :tile]
-        torch.testing.assert_close(conv(one_tile), unpacked(one_tile), rtol=0, atol=0)
+        torch.testing.assert_close(conv(one_tile), unpacked(one_tile), rtol=1e-5, atol=1e-5)
         copied = copy.deepcopy(conv)  # int8's quantize_dynamic copies the model
         assert copied.weight is conv.weight and copied.bias is not conv.bias
         torch.testing.assert_close(copied(features), conv(features), rtol=0, atol=0)
