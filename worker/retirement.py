@@ -7,7 +7,7 @@ between jobs see the request.
 Why: a job that fails `out_of_memory` has grown the child's heap to its `RLIMIT_DATA` and left it
 fragmented. The freed activations sit between small blocks made during that job (oneDNN caches a
 primitive per new shape) and the CPU Predictor keeps freed blocks in the heap for speed
-(worker/m2fp/allocator.py). Measured with a child at 1500 MB (the integration test's setting),
+(worker/m2fp/allocator.py). Measured with a child at 1500 MB (the integration test's setting then),
 after a 40 MP RGBA job failed: 564 MB free inside the heap, in 759 pieces, and the next 96x64
 photo failed for want of one 39 MB block. Which next job still fits depends on how the pieces
 fall, so the child does not gamble: it reports the failed job, then exits, and the pool forks a
