@@ -19,6 +19,8 @@ AVX2-only EPYC of an earlier session, the encoder FFN ran 12 % faster through on
 - `amx_products(packs)`: a context in which `linear` computes with a weight found in `packs`
   (`weight_key` -> `amx.PackedWeight`, made by `fusion.with_amx` for one Predictor) on AMX as
   three bf16 products (worker/m2fp/amx.py); the Predictor enters it around its forward;
+- `convolution_available()`: this torch has oneDNN's convolution with post-ops (what the fused
+  backbone and the Winograd products run);
 - `packed_conv_weight`: a float32 convolution weight reordered once into oneDNN's own blocked
   layout (an opaque mkldnn tensor, which `mkldnn._convolution_pointwise` takes as it is; given a
   plain weight it reorders it on every call), for inputs of a given shape: that layout depends
@@ -43,6 +45,13 @@ from worker.m2fp import amx
 def available() -> bool:
     """Whether this torch has oneDNN's linear with post-ops."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def convolution_available() -> bool:
+    """Whether this torch has oneDNN's CPU convolution with post-ops."""
+    return torch.backends.mkldnn.is_available() and hasattr(
+        torch.ops.mkldnn, "_convolution_pointwise"
+    )
 
 
 _AVAILABLE = available()

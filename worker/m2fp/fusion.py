@@ -55,9 +55,7 @@ ModelT = TypeVar("ModelT", bound=nn.Module)
 
 def available() -> bool:
     """Whether this torch has the oneDNN (mkldnn) CPU convolution with post-ops."""
-    return torch.backends.mkldnn.is_available() and hasattr(
-        torch.ops.mkldnn, "_convolution_pointwise"
-    )
+    return dense.convolution_available()
 
 
 def folded_weights(conv: Conv2dNormActivation) -> tuple[torch.Tensor, torch.Tensor]:

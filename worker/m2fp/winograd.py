@@ -181,15 +181,11 @@ def products_weight(transformed: torch.Tensor, tile: int) -> torch.Tensor:
     5.3 ms (res4's F(2x2)), 25.0 -> 23.7 (FPN layer_1's F(4x4) bands), 3.4 -> 3.0 (res3), at
     band sizes from a third to 1.25x the one packed for (Zen 4, run L). Plain where oneDNN's
     convolution is not there (the route does not run then)."""
-    if not (
-        torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-    ):
+    if not dense.convolution_available():
         return transformed
     count_positions = positions(tile)
-    channels = int(transformed.shape[1])
-    tiles = band_tiles(
-        1 << 30, count_positions * (channels + transformed.shape[0] // count_positions)
-    )
+    out_channels, channels = transformed.shape[0] // count_positions, int(transformed.shape[1])
+    tiles = most_band_tiles(count_positions * (channels + out_channels))
     geometry = ([0, 0], [1, 1], [1, 1], count_positions)
     return dense.packed_conv_weight(
         transformed, geometry, [1, count_positions * channels, tiles, 1]
@@ -276,10 +272,15 @@ class WinogradConv(nn.Module):
         return products.permute(0, 2, 3, 1).reshape(count, -1).contiguous()
 
 
+def most_band_tiles(floats_per_tile: int) -> int:
+    """The most tiles a band holds within `BAND_BYTES` of transformed tiles and products."""
+    return max(1, BAND_BYTES // (floats_per_tile * 4))
+
+
 def band_tiles(total: int, floats_per_tile: int) -> int:
     """Tiles per band of `total`: as few bands as keep each within `BAND_BYTES` of transformed
     tiles and products (`floats_per_tile`), all of one size (the last one may be smaller)."""
-    most = max(1, BAND_BYTES // (floats_per_tile * 4))
+    most = most_band_tiles(floats_per_tile)
     bands = -(-total // most)
     return -(-total // bands)
 
